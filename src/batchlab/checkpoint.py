@@ -1,0 +1,74 @@
+"""Weights on disk in safetensors: a flat table of tensors plus string metadata. Loading parses
+a JSON header and copies bytes, so (unlike pickle) it can never execute code."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from batchlab.errors import BatchlabError
+
+
+def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """Atomic write (temp file + rename): a crash never leaves a half checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(flat, tmp, metadata={"batchlab": json.dumps(meta or {})})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BatchlabError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def read_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("batchlab", "{}"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BatchlabError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def save_model(path: Path, model: nn.Module, meta: dict | None = None) -> None:
+    save_state(path, model.state_dict(), meta)
+
+
+def load_into(model: nn.Module, path: Path) -> nn.Module:
+    """Load weights into `model`, with a clear error when the shapes do not fit."""
+    state = load_state(path, next(model.parameters()).device)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or extra or bad:
+        detail = "; ".join(
+            s
+            for s in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {extra[:3]}" if extra else "",
+                f"shape mismatch {bad[:3]}" if bad else "",
+            )
+            if s
+        )
+        raise BatchlabError(f"checkpoint {path} does not fit the model: {detail}")
+    model.load_state_dict(state)
+    return model

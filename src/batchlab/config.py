@@ -1,0 +1,162 @@
+"""Run configuration: one validated, hashable object from which a run is a pure function.
+
+`TrainConfig` is what the CLI, sweeps, experiments and users build. Its `key()` (a sha256 of the
+canonical JSON of every field that changes the result, plus the dataset's content fingerprint)
+is the results store's primary key: same key, same run, never computed twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batchlab.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "lars", "cblr", "mclr")
+INITS = ("glorot", "torch", "kaiming")
+
+
+class Phase(BaseModel):
+    """One segment of a piecewise schedule: `epochs` epochs at this batch size and/or base lr.
+    Fields left out inherit the run's `batch_size` / `lr`."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(gt=0)
+    batch_size: int | None = Field(default=None, gt=0)
+    lr: float | None = Field(default=None, gt=0)
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines a training run. Defaults are the reproduced study's settings
+    (784-1024-1024-10 ReLU MLP, Glorot init, plain SGD at lr 0.01, inputs in [0, 1])."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # data
+    dataset: str = "mnist-5k"
+    data_dir: str | None = None
+    normalize: Literal["unit", "standardize"] = "unit"
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    max_train: int | None = Field(default=None, gt=0)
+    max_test: int | None = Field(default=None, gt=0)
+    # model
+    model: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [1024, 1024])
+    init: Literal["glorot", "torch", "kaiming"] = "glorot"
+    batchnorm: bool = False
+    ghost_batch_size: int | None = Field(default=None, gt=0)
+    # optimization
+    optimizer: Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"] = "sgd"
+    lr: float = 0.01
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    trust_coefficient: float = Field(default=0.001, gt=0)
+    curvature_every: int = Field(default=100, gt=0)
+    discard_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    batch_size: int = 64
+    epochs: int = Field(default=30, ge=0)
+    # schedules (see batchlab.schedules)
+    schedule: list[Phase] | None = None
+    lr_multipliers: dict[int, float] = Field(default_factory=dict)
+    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    decay: Literal["none", "step", "cosine"] = "none"
+    decay_epochs: list[int] = Field(default_factory=list)
+    decay_factor: float = Field(default=0.1, gt=0)
+    # stopping
+    target_metric: Literal["test_acc", "train_loss", "train_acc", "val_acc"] | None = None
+    target_value: float | None = None
+    # engine: "fused" = batchlab's lean manual-backward SGD path for MLPs (see fused.py),
+    # "autograd" = generic torch.autograd + torch.optim; "auto" picks fused whenever it applies
+    engine: Literal["auto", "autograd", "fused"] = "auto"
+    # bookkeeping
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_epochs: list[int] = Field(default_factory=list)
+    probes: list[str] = Field(default_factory=lambda: ["geometry"])
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"lr must be a positive finite number, got {v}")
+        return v
+
+    @field_validator("batch_size")
+    @classmethod
+    def _bs_positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"batch_size must be positive, got {v}")
+        return v
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_positive(cls, v: list[int]) -> list[int]:
+        if any(h <= 0 for h in v):
+            raise ValueError("hidden widths must be positive")
+        return v
+
+    @field_validator("lr_multipliers")
+    @classmethod
+    def _mult_positive(cls, v: dict[int, float]) -> dict[int, float]:
+        for k, m in v.items():
+            if k < 1 or not math.isfinite(m) or m <= 0:
+                raise ValueError("lr_multipliers maps epoch >= 1 to a positive factor")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.schedule:
+            # a schedule defines the run's length; `epochs` is derived from it
+            object.__setattr__(self, "epochs", sum(p.epochs for p in self.schedule))
+        if (self.target_metric is None) != (self.target_value is None):
+            raise ValueError("target_metric and target_value go together")
+        if self.decay == "step" and not self.decay_epochs:
+            raise ValueError("decay='step' needs decay_epochs")
+        return self
+
+    # -- identity -------------------------------------------------------------------------
+    _NON_SEMANTIC = ("data_dir", "device")
+
+    def semantic_dict(self) -> dict[str, Any]:
+        """Fields that change the result (paths and device choice do not: the dataset enters
+        the key through its content fingerprint instead)."""
+        d = self.model_dump(mode="json")
+        for k in self._NON_SEMANTIC:
+            d.pop(k, None)
+        return d
+
+    def key(self, data_fingerprint: str = "") -> str:
+        payload = json.dumps(
+            {"config": self.semantic_dict(), "data": data_fingerprint}, sort_keys=True
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def batch_sizes(self) -> list[int]:
+        """Every batch size the run uses (for validation against the dataset size)."""
+        if not self.schedule:
+            return [self.batch_size]
+        return [p.batch_size or self.batch_size for p in self.schedule]
+
+
+def make_config(**fields: Any) -> TrainConfig:
+    """Build a TrainConfig, turning validation failures into one-line ConfigErrors."""
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(parts)

@@ -1,0 +1,116 @@
+"""Datasets as in-memory tensors: uint8 on the host, float32 on the training device.
+
+`load_dataset(name, data_dir)` gives the raw uint8 arrays; `prepare(...)` scales them
+([0, 1] like the reproduced study, or standardized), optionally carves a seeded validation
+split out of the training set, and moves them to the device once, so the training loop only
+ever indexes resident tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from batchlab.data.sources import RawData, load_digits, load_mnist_5k, load_remote
+from batchlab.errors import DataError
+
+DATASETS = ("mnist", "fashion-mnist", "mnist-5k", "digits")
+DEFAULT_DATASET = "mnist-5k"
+
+_CACHE: dict[tuple, RawData] = {}
+
+
+def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = True) -> RawData:
+    """Raw uint8 data for a named dataset (memoized per process: sweeps load it once)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    key = (name, str(Path(data_dir).expanduser().resolve()) if data_dir else None)
+    if key not in _CACHE:
+        if name in ("mnist", "fashion-mnist"):
+            _CACHE[key] = load_remote(name, data_dir, download=download)
+        elif name == "mnist-5k":
+            _CACHE[key] = load_mnist_5k()
+        else:
+            _CACHE[key] = load_digits()
+    return _CACHE[key]
+
+
+@dataclass
+class TensorData:
+    """Float tensors resident on one device. `eval_sets` names what is evaluated each epoch."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    input_dim: int
+    n_classes: int
+    fingerprint: str
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+
+def prepare(
+    raw: RawData,
+    *,
+    normalize: str = "unit",
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+    max_train: int | None = None,
+    max_test: int | None = None,
+    device: torch.device | str = "cpu",
+) -> TensorData:
+    """Scale, split and move to `device`.
+
+    `normalize="unit"` divides by 255 (the reproduction preset); "standardize" subtracts the
+    training mean and divides by its std (one scalar each, computed on the training part only).
+    `val_fraction` holds out a seeded random part of the training set as "val".
+    """
+    if normalize not in ("unit", "standardize"):
+        raise DataError(f"unknown normalize {normalize!r}; use 'unit' or 'standardize'")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    x_tr, y_tr = raw.x_train, raw.y_train
+    x_te, y_te = raw.x_test, raw.y_test
+    if max_train is not None:
+        x_tr, y_tr = x_tr[:max_train], y_tr[:max_train]
+    if max_test is not None:
+        x_te, y_te = x_te[:max_test], y_te[:max_test]
+    eval_np: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if val_fraction > 0:
+        rng = np.random.default_rng(split_seed)
+        perm = rng.permutation(len(y_tr))
+        n_val = max(1, int(round(val_fraction * len(y_tr))))
+        val, tr = perm[:n_val], np.sort(perm[n_val:])
+        eval_np["val"] = (x_tr[np.sort(val)], y_tr[np.sort(val)])
+        x_tr, y_tr = x_tr[tr], y_tr[tr]
+    eval_np = {"train": (x_tr, y_tr), "test": (x_te, y_te), **eval_np}
+
+    dev = torch.device(device)
+    if normalize == "unit":
+        mean, std = 0.0, 255.0
+    else:
+        mean = float(x_tr.mean())
+        std = float(x_tr.std()) or 1.0
+
+    def to_t(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev).float().sub_(mean).div_(std)
+        return xt, torch.from_numpy(np.ascontiguousarray(y)).to(dev)
+
+    evals = {k: to_t(*v) for k, v in eval_np.items()}
+    x_train_t, y_train_t = evals["train"]
+    return TensorData(
+        x_train=x_train_t,
+        y_train=y_train_t,
+        eval_sets=evals,
+        input_dim=int(x_train_t.shape[1]),
+        n_classes=10,
+        fingerprint=raw.fingerprint,
+    )
+
+
+__all__ = ["DATASETS", "DEFAULT_DATASET", "RawData", "TensorData", "load_dataset", "prepare"]

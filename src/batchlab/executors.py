@@ -1,0 +1,58 @@
+"""Executors run a list of configs and stream finished results back to the one writer of the
+store (this process). `local` runs them in order here; `ray` (optional extra) fans them out as
+Ray tasks. Both skip runs already finished in the store, so sweeps resume."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from batchlab.config import TrainConfig
+from batchlab.errors import BatchlabError, ConfigError
+from batchlab.store import Store
+from batchlab.train import TrainResult, train
+
+
+def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str = "local",
+                ray_address: str | None = None, label: str | None = None,
+                console: Console | None = None, **ray_kw: Any) -> list[TrainResult]:
+    if executor == "local":
+        return run_local(configs, store, label=label, console=console)
+    if executor == "ray":
+        try:
+            from batchlab.ray_executor import run_ray
+        except ImportError as e:
+            raise BatchlabError(f"--executor ray needs Ray: pip install 'batchlab[ray]' ({e})") from None
+        return run_ray(configs, store, address=ray_address, label=label, console=console, **ray_kw)
+    raise ConfigError(f"unknown executor {executor!r}; use local or ray")
+
+
+def run_local(configs: Sequence[TrainConfig], store: Store, *, label: str | None = None,
+              console: Console | None = None) -> list[TrainResult]:
+    results: list[TrainResult] = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console or Console(stderr=True),
+                  transient=True) as prog:
+        task = prog.add_task(label or "runs", total=len(configs))
+        for cfg in configs:
+            try:
+                res = train(cfg, store=store, label=label)
+            except BatchlabError:
+                raise
+            except Exception:  # stored as failed by train(); the sweep goes on
+                rec = store.get(cfg.key(_fingerprint(cfg)))
+                res = TrainResult(run_id=rec.run_id if rec else "?", key="", config=cfg,
+                                  status="failed", epochs=[], final={},
+                                  error=rec.error if rec else None)
+            results.append(res)
+            prog.advance(task)
+    return results
+
+
+def _fingerprint(cfg: TrainConfig) -> str:
+    from batchlab.data import load_dataset
+
+    return load_dataset(cfg.dataset, cfg.data_dir).fingerprint

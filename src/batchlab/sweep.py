@@ -1,0 +1,81 @@
+"""Sweeps: a TOML grid expanded into run configs, executed resumably through the store.
+
+    [base]
+    dataset = "mnist"
+    epochs = 1
+    [grid]
+    batch_size = [64, 256]
+    lr = [0.01, 0.1]
+    seed = [0]
+
+The Cartesian product of `[grid]` over `[base]` (grid keys in sorted order, values in listed
+order) gives the runs. Finished runs (same config hash) are skipped, so an interrupted sweep
+resumes where it stopped. Execution goes through an executor (`local` here; `ray` in
+`batchlab.executors`), and only this process ever writes the store.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from batchlab.config import TrainConfig, make_config
+from batchlab.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def load_grid(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"malformed TOML in {path}: {e}") from None
+    unknown = set(doc) - {"base", "grid"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; use [base] and [grid]")
+    base = doc.get("base", {})
+    grid = doc.get("grid", {})
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{path}: grid.{k} must be a non-empty list")
+    return base, grid
+
+
+def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[TrainConfig]:
+    """All configs of the grid, validated up front (a bad cell fails before anything runs)."""
+    keys = sorted(grid)
+    configs = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        fields = {**base, **dict(zip(keys, values))}
+        configs.append(make_config(**fields))
+    seen: set[str] = set()
+    unique = []
+    for c in configs:
+        k = c.model_dump_json()
+        if k not in seen:
+            seen.add(k)
+            unique.append(c)
+    return unique
+
+
+def validate_against_data(configs: Iterable[TrainConfig]) -> None:
+    """Check dataset availability and batch sizes for every config before running any."""
+    from batchlab.data import load_dataset
+
+    for c in configs:
+        raw = load_dataset(c.dataset, c.data_dir)
+        n = len(raw.y_train) if c.max_train is None else min(c.max_train, len(raw.y_train))
+        n = int(round(n * (1 - c.val_fraction)))
+        for bs in c.batch_sizes():
+            if bs > n:
+                raise ConfigError(f"batch size {bs} is larger than the {c.dataset} training "
+                                  f"set ({n})")

@@ -1,0 +1,40 @@
+"""Shared fixtures. Integration tests on real MNIST use ../shared/data/mnist-24k; on CI
+(CI=true) that directory must exist — a missing one is an error, never a silent skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-24k"
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not SHARED_MNIST.is_dir():
+        if _on_ci():
+            pytest.fail(f"CI needs the real MNIST subset at {SHARED_MNIST} (shared/data/mnist-24k)")
+        pytest.skip("real MNIST subset (../shared/data/mnist-24k) not present")
+    return SHARED_MNIST
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "runs.db"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Never touch the user's data cache from tests."""
+    monkeypatch.setenv("BATCHLAB_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+
+
+TINY = dict(dataset="digits", hidden=[32], epochs=2, batch_size=32, lr=0.1)
+"""A config that trains in well under a second: for tests of the machinery, not of results."""
