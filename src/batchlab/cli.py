@@ -91,7 +91,7 @@ def train(
     """Train one run (stored; an identical finished run is returned from the store)."""
     from batchlab.config import make_config
     from batchlab.store import Store
-    from batchlab.sweep import tomllib
+    from batchlab.sweep import tomllib, validate_against_data
     from batchlab.train import train as run_train
 
     fields: dict[str, Any] = {}
@@ -107,6 +107,7 @@ def train(
         if config is None or _given(ctx, k):
             fields[k] = v
     cfg = make_config(**fields)
+    validate_against_data([cfg])  # bad data/batch size fails before the store file is touched
     with Store(store) as st:
         res = run_train(cfg, store=st, reporter=RichReporter(quiet or as_json))
     if as_json:
@@ -119,6 +120,16 @@ def train(
               f"  train {f.get('train_seconds', 0):.1f}s")
 
 
+def _col(name: str) -> dict[str, Any]:
+    """Keep run ids whole in narrow terminals, so they can be copied into `runs show`."""
+    return {"no_wrap": True, "min_width": 12} if name == "run_id" else {}
+
+
+def _print_table(t: Table) -> None:
+    """Pipes get the table's natural width (rich would assume 80 columns and cut cells)."""
+    (out if out.is_terminal else Console(width=1000)).print(t)
+
+
 def _given(ctx: Any, name: str) -> bool:
     src = ctx.get_parameter_source(name)
     return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
@@ -126,7 +137,8 @@ def _given(ctx: Any, name: str) -> bool:
 
 @app.command()
 def sweep(
-    grid: Annotated[Path, typer.Argument(help="TOML file with [base] and [grid] tables.")],
+    grid: Annotated[Path, typer.Argument(
+        help="TOML file: a 'base' table of train fields, a 'grid' table of lists.")],
     store: StoreOpt = Path("batchlab.db"),
     executor: Annotated[str, typer.Option(help="local or ray.")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="auto or HOST:PORT; none starts a local Ray.")] = None,
@@ -151,10 +163,10 @@ def sweep(
         return
     t = Table(title=f"sweep {grid.name}: {len(rows)} runs")
     for c in ("run_id", "status", "batch_size", "lr", "seed", "test_acc", "train_acc", "cached"):
-        t.add_column(c)
+        t.add_column(c, **_col(c))
     for r in rows:
         t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()])
-    out.print(t)
+    _print_table(t)
 
 
 @runs_app.command("list")
@@ -179,10 +191,10 @@ def runs_list(
         return
     t = Table(title=f"{len(rows)} runs in {store}")
     for c in rows[0] if rows else ["run_id"]:
-        t.add_column(c)
+        t.add_column(c, **_col(c))
     for r in rows:
         t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()])
-    out.print(t)
+    _print_table(t)
 
 
 @runs_app.command("show")
@@ -269,7 +281,9 @@ def main() -> None:
     from batchlab.config import format_validation_error
 
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if rc == 130:  # typer turns Ctrl-C into a *returned* 130 without standalone mode
+            raise KeyboardInterrupt
     except BatchlabError as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

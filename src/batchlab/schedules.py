@@ -22,7 +22,8 @@ class EpochPlan:
 
 def epoch_plan(cfg: TrainConfig) -> list[EpochPlan]:
     """Batch size and phase lr for every epoch, expanding `schedule` phases in order."""
-    phases = cfg.schedule or [Phase(epochs=cfg.epochs)] if cfg.epochs > 0 else []
+    # an unscheduled run is one phase (none at all for epochs=0: a Phase needs epochs > 0)
+    phases = cfg.schedule or ([Phase(epochs=cfg.epochs)] if cfg.epochs > 0 else [])
     plan: list[EpochPlan] = []
     for ph in phases:
         bs = ph.batch_size or cfg.batch_size

@@ -14,8 +14,9 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 import zlib
+from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
@@ -161,14 +162,16 @@ def _load_idx_dir(files: dict[str, Path], spec: RemoteSpec | None, verify: bool)
         h.update(hashlib.sha256(raw).digest())
     xtr, ytr, xte, yte = arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"]
     for x, y, split in ((xtr, ytr, "train"), (xte, yte, "test")):
+        # name the files: the user must know which download or copy to replace
+        fx, fy = files[f"{split}_x"], files[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1:
-            raise DataError(f"{split} files must hold 3-D images and 1-D labels")
+            raise DataError(f"{fx} / {fy}: need 3-D images and 1-D labels")
         if len(x) != len(y):
-            raise DataError(f"{split} images ({len(x)}) and labels ({len(y)}) differ in count")
+            raise DataError(f"{fx} holds {len(x)} images but {fy} holds {len(y)} labels")
         if y.size and int(y.max()) > 9:
-            raise DataError(f"{split} labels out of range 0..9")
+            raise DataError(f"{fy}: labels out of range 0..9")
     if xtr.shape[1:] != xte.shape[1:]:
-        raise DataError("train and test images differ in shape")
+        raise DataError(f"{files['train_x']} and {files['test_x']} differ in image shape")
     directory = files["train_x"].parent
     return RawData(
         x_train=xtr.reshape(len(xtr), -1).astype(np.uint8),
@@ -212,7 +215,7 @@ def load_remote(name: str, data_dir: str | Path | None = None, download: bool = 
             try:
                 _download(mirror + fname, dest, spec, fname)
                 break
-            except (urllib.error.URLError, OSError, TimeoutError) as e:
+            except (urllib.error.URLError, OSError, TimeoutError, HTTPException) as e:
                 errors.append(f"{mirror}: {getattr(e, 'reason', e)}")
         else:
             raise DataError(

@@ -107,3 +107,69 @@ def monotone(xs: Sequence[float], ys: Sequence[float], increasing: bool, min_eff
             f"the first-to-last change exceeds {min_effect:g}; not reproduced if it changes by "
             f"more than {min_effect:g} the other way; else inconclusive")
     return v, ev, rule
+
+
+def within(a: Sequence[float], target: float, tolerance: float,
+           what: str = "a ~ target") -> tuple[str, dict, str]:
+    """Claim: a equals `target` up to `tolerance` (two-sided). Reproduced if
+    |mean(a) - target| <= tolerance + noise (noise = 2 x standard error of the mean); not
+    reproduced if it exceeds twice that; inconclusive in between."""
+    ma, sa, na = _stats(a)
+    noise = 2.0 * sa / math.sqrt(na) if na > 1 else 0.0
+    dev = abs(ma - target)
+    if not math.isfinite(ma):
+        v = INCONCLUSIVE
+    elif dev <= tolerance + noise:
+        v = REPRODUCED
+    elif dev > 2 * (tolerance + noise):
+        v = NOT_REPRODUCED
+    else:
+        v = INCONCLUSIVE
+    ev = {"mean": ma, "sd": sa, "n": na, "target": target, "deviation": dev,
+          "tolerance": tolerance, "noise": noise}
+    rule = (f"{what}: reproduced if the mean is within {tolerance:g} + 2 x SE of {target:g}; "
+            f"not reproduced if it is off by more than twice that; else inconclusive")
+    return v, ev, rule
+
+
+def correlated(xs: Sequence[float], ys: Sequence[float], positive: bool = True,
+               min_rho: float = 0.5, what: str = "x and y") -> tuple[str, dict, str]:
+    """Claim: y rises (or falls) with x across many points. Spearman's rank correlation over
+    the finite pairs: reproduced if rho has the claimed sign, |rho| >= min_rho and p < 0.05;
+    not reproduced if rho has the wrong sign (or is zero) ; else inconclusive."""
+    from scipy.stats import spearmanr
+
+    x = np.asarray(xs, dtype=float)
+    y = np.asarray(ys, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    sign = 1 if positive else -1
+    if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+        res = spearmanr(x, y)
+        rho, p = float(res.statistic), float(res.pvalue)
+    else:
+        rho, p = float("nan"), float("nan")
+    if not math.isfinite(rho):
+        v = INCONCLUSIVE
+    elif sign * rho >= min_rho and p < 0.05:
+        v = REPRODUCED
+    elif sign * rho <= 0:
+        v = NOT_REPRODUCED
+    else:
+        v = INCONCLUSIVE
+    ev = {"spearman_rho": rho, "p_value": p, "n_points": int(len(x))}
+    direction = "positive" if positive else "negative"
+    rule = (f"{what}: Spearman rank correlation over the {len(x)} finite points; reproduced if "
+            f"rho is {direction} with |rho| >= {min_rho:g} and p < 0.05; not reproduced if rho "
+            f"has the other sign or is zero; else inconclusive")
+    return v, ev, rule
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """A claim made of parts: reproduced if every part is, not reproduced if any part is not,
+    else inconclusive."""
+    if verdicts and all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    if any(v == NOT_REPRODUCED for v in verdicts):
+        return NOT_REPRODUCED
+    return INCONCLUSIVE

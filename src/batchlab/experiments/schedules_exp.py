@@ -1,0 +1,156 @@
+"""Large-batch schedule presets from the literature vs the small-batch baseline.
+
+One small-batch recipe (batch B0, lr with step decays) is the baseline; a large batch B run
+with the same recipe shows the generalization gap. The presets of `batchlab.presets` try to
+close it: Goyal et al. (linear lr scaling + warmup) and Smith et al. (batch increases instead of
+lr decays) at equal epochs, Hoffer et al. (epochs x B/B0, i.e. equal steps, sqrt lr scaling) on
+the plain MLP and, with Ghost Batch Norm, on the MLP with BatchNorm against a BatchNorm
+baseline. Each claim's verdict compares final test accuracy with the right baseline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from batchlab.experiments import Claim, Context, Experiment, Output
+from batchlab.experiments.outputs import md_table
+from batchlab.experiments.verdicts import close_to, greater
+from batchlab.presets import apply_preset
+
+QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
+             decay_factor=0.1, warmup_epochs=1.0, tolerance=0.005, gbn=True)
+PAPER = dict(base_batch=128, large_batch=4096, lr=0.1, epochs=30, decay_epochs=[15, 25],
+             decay_factor=0.1, warmup_epochs=2.0, tolerance=0.005, gbn=True)
+
+# arm -> (what it is compared with, fairness basis)
+ARMS = {
+    "small": ("", "baseline"),
+    "large": ("small", "equal epochs"),
+    "goyal": ("small", "equal epochs"),
+    "smith": ("small", "equal epochs"),
+    "hoffer": ("small", "equal steps"),
+    "small-bn": ("", "baseline (BatchNorm)"),
+    "hoffer-gbn": ("small-bn", "equal steps"),
+}
+CLAIMS = {
+    "goyal": "linear lr scaling + gradual warmup (Goyal et al.) closes the large-batch gap",
+    "smith": "increasing the batch size instead of decaying the lr (Smith et al.) matches the "
+             "small-batch accuracy with fewer steps",
+    "hoffer": "regime adaptation with sqrt lr scaling (Hoffer et al.) closes the gap",
+    "hoffer-gbn": "regime adaptation + Ghost Batch Norm (Hoffer et al.) closes the gap of the "
+                  "BatchNorm MLP",
+}
+
+
+def settings(ctx: Context) -> dict[str, Any]:
+    s = dict(PAPER if ctx.paper else QUICK)
+    s.update({k: v for k, v in ctx.options.items() if k in {*QUICK, "hidden"}})
+    return s
+
+
+def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
+    """TrainConfig fields (without data/seed) of every arm."""
+    base = {"batch_size": s["base_batch"], "lr": s["lr"], "epochs": s["epochs"], "decay": "step",
+            "decay_epochs": list(s["decay_epochs"]), "decay_factor": s["decay_factor"]}
+    if "hidden" in s:
+        base["hidden"] = s["hidden"]
+    big = min(s["large_batch"], n_train)
+    arms = {
+        "small": base,
+        "large": {**base, "batch_size": big},
+        "goyal": apply_preset("goyal", base, batch_size=big, warmup_epochs=s["warmup_epochs"]),
+        "smith": apply_preset("smith", base, max_batch=n_train),
+        "hoffer": apply_preset("hoffer", base, batch_size=big),
+    }
+    if s.get("gbn"):
+        bn = {**base, "batchnorm": True}
+        arms["small-bn"] = bn
+        arms["hoffer-gbn"] = apply_preset("hoffer", bn, batch_size=big)
+    return arms
+
+
+def run(ctx: Context) -> Output:
+    from batchlab.train import get_data, resolve_device
+
+    s = settings(ctx)
+    probe = ctx.config()
+    n_train = get_data(probe, resolve_device(probe.device)).n_train
+    arms = arm_fields(s, n_train)
+    names, cfgs = [], []
+    for name, fields in arms.items():
+        for seed in ctx.seed_list:
+            names.append(name)
+            cfgs.append(ctx.config(**fields, seed=seed, probes=[]))
+    results = ctx.run_many(cfgs, label="schedules")
+    rows = []
+    curves: dict[str, list] = {}
+    for name, res in zip(names, results):
+        f = res.final
+        rows.append({"arm": name, "seed": res.config.seed, "status": res.status,
+                     "basis": ARMS[name][1], "batch_sizes": sorted(set(res.config.batch_sizes())),
+                     "lr": res.config.lr, "epochs": res.config.epochs,
+                     "warmup_epochs": res.config.warmup_epochs,
+                     "ghost_batch_size": res.config.ghost_batch_size,
+                     "steps": f.get("steps"), "test_acc": f.get("test_acc"),
+                     "train_loss": f.get("train_loss"), "train_seconds": f.get("train_seconds")})
+        if res.config.seed == 0:
+            curves[name] = res.epochs
+    acc = {a: [r["test_acc"] for r in rows if r["arm"] == a and r["test_acc"] is not None]
+           for a in arms}
+    claims = []
+    tol = float(s["tolerance"])
+    v, ev, rule = greater(acc["small"], acc["large"], tol, "test acc small batch - large batch")
+    claims.append(Claim("gap", f"at equal epochs, batch {arms['large']['batch_size']} ends below "
+                        f"batch {s['base_batch']} in test accuracy (the gap to close)", v, ev, rule))
+    for arm, text in CLAIMS.items():
+        if arm not in arms:
+            continue
+        ref, basis = ARMS[arm]
+        v, ev, rule = close_to(acc[arm], acc[ref], tol, f"test acc {arm} vs {ref} ({basis})")
+        ev["steps"] = _mean([r["steps"] for r in rows if r["arm"] == arm])
+        ev["steps_baseline"] = _mean([r["steps"] for r in rows if r["arm"] == ref])
+        claims.append(Claim(f"{arm}-closes-gap", f"{text} ({basis})", v, ev, rule))
+    table = []
+    for a in arms:
+        rs = [r for r in rows if r["arm"] == a]
+        table.append({"arm": a, "basis": ARMS[a][1], "batch_sizes": rs[0]["batch_sizes"],
+                      "lr": rs[0]["lr"], "epochs": rs[0]["epochs"], "steps": _mean([r["steps"] for r in rs]),
+                      "test_acc": _mean(acc[a]), "train_loss": _mean([r["train_loss"] for r in rs])})
+    summary = (f"Baseline: batch {s['base_batch']}, lr {s['lr']}, {s['epochs']} epochs, lr x "
+               f"{s['decay_factor']} at epochs {s['decay_epochs']}; large batch "
+               f"{arms['large']['batch_size']}. Seeds: {ctx.seeds}.\n\n"
+               + md_table(table, ["arm", "basis", "batch_sizes", "lr", "epochs", "steps",
+                                  "test_acc", "train_loss"]))
+    return Output(rows=rows, summary=summary, claims=claims,
+                  figures={"schedules.png": figure(curves)})
+
+
+def _mean(xs: list) -> float | None:
+    v = [x for x in xs if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def figure(curves: dict[str, list]):
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, eps in curves.items():
+        ep = [e["epoch"] for e in eps]
+        acc = [e.get("test_acc") for e in eps]
+        st = [e.get("steps") for e in eps]
+        ls = "--" if "bn" in name else "-"
+        a1.plot(ep, acc, ls, label=name)
+        a2.semilogx([max(x, 1) for x in st], acc, ls, label=name)
+    a1.set_xlabel("epoch")
+    a2.set_xlabel("steps")
+    for a in (a1, a2):
+        a.set_ylabel("test accuracy")
+        a.set_ylim(0.8, 1.0)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+EXPERIMENT = Experiment("schedules", "Large-batch schedule presets (Goyal, Smith, Hoffer)", run)

@@ -1,0 +1,297 @@
+"""Steps to a target vs batch size (Shallue et al.; McCandlish et al.).
+
+For each batch size on a log grid (capped by the training set) the lr is tuned over a log grid
+(optionally with momentum); each run stops when the target (test accuracy or train loss) is
+reached or its epoch budget is spent. The `target_step` probe checks the target several times
+an epoch, so the step count is finer than the engine's epoch-granularity stop. Per batch size
+the best lr's steps S and examples E = B x S are kept and McCandlish's trade-off
+
+    (S / S_min - 1)(E / E_min - 1) = 1   <=>   S(B) = S_min + E_min / B
+
+is fitted (least squares on log S, positive parameters), giving B_crit = E_min / S_min.
+A batch size whose every lr misses the target is reported with its budget and best value.
+The runs of one batch size share their batch schedule (same seed, same batch size), so a
+vectorizing executor may train the lr grid together - but a probe with per-step hooks keeps a
+run on its own: `--set fine_steps=false` drops the `target_step` probe (steps counted at epoch
+ends, coarser) and lets the lr grid be vectorized.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from batchlab.experiments import Claim, Context, Experiment, Output
+from batchlab.experiments.outputs import md_table
+from batchlab.experiments.verdicts import greater, monotone
+from batchlab.train import TrainResult
+
+QUICK = dict(batch_sizes=[16, 64, 256, 1024], lrs=[0.03, 0.1, 0.3, 1.0], max_epochs=15,
+             target_metric="test_acc", target_value=0.90)
+PAPER = dict(batch_sizes=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
+             lrs=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], max_epochs=60,
+             target_metric="test_acc", target_value=0.97)
+
+
+@dataclass
+class Outcome:
+    """Steps to target of one run, or (not reached) its budget and best value."""
+
+    reached: bool
+    steps: int | None
+    examples: int | None
+    best: float | None
+    budget_steps: int
+
+
+def outcome(res: TrainResult) -> Outcome:
+    cfg = res.config
+    lower = (cfg.target_metric or "").endswith("loss")
+    probe_steps = [e.get("target_step") for e in res.epochs]
+    probe_steps = [int(s) for s in probe_steps if isinstance(s, (int, float)) and math.isfinite(s)]
+    candidates = probe_steps[:1]
+    if res.final.get("target_steps") is not None:
+        candidates.append(int(res.final["target_steps"]))
+    vals = [e.get(cfg.target_metric) for e in res.epochs] + [e.get("target_best") for e in res.epochs]
+    vals = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
+    best = (min(vals) if lower else max(vals)) if vals else None
+    budget = int(res.epochs[-1].get("steps", 0)) if res.epochs else 0
+    if res.status != "completed" or not candidates:
+        return Outcome(False, None, None, best, budget)
+    s = min(candidates)
+    return Outcome(True, s, s * cfg.batch_size, best, budget)
+
+
+def fit_scaling(batch_sizes: list[float], steps: list[float]) -> dict[str, float]:
+    """Fit S(B) = S_min + E_min / B to (B, S) points by least squares on log S.
+
+    Returns s_min, e_min, b_crit = E_min/S_min and the rms log residual. Needs 2+ points."""
+    from scipy.optimize import least_squares
+
+    b = np.asarray(batch_sizes, dtype=float)
+    s = np.asarray(steps, dtype=float)
+    if b.size < 2:
+        raise ValueError("fitting S_min and E_min needs at least two batch sizes")
+
+    def resid(theta: np.ndarray) -> np.ndarray:
+        return np.log(np.exp(theta[0]) + np.exp(theta[1]) / b) - np.log(s)
+
+    x0 = np.log([max(s.min() / 2, 1e-9), max((b * s).min() / 2, 1e-9)])
+    sol = least_squares(resid, x0, method="lm" if b.size >= 2 else "trf")
+    s_min, e_min = float(np.exp(sol.x[0])), float(np.exp(sol.x[1]))
+    return {"s_min": s_min, "e_min": e_min, "b_crit": e_min / s_min,
+            "rms_log_residual": float(np.sqrt(np.mean(sol.fun**2)))}
+
+
+def predicted_steps(fit: dict[str, float], batch_size: float) -> float:
+    return fit["s_min"] + fit["e_min"] / batch_size
+
+
+def settings(ctx: Context) -> dict[str, Any]:
+    s = dict(PAPER if ctx.paper else QUICK, fine_steps=True)
+    s.update({k: v for k, v in ctx.options.items() if k in
+              ("batch_sizes", "lrs", "max_epochs", "target_metric", "target_value", "momentum",
+               "hidden", "fine_steps")})
+    return s
+
+
+def configs(ctx: Context, s: dict[str, Any], n_train: int) -> list:
+    extra = {"hidden": s["hidden"]} if "hidden" in s else {}
+    out = []
+    for bs in [b for b in s["batch_sizes"] if b <= n_train]:
+        for lr in s["lrs"]:
+            for seed in ctx.seed_list:
+                out.append(ctx.config(batch_size=bs, lr=lr, momentum=float(s.get("momentum", 0.0)),
+                                      epochs=int(s["max_epochs"]), seed=seed,
+                                      target_metric=s["target_metric"],
+                                      target_value=float(s["target_value"]),
+                                      probes=["target_step"] if s["fine_steps"] else [],
+                                      **extra))
+    return out
+
+
+def measure(ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Run (or fetch) the sweep. Returns (rows per run, best row per batch size, settings)."""
+    from batchlab.train import get_data, resolve_device
+
+    s = settings(ctx)
+    probe_cfg = ctx.config()
+    n_train = get_data(probe_cfg, resolve_device(probe_cfg.device)).n_train
+    cfgs = configs(ctx, s, n_train)
+    results = ctx.run_many(cfgs, label="steps-to-target")
+    rows = []
+    for res in results:
+        o = outcome(res)
+        rows.append({"batch_size": res.config.batch_size, "lr": res.config.lr,
+                     "seed": res.config.seed, "status": res.status, "reached": o.reached,
+                     "steps_to_target": o.steps, "examples_to_target": o.examples,
+                     "best_value": o.best, "budget_steps": o.budget_steps,
+                     "seconds_per_step": _sec_per_step(res)})
+    return rows, best_per_batch(rows), s
+
+
+def _sec_per_step(res: TrainResult) -> float | None:
+    steps = res.final.get("steps")
+    secs = res.final.get("train_seconds")
+    return secs / steps if steps and secs else None
+
+
+def best_per_batch(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size: the lr with the fewest mean steps to target over seeds (all seeds must
+    reach it); if no lr reaches it, the lr with the best value, marked not reached."""
+    by: dict[tuple[int, float], list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["batch_size"], r["lr"]), []).append(r)
+    best: dict[int, dict[str, Any]] = {}
+    for (bs, lr), rs in sorted(by.items()):
+        reached = all(r["reached"] for r in rs)
+        steps = float(np.mean([r["steps_to_target"] for r in rs])) if reached else math.inf
+        vals = [r["best_value"] for r in rs if r["best_value"] is not None]
+        cand = {"batch_size": bs, "lr": lr, "reached": reached,
+                "steps_to_target": steps if reached else None,
+                "examples_to_target": steps * bs if reached else None,
+                "best_value": float(np.mean(vals)) if vals else None,
+                "budget_steps": max(r["budget_steps"] for r in rs), "seeds": len(rs)}
+        cur = best.get(bs)
+        if cur is None or _better(cand, cur):
+            best[bs] = cand
+    return [best[b] for b in sorted(best)]
+
+
+def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a["reached"] != b["reached"]:
+        return a["reached"]
+    if a["reached"]:
+        return a["steps_to_target"] < b["steps_to_target"]
+    return (a["best_value"] or -math.inf) > (b["best_value"] or -math.inf)
+
+
+def scaling_efficiency(best: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Between consecutive reached batch sizes: (S1/S2) / (B2/B1); 1 = perfect scaling."""
+    pts = [(r["batch_size"], r["steps_to_target"]) for r in best if r["reached"]]
+    return [{"from": b1, "to": b2, "efficiency": (s1 / s2) / (b2 / b1)}
+            for (b1, s1), (b2, s2) in zip(pts, pts[1:])]
+
+
+def figure(best: list[dict[str, Any]], fit: dict[str, float] | None, title: str = ""):
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    pts = [(r["batch_size"], r["steps_to_target"]) for r in best if r["reached"]]
+    miss = [(r["batch_size"], r["budget_steps"]) for r in best if not r["reached"]]
+    if pts:
+        b, s = map(np.asarray, zip(*pts))
+        ax.loglog(b, s, "o", label="steps to target (best lr)")
+        grid = np.geomspace(min(r["batch_size"] for r in best), max(r["batch_size"] for r in best), 100)
+        ax.loglog(grid, s[0] * b[0] / grid, "k--", lw=1, label="perfect scaling")
+        if fit:
+            ax.loglog(grid, fit["s_min"] + fit["e_min"] / grid, "C1-",
+                      label=f"fit: S_min={fit['s_min']:.3g}, E_min={fit['e_min']:.3g}")
+            ax.axvline(fit["b_crit"], color="C1", ls=":", label=f"B_crit={fit['b_crit']:.3g}")
+    if miss:
+        mb, ms = zip(*miss)
+        ax.loglog(mb, ms, "x", color="C3", label="not reached (budget)")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("steps to target")
+    ax.set_title(title or "steps to target vs batch size")
+    ax.legend(fontsize=8)
+    lb = [(r["batch_size"], r["lr"]) for r in best if r["reached"]]
+    if lb:
+        ax2.loglog(*zip(*lb), "s-")
+    ax2.set_xlabel("batch size")
+    ax2.set_ylabel("optimal learning rate")
+    ax2.set_title("tuned lr vs batch size")
+    fig.tight_layout()
+    return fig
+
+
+def noise_check(ctx: Context, best: list[dict[str, Any]], s: dict[str, Any]) -> dict[str, Any] | None:
+    """B_simple at the target, on the model of the smallest reached batch size's best run
+    (retrained with the noise-scale probe; through the store, so once)."""
+    reached = [r for r in best if r["reached"]]
+    if not reached:
+        return None
+    r0 = reached[0]
+    extra = {"hidden": s["hidden"]} if "hidden" in s else {}
+    cfg = ctx.config(batch_size=r0["batch_size"], lr=r0["lr"], epochs=int(s["max_epochs"]),
+                     momentum=float(s.get("momentum", 0.0)), target_metric=s["target_metric"],
+                     target_value=float(s["target_value"]), probes=["noise_scale"], seed=0,
+                     **extra)
+    res = ctx.run_many([cfg], label="steps-to-target:noise")[0]
+    vals = [(e["epoch"], e.get("b_simple_avg", e.get("b_simple"))) for e in res.epochs
+            if e.get("b_simple_avg", e.get("b_simple")) is not None]
+    if not vals:
+        return None
+    return {"b_simple_init": vals[0][1], "b_simple_at_target": vals[-1][1],
+            "epoch_at_target": vals[-1][0], "batch_size": r0["batch_size"], "lr": r0["lr"]}
+
+
+def run(ctx: Context) -> Output:
+    rows, best, s = measure(ctx)
+    reached = [r for r in best if r["reached"]]
+    fit = None
+    if len(reached) >= 2:
+        fit = fit_scaling([r["batch_size"] for r in reached], [r["steps_to_target"] for r in reached])
+    eff = scaling_efficiency(best)
+    ns = noise_check(ctx, best, s)
+    claims = []
+    if eff:
+        v, ev, rule = greater([eff[0]["efficiency"]], [0.5], 0.1,
+                              "scaling efficiency of the first batch-size increase vs 0.5")
+        claims.append(Claim("perfect-scaling", "at small batch sizes, a larger batch cuts the steps "
+                            "to target almost proportionally (Shallue et al.)", v,
+                            {**ev, "from": eff[0]["from"], "to": eff[0]["to"]}, rule))
+    if len(eff) >= 2:
+        v, ev, rule = greater([eff[0]["efficiency"]], [eff[-1]["efficiency"]], 0.2,
+                              "efficiency at the smallest vs the largest batch sizes")
+        claims.append(Claim("diminishing-returns", "scaling efficiency falls at large batch sizes "
+                            "(diminishing returns beyond B_crit)", v, ev, rule))
+    if len(reached) >= 3:
+        v, ev, rule = monotone([r["batch_size"] for r in reached],
+                               [math.log10(r["lr"]) for r in reached], True, 0.2,
+                               "log10 optimal lr vs batch size")
+        claims.append(Claim("lr-grows", "the tuned learning rate grows with the batch size", v, ev,
+                            rule))
+    if fit and ns and ns["b_simple_at_target"]:
+        ratio = fit["b_crit"] / ns["b_simple_at_target"]
+        lr_ = abs(math.log10(ratio))
+        v = "reproduced" if lr_ <= math.log10(5) else (
+            "not_reproduced" if lr_ > math.log10(25) else "inconclusive")
+        claims.append(Claim("noise-scale-predicts", "B_simple measured at the target predicts the "
+                            "fitted critical batch size (McCandlish et al.)", v,
+                            {"b_crit_fit": fit["b_crit"], "b_simple": ns["b_simple_at_target"],
+                             "ratio": ratio},
+                            "reproduced if B_crit/B_simple is within a factor 5; not reproduced "
+                            "if beyond a factor 25; else inconclusive"))
+    summary = [f"Target: {s['target_metric']} {'<=' if s['target_metric'].endswith('loss') else '>='} "
+               f"{s['target_value']}, budget {s['max_epochs']} epochs, lr grid {s['lrs']}, "
+               f"momentum {s.get('momentum', 0.0)}.", "",
+               md_table(best, ["batch_size", "lr", "reached", "steps_to_target",
+                               "examples_to_target", "best_value", "budget_steps"])]
+    if fit:
+        summary.append(f"Fit S(B) = S_min + E_min/B: S_min = {fit['s_min']:.4g}, E_min = "
+                       f"{fit['e_min']:.4g}, **B_crit = {fit['b_crit']:.4g}** (rms log residual "
+                       f"{fit['rms_log_residual']:.3g}).")
+    else:
+        summary.append("Fewer than two batch sizes reached the target: no fit.")
+    if ns:
+        summary.append(f"\nB_simple (256 examples; in the target epoch the mean tr(Sigma) / mean "
+                       f"|G|^2 of its probe points) at init {ns['b_simple_init']:.4g}, at the target "
+                       f"(epoch {ns['epoch_at_target']}, batch {ns['batch_size']}, lr {ns['lr']}) "
+                       f"{ns['b_simple_at_target']:.4g}.")
+    edge = [r["batch_size"] for r in reached if r["lr"] in (min(s["lrs"]), max(s["lrs"]))]
+    if edge:
+        summary.append(f"\nThe best lr lies at the edge of the lr grid for batch sizes {edge}: "
+                       "their steps to target may be overestimated (widen `--set lrs=[...]`).")
+    missed = [r for r in best if not r["reached"]]
+    for r in missed:
+        summary.append(f"\nBatch {r['batch_size']}: target not reached within {r['budget_steps']} "
+                       f"steps; best {s['target_metric']} {r['best_value']}.")
+    return Output(rows=rows, summary="\n".join(summary), claims=claims,
+                  figures={"steps_vs_batch.png": figure(best, fit)})
+
+
+EXPERIMENT = Experiment("steps-to-target", "Steps to target vs batch size (critical batch size)", run)

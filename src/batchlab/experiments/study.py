@@ -1,0 +1,315 @@
+"""Shared machinery of the MNIST batch-size study's five experiments (batch-size,
+learning-rate, switch, distance, adam-vs-sgd).
+
+Why one module: the experiments share their reference runs (64 @ lr 0.01 appears in four of
+them). The store dedupes runs by config key, so as long as every experiment builds its configs
+through `Study.spec` -> `Study.run`, the shared runs are trained once. This module also holds
+the seed aggregation (mean and spread), the markdown formatting of "mean ± sd" and the curve
+plots, so the five experiment modules only say *what* to run and *what* to conclude.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchlab.errors import ConfigError
+from batchlab.experiments import Claim, Context
+from batchlab.experiments.outputs import plt, rows_to_csv
+from batchlab.train import TrainResult
+
+# the study's setting and the quick preset's stand-in (see each experiment's summary)
+PAPER_EPOCHS = 30
+QUICK_EPOCHS = 10
+BASE_LR = 0.01
+# option keys every experiment of the study accepts via `--set KEY=VALUE` (tests use them to
+# stay tiny); experiment-specific keys are added by each module
+COMMON_OPTIONS = ("epochs", "hidden", "dataset", "max_train")
+
+
+def nan_float(v: Any) -> float:
+    """A stored metric as a float; missing or non-finite values (diverged runs) become NaN."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+    return f if math.isfinite(f) else float("nan")
+
+
+@dataclass
+class Group:
+    """One configuration trained with every seed of the context."""
+
+    name: str
+    fields: dict[str, Any]
+    runs: list[TrainResult] = field(default_factory=list)
+
+    def final(self, metric: str) -> list[float]:
+        """The metric after the last epoch, one value per seed (NaN if the run diverged)."""
+        out = []
+        for r in self.runs:
+            last = r.epochs[-1] if r.epochs else {}
+            ok = r.status == "completed"
+            out.append(nan_float(last.get(metric)) if ok else float("nan"))
+        return out
+
+    def best(self, metric: str) -> list[float]:
+        """The best (max) value over epochs 1..end, one per seed."""
+        out = []
+        for r in self.runs:
+            vals = [nan_float(e.get(metric)) for e in r.epochs[1:]]
+            vals = [v for v in vals if math.isfinite(v)]
+            out.append(max(vals) if vals else float("nan"))
+        return out
+
+    def at_epoch(self, metric: str, epoch: int) -> list[float]:
+        out = []
+        for r in self.runs:
+            row = next((e for e in r.epochs if e.get("epoch") == epoch), {})
+            out.append(nan_float(row.get(metric)))
+        return out
+
+    def curve(self, metric: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(x, mean over seeds, sd over seeds) of a per-epoch metric; seeds are aligned by
+        epoch, and a run that stopped early contributes NaN afterwards."""
+        n = max((len(r.epochs) for r in self.runs), default=0)
+        ys = np.full((len(self.runs), n), np.nan)
+        xs = np.full(n, np.nan)
+        for i, r in enumerate(self.runs):
+            for j, e in enumerate(r.epochs):
+                ys[i, j] = nan_float(e.get(metric))
+                if np.isnan(xs[j]):
+                    xs[j] = nan_float(e.get(x))
+        with warnings.catch_warnings():  # all-NaN columns (diverged runs) are expected
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(ys, axis=0)
+            sd = np.nanstd(ys, axis=0, ddof=1) if len(self.runs) > 1 else np.zeros(n)
+        return xs, mean, sd
+
+
+class Study:
+    """The study's settings for one experiment run: epochs E, model width, dataset, seeds.
+
+    `ctx.options` (from `--set KEY=VALUE`) may override `epochs`, `hidden`, `dataset`,
+    `max_train` and the experiment's own keys; anything else is a ConfigError, so a typo does
+    not silently run the default.
+    """
+
+    def __init__(self, ctx: Context, extra_options: Sequence[str] = ()) -> None:
+        allowed = set(COMMON_OPTIONS) | set(extra_options)
+        unknown = sorted(set(ctx.options) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown experiment option(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+        self.ctx = ctx
+        self.opts = ctx.options
+        default_e = PAPER_EPOCHS if ctx.paper else QUICK_EPOCHS
+        self.epochs = self.int_option("epochs", default_e)
+        self.base: dict[str, Any] = {}
+        if "hidden" in self.opts:
+            hid = self.opts["hidden"]
+            if not isinstance(hid, list) or not all(isinstance(h, int) for h in hid):
+                raise ConfigError("option hidden must be a list of integers, e.g. [32]")
+            self.base["hidden"] = hid
+        if "dataset" in self.opts:
+            self.base["dataset"] = str(self.opts["dataset"])
+        if "max_train" in self.opts:
+            self.base["max_train"] = self.int_option("max_train", 0)
+
+    # -- options ------------------------------------------------------------------------
+    def int_option(self, key: str, default: int) -> int:
+        v = self.opts.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"option {key} must be a positive integer, got {v!r}")
+        return v
+
+    def list_option(self, key: str, default: Sequence[float], kind: type = float) -> list:
+        v = self.opts.get(key, list(default))
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"option {key} must be a non-empty list, e.g. [64, 1024] or [0.01, 0.1]")
+        try:
+            out = [kind(x) for x in v]
+        except (TypeError, ValueError):
+            raise ConfigError(f"option {key} must hold numbers, got {v!r}") from None
+        if any(x <= 0 for x in out):
+            raise ConfigError(f"option {key} must hold positive numbers")
+        return sorted(set(out))
+
+    # -- configs and runs ---------------------------------------------------------------
+    def spec(self, batch_size: int, lr: float = BASE_LR, epochs: int | None = None,
+             **extra: Any) -> dict[str, Any]:
+        """The fields of one configuration. Every experiment builds its runs through this, so
+        identical runs have identical configs (and the store trains them once)."""
+        return {"batch_size": batch_size, "lr": lr,
+                "epochs": self.epochs if epochs is None else epochs, **extra}
+
+    def run(self, specs: dict[str, dict[str, Any]], label: str) -> dict[str, Group]:
+        """Train (or fetch) every spec with every seed; one `run_many` call so progress and
+        resumption cover the whole experiment."""
+        configs, owners = [], []
+        for name, fields in specs.items():
+            for seed in self.ctx.seed_list:
+                configs.append(self.ctx.config(**{**self.base, **fields, "seed": seed}))
+                owners.append(name)
+        results = self.ctx.run_many(configs, label=label)
+        groups = {name: Group(name, fields) for name, fields in specs.items()}
+        for name, res in zip(owners, results):
+            groups[name].runs.append(res)
+        return groups
+
+    # -- reporting ----------------------------------------------------------------------
+    def header(self, groups: Iterable[Group], notes: str = "") -> str:
+        """Which preset, dataset, epochs and seeds produced the numbers below."""
+        from batchlab.data import load_dataset
+
+        groups = list(groups)
+        cfg = groups[0].runs[0].config
+        raw = load_dataset(cfg.dataset, cfg.data_dir)
+        n_train = cfg.max_train or len(raw.y_train)
+        engines = sorted({str(r.final.get("engine", "?")) for g in groups for r in g.runs
+                          if not r.cached} or {"(from store)"})
+        lines = [
+            f"- preset: **{self.ctx.preset}**; dataset: **{cfg.dataset}** "
+            f"({n_train} train / {len(raw.y_test)} test images)",
+            f"- E = **{self.epochs}** epochs (the study: {PAPER_EPOCHS}); MLP "
+            f"{'-'.join(map(str, [raw.x_train.shape[1], *cfg.hidden, 10]))}, init {cfg.init}, "
+            f"ReLU, NLL loss, plain SGD "
+            f"(no momentum) unless stated",
+            f"- seeds per configuration: **{self.ctx.seeds}** ({', '.join(map(str, self.ctx.seed_list))}); "
+            f"tables give mean ± sd over seeds (sd only with 2+ seeds); accuracies in %",
+            f"- engine(s) of newly trained runs: {', '.join(engines)}",
+        ]
+        bad = [f"{g.name} seed {r.config.seed}: {r.status}" for g in groups for r in g.runs
+               if r.status != "completed"]
+        if bad:
+            lines.append(f"- runs that did not complete (their metrics count as missing): "
+                         f"{'; '.join(bad)}")
+        if not self.ctx.paper:
+            lines.append("- quick preset: a small dataset and few epochs, so large-batch runs are "
+                         "far from convergence; the verdicts test the claims at this small "
+                         "budget (the paper preset runs the study's settings)")
+        if notes:
+            lines.append(notes)
+        return "\n".join(lines) + "\n"
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    a = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if a.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
+
+
+def mean(values: Sequence[float]) -> float:
+    return mean_sd(values)[0]
+
+
+def pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    """'mean ± sd' (sd only with 2+ finite values; 'n/a' when none is finite)."""
+    m, s, n = mean_sd(values)
+    if n == 0:
+        return "n/a"
+    text = f"{m * scale:.{digits}f}"
+    if n > 1:
+        text += f" ± {s * scale:.{digits}f}"
+    if n < len(values):
+        text += f" ({len(values) - n} missing)"
+    return text
+
+
+def claim(cid: str, text: str, result: tuple[str, dict, str]) -> Claim:
+    verdict, evidence, rule = result
+    return Claim(id=cid, claim=text, verdict=verdict, evidence=evidence, rule=rule)
+
+
+def run_rows(groups: dict[str, Group], metrics: Sequence[str], **columns: Any) -> list[dict]:
+    """results.csv rows: one per run (configuration x seed) with its final metrics."""
+    rows = []
+    for name, g in groups.items():
+        for r in g.runs:
+            last = r.epochs[-1] if r.epochs else {}
+            row = {"config": name, **columns.get(name, {}), "seed": r.config.seed,
+                   "run_id": r.run_id, "status": r.status, "epochs": len(r.epochs) - 1,
+                   "steps": last.get("steps")}
+            row.update({m: last.get(m) for m in metrics})
+            rows.append(row)
+    return rows
+
+
+def curves_csv(groups: dict[str, Group], metrics: Sequence[str]) -> str:
+    """Every run's per-epoch curve (for re-plotting without the store)."""
+    rows = []
+    for name, g in groups.items():
+        for r in g.runs:
+            for e in r.epochs:
+                rows.append({"config": name, "seed": r.config.seed, "epoch": e.get("epoch"),
+                             "batch_size": e.get("batch_size"), "lr": e.get("lr"),
+                             "steps": e.get("steps"), **{m: e.get(m) for m in metrics}})
+    return rows_to_csv(rows)
+
+
+# -- figures ------------------------------------------------------------------------------
+ACC_METRICS = ("train_acc", "test_acc")
+
+
+def plot_curves(ax: Any, groups: Sequence[Group], metric: str, *, x: str = "epoch",
+                scale: float = 1.0, last: int | None = None, style: str = "-",
+                colors: dict[str, Any] | None = None, label_suffix: str = "",
+                legend: bool = True) -> None:
+    """Mean curve over seeds per group (shaded ± sd with 2+ seeds). With `last`, only the
+    last `last` epochs, re-numbered 1..last (the switch experiment's view)."""
+    for i, g in enumerate(groups):
+        xs, m, s = g.curve(metric, x=x)
+        if last is not None:
+            xs, m, s = xs[-last:], m[-last:], s[-last:]
+            xs = np.arange(1, len(xs) + 1)
+        color = (colors or {}).get(g.name, f"C{i % 10}")
+        ax.plot(xs, m * scale, style, color=color,
+                label=(g.name + label_suffix) if legend else None)
+        if np.any(s > 0):
+            ax.fill_between(xs, (m - s) * scale, (m + s) * scale, color=color, alpha=0.15,
+                            linewidth=0)
+
+
+def accuracy_figure(groups: Sequence[Group], title: str, last: int | None = None,
+                    xlabel: str = "epoch", zoom: float | None = None) -> Any:
+    """Train (dashed) and test (solid) accuracy per epoch, one color per configuration, plus
+    a second panel of the losses. `zoom` sets the lower limit of the accuracy axis (%)."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {g.name: f"C{i % 10}" for i, g in enumerate(groups)}
+    plot_curves(ax, groups, "test_acc", scale=100, last=last, colors=colors,
+                label_suffix=" (test)")
+    plot_curves(ax, groups, "train_acc", scale=100, last=last, style="--", colors=colors,
+                label_suffix=" (train)")
+    ax.set(title=f"{title}: accuracy", xlabel=xlabel, ylabel="accuracy (%)")
+    if zoom is not None:
+        ax.set_ylim(bottom=zoom, top=100.2)
+    plot_curves(bx, groups, "test_loss", last=last, colors=colors, label_suffix=" (test)")
+    plot_curves(bx, groups, "train_loss", last=last, style="--", colors=colors,
+                label_suffix=" (train)")
+    bx.set(title=f"{title}: loss (NLL)", xlabel=xlabel, ylabel="mean NLL", yscale="log")
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+    bottom_legend(fig, ax)
+    return fig
+
+
+def bottom_legend(fig: Any, ax: Any) -> None:
+    """One legend under the panels, so it never hides a curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8,
+               ncol=2 if len(labels) > 1 else 1, frameon=False)  # test | train columns
+
+
+def zoom_floor(groups: Sequence[Group], margin: float = 3.0) -> float:
+    """A lower accuracy limit (%) that shows where the curves end up, not epoch 0's 10%."""
+    finals = [v for g in groups for v in g.final("test_acc") if math.isfinite(v)]
+    if not finals:
+        return 0.0
+    return max(0.0, min(finals) * 100 - margin * 3)

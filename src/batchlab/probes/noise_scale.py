@@ -1,0 +1,135 @@
+"""Training-time measurements for "which batch size should I use?".
+
+* `noise_scale`: B_simple = tr(Sigma)/|G|^2 (see `batchlab.noise`) every `every_steps` steps on
+  a fixed, seeded sample of training examples, from per-example gradients it computes itself
+  from the live model - so it needs no `.grad` and keeps the fused engine. McCandlish et al.
+  report that it grows as the loss falls; the per-epoch rows carry the last value with its
+  parts and the loss on the sample, `b_simple_avg` = the epoch's mean tr(Sigma) / mean |G|^2
+  (single-iterate values swing a lot, see `noise.averaged`), and `history` keeps every
+  measurement.
+* `target_step`: the first optimizer step at which the run's target metric (config
+  `target_metric`/`target_value`) is crossed, checked about `checks_per_epoch` times an epoch.
+  The engine stops at epoch granularity; steps-to-target needs finer resolution than that.
+  `test_acc`/`val_acc` are evaluated on the full eval set; `train_loss`/`train_acc` on a fixed
+  seeded subset of at most `train_subset` training examples (an estimate, said so here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from batchlab.noise import averaged, b_simple
+from batchlab.probes import Probe, ProbeContext, register
+
+
+class NoiseScaleProbe(Probe):
+    name = "noise_scale"
+
+    def __init__(self, every_steps: int = 100, n_examples: int = 256, seed: int = 0) -> None:
+        self.every_steps = every_steps
+        self.n_examples = n_examples
+        self.seed = seed
+        self.history: list[dict[str, float]] = []
+        self._epoch: list[float] = []
+
+    def on_start(self, ctx: ProbeContext) -> dict[str, float]:
+        x, y = ctx.data.x_train, ctx.data.y_train
+        n = min(self.n_examples, len(y))
+        gen = torch.Generator().manual_seed(self.seed + 104729)
+        idx = torch.randperm(len(y), generator=gen)[:n].to(x.device)
+        self._x, self._y = x.index_select(0, idx), y.index_select(0, idx)
+        self.history.clear()
+        self._epoch = []
+        rec = self._measure(ctx, 0)
+        self._epoch = []  # the initial value belongs to epoch 0 only
+        return self._prefix(rec)
+
+    def _measure(self, ctx: ProbeContext, step: float) -> dict[str, float]:
+        est = b_simple(ctx.model, self._x, self._y, n_boot=0, seed=self.seed)
+        with torch.no_grad():
+            was = ctx.model.training
+            ctx.model.eval()
+            loss = float(torch.nn.functional.cross_entropy(ctx.model(self._x), self._y))
+            ctx.model.train(was)
+        rec = {"step": float(step), "b_simple": est.b_simple, "grad_sq": est.grad_sq,
+               "trace_sigma": est.trace_sigma, "loss": loss}
+        self.history.append(rec)
+        self._epoch.append(est.b_simple)
+        return rec
+
+    @staticmethod
+    def _prefix(rec: dict[str, float]) -> dict[str, float]:
+        return {"b_simple": rec["b_simple"], "b_simple_grad_sq": rec["grad_sq"],
+                "b_simple_trace_sigma": rec["trace_sigma"], "b_simple_loss": rec["loss"]}
+
+    def on_step(self, ctx: ProbeContext, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        self._measure(ctx, step)
+
+    def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
+        if not self._epoch:  # epochs shorter than every_steps: measure once at the epoch end
+            self._measure(ctx, math.nan)  # the engine does not pass the step count here
+        k = len(self._epoch)
+        out = self._prefix(self.history[-1])
+        # ratio of the epoch's mean tr(Sigma) to its mean |G|^2 (see noise.averaged)
+        out["b_simple_avg"] = averaged([(h["trace_sigma"], h["grad_sq"])
+                                        for h in self.history[-k:]], n_boot=0).b_simple
+        self._epoch = []
+        return out
+
+
+class TargetStepProbe(Probe):
+    name = "target_step"
+
+    def __init__(self, checks_per_epoch: int = 8, train_subset: int = 4096) -> None:
+        self.every_steps = 1  # set from the batch size in on_start
+        self.checks_per_epoch = checks_per_epoch
+        self.train_subset = train_subset
+        self.first: int | None = None
+        self.best = math.nan
+
+    def on_start(self, ctx: ProbeContext) -> dict[str, float]:
+        cfg = ctx.config
+        self.first, self.best = None, math.nan
+        if cfg.target_metric is None:
+            self.every_steps = None
+            return {}
+        steps_per_epoch = math.ceil(ctx.data.n_train / min(cfg.batch_sizes()))
+        self.every_steps = max(1, steps_per_epoch // self.checks_per_epoch)
+        if cfg.target_metric.startswith("train"):
+            n = ctx.data.n_train
+            gen = torch.Generator().manual_seed(cfg.seed + 7)
+            idx = torch.randperm(n, generator=gen)[: self.train_subset].to(ctx.data.x_train.device)
+            self._eval = (ctx.data.x_train.index_select(0, idx), ctx.data.y_train.index_select(0, idx))
+        else:
+            self._eval = ctx.data.eval_sets[cfg.target_metric.split("_")[0]]
+        self._check(ctx, 0)
+        return {}
+
+    def _check(self, ctx: ProbeContext, step: int) -> None:
+        from batchlab.train import evaluate
+
+        cfg = ctx.config
+        loss, acc = evaluate(ctx.model, *self._eval)
+        v = float(loss if cfg.target_metric.endswith("loss") else acc)
+        lower = cfg.target_metric.endswith("loss")
+        if math.isfinite(v) and (math.isnan(self.best) or (v < self.best if lower else v > self.best)):
+            self.best = v
+        hit = v <= cfg.target_value if lower else v >= cfg.target_value
+        if hit and self.first is None:
+            self.first = step
+
+    def on_step(self, ctx: ProbeContext, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        if self.first is None:
+            self._check(ctx, step)
+
+    def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
+        if ctx.config.target_metric is None:
+            return {}
+        return {"target_step": float(self.first) if self.first is not None else math.nan,
+                "target_best": self.best}
+
+
+register("noise_scale")(NoiseScaleProbe)
+register("target_step")(TargetStepProbe)

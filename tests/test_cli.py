@@ -1,0 +1,231 @@
+"""The command line: --json output, one-line errors with exit code 2 that write nothing, the
+runs commands and exports. Two tests go through a real subprocess (the honest check of exit
+codes and stdout/stderr); the rest call the same entry point, `batchlab.cli.main`, in-process
+to keep the suite fast."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchlab import cli
+from batchlab.data import sources
+
+TINY_ARGS = ["--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--lr", "0.1"]
+EPOCH_KEYS = {"epoch", "train_acc", "test_acc", "train_loss", "test_loss", "steps", "seconds",
+              "eval_seconds"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models: one thread avoids OpenMP sync stalls on a shared 2-core box."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, *args: object) -> int:
+    monkeypatch.setattr(sys, "argv", ["batchlab", *map(str, args)])
+    try:
+        cli.main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _dump(store: Path) -> list[tuple]:
+    con = sqlite3.connect(store)
+    try:
+        return [row for t in ("runs", "epochs", "artifacts")
+                for row in con.execute(f"SELECT * FROM {t} ORDER BY 1, 2")]
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def filled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding one tiny run (trained through the subprocess --json test's sibling)."""
+    from batchlab import train
+    from batchlab.config import make_config
+
+    path = tmp_path_factory.mktemp("cli") / "filled.db"
+    train(make_config(dataset="digits", hidden=[32], epochs=2, batch_size=32, lr=0.1),
+          store=path, label="one")
+    return path
+
+
+def test_train_json_prints_exactly_one_object(tmp_path: Path) -> None:
+    store = tmp_path / "s.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchlab.cli", "train", *TINY_ARGS, "--store", str(store),
+         "--json"], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    doc = json.loads(lines[0])
+    assert {"run_id", "status", "config", "epochs", "final"} <= set(doc)
+    assert doc["status"] == "completed" and doc["config"]["batch_size"] == 32
+    assert [e["epoch"] for e in doc["epochs"]] == [0, 1, 2]
+    for e in doc["epochs"]:
+        assert set(e) >= EPOCH_KEYS, EPOCH_KEYS - set(e)
+        assert e["seconds"] >= 0 and e["eval_seconds"] > 0
+    assert doc["final"]["test_acc"] == doc["epochs"][-1]["test_acc"]
+    con = sqlite3.connect(store)
+    assert con.execute("SELECT run_id FROM runs").fetchall() == [(doc["run_id"],)]
+    con.close()
+
+
+def test_bad_input_in_a_real_process_exit_2_one_line_store_untouched(
+    filled_store: Path
+) -> None:
+    before = _dump(filled_store)
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchlab.cli", "train", "--dataset", "digits",
+         "--batch-size", "100000", "--store", str(filled_store)],
+        capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0 and err.startswith("error:") and "100000" in err
+    assert _dump(filled_store) == before
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "0"], "batch_size"),
+    (["--batch-size", "-5"], "batch_size"),
+    (["--batch-size", "5000"], "larger than"),
+    (["--lr", "0"], "lr"),
+    (["--lr", "-0.1"], "lr"),
+    (["--lr", "nan"], "lr"),
+    (["--dataset", "cifar-10"], "unknown dataset"),
+    (["--optimizer", "rmsprop"], "optimizer"),
+    (["--batch-size", "many"], "batch-size"),
+    (["--no-such-flag"], "no-such-flag"),
+])
+def test_bad_train_input_exit_2_one_line_nothing_written(
+    tmp_path: Path, filled_store: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture, args: list[str], needle: str
+) -> None:
+    base = ["train", "--dataset", "digits", "--epochs", "1"]
+    before = _dump(filled_store)
+    for store in (filled_store, tmp_path / "fresh.db"):
+        code = _main(monkeypatch, *base, *args, "--store", store)
+        out = capsys.readouterr()
+        assert code == 2
+        err = out.err.strip()
+        assert err.count("\n") == 0 and needle in err, err
+        assert out.out == ""
+    assert _dump(filled_store) == before
+    assert not (tmp_path / "fresh.db").exists()
+
+
+def test_malformed_config_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "c.toml"
+    bad.write_text("batch_size = [\n")
+    code = _main(monkeypatch, "train", "--config", bad, "--store", tmp_path / "s.db")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and str(bad) in err
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_config_file_fields_and_explicit_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('dataset = "digits"\nhidden = [16]\nepochs = 1\nbatch_size = 64\n')
+    code = _main(monkeypatch, "train", "--config", cfg, "--batch-size", "128",
+                 "--store", tmp_path / "s.db", "--json")
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert doc["config"]["hidden"] == [16] and doc["config"]["batch_size"] == 128
+
+
+def test_missing_data_offline_exit_2_says_how_to_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    store = tmp_path / "s.db"
+    code = _main(monkeypatch, "train", "--dataset", "mnist", "--data-dir", tmp_path / "empty",
+                 "--store", store)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "missing IDX files" in err and err.count("\n") == 0
+    # no data dir, nothing cached, no reachable mirror
+    monkeypatch.setenv("BATCHLAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.setattr("batchlab.data._CACHE", {})
+    offline = replace(sources.MNIST, mirrors=((tmp_path / "offline").as_uri() + "/",),
+                      system_dirs=())
+    monkeypatch.setitem(sources.REMOTE, "mnist", offline)
+    code = _main(monkeypatch, "train", "--dataset", "mnist", "--store", store)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--data-dir" in err and err.count("\n") == 0
+    assert not store.exists()
+
+
+def test_runs_list_show_export(tmp_path: Path, filled_store: Path,
+                               monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture) -> None:
+    assert _main(monkeypatch, "runs", "list", "--store", filled_store, "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["label"] == "one" and rows[0]["dataset"] == "digits"
+    run_id = rows[0]["run_id"]
+
+    assert _main(monkeypatch, "runs", "list", "--store", filled_store) == 0
+    assert run_id in capsys.readouterr().out
+
+    assert _main(monkeypatch, "runs", "show", run_id[:6], "--store", filled_store, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["run_id"] == run_id and len(shown["epochs"]) == 3
+
+    assert _main(monkeypatch, "runs", "show", "zzzzzz", "--store", filled_store) == 2
+    assert "no run" in capsys.readouterr().err
+    assert _main(monkeypatch, "runs", "list", "--store", tmp_path / "none.db") == 2
+    capsys.readouterr()
+
+    out = tmp_path / "runs.csv"
+    assert _main(monkeypatch, "runs", "export", "--store", filled_store, "-o", out) == 0
+    with open(out, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in table] == [0, 1, 2]
+    assert {r["run_id"] for r in table} == {run_id} and table[0]["cfg_dataset"] == "digits"
+    assert float(table[2]["test_acc"]) == pytest.approx(shown["epochs"][2]["test_acc"])
+
+    assert _main(monkeypatch, "runs", "export", "--store", filled_store, "--format", "xls") == 2
+
+
+def test_runs_export_parquet(tmp_path: Path, filled_store: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "runs.parquet"
+    code = _main(monkeypatch, "runs", "export", "--store", filled_store, "--format", "parquet",
+                 "-o", out)
+    assert code == 0
+    table = pq.read_table(out).to_pylist()
+    assert [r["epoch"] for r in table] == [0, 1, 2]
+    assert table[0]["cfg_hidden"] == "[32]" and isinstance(table[2]["test_acc"], float)
+
+
+@pytest.mark.parametrize("command, words", [
+    ("train", ["--batch-size", "--lr", "--data-dir", "--store", "--json"]),
+    ("sweep", ["'base' table", "'grid' table", "--store"]),
+])
+def test_help_reads_well(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                         command: str, words: list[str]) -> None:
+    assert _main(monkeypatch, command, "--help") == 0
+    raw = capsys.readouterr().out
+    assert "with  and" not in raw  # rich markup once swallowed "[base]" and "[grid]"
+    text = " ".join(raw.replace("│", " ").split())  # undo rich's wrapping
+    for w in words:
+        assert w in text, w

@@ -1,0 +1,150 @@
+"""batchlab.curvature against the exact Hessian of tiny MLPs (float64, 5-4-3)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from batchlab import curvature as C
+from batchlab.errors import ConfigError
+from batchlab.models import build_mlp
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny products are dominated by thread hand-offs: one intra-op thread is much faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_mlp(5, [4], 3, init="torch", seed=1).double()
+    X = torch.randn(64, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    obj = C.Objective(model, (X, y), batch_size=16)  # chunked: 4 chunks
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        return obj._chunk_loss(theta, X, y) / len(y)
+
+    H = torch.autograd.functional.hessian(f, obj.theta)
+    return model, (X, y), obj, H
+
+
+def test_hvp_matches_exact_hessian(tiny):
+    _, _, obj, H = tiny
+    v = torch.randn(obj.dim, dtype=torch.float64)
+    assert torch.allclose(obj.hvp(v), H @ v, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_top_eigenvalues(tiny, method):
+    model, data, _, H = tiny
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    res = C.hessian_eigenvalues(model, data, k=2, method=method, tol=1e-8, max_iter=1000,
+                                batch_size=16, return_vectors=True)
+    assert res.converged
+    for got, want in zip(res.eigenvalues, exact[:2].tolist()):
+        assert abs(got - want) <= 1e-4 * abs(want)
+    v = res.eigenvectors[0]
+    assert torch.allclose(H @ v, res.top * v, atol=1e-4)
+
+
+def test_lanczos_needs_fewer_products_than_power(tiny):
+    model, data, _, _ = tiny
+    lz = C.hessian_eigenvalues(model, data, tol=1e-6, max_iter=500)
+    pw = C.hessian_eigenvalues(model, data, tol=1e-6, max_iter=500, method="power")
+    assert lz.n_hvp < pw.n_hvp
+
+
+def test_per_layer_matches_block_hessians(tiny):
+    model, data, _, H = tiny
+    res = C.hessian_eigenvalues(model, data, per_layer=True, tol=1e-8, max_iter=200)
+    assert list(res) == ["layer1", "layer2"]
+    sizes = [5 * 4 + 4, 4 * 3 + 3]
+    start = 0
+    for name, n in zip(res, sizes):
+        block = H[start:start + n, start:start + n]
+        want = float(torch.linalg.eigvalsh(block)[-1])
+        assert abs(res[name].top - want) <= 1e-4 * abs(want)
+        start += n
+
+
+def test_trace_hutchinson(tiny):
+    model, data, _, H = tiny
+    exact = float(H.trace())
+    tr = C.hessian_trace(model, data, n_samples=1000, seed=3, probes_per_pass=250)
+    assert abs(tr.estimate - exact) <= 0.05 * abs(exact)
+    assert tr.stderr > 0
+    assert abs(tr.estimate - exact) <= 5 * tr.stderr
+    again = C.hessian_trace(model, data, n_samples=1000, seed=3, probes_per_pass=250)
+    assert again.estimate == tr.estimate  # deterministic given the seed
+
+
+def test_spectral_density(tiny):
+    model, data, obj, H = tiny
+    ev = torch.linalg.eigvalsh(H)
+    d = C.spectral_density(model, data, n_vectors=3, n_steps=obj.dim, seed=0)
+    mass = float(np.trapezoid(d.density, d.grid))
+    assert abs(mass - 1) < 1e-3
+    nodes = d.nodes[np.isfinite(d.nodes)]
+    assert nodes.min() >= float(ev[0]) - 1e-6 and nodes.max() <= float(ev[-1]) + 1e-6
+    np.testing.assert_allclose(d.weights.sum(1), 1.0, atol=1e-8)
+
+
+def test_sharpness_nonnegative_and_monotone(tiny):
+    model, data, _, _ = tiny
+    full = [C.sharpness(model, data, epsilon=e).sharpness for e in (1e-4, 1e-3, 1e-2)]
+    sub = [C.sharpness(model, data, epsilon=e, subspace_dim=5, seed=1).sharpness
+           for e in (1e-4, 1e-3, 1e-2)]
+    for s in (full, sub):
+        assert all(x >= 0 for x in s)
+        assert s[0] <= s[1] <= s[2]
+        assert s[2] > 0
+
+
+def test_interpolate_endpoints(tiny):
+    model, data, _, _ = tiny
+    other = build_mlp(5, [4], 3, init="torch", seed=2).double()
+    rows = C.interpolate(model, other, data, data, [0.0, 0.5, 1.0])
+    from batchlab.train import evaluate
+
+    la, _ = evaluate(model, *data)
+    lb, _ = evaluate(other, *data)
+    assert rows[0]["train_loss"] == pytest.approx(float(la))
+    assert rows[-1]["test_loss"] == pytest.approx(float(lb))
+
+
+def test_bad_inputs(tiny):
+    model, (X, y), obj, _ = tiny
+    logits = nn.Sequential(nn.Linear(5, 3)).double()
+    with pytest.raises(ConfigError, match="log-probabilities"):
+        C.hessian_eigenvalues(logits, (X, y))
+    with pytest.raises(ConfigError, match="empty"):
+        C.hessian_trace(model, (X[:0], y[:0]))
+    with pytest.raises(ConfigError, match="epsilon"):
+        C.sharpness(model, (X, y), epsilon=0)
+    with pytest.raises(ConfigError, match="larger than the number of parameters"):
+        C.hessian_eigenvalues(model, (X, y), k=obj.dim + 1)
+    with pytest.raises(ConfigError, match="method"):
+        C.hessian_eigenvalues(model, (X, y), method="qr")
+
+
+def test_nonconvergence_is_reported(tiny):
+    model, data, _, _ = tiny
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = C.hessian_eigenvalues(model, data, method="power", tol=1e-14, max_iter=3)
+    assert not res.converged and res.residuals[0] > 0
+    with pytest.raises(C.ConvergenceError, match="residual"):
+        C.hessian_eigenvalues(model, data, method="power", tol=1e-14, max_iter=3,
+                              on_fail="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        C.hessian_eigenvalues(model, data, tol=1e-6, max_iter=200)  # converges: no warning

@@ -1,0 +1,170 @@
+"""The training engine: determinism, fused == autograd, divergence, schedules, targets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY
+
+from batchlab import train
+from batchlab.config import Phase, make_config
+from batchlab.errors import ConfigError
+from batchlab.executors import run_configs
+from batchlab.models import build_mlp
+from batchlab.store import Store
+
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "running_loss", "dist_init_w",
+           "norm_w", "steps", "samples")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP sync stalls on a shared 2-core box (10x here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _curve(res, keys=METRICS) -> list[tuple]:
+    return [tuple(e.get(k) for k in keys) for e in res.epochs]
+
+
+def test_result_shape_and_epoch_zero() -> None:
+    res = train(make_config(**TINY))
+    assert res.status == "completed" and res.model is not None
+    assert [e["epoch"] for e in res.epochs] == [0, 1, 2]
+    e0, e2 = res.epochs[0], res.epochs[2]
+    assert e0["steps"] == 0 and e0["dist_init_w"] == 0.0
+    n = res.epochs[1]["samples"]
+    assert n == 1437 and e2["samples"] == 2 * n
+    assert e2["steps"] == 2 * math.ceil(n / TINY["batch_size"])
+    assert e2["gap"] == pytest.approx(e2["train_acc"] - e2["test_acc"])
+    assert e2["seconds"] > 0 and e2["eval_seconds"] > 0
+    assert res.final["epoch"] == 2 and res.final["test_acc"] == e2["test_acc"]
+    # it learned something: digits is easy
+    assert e2["test_acc"] > 0.6 > 0.3 > e0["test_acc"]
+
+
+def test_same_seed_same_metrics_different_seed_different() -> None:
+    a = train(make_config(**TINY, seed=3))
+    b = train(make_config(**TINY, seed=3))
+    c = train(make_config(**TINY, seed=4))
+    assert _curve(a) == _curve(b)  # bit-identical on CPU
+    assert _curve(a) != _curve(c)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("opt", [
+    dict(momentum=0.0),
+    dict(momentum=0.9),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.5, weight_decay=1e-2),
+    dict(momentum=0.9, nesterov=True, weight_decay=5e-3),
+])
+def test_fused_engine_equals_autograd(opt: dict) -> None:
+    cfg = {**TINY, "hidden": [48, 24], "epochs": 3, "lr": 0.05, **opt}
+    fused = train(make_config(**cfg, engine="fused"))
+    auto = train(make_config(**cfg, engine="autograd"))
+    assert fused.final["engine"] == "fused" and auto.final["engine"] == "autograd"
+    keys = ("train_loss", "test_loss", "running_loss", "dist_init_w")
+    assert len(fused.epochs) == len(auto.epochs) == 4
+    for ef, ea in zip(fused.epochs[1:], auto.epochs[1:]):
+        for k in keys:
+            assert ef[k] == pytest.approx(ea[k], abs=1e-5), (ef["epoch"], k)
+    for pf, pa in zip(fused.model.parameters(), auto.model.parameters()):
+        assert torch.allclose(pf, pa, atol=1e-5)
+
+
+def test_fused_engine_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(ConfigError, match="fused"):
+        train(make_config(**TINY, optimizer="adam", engine="fused"))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_autograd_optimizers_train(optimizer: str) -> None:
+    res = train(make_config(**{**TINY, "lr": 1e-3}, optimizer=optimizer))
+    assert res.final["engine"] == "autograd"
+    assert res.epochs[-1]["train_loss"] < res.epochs[0]["train_loss"]
+
+
+@pytest.mark.parametrize("engine", ["fused", "autograd"])
+def test_divergence_is_detected_with_its_epoch(engine: str) -> None:
+    # NaN needs a truly huge lr: at lr 1e3 dead ReLUs keep the loss large but finite
+    res = train(make_config(**{**TINY, "epochs": 3, "lr": 1e30}, engine=engine))
+    assert res.status == "diverged"
+    assert res.final["diverged_epoch"] == 1
+    assert len(res.epochs) == 2  # stops at the diverged epoch
+
+
+def test_sweep_goes_on_after_a_divergence(store_path) -> None:
+    cfgs = [make_config(**{**TINY, "lr": 1e30}), make_config(**TINY, seed=1)]
+    with Store(store_path) as st:
+        results = run_configs(cfgs, st)
+        assert [r.status for r in results] == ["diverged", "completed"]
+        stored = {r.run_id: r.status for r in st.runs()}
+        assert stored == {results[0].run_id: "diverged", results[1].run_id: "completed"}
+        # a diverged run is a final result: not recomputed
+        again = run_configs(cfgs, st)
+        assert all(r.cached for r in again)
+
+
+def test_batch_size_switch_happens_exactly_at_the_phase_boundary() -> None:
+    cfg = make_config(**TINY, schedule=[Phase(epochs=2, batch_size=16),
+                                        Phase(epochs=1, batch_size=128, lr=0.2)])
+    assert cfg.epochs == 3
+    res = train(cfg)
+    n = res.epochs[1]["samples"]
+    per_epoch = [b["steps"] - a["steps"] for a, b in zip(res.epochs, res.epochs[1:])]
+    assert per_epoch == [math.ceil(n / 16)] * 2 + [math.ceil(n / 128)]
+    assert [e["batch_size"] for e in res.epochs[1:]] == [16, 16, 128]
+    assert [e["lr"] for e in res.epochs[1:]] == [0.1, 0.1, 0.2]
+
+
+def test_lr_multiplier_applies_from_its_epoch() -> None:
+    res = train(make_config(**{**TINY, "epochs": 3}, lr_multipliers={2: 0.5, 3: 0.1}))
+    assert [e["lr"] for e in res.epochs[1:]] == pytest.approx([0.1, 0.05, 0.005])
+
+
+def test_target_stops_the_run() -> None:
+    res = train(make_config(**{**TINY, "epochs": 10}, target_metric="train_acc",
+                            target_value=0.5))
+    assert res.final["target_reached"] is True
+    ep = res.final["target_epoch"]
+    assert ep < 10 and len(res.epochs) == ep + 1
+    assert res.epochs[ep]["train_acc"] >= 0.5
+
+
+def test_batch_larger_than_dataset_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        train(make_config(**{**TINY, "batch_size": 5000}))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(batch_size=0), dict(batch_size=-3), dict(lr=0.0), dict(lr=-1.0),
+    dict(lr=float("nan")), dict(lr=float("inf")), dict(optimizer="rmsprop"),
+    dict(init="zeros"), dict(hidden=[0]), dict(bogus=1),
+])
+def test_bad_config_fields_are_one_line_config_errors(fields: dict) -> None:
+    with pytest.raises(ConfigError) as e:
+        make_config(**{**TINY, **fields})
+    assert "\n" not in str(e.value)
+
+
+def test_config_key_ignores_paths_and_device() -> None:
+    a = make_config(**TINY, data_dir="x", device="cpu")
+    b = make_config(**TINY, data_dir="y", device="auto")
+    assert a.key("fp") == b.key("fp") != a.key("other")
+    assert a.key("fp") != make_config(**TINY, seed=9).key("fp")
+
+
+def test_glorot_init_is_seeded_and_zero_bias() -> None:
+    a = build_mlp(64, [32], init="glorot", seed=1)
+    b = build_mlp(64, [32], init="glorot", seed=1)
+    assert torch.equal(a[0].weight, b[0].weight)
+    assert float(a[0].bias.detach().abs().sum()) == 0.0
+    bound = math.sqrt(6 / (64 + 32))
+    assert float(a[0].weight.detach().abs().max()) <= bound

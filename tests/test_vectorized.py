@@ -1,0 +1,174 @@
+"""Vectorized training (several configs in one pass) must equal sequential `train()` up to float
+rounding, and store the very same runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from batchlab.config import make_config
+from batchlab.executors import run_configs
+from batchlab.store import Store
+from batchlab.train import TrainResult, get_data, resolve_device, train
+from batchlab.vectorized import MAX_K, MAX_VECTORIZED_BATCH, plan_groups, train_group, train_many
+
+BASE = dict(dataset="digits", hidden=[32], epochs=3, batch_size=32, lr=0.1)
+TIMING = {"seconds", "eval_seconds", "train_seconds_total", "vectorized_k"}
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core box the OpenMP barriers of
+    thousands of tiny kernels cost 10-100x their work; both paths run in the same setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(**kw):
+    return make_config(**{**BASE, **kw})
+
+
+def _assert_same(vec: TrainResult, seq: TrainResult) -> None:
+    assert vec.key == seq.key and vec.run_id == seq.run_id
+    assert vec.status == seq.status
+    assert len(vec.epochs) == len(seq.epochs)
+    for ev, es in zip(vec.epochs, seq.epochs):
+        assert set(ev) - {"vectorized_k"} == set(es), ev["epoch"]
+        for k, v in es.items():
+            if k in TIMING:
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                assert not math.isfinite(ev[k]), k
+            else:
+                assert ev[k] == pytest.approx(v, rel=RTOL, abs=ATOL), (ev["epoch"], k)
+    assert set(vec.final) - {"vectorized_k"} == set(seq.final)
+    for k in ("status", "diverged_epoch", "target_epoch", "target_steps", "target_reached"):
+        assert vec.final.get(k) == seq.final.get(k), k
+    if seq.status == "completed":
+        sv, ss = vec.model.state_dict(), seq.model.state_dict()
+        for name in ss:
+            assert _rel_err(sv[name], ss[name]) <= RTOL, name
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of a tensor (elementwise rtol is too strict for tiny entries)."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _check(cfgs: list) -> list[TrainResult]:
+    cfgs = [make_config(**c) for c in cfgs]
+    td = get_data(cfgs[0], resolve_device(cfgs[0].device))
+    vec = train_group(cfgs, td)
+    for v, c in zip(vec, cfgs):
+        _assert_same(v, train(c))
+    return vec
+
+
+def test_three_seeds_equal_sequential() -> None:
+    vec = _check([dict(BASE, seed=s) for s in range(3)])
+    assert all(e["vectorized_k"] == 3 for r in vec for e in r.epochs[1:])
+    assert vec[0].epochs[-1]["train_loss"] != vec[1].epochs[-1]["train_loss"]  # really different
+
+
+def test_learning_rates_and_inits_equal_sequential() -> None:
+    _check([dict(BASE, lr=0.1), dict(BASE, lr=0.02, init="torch")])
+
+
+def test_momentum_nesterov_weight_decay_equal_sequential() -> None:
+    opt = dict(momentum=0.9, nesterov=True, weight_decay=1e-3)
+    _check([dict(BASE, lr=0.05, seed=1, **opt), dict(BASE, lr=0.02, seed=2, **opt)])
+
+
+def test_lr_schedules_and_batch_size_phases_equal_sequential() -> None:
+    phases = [{"epochs": 1, "batch_size": 64}, {"epochs": 2, "batch_size": 16, "lr": 0.05}]
+    _check([
+        dict(BASE, schedule=phases, warmup_epochs=0.5, decay="cosine"),
+        dict(BASE, schedule=phases, lr_multipliers={2: 3.0}, seed=4),
+        dict(BASE, schedule=phases, decay="step", decay_epochs=[2], checkpoint_epochs=[0, 2]),
+    ])
+
+
+def test_mnist_784_inputs_equal_sequential() -> None:
+    base = dict(dataset="mnist-5k", hidden=[64], max_train=1000, epochs=2, batch_size=64,
+                lr=0.05)
+    _check([dict(base, seed=0), dict(base, seed=1)])
+
+
+def test_diverging_model_does_not_corrupt_the_others() -> None:
+    vec = _check([dict(BASE, seed=0), dict(BASE, lr=1e15, seed=1), dict(BASE, lr=0.05)])
+    assert [r.status for r in vec] == ["completed", "diverged", "completed"]
+    assert len(vec[1].epochs) < len(vec[0].epochs)
+    assert vec[0].epochs[-1]["vectorized_k"] == 2  # the diverged model left the stack
+
+
+def test_target_stops_each_model_on_its_own() -> None:
+    target = dict(target_metric="train_acc", target_value=0.5)
+    vec = _check([dict(BASE, lr=0.2, **target), dict(BASE, lr=1e-4, **target)])
+    assert vec[0].final["target_reached"] and not vec[1].final["target_reached"]
+    assert len(vec[0].epochs) < len(vec[1].epochs)
+
+
+def test_checkpoints_per_model() -> None:
+    cfgs = [_cfg(seed=s, checkpoint_epochs=[0, 2]) for s in range(2)]
+    vec = train_group(cfgs, get_data(cfgs[0], resolve_device("auto")))
+    for v, c in zip(vec, cfgs):
+        seq = train(c)
+        for ep in (0, 2):
+            for name, t in seq.checkpoint(ep).items():
+                assert _rel_err(v.checkpoint(ep)[name], t) <= RTOL, (ep, name)
+
+
+def test_stored_once_under_the_sequential_key(store_path) -> None:
+    cfgs = [_cfg(seed=s, checkpoint_epochs=[1]) for s in range(3)]
+    with Store(store_path) as st:
+        res = train_many(cfgs + [cfgs[0]], store=st, label="vec")
+        assert st.count() == 3
+        assert res[3] is res[0]
+        assert all(not r.cached and r.final["vectorized_k"] == 3 for r in res)
+        for r, c in zip(res, cfgs):
+            again = train(c, store=st)  # the sequential path finds the vectorized run
+            assert again.cached and again.key == r.key and again.run_id == r.run_id
+            assert [e["train_loss"] for e in again.epochs] == pytest.approx(
+                [e["train_loss"] for e in r.epochs], rel=1e-12)
+            torch.testing.assert_close(again.checkpoint(1), r.checkpoint(1))
+        assert all(r.cached for r in train_many(cfgs, store=st))
+        assert st.count() == 3
+
+
+def test_run_local_vectorizes_eligible_groups(store_path) -> None:
+    cfgs = [_cfg(seed=s) for s in range(2)]
+    cfgs.append(_cfg(optimizer="adam", lr=0.01))  # not vectorizable
+    with Store(store_path) as st:
+        res = run_configs(cfgs, st, label="x")
+    assert [r.config for r in res] == cfgs
+    assert [r.final.get("vectorized_k") for r in res] == [2, 2, None]
+    assert all(r.status == "completed" for r in res)
+
+
+def test_plan_groups_follows_the_measured_rule() -> None:
+    seeds = [_cfg(seed=s) for s in range(MAX_K + 1)]
+    assert plan_groups(seeds) == [list(range(MAX_K)), [MAX_K]]
+    big = [_cfg(seed=s, batch_size=MAX_VECTORIZED_BATCH * 2) for s in range(2)]
+    assert plan_groups(big) == [[0], [1]]
+    mixed = [
+        _cfg(seed=0),
+        _cfg(optimizer="adam"),
+        _cfg(batchnorm=True),
+        _cfg(seed=1, batch_size=16),  # another batch-size schedule
+        _cfg(seed=2),
+        _cfg(seed=3, engine="autograd"),
+    ]
+    assert plan_groups(mixed) == [[0, 4], [1], [2], [3], [5]]
+
+
+def test_train_group_rejects_incompatible_configs() -> None:
+    from batchlab.errors import BatchlabError
+
+    cfgs = [_cfg(), _cfg(batch_size=16)]
+    with pytest.raises(BatchlabError):
+        train_group(cfgs, get_data(cfgs[0], resolve_device("auto")))
