@@ -48,9 +48,12 @@ def naive_trial(model, x, y, batch_sizes, lr=0.01) -> dict[int, float]:
     return out
 
 
-def batchlab_trial(model, x, y, batch_sizes, lr=0.01) -> dict[int, float]:
+def batchlab_trial(model, x, y, batch_sizes, lr=0.01, threads=None) -> dict[int, float]:
+    """One trial as the experiment runs it: per batch size, the thread count the experiment
+    uses (`gc.default_threads(cpu, b)`) unless `threads` forces one."""
     out = {}
     for b in batch_sizes:
+        torch.set_num_threads(threads or gc.default_threads(torch.device("cpu"), b))
         t0 = time.perf_counter()
         res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"])
         float(res["displacement"].norm())
@@ -107,13 +110,15 @@ def main() -> None:
         idx = gc.sample_indices(data.n_train, n, s)
         for b, t in naive_trial(model, data.x_train[idx], data.y_train[idx], bs).items():
             naive[b] += t / args.naive_trials
-    threads = args.threads or gc.default_threads(torch.device("cpu"))
+    torch.set_num_threads(default_threads)
+    threads = args.threads or f"1 below b={gc.SINGLE_THREAD_BELOW}, else {default_threads}"
     fast = {b: 0.0 for b in bs}
-    torch.set_num_threads(threads)
     for s in seeds[:args.trials]:
         idx = gc.sample_indices(data.n_train, n, s)
-        for b, t in batchlab_trial(model, data.x_train[idx], data.y_train[idx], bs).items():
+        for b, t in batchlab_trial(model, data.x_train[idx], data.y_train[idx], bs,
+                                   threads=args.threads).items():
             fast[b] += t / args.trials
+    torch.set_num_threads(1)
 
     print(f"\nseconds per trial (displacement mode; naive: {naive_threads} thread(s), "
           f"{args.naive_trials} trial(s); batchlab: {threads} thread(s), {args.trials} trials)")
