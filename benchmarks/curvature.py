@@ -34,6 +34,12 @@ from batchlab import curvature as C
 from batchlab.train import get_data, train
 
 
+def normalize(vs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """PyHessian's normalization of a list of tensors (note its 1e-6 guard)."""
+    s = torch.sqrt(sum((a * a).sum() for a in vs))
+    return [a / (s + 1e-6) for a in vs]
+
+
 def pyhessian_power(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, v0: torch.Tensor,
                     tol: float = 1e-3, max_iter: int = 100, reference: float | None = None,
                     ) -> tuple[float, int, list[tuple]]:
@@ -48,10 +54,6 @@ def pyhessian_power(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, v0
     grads = torch.autograd.grad(loss, params, create_graph=True)
     v = list(v0.split([p.numel() for p in params]))
     v = [a.view_as(p) for a, p in zip(v, params)]
-
-    def normalize(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        s = torch.sqrt(sum((a * a).sum() for a in vs))
-        return [a / (s + 1e-6) for a in vs]
 
     v = normalize(v)
     eigenvalue = None
@@ -85,10 +87,6 @@ def pyhessian_power_dataset(model: torch.nn.Module, chunks: list[tuple[torch.Ten
     params = [p for p in model.parameters() if p.requires_grad]
     n_total = sum(len(yc) for _, yc in chunks)
     v = [a.view_as(p) for a, p in zip(v0.split([p.numel() for p in params]), params)]
-
-    def normalize(vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        s = torch.sqrt(sum((a * a).sum() for a in vs))
-        return [a / (s + 1e-6) for a in vs]
 
     v = normalize(v)
     eigenvalue = None

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-24k"
@@ -23,6 +24,17 @@ def mnist_dir() -> Path:
             pytest.fail(f"CI needs the real MNIST subset at {SHARED_MNIST} (shared/data/mnist-24k)")
         pytest.skip("real MNIST subset (../shared/data/mnist-24k) not present")
     return SHARED_MNIST
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run on one intra-op thread: thousands of tiny kernels gain nothing from a
+    second thread, and on a busy machine OpenMP barriers make them 10-100x slower. Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

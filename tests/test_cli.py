@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 
 from batchlab import cli
 from batchlab.data import sources
@@ -25,13 +24,7 @@ EPOCH_KEYS = {"epoch", "train_acc", "test_acc", "train_loss", "test_loss", "step
               "eval_seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread avoids OpenMP sync stalls on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict[str, str]:

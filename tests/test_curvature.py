@@ -13,14 +13,7 @@ from batchlab import curvature as C
 from batchlab.errors import ConfigError
 from batchlab.models import build_mlp
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny products are dominated by thread hand-offs: one intra-op thread is much faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from batchlab.store import Store
 N = 24  # samples per trial in these tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a loaded CI box OpenMP barriers make
-    each small op wait for a descheduled thread (measured: 10x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

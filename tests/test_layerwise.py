@@ -14,13 +14,7 @@ from batchlab.models import build_mlp
 from batchlab.optim import build_optimizer, layer_groups
 from batchlab.train import _autograd_step, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(seed: int = 0):

@@ -19,14 +19,7 @@ from batchlab.errors import BatchlabError
 from batchlab.models import build_mlp
 from batchlab.store import RunRecord, Store
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP sync stalls on a shared 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record(i: int, status: str = "completed") -> RunRecord:

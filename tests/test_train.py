@@ -19,13 +19,7 @@ METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "running_loss", "
            "norm_w", "steps", "samples")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP sync stalls on a shared 2-core box (10x here)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _curve(res, keys=METRICS) -> list[tuple]:

@@ -19,14 +19,7 @@ TIMING = {"seconds", "eval_seconds", "train_seconds_total", "vectorized_k"}
 RTOL, ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core box the OpenMP barriers of
-    thousands of tiny kernels cost 10-100x their work; both paths run in the same setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**kw):

@@ -140,6 +140,19 @@ class _EvalMode:
         self.model.train(self.was)
 
 
+def _per_example_grad_fn(model: nn.Module, loss_fn: LossFn
+                         ) -> tuple[Callable[..., dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """(g_fn, params): g_fn(params, xs, ys) gives every example's gradient as a dict of
+    [c, *shape] tensors, by `vmap(grad(loss of one example))` over `functional_call`."""
+    params, buffers = _state(model)
+
+    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+        return loss_fn(out, yi.unsqueeze(0))
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0)), params
+
+
 def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                       loss_fn: LossFn = default_loss, chunk: int | None = None
                       ) -> Iterator[torch.Tensor]:
@@ -148,14 +161,8 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     `vmap(grad(loss of one example))` over `functional_call`: one batched computation instead
     of c backward passes (see benchmarks/noise_scale.py for the speed-up).
     """
-    params, buffers = _state(model)
+    g_fn, params = _per_example_grad_fn(model, loss_fn)
     chunk = chunk or auto_chunk(model)
-
-    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return loss_fn(out, yi.unsqueeze(0))
-
-    g_fn = vmap(grad(loss_one), in_dims=(None, 0, 0))
     with _EvalMode(model):
         for xs, ys in zip(x.split(chunk), y.split(chunk)):
             gs = g_fn(params, xs, ys)
@@ -204,14 +211,8 @@ def per_example_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         return _sq_norms_linear(model, x, y, loss_fn=loss_fn, chunk=chunk or 1024)
     if method != "vmap":
         raise ValueError(f"unknown per-example method {method!r}; use auto, vmap or linear")
-    params, buffers = _state(model)
+    g_fn, params = _per_example_grad_fn(model, loss_fn)
     chunk = chunk or auto_chunk(model)
-
-    def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
-        return loss_fn(out, yi.unsqueeze(0))
-
-    g_fn = vmap(grad(loss_one), in_dims=(None, 0, 0))
     out = []
     with _EvalMode(model):
         for xs, ys in zip(x.split(chunk), y.split(chunk)):
