@@ -53,11 +53,11 @@ def batchlab_trial(model, x, y, batch_sizes, lr=0.01, threads=None) -> dict[int,
     uses (`gc.default_threads(cpu, b)`) unless `threads` forces one."""
     out = {}
     for b in batch_sizes:
-        torch.set_num_threads(threads or gc.default_threads(torch.device("cpu"), b))
-        t0 = time.perf_counter()
-        res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"])
-        float(res["displacement"].norm())
-        out[b] = time.perf_counter() - t0
+        with gc._threads(threads or gc.default_threads(torch.device("cpu"), b)):
+            t0 = time.perf_counter()
+            res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"])
+            float(res["displacement"].norm())
+            out[b] = time.perf_counter() - t0
     return out
 
 
