@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def run_main(monkeypatch: pytest.MonkeyPatch):
+    """Run the real CLI entry point (`batchlab.cli.main`) in-process: `run_main(*args)` returns
+    its exit code. Exit codes and one-line errors come from `main`, so this is what users get."""
+    from batchlab import cli
+
+    def run(*args: object) -> int:
+        monkeypatch.setattr(sys, "argv", ["batchlab", *map(str, args)])
+        try:
+            cli.main()
+        except SystemExit as e:
+            return int(e.code or 0)
+        return 0
+
+    return run
 
 
 @pytest.fixture

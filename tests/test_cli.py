@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from batchlab import cli
 from batchlab.data import sources
 
 TINY_ARGS = ["--dataset", "digits", "--epochs", "2", "--batch-size", "32", "--lr", "0.1"]
@@ -29,15 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _main(monkeypatch: pytest.MonkeyPatch, *args: object) -> int:
-    monkeypatch.setattr(sys, "argv", ["batchlab", *map(str, args)])
-    try:
-        cli.main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def _dump(store: Path) -> list[tuple]:
@@ -109,14 +99,14 @@ def test_bad_input_in_a_real_process_exit_2_one_line_store_untouched(
     (["--batch-size", "many"], "batch-size"),
     (["--no-such-flag"], "no-such-flag"),
 ])
-def test_bad_train_input_exit_2_one_line_nothing_written(
+def test_bad_train_input_exit_2_one_line_nothing_written(run_main,
     tmp_path: Path, filled_store: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture, args: list[str], needle: str
 ) -> None:
     base = ["train", "--dataset", "digits", "--epochs", "1"]
     before = _dump(filled_store)
     for store in (filled_store, tmp_path / "fresh.db"):
-        code = _main(monkeypatch, *base, *args, "--store", store)
+        code = run_main(*base, *args, "--store", store)
         out = capsys.readouterr()
         assert code == 2
         err = out.err.strip()
@@ -126,32 +116,32 @@ def test_bad_train_input_exit_2_one_line_nothing_written(
     assert not (tmp_path / "fresh.db").exists()
 
 
-def test_malformed_config_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_malformed_config_toml(run_main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "c.toml"
     bad.write_text("batch_size = [\n")
-    code = _main(monkeypatch, "train", "--config", bad, "--store", tmp_path / "s.db")
+    code = run_main("train", "--config", bad, "--store", tmp_path / "s.db")
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and str(bad) in err
     assert not (tmp_path / "s.db").exists()
 
 
-def test_config_file_fields_and_explicit_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_config_file_fields_and_explicit_flags(run_main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('dataset = "digits"\nhidden = [16]\nepochs = 1\nbatch_size = 64\n')
-    code = _main(monkeypatch, "train", "--config", cfg, "--batch-size", "128",
+    code = run_main("train", "--config", cfg, "--batch-size", "128",
                  "--store", tmp_path / "s.db", "--json")
     doc = json.loads(capsys.readouterr().out)
     assert code == 0
     assert doc["config"]["hidden"] == [16] and doc["config"]["batch_size"] == 128
 
 
-def test_missing_data_offline_exit_2_says_how_to_fix(
+def test_missing_data_offline_exit_2_says_how_to_fix(run_main,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     store = tmp_path / "s.db"
-    code = _main(monkeypatch, "train", "--dataset", "mnist", "--data-dir", tmp_path / "empty",
+    code = run_main("train", "--dataset", "mnist", "--data-dir", tmp_path / "empty",
                  "--store", store)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "missing IDX files" in err and err.count("\n") == 0
@@ -161,48 +151,48 @@ def test_missing_data_offline_exit_2_says_how_to_fix(
     offline = replace(sources.MNIST, mirrors=((tmp_path / "offline").as_uri() + "/",),
                       system_dirs=())
     monkeypatch.setitem(sources.REMOTE, "mnist", offline)
-    code = _main(monkeypatch, "train", "--dataset", "mnist", "--store", store)
+    code = run_main("train", "--dataset", "mnist", "--store", store)
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--data-dir" in err and err.count("\n") == 0
     assert not store.exists()
 
 
-def test_runs_list_show_export(tmp_path: Path, filled_store: Path,
+def test_runs_list_show_export(run_main, tmp_path: Path, filled_store: Path,
                                monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture) -> None:
-    assert _main(monkeypatch, "runs", "list", "--store", filled_store, "--json") == 0
+    assert run_main("runs", "list", "--store", filled_store, "--json") == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 1 and rows[0]["label"] == "one" and rows[0]["dataset"] == "digits"
     run_id = rows[0]["run_id"]
 
-    assert _main(monkeypatch, "runs", "list", "--store", filled_store) == 0
+    assert run_main("runs", "list", "--store", filled_store) == 0
     assert run_id in capsys.readouterr().out
 
-    assert _main(monkeypatch, "runs", "show", run_id[:6], "--store", filled_store, "--json") == 0
+    assert run_main("runs", "show", run_id[:6], "--store", filled_store, "--json") == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["run_id"] == run_id and len(shown["epochs"]) == 3
 
-    assert _main(monkeypatch, "runs", "show", "zzzzzz", "--store", filled_store) == 2
+    assert run_main("runs", "show", "zzzzzz", "--store", filled_store) == 2
     assert "no run" in capsys.readouterr().err
-    assert _main(monkeypatch, "runs", "list", "--store", tmp_path / "none.db") == 2
+    assert run_main("runs", "list", "--store", tmp_path / "none.db") == 2
     capsys.readouterr()
 
     out = tmp_path / "runs.csv"
-    assert _main(monkeypatch, "runs", "export", "--store", filled_store, "-o", out) == 0
+    assert run_main("runs", "export", "--store", filled_store, "-o", out) == 0
     with open(out, newline="") as f:
         table = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in table] == [0, 1, 2]
     assert {r["run_id"] for r in table} == {run_id} and table[0]["cfg_dataset"] == "digits"
     assert float(table[2]["test_acc"]) == pytest.approx(shown["epochs"][2]["test_acc"])
 
-    assert _main(monkeypatch, "runs", "export", "--store", filled_store, "--format", "xls") == 2
+    assert run_main("runs", "export", "--store", filled_store, "--format", "xls") == 2
 
 
-def test_runs_export_parquet(tmp_path: Path, filled_store: Path,
+def test_runs_export_parquet(run_main, tmp_path: Path, filled_store: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "runs.parquet"
-    code = _main(monkeypatch, "runs", "export", "--store", filled_store, "--format", "parquet",
+    code = run_main("runs", "export", "--store", filled_store, "--format", "parquet",
                  "-o", out)
     assert code == 0
     table = pq.read_table(out).to_pylist()
@@ -214,9 +204,9 @@ def test_runs_export_parquet(tmp_path: Path, filled_store: Path,
     ("train", ["--batch-size", "--lr", "--data-dir", "--store", "--json"]),
     ("sweep", ["'base' table", "'grid' table", "--store"]),
 ])
-def test_help_reads_well(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+def test_help_reads_well(run_main, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                          command: str, words: list[str]) -> None:
-    assert _main(monkeypatch, command, "--help") == 0
+    assert run_main(command, "--help") == 0
     raw = capsys.readouterr().out
     assert "with  and" not in raw  # rich markup once swallowed "[base]" and "[grid]"
     text = " ".join(raw.replace("│", " ").split())  # undo rich's wrapping

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from batchlab import cli
 from batchlab.data.idx import sha256_file
 from batchlab.errors import ConfigError
 from batchlab.sweep import expand, load_grid, validate_against_data
@@ -23,16 +22,6 @@ def _grid(tmp_path: Path, text: str, name: str = "grid.toml") -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def _main(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    """Run the real CLI entry point in-process; returns its exit code."""
-    monkeypatch.setattr(sys, "argv", ["batchlab", *map(str, args)])
-    try:
-        cli.main()
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_grid_is_the_cartesian_product_in_a_stable_order(tmp_path: Path) -> None:
@@ -91,11 +80,11 @@ def test_one_bad_cell_fails_the_whole_grid_before_any_run(tmp_path: Path) -> Non
     '[base]\ndataset = "digits"\n[grid]\noptimizer = ["sgd", "rmsprop"]\n',
     '[base]\ndataset = "digits"\ngrid = 3\n[grid\n',
 ])
-def test_sweep_cli_rejects_bad_grids_writing_nothing(
+def test_sweep_cli_rejects_bad_grids_writing_nothing(run_main,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, grid: str
 ) -> None:
     store = tmp_path / "s.db"
-    code = _main(monkeypatch, "sweep", _grid(tmp_path, grid), "--store", store)
+    code = run_main("sweep", _grid(tmp_path, grid), "--store", store)
     captured = capsys.readouterr()
     assert code == 2
     assert captured.err.strip().startswith("error:") and captured.err.strip().count("\n") == 0
@@ -110,7 +99,7 @@ def _count(store: Path) -> int:
         con.close()
 
 
-def test_sigkill_mid_sweep_then_resume_loses_and_duplicates_nothing(
+def test_sigkill_mid_sweep_then_resume_loses_and_duplicates_nothing(run_main,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     # six runs of ~0.4 s each: long enough to kill the sweep between its first and last
@@ -140,7 +129,7 @@ seed = [0, 1, 2, 3, 4, 5]
             assert time.monotonic() < deadline, "sweep stored nothing in 120 s"
             time.sleep(0.02)
             if store.exists():
-                assert _main(monkeypatch, "runs", "list", "--store", store, "--json") == 0
+                assert run_main("runs", "list", "--store", store, "--json") == 0
                 listed = json.loads(capsys.readouterr().out)
         proc.send_signal(signal.SIGKILL)
         assert all(r["status"] == "completed" for r in listed)
