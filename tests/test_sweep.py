@@ -102,17 +102,20 @@ def _count(store: Path) -> int:
 def test_sigkill_mid_sweep_then_resume_loses_and_duplicates_nothing(run_main,
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    # six runs of ~0.4 s each: long enough to kill the sweep between its first and last
+    # six runs of ~0.4 s each: long enough to kill the sweep between its first and last. Each
+    # has its own batch size, so none share a schedule: the executor trains and stores them one
+    # by one (runs differing only in seed would be trained in one vectorized pass and stored
+    # together, leaving no "between" to kill in)
     grid = _grid(tmp_path, """
 [base]
 dataset = "digits"
 hidden = [256, 256]
 epochs = 3
-batch_size = 8
+seed = 0
 lr = 0.02
 checkpoint_epochs = [0, 3]
 [grid]
-seed = [0, 1, 2, 3, 4, 5]
+batch_size = [8, 9, 10, 11, 12, 13]
 """)
     n_runs = 6
     store = tmp_path / "sweep.db"
