@@ -3,15 +3,20 @@
 Prints, in one run:
   1. seconds per trial per batch size: the naive loop (autograd + torch.optim.SGD, a fresh
      deepcopy of the model per batch size, a Python loop over steps - what the study would
-     write) vs batchlab (`batchlab.gradcomp`, fused manual backward, grad sink), both
-     computing the `displacement` mode (batchlab's one trajectory also yields `sample-sum`);
-  2. batchlab's per-step time at b=1 against the memory-bandwidth bound: bytes moved per
-     fused step / measured DRAM copy bandwidth (a 256 MB copy, far larger than the caches);
-  3. trials per second for K stacked trials at a few batch sizes (how `default_k` was chosen).
+     write, on torch's default threads) vs batchlab as the experiment runs it
+     (`gradcomp.run_trials`: the CPU's `deferred` engine, trials on parallel single-threaded
+     workers), both computing the `displacement` mode (batchlab's one trajectory also yields
+     `sample-sum`);
+  2. the engines one trial at a time on one thread (`deferred` vs `fused`), per batch size:
+     how `default_engine` was chosen, and what the parallel workers add;
+  3. batchlab's per-step time at b=1 against the memory-bandwidth bound: bytes the step moves
+     / measured DRAM copy bandwidth (a 256 MB copy, far larger than the caches), for the
+     deferred step and for the textbook fused step;
+  4. seconds per trial for K stacked trials at a few batch sizes (how `default_k` was chosen).
 Targets on a 2-core CPU: >= 3x the naive loop over the whole trial, b=1 step within 1.5x of
 the bandwidth bound. PASS/FAIL is computed from the measured numbers.
 
-    python benchmarks/gradient_competition.py [--naive-trials 1] [--trials 2] [--naive-threads N] [--threads N]
+    python benchmarks/gradient_competition.py [--naive-trials 1] [--trials 4] [--naive-threads N]
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +55,27 @@ def naive_trial(model, x, y, batch_sizes, lr=0.01) -> dict[int, float]:
     return out
 
 
-def batchlab_trial(model, x, y, batch_sizes, lr=0.01, threads=None) -> dict[int, float]:
-    """One trial as the experiment runs it: per batch size, the thread count the experiment
-    uses (`gc.default_threads(cpu, b)`) unless `threads` forces one."""
+def engine_trial(model, x, y, batch_sizes, engine, lr=0.01) -> dict[int, float]:
+    """Seconds per batch size for one trial on one thread with one engine."""
     out = {}
-    for b in batch_sizes:
-        with gc._threads(threads or gc.default_threads(torch.device("cpu"), b)):
+    with gc._threads(1):
+        for b in batch_sizes:
             t0 = time.perf_counter()
-            res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"])
+            res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"], engine)
             float(res["displacement"].norm())
             out[b] = time.perf_counter() - t0
     return out
+
+
+def experiment_trials(model, data, seeds, batch_sizes, n) -> dict[int, float]:
+    """Seconds per trial per batch size through `gc.run_trials`, exactly as the experiment
+    runs trials (default engine, workers and K; no tensors kept)."""
+    run = gc.TrialRun("bench", seeds, [None] * len(seeds), batch_sizes, ["displacement"],
+                      n_samples=n)
+    with tempfile.TemporaryDirectory() as tmp:
+        recs = gc.run_trials(run, model, data.x_train, data.y_train, Path(tmp), "bench",
+                             keep_tensors=False)
+    return {b: recs[b]["seconds"] / len(seeds) for b in batch_sizes}
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
@@ -73,24 +90,36 @@ def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
     return 2 * a.numel() * 4 / best
 
 
-def bytes_per_step(model) -> int:
-    """Weight traffic of one fused plain-SGD step at b=1: the forward reads every W and b;
-    the backward reads W of every layer but the first (input gradient); the in-place update
-    reads and writes every W and b. Activations (~2k floats) are negligible."""
+def bytes_per_step(model, engine: str, rank: int = gc.DEFERRED_RANK) -> float:
+    """Bytes one plain-SGD step at b=1 moves (activations, ~2k floats, neglected).
+
+    fused (the textbook step): the forward reads every W and b; the backward reads W of every
+    layer but the first (input gradient); the in-place update reads and writes every W and b.
+    deferred: per step the forward reads W of the hidden layers after the first, the backward
+    reads W of every layer after the first, the small last layer is updated in place; per
+    chunk of `rank` steps the first layer's weights are read once (X W^T for the chunk) and
+    every deferred layer's weights are read and written once (the rank-R update); per step
+    the history products read on average rank/2 rows of U and V per deferred layer.
+    """
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    p = sum(m.weight.numel() + m.bias.numel() for m in lins)
-    gin = sum(m.weight.numel() for m in lins[1:])
-    return 4 * (3 * p + gin)
+    p = [m.weight.numel() + m.bias.numel() for m in lins]
+    w = [m.weight.numel() for m in lins]
+    if engine == "fused":
+        return 4 * (3 * sum(p) + sum(w[1:]))
+    dims = [(m.out_features, m.in_features) for m in lins]
+    per_step = sum(w[1:-1]) + sum(w[1:]) + 3 * p[-1]
+    per_chunk = w[0] + 2 * sum(w[:-1])
+    history = sum((rank / 2) * (o + i) * (1 if k == 0 else 2)
+                  for k, (o, i) in enumerate(dims[:-1]))
+    return 4 * (per_step + per_chunk / rank + history)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--naive-trials", type=int, default=1)
-    ap.add_argument("--trials", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=4, help="trials through run_trials")
     ap.add_argument("--naive-threads", type=int, default=None,
                     help="naive loop threads (default: torch's default, what a user gets)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="batchlab intra-op threads (default: batchlab's own choice)")
     args = ap.parse_args()
 
     raw = load_dataset("mnist-5k")
@@ -100,62 +129,66 @@ def main() -> None:
     n = 1024
     seeds = gc.trial_seeds(0, "bench", max(args.trials, args.naive_trials))
     default_threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {default_threads} threads; model 784-1024-1024-10; "
           f"{n} samples; batch sizes {bs}")
 
     naive = {b: 0.0 for b in bs}
     naive_threads = args.naive_threads or default_threads
-    torch.set_num_threads(naive_threads)
-    for s in seeds[:args.naive_trials]:
-        idx = gc.sample_indices(data.n_train, n, s)
-        for b, t in naive_trial(model, data.x_train[idx], data.y_train[idx], bs).items():
-            naive[b] += t / args.naive_trials
-    torch.set_num_threads(default_threads)
-    threads = args.threads or f"1 below b={gc.SINGLE_THREAD_BELOW}, else {default_threads}"
-    fast = {b: 0.0 for b in bs}
-    for s in seeds[:args.trials]:
-        idx = gc.sample_indices(data.n_train, n, s)
-        for b, t in batchlab_trial(model, data.x_train[idx], data.y_train[idx], bs,
-                                   threads=args.threads).items():
-            fast[b] += t / args.trials
-    torch.set_num_threads(1)
+    with gc._threads(naive_threads):
+        for s in seeds[:args.naive_trials]:
+            idx = gc.sample_indices(data.n_train, n, s)
+            for b, t in naive_trial(model, data.x_train[idx], data.y_train[idx], bs).items():
+                naive[b] += t / args.naive_trials
+    fast = experiment_trials(model, data, seeds[:args.trials], bs, n)
+    idx = gc.sample_indices(data.n_train, n, seeds[0])
+    single = {e: engine_trial(model, data.x_train[idx], data.y_train[idx], bs, e)
+              for e in gc.ENGINES}
 
     print(f"\nseconds per trial (displacement mode; naive: {naive_threads} thread(s), "
-          f"{args.naive_trials} trial(s); batchlab: {threads} thread(s), {args.trials} trials)")
-    print(f"{'b':>6} {'steps':>6} {'naive s':>9} {'batchlab s':>11} {'speedup':>8}")
+          f"{args.naive_trials} trial(s); batchlab: run_trials, {args.trials} trials, "
+          f"engine {gc.default_engine(cpu)}, {gc.default_workers(cpu)} single-threaded "
+          f"workers; single stream: one trial, one thread)")
+    print(f"{'b':>6} {'steps':>6} {'naive s':>9} {'batchlab s':>11} {'speedup':>8} | "
+          f"{'deferred 1thr':>13} {'fused 1thr':>11} {'workers gain':>12}")
     for b in bs:
+        d, f = single["deferred"][b], single["fused"][b]
         print(f"{b:>6} {math.ceil(n / b):>6} {naive[b]:>9.3f} {fast[b]:>11.3f} "
-              f"{naive[b] / fast[b]:>7.2f}x")
+              f"{naive[b] / fast[b]:>7.2f}x | {d:>13.3f} {f:>11.3f} {d / fast[b]:>11.2f}x")
     tn, tf = sum(naive.values()), sum(fast.values())
+    td, tfu = sum(single["deferred"].values()), sum(single["fused"].values())
     speedup = tn / tf
     print(f"{'trial':>6} {sum(math.ceil(n / b) for b in bs):>6} {tn:>9.3f} {tf:>11.3f} "
-          f"{speedup:>7.2f}x")
+          f"{speedup:>7.2f}x | {td:>13.3f} {tfu:>11.3f} {td / tf:>11.2f}x")
 
     bw = copy_bandwidth()
-    step_bytes = bytes_per_step(model)
-    bound = step_bytes / bw
-    step = fast[1] / n
-    ratio = step / bound
-    print(f"\nb=1 step: {step * 1e3:.3f} ms; bytes/step {step_bytes / 1e6:.1f} MB; "
-          f"copy bandwidth (256 MB) {bw / 1e9:.1f} GB/s -> bound {bound * 1e3:.3f} ms; "
-          f"step / bound = {ratio:.2f}")
+    print(f"\nb=1 step vs the bandwidth bound (DRAM copy bandwidth, 256 MB: {bw / 1e9:.1f} GB/s)")
+    ratios = {}
+    for e in gc.ENGINES:
+        step = single[e][1] / n
+        nbytes = bytes_per_step(model, e)
+        ratios[e] = step / (nbytes / bw)
+        print(f"  {e:>8}: {step * 1e3:.3f} ms/step; moves {nbytes / 1e6:.1f} MB/step -> bound "
+              f"{nbytes / bw * 1e3:.3f} ms; step / bound = {ratios[e]:.2f}")
 
-    print("\nK stacked trials (seconds per trial, min(32, 1024/b) steps; lower is better):")
-    for b in (1, 8, 64, 256):
-        line = [f"b={b:<4}"]
-        for k in (1, 2, 4):
-            idx = torch.stack([gc.sample_indices(data.n_train, min(n, 32 * b), s)
-                               for s in gc.trial_seeds(1, "k", k)])
-            t0 = time.perf_counter()
-            gc.run_block(model, data.x_train[idx], data.y_train[idx], b, 0.01)
-            line.append(f"K={k}: {(time.perf_counter() - t0) / k:.4f}")
-        print("  ".join(line))
-    torch.set_num_threads(default_threads)
+    print("\nK stacked trials, one thread (seconds per trial, min(32, 1024/b) steps; lower is "
+          "better):")
+    with gc._threads(1):
+        for b in (1, 8, 64, 256):
+            line = [f"b={b:<4}"]
+            for k in (1, 2, 4):
+                idx = torch.stack([gc.sample_indices(data.n_train, min(n, 32 * b), s)
+                                   for s in gc.trial_seeds(1, "k", k)])
+                t0 = time.perf_counter()
+                gc.run_block(model, data.x_train[idx], data.y_train[idx], b, 0.01)
+                line.append(f"K={k}: {(time.perf_counter() - t0) / k:.4f}")
+            print("  ".join(line))
 
-    ok1, ok2 = speedup >= 3.0, ratio <= 1.5
+    engine = gc.default_engine(cpu)
+    ok1, ok2 = speedup >= 3.0, ratios[engine] <= 1.5
     print(f"\n{'PASS' if ok1 else 'FAIL'}: whole trial {speedup:.2f}x the naive loop (target >= 3x)")
-    print(f"{'PASS' if ok2 else 'FAIL'}: b=1 step {ratio:.2f}x the bandwidth bound "
-          f"(target <= 1.5x)")
+    print(f"{'PASS' if ok2 else 'FAIL'}: b=1 step ({engine}) {ratios[engine]:.2f}x the bandwidth "
+          f"bound (target <= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -51,20 +51,98 @@ def reference(model, x, y, b, lr, mode):
     return total.flatten()
 
 
+@pytest.mark.parametrize("engine", gc.ENGINES)
 @pytest.mark.parametrize("b", [1, 5, 8, 24])  # 5 leaves a remainder of 4
 @pytest.mark.parametrize("mode", gc.MODES)
-def test_matches_reference_loop(tiny, b, mode):
-    # float64 on both sides: the fused engine computes the same sums with different kernels
-    # (baddbmm vs addmm, a different summation order), so agreement is to rounding, not
-    # bitwise; in float64 that is ~1e-15 relative, far below any modelling difference
-    # (a wrong remainder rule or reduction changes the result by > 1e-2).
+def test_matches_reference_loop(tiny, b, mode, engine):
+    # float64 on both sides: the engines compute the same sums with different kernels
+    # (baddbmm vs addmm; deferred rank-R updates), so agreement is to rounding, not bitwise;
+    # in float64 that is ~1e-15 relative, far below any modelling difference (a wrong
+    # remainder rule or reduction changes the result by > 1e-2).
     model, X, Y = tiny
     m64 = copy.deepcopy(model).double()
     idx = gc.sample_indices(len(Y), N, seed=11)
     x, y = X[idx].double(), Y[idx]
-    got = gc.run_trial_block(m64, x[None], y[None], b, 0.05, [mode])[mode][0]
+    got = gc.run_trial_block(m64, x[None], y[None], b, 0.05, [mode], engine)[mode][0]
     want = reference(m64, x, y, b, 0.05, mode)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("hidden", [[], [16], [16, 12], [12, 16, 8]])
+@pytest.mark.parametrize("rank", [1, 4, 7])  # several chunks; with b > rank, one step each
+@pytest.mark.parametrize("b", [1, 3, 5])
+@pytest.mark.parametrize("mode", gc.MODES)
+def test_deferred_chunks_match_reference(monkeypatch, hidden, rank, b, mode):
+    """Deferred updates across chunk boundaries, for 0-3 hidden layers (the first layer's
+    Gram path, the hidden layers' history path and the direct last layer)."""
+    monkeypatch.setattr(gc, "DEFERRED_RANK", rank)
+    model = build_mlp(20, hidden, 5, seed=4).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(N, 20, generator=g).double(), torch.randint(0, 5, (N,), generator=g)
+    got = gc.run_trial_block(model, x[None], y[None], b, 0.1, [mode], "deferred")
+    want = reference(model, x, y, b, 0.1, mode)
+    torch.testing.assert_close(got[mode][0], want, rtol=1e-12, atol=1e-13)
+    # the largest step loss, as the plain loop sees it
+    net, worst = copy.deepcopy(model), -1.0
+    for s in range(0, N, b):
+        loss = F.nll_loss(net(x[s:s + b]), y[s:s + b],
+                          reduction="sum" if mode == "sum-loss" and b > 1 else "mean")
+        worst = max(worst, loss.item() / (min(b, N - s) if mode == "sum-loss" and b > 1 else 1))
+        net.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.1 * p.grad
+    key = "max_loss/sum" if mode == "sum-loss" else "max_loss/mean"
+    assert float(got[key][0]) == pytest.approx(worst, rel=1e-12)
+
+
+@pytest.mark.parametrize("hidden", [[], [16, 12]])
+def test_deferred_pass_leaves_the_sgd_weights(hidden):
+    """With final_update (the default) the weights after a deferred pass are plain SGD's."""
+    from batchlab.deferred import Step, sgd_pass
+
+    model = build_mlp(20, hidden, 5, seed=4).double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(N, 20, generator=g).double(), torch.randint(0, 5, (N,), generator=g)
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    W = [m.weight.detach().clone()[None] for m in lins]
+    bias = [m.bias.detach().clone()[None] for m in lins]
+    sink = torch.zeros_like(W[-1])
+    sgd_pass(W, bias, x[None], y[None], [Step(s, s + 3, 0.1, sink) for s in range(0, N, 3)],
+             rank=5)
+    net = copy.deepcopy(model)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for s in range(0, N, 3):
+        opt.zero_grad()
+        F.nll_loss(net(x[s:s + 3]), y[s:s + 3]).backward()
+        opt.step()
+    for m, w, b in zip([m for m in net.modules() if isinstance(m, torch.nn.Linear)], W, bias):
+        torch.testing.assert_close(w[0], m.weight.detach(), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(b[0], m.bias.detach(), rtol=1e-12, atol=1e-13)
+
+
+def test_deferred_chunking_rule():
+    from batchlab.deferred import Step, chunks
+
+    sink = torch.zeros(1)
+    steps = [Step(s, s + 3, 0.1, sink) for s in range(0, 30, 3)] + [Step(30, 31, 0.1, sink)]
+    groups = chunks(steps, 8)
+    assert [len(g) for g in groups] == [2, 2, 2, 2, 2, 1]  # 6 rows each; the remainder alone
+    assert all(g[-1].stop - g[0].start <= 8 for g in groups)
+    assert [s for g in groups for s in g] == steps
+    assert [len(g) for g in chunks(steps[:4], 2)] == [1, 1, 1, 1]  # b > rank: one step each
+    # sum-loss: lr x B per step keeps lr / B equal, so the remainder joins the chunk
+    summed = [Step(0, 2, 0.5, sink), Step(2, 3, 0.25, sink)]
+    assert [len(g) for g in chunks(summed, 8)] == [2]
+
+
+def test_nan_loss_is_reported(tiny):
+    model, X, Y = tiny
+    idx = gc.sample_indices(len(Y), N, seed=3)
+    for engine in gc.ENGINES:
+        res = gc.run_block(model, X[idx][None], Y[idx][None], 2, 1e30, engine=engine)
+        assert not torch.isfinite(res["max_loss"]).all(), engine
 
 
 def test_modes_relate_as_documented(tiny):
@@ -90,17 +168,36 @@ def test_modes_relate_as_documented(tiny):
                                rtol=1e-4, atol=1e-5)
 
 
-def test_vectorized_equals_sequential(tiny):
+@pytest.mark.parametrize("engine", gc.ENGINES)
+def test_vectorized_equals_sequential(tiny, engine):
     model, X, Y = tiny
     seeds = gc.trial_seeds(0, "vec", 4)
     idx = torch.stack([gc.sample_indices(len(Y), N, s) for s in seeds])
     for b in (1, 5, 24):
-        stacked = gc.run_trial_block(model, X[idx], Y[idx], b, 0.05, gc.MODES)
+        stacked = gc.run_trial_block(model, X[idx], Y[idx], b, 0.05, gc.MODES, engine)
         for k in range(4):
-            one = gc.run_trial_block(model, X[idx[k:k + 1]], Y[idx[k:k + 1]], b, 0.05, gc.MODES)
+            one = gc.run_trial_block(model, X[idx[k:k + 1]], Y[idx[k:k + 1]], b, 0.05,
+                                     gc.MODES, engine)
             for m in gc.MODES:
                 # batched vs single gemm may round differently in the last bit
                 torch.testing.assert_close(stacked[m][k], one[m][0], rtol=1e-6, atol=1e-7)
+
+
+def test_parallel_workers_give_identical_tensors(tiny, tmp_path):
+    """Trials on 1 or 3 CPU workers: the same bits, and the same result directory (the worker
+    count is not part of the design's hash)."""
+    model, X, Y = tiny
+    seeds = gc.trial_seeds(4, "workers", 7)
+    out = {}
+    for w in (1, 3):
+        run = gc.TrialRun("w", seeds, [None] * 7, [1, 5], list(gc.MODES), n_samples=N,
+                          lr=0.05, threads=w)
+        recs = gc.run_trials(run, model, X, Y, tmp_path / f"w{w}", "ckpt")
+        (d,) = (tmp_path / f"w{w}").iterdir()
+        out[w] = d.name, {(b, m): np.load(d / recs[b]["modes"][m]["file"])
+                          for b in (1, 5) for m in gc.MODES}
+    assert out[1][0] == out[3][0]
+    assert all(np.array_equal(out[1][1][k], out[3][1][k]) for k in out[1][1])
 
 
 def test_replay_from_seed_gives_stored_tensors(tiny, tmp_path):

@@ -24,10 +24,13 @@ of 1), so every b sees each of the n samples exactly once.
   `blowup_loss` nats (default 100, against ln 10 = 2.3 for a uniform guess). Blown-up trials
   are recorded (tensor rows included, NaN or not) and excluded from the statistics.
 
-**Speed**: `FusedMLPSGD` steps K trials at once (stacked copies of the checkpoint, each trial
-its own batch order) and adds delta^T h of the last layer into an accumulator before the update
-(`grad_sink`). On the CPU the weights of one model (7.3 MB) fit the last-level cache while K
-stacked copies do not, so small batches run with K=1 there; see `default_k` and the benchmark.
+**Speed** (choose per device, measured by benchmarks/gradient_competition.py): on the CPU
+the `deferred` engine (`batchlab.deferred`) runs a pass with the weight updates deferred and
+applied as one rank-32 product per chunk of rows, which turns the small-batch steps from
+update-bound into two matrix-vector-like products each; trials run on parallel workers, one per
+CPU thread, each single-threaded (a trial's numbers therefore do not depend on how many
+workers there are). On a GPU the `fused` engine (`FusedMLPSGD`) steps K stacked trials at once
+with batched matmuls. Both add delta^T h of the last layer into an accumulator.
 
 **Seeds**: trial t of a run has seed `trial_seeds(seed, stream)[t]` (recorded); its samples are
 `randperm(n_train, Generator(seed))[:n]`. With `same_samples`, the sample set comes from a
@@ -46,7 +49,9 @@ import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchlab.deferred import Step, sgd_pass
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.fused import FusedMLPSGD
 
@@ -64,6 +70,8 @@ MODES = ("displacement", "sample-sum", "sum-loss")
 HIST_RANGE = 12.0  # histogram edges: +-12 x the key's scale
 HIST_BINS = 96
 TAIL_K = 4.0  # "beyond threshold" = |value| > 4 x the key's scale
+ENGINES = ("deferred", "fused")
+DEFERRED_RANK = 32  # rows per deferred chunk: best of 16-256 at b = 1..64 (benchmark)
 
 
 def validate_batch_sizes(batch_sizes: Sequence[int], n_samples: int) -> list[int]:
@@ -80,16 +88,30 @@ def validate_batch_sizes(batch_sizes: Sequence[int], n_samples: int) -> list[int
     return bs
 
 
+def default_engine(device: torch.device) -> str:
+    """`deferred` on the CPU (measured 1.3-2.4x faster than `fused` per trial at b <= 8 on one
+    thread, equal at b >= 16); `fused` on a GPU, where a step is bound by kernel launches and
+    K stacked trials fill the device (the deferred engine launches more kernels per step)."""
+    return "fused" if device.type == "cuda" else "deferred"
+
+
 def default_k(b: int, device: torch.device) -> int:
-    """Trials stepped together at batch size b. CPU: K=1 at every b. At b <= 8 a step is bound
-    by weight traffic and one model's weights (7.3 MB) stay in the last-level cache while K
-    stacked copies do not; at larger b the step is compute-bound and stacking adds no FLOPs
-    (measured by benchmarks/gradient_competition.py, 1 thread: K=2 and K=4 no faster per
-    trial at b = 8, 64, 256 and slower at b = 1). GPU: stacking fills the device (defaults
-    not yet measured; override with the `k` option)."""
+    """Trials stepped together at batch size b. CPU: K=1 at every b; trials run in parallel
+    on workers instead (`default_workers`): one model's weights (7.3 MB) stay in the
+    last-level cache while K stacked copies do not, and at larger b a step is compute-bound so
+    stacking adds nothing (benchmark: K=2, 4 no faster per trial). GPU: stacking fills the
+    device (defaults not yet measured on one; override with the `k` option)."""
     if device.type == "cuda":
         return 64 if b <= 64 else 16
     return 1
+
+
+def default_workers(device: torch.device) -> int:
+    """Parallel trial workers: on the CPU one per torch thread, each running single-threaded
+    (small-batch steps cannot use two cores: a 1024x1024 matrix-vector product is too short
+    to split, while two trials at once run 1.3-2x faster than one after the other); on a GPU
+    one."""
+    return 1 if device.type == "cuda" else torch.get_num_threads()
 
 
 def trial_seeds(seed: int, stream: str, n: int) -> list[int]:
@@ -138,35 +160,39 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 # -- one block of K trials at one batch size ------------------------------------------------
 def run_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: float, *,
-              sum_loss: bool = False) -> dict[str, torch.Tensor]:
+              sum_loss: bool = False, engine: str | None = None) -> dict[str, torch.Tensor]:
     """Step K stacked copies of `model` through x [K, n, D], y [K, n] at batch size b.
 
     Returns last-layer summed gradients flattened to [K, out*in]: `displacement` and
     `sample-sum` (mean-loss trajectory) or `sum-loss` (sum-loss trajectory), plus `max_loss`
     [K], the largest per-step mean loss (NaN if any was NaN). `model` is not modified.
     """
+    engine = engine or default_engine(x.device)
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     K, n = y.shape
     lins = _linears(model)
     last = len(lins) - 1
     W = [lin.weight.detach().unsqueeze(0).repeat(K, 1, 1) for lin in lins]
     bias = [lin.bias.detach().unsqueeze(0).repeat(K, 1) for lin in lins]
-    eng = FusedMLPSGD(W, bias)
     full = torch.zeros_like(W[last])
     rem = torch.zeros_like(W[last])
-    max_loss = torch.full((K,), -math.inf, dtype=W[0].dtype, device=W[0].device)
     n_full, r = divmod(n, b)
     # sum-loss: gradient of the summed loss = B x mean-loss gradient -> lr x B, record x B
-    lr_full, scale_full = (lr * b, float(b)) if sum_loss else (lr, 1.0)
-    for s in range(n_full):
-        sl = slice(s * b, (s + 1) * b)
-        loss = eng.step(x[:, sl], y[:, sl], lr_full, grad_sink={last: full},
-                        grad_scale=scale_full)
-        max_loss = torch.maximum(max_loss, loss)
+    steps = [Step(s * b, (s + 1) * b, lr * b if sum_loss else lr, full,
+                  float(b) if sum_loss else 1.0) for s in range(n_full)]
     if r:
-        lr_rem, scale_rem = (lr * r, float(r)) if sum_loss else (lr, 1.0)
-        loss = eng.step(x[:, n_full * b:], y[:, n_full * b:], lr_rem, grad_sink={last: rem},
-                        grad_scale=scale_rem)
-        max_loss = torch.maximum(max_loss, loss)
+        steps.append(Step(n_full * b, n, lr * r if sum_loss else lr, rem,
+                          float(r) if sum_loss else 1.0))
+    if engine == "deferred":
+        max_loss = sgd_pass(W, bias, x, y, steps, rank=DEFERRED_RANK, final_update=False)
+    else:
+        eng = FusedMLPSGD(W, bias)
+        max_loss = torch.full((K,), -math.inf, dtype=W[0].dtype, device=W[0].device)
+        for st in steps:
+            loss = eng.step(x[:, st.start:st.stop], y[:, st.start:st.stop], st.lr,
+                            grad_sink={last: st.sink}, grad_scale=st.scale)
+            max_loss = torch.maximum(max_loss, loss)
     out = {"max_loss": max_loss}
     if sum_loss:
         out["sum-loss"] = (full + rem).reshape(K, -1)
@@ -177,20 +203,20 @@ def run_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: fl
 
 
 def run_trial_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: float,
-                    modes: Sequence[str]) -> dict[str, torch.Tensor]:
+                    modes: Sequence[str], engine: str | None = None) -> dict[str, torch.Tensor]:
     """All requested modes for K trials at batch size b; sum-loss at b=1 reuses the mean-loss
     trajectory (identical by construction: lr x 1, record x 1)."""
     out: dict[str, torch.Tensor] = {}
     need_mean = b == 1 or any(m in modes for m in ("displacement", "sample-sum"))
     if need_mean:
-        res = run_block(model, x, y, b, lr)
+        res = run_block(model, x, y, b, lr, engine=engine)
         out.update({m: res[m] for m in ("displacement", "sample-sum") if m in modes})
         out["max_loss/mean"] = res["max_loss"]
         if b == 1 and "sum-loss" in modes:
             out["sum-loss"] = res["displacement"]
             out["max_loss/sum"] = res["max_loss"]
     if "sum-loss" in modes and b > 1:
-        res = run_block(model, x, y, b, lr, sum_loss=True)
+        res = run_block(model, x, y, b, lr, sum_loss=True, engine=engine)
         out["sum-loss"] = res["sum-loss"]
         out["max_loss/sum"] = res["max_loss"]
     return out
@@ -198,27 +224,15 @@ def run_trial_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, 
 
 def replay_trial(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, seed: int, b: int,
                  lr: float, mode: str, n_samples: int = 1024,
-                 sample_seed: int | None = None, threads: int | None = None) -> torch.Tensor:
-    """Recompute one trial's summed gradient [out*in] from its recorded seed(s). Bit-identical
-    to the stored row when run with the same thread count (and K) as the run that wrote it."""
+                 sample_seed: int | None = None, engine: str | None = None) -> torch.Tensor:
+    """Recompute one trial's summed gradient [out*in] from its recorded seed(s). On the CPU
+    every trial runs single-threaded, so this is bit-identical to the stored row (on a GPU:
+    when run with the K that wrote it)."""
     idx = sample_indices(len(Y), n_samples, seed, sample_seed).to(X.device)
-    with _threads(threads or default_threads(X.device, b)):
-        res = run_trial_block(model, X[idx].unsqueeze(0), Y[idx].unsqueeze(0), b, lr, [mode])
+    with _threads(1 if X.device.type == "cpu" else torch.get_num_threads()):
+        res = run_trial_block(model, X[idx].unsqueeze(0), Y[idx].unsqueeze(0), b, lr, [mode],
+                              engine)
     return res[mode][0]
-
-
-SINGLE_THREAD_BELOW = 16
-
-
-def default_threads(device: torch.device, b: int = 1) -> int:
-    """Intra-op threads for trials of batch size b: on the CPU 1 below b = 16, where a step is
-    bound by memory latency and a second thread only adds OpenMP barriers (measured: the b = 1
-    step runs at 0.6x the bandwidth bound on one thread), and torch's setting from b = 16 on,
-    where the matmuls are large enough to split (measured 1.2-1.8x faster on 2 cores).
-    Elsewhere torch's setting."""
-    if device.type == "cpu" and b < SINGLE_THREAD_BELOW:
-        return 1
-    return torch.get_num_threads()
 
 
 # -- streaming statistics of the raw values ------------------------------------------------
@@ -336,12 +350,17 @@ class TrialRun:
     lr: float = 0.01
     blowup_loss: float = 100.0
     k: int | None = None
-    threads: int | None = None
+    threads: int | None = None  # CPU: parallel single-threaded workers (default: torch's)
+    engine: str | None = None  # None: `default_engine(device)`
 
-    def spec_hash(self, checkpoint_id: str) -> str:
+    def spec_hash(self, checkpoint_id: str, device: torch.device) -> str:
+        """Everything that changes the numbers (not `threads`: on the CPU a trial's numbers
+        do not depend on the number of workers)."""
+        engine = self.engine or default_engine(device)
         d = {"ckpt": checkpoint_id, "seeds": self.seeds, "sample_seeds": self.sample_seeds,
              "modes": self.modes, "n": self.n_samples, "lr": self.lr, "k": self.k,
-             "blowup": self.blowup_loss, "threads": self.threads}
+             "blowup": self.blowup_loss, "engine": engine,
+             **({"rank": DEFERRED_RANK} if engine == "deferred" else {})}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -359,30 +378,56 @@ def run_trials(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor
     unknown = [m for m in run.modes if m not in MODES]
     if unknown:
         raise ConfigError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
-    d = Path(directory) / f"{run.name}-{run.spec_hash(checkpoint_id)}"
+    if run.engine is not None and run.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {run.engine!r}; choose from {', '.join(ENGINES)}")
+    d = Path(directory) / f"{run.name}-{run.spec_hash(checkpoint_id, X.device)}"
     d.mkdir(parents=True, exist_ok=True)
     width = _linears(model)[-1].weight.numel()
     idx = torch.stack([sample_indices(len(Y), run.n_samples, s, ss)
                        for s, ss in zip(run.seeds, run.sample_seeds)]).to(X.device)
     out: dict[int, dict[str, Any]] = {}
     for b in run.batch_sizes:
-        with _threads(run.threads or default_threads(X.device, b)):
-            out[b] = _reuse_or_run(run, model, X, Y, idx, b, d, width, keep_tensors, progress)
+        out[b] = _reuse_or_run(run, model, X, Y, idx, b, d, width, keep_tensors, progress)
     return out
 
 
 @contextmanager
 def _threads(n: int) -> Iterator[None]:
-    """Run with n intra-op threads. Default 1 on the CPU: small-batch steps are bound by
-    memory latency, and on a loaded machine OpenMP barriers between 2 threads stall each
-    small gemm by milliseconds (measured: a 2x784x1024 gemm 0.12 ms on 1 thread vs 23 ms on
-    2 under contention). More threads help only the compute-bound b >= 64 steps."""
+    """Run with n intra-op threads (this thread's OpenMP setting and torch's), then restore."""
     old = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
     try:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def _blocks(fn: Callable[[int], dict[str, torch.Tensor]], starts: Sequence[int],
+            device: torch.device, workers: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """fn(start) for every block start, in order. On the CPU the blocks run on `workers`
+    threads, each with ONE intra-op thread (torch releases the GIL inside kernels), so a
+    block's numbers are the same whatever the worker count."""
+    n = workers or default_workers(device)
+    if device.type != "cpu":
+        yield from map(fn, starts)
+        return
+
+    def single(start: int) -> dict[str, torch.Tensor]:
+        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
+        return fn(start)
+
+    with _threads(1):
+        if n <= 1 or len(starts) <= 1:
+            yield from map(single, starts)
+            return
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            ahead: deque[Future] = deque()  # a bounded window: results are consumed in order
+            for start in starts:
+                ahead.append(pool.submit(single, start))
+                if len(ahead) >= 2 * n:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
 
 def _reuse_or_run(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor,
@@ -414,9 +459,12 @@ def _run_batch_size(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.T
     norms = {m: np.zeros(T) for m in run.modes}
     max_loss = {m: np.zeros(T) for m in run.modes}
     t0 = time.perf_counter()
-    for start in range(0, T, K):
+    def block(start: int) -> dict[str, torch.Tensor]:
         ids = idx[start:start + K]
-        res = run_trial_block(model, X[ids], Y[ids], b, run.lr, run.modes)
+        return run_trial_block(model, X[ids], Y[ids], b, run.lr, run.modes, run.engine)
+
+    starts = list(range(0, T, K))
+    for start, res in zip(starts, _blocks(block, starts, X.device, run.threads)):
         for m in run.modes:
             g = res[m].to(torch.float32).cpu().numpy()
             nrm = np.linalg.norm(g.astype(np.float64), axis=1)
@@ -430,6 +478,7 @@ def _run_batch_size(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.T
     for f in files.values():
         f.close()
     rec: dict[str, Any] = {"b": b, "k": K, "seconds": seconds, "trials": T,
+                           "engine": run.engine or default_engine(X.device),
                            "keep_tensors": keep_tensors, "modes": {}}
     for m in run.modes:
         ml = max_loss[m]

@@ -9,7 +9,7 @@ of std(norm) vs b, and how much of the variance is explained by which samples we
 
 Options (`--set KEY=VALUE`): trials, batch_sizes, n_samples, early_epochs, late_epochs,
 late_batch_size, lr, modes, keep_tensors, same_samples, decomp_sets, decomp_orders,
-decomp_batch_sizes, k, threads, blowup_loss, seed, checkpoint_early, checkpoint_late,
+decomp_batch_sizes, k, threads, engine, blowup_loss, seed, checkpoint_early, checkpoint_late,
 tensor_dir, hidden.
 """
 
@@ -51,7 +51,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 COMMON: dict[str, Any] = {
     "batch_sizes": list(gc.BATCH_SIZES), "n_samples": 1024, "early_epochs": 2,
     "late_batch_size": 1024, "lr": 0.01, "modes": list(gc.MODES), "keep_tensors": True,
-    "same_samples": False, "k": None, "threads": None, "blowup_loss": 100.0, "seed": 0,
+    "same_samples": False, "k": None, "threads": None, "engine": None, "blowup_loss": 100.0,
+    "seed": 0,
     "checkpoint_early": None, "checkpoint_late": None, "tensor_dir": None,
     "hidden": [1024, 1024],  # the study's MLP; smaller only for tests and demos
 }
@@ -78,6 +79,8 @@ def options(ctx: Context) -> dict[str, Any]:
     bad = [m for m in opts["modes"] if m not in gc.MODES]
     if bad:
         raise ConfigError(f"unknown modes {bad}; choose from {', '.join(gc.MODES)}")
+    if opts["engine"] is not None and opts["engine"] not in gc.ENGINES:
+        raise ConfigError(f"unknown engine {opts['engine']!r}; choose from {', '.join(gc.ENGINES)}")
     if not 1 <= int(opts["early_epochs"]) < int(opts["late_epochs"]):
         raise ConfigError("need 1 <= early_epochs < late_epochs")
     return opts
@@ -396,7 +399,8 @@ def run(ctx: Context) -> Output:
     seed, T = int(o["seed"]), int(o["trials"])
     keep = bool(o["keep_tensors"])
     common = dict(n_samples=int(o["n_samples"]), lr=float(o["lr"]),
-                  blowup_loss=float(o["blowup_loss"]), k=o["k"], threads=o["threads"])
+                  blowup_loss=float(o["blowup_loss"]), k=o["k"], threads=o["threads"],
+                  engine=o["engine"])
     recs: dict[str, dict[int, dict]] = {}
     decomp: dict[str, dict[int, dict]] = {}
     trial_rows = []
