@@ -10,8 +10,10 @@ Prints, in one run:
   2. the engines one trial at a time on one thread (`deferred` vs `fused`), per batch size:
      how `default_engine` was chosen, and what the parallel workers add;
   3. batchlab's per-step time at b=1 against the memory-bandwidth bound: bytes the step moves
-     / measured DRAM copy bandwidth (a 256 MB copy, far larger than the caches), for the
-     deferred step and for the textbook fused step;
+     / measured DRAM copy bandwidth (best of 5 copies of 256 MB, far larger than the caches);
+     the target pairs the experiment's pass (all cores) with the all-core bandwidth; also one
+     stream (best of 3 passes, 1 thread) against 1-thread bandwidth, for the deferred step
+     and for the textbook fused step;
   4. seconds per trial for K stacked trials at a few batch sizes (how `default_k` was chosen).
 Targets on a 2-core CPU: >= 3x the naive loop over the whole trial, b=1 step within 1.5x of
 the bandwidth bound. PASS/FAIL is computed from the measured numbers.
@@ -161,15 +163,28 @@ def main() -> None:
     print(f"{'trial':>6} {sum(math.ceil(n / b) for b in bs):>6} {tn:>9.3f} {tf:>11.3f} "
           f"{speedup:>7.2f}x | {td:>13.3f} {tfu:>11.3f} {td / tf:>11.2f}x")
 
+    # Two consistent pairings: the experiment's b=1 pass (every core busy: wall time / steps)
+    # against the copy bandwidth of every core, and one trial on one thread against the
+    # copy bandwidth of one thread. The first is the target; the second shows one stream.
     bw = copy_bandwidth()
-    print(f"\nb=1 step vs the bandwidth bound (DRAM copy bandwidth, 256 MB: {bw / 1e9:.1f} GB/s)")
-    ratios = {}
-    for e in gc.ENGINES:
-        step = single[e][1] / n
-        nbytes = bytes_per_step(model, e)
-        ratios[e] = step / (nbytes / bw)
-        print(f"  {e:>8}: {step * 1e3:.3f} ms/step; moves {nbytes / 1e6:.1f} MB/step -> bound "
-              f"{nbytes / bw * 1e3:.3f} ms; step / bound = {ratios[e]:.2f}")
+    with gc._threads(1):
+        bw1 = copy_bandwidth()
+    print(f"\nb=1 step vs the bandwidth bound (bytes the step moves / DRAM copy bandwidth, "
+          f"best of 5 copies of 256 MB: {bw / 1e9:.1f} GB/s on {default_threads} threads, "
+          f"{bw1 / 1e9:.1f} GB/s on 1)")
+    nbytes = {e: bytes_per_step(model, e) for e in gc.ENGINES}
+    engine = gc.default_engine(cpu)
+    step = fast[1] / n
+    ratio = step / (nbytes[engine] / bw)
+    print(f"  experiment ({engine}, {gc.default_workers(cpu)} workers): {step * 1e3:.3f} ms per "
+          f"step; {nbytes[engine] / 1e6:.1f} MB/step -> bound {nbytes[engine] / bw * 1e3:.3f} "
+          f"ms; step / bound = {ratio:.2f}")
+    for e in gc.ENGINES:  # best of 3 passes at b=1
+        t = min([single[e][1]] + [engine_trial(model, data.x_train[idx], data.y_train[idx],
+                                               [1], e)[1] for _ in range(2)]) / n
+        print(f"  one stream ({e}, 1 thread): {t * 1e3:.3f} ms per step; "
+              f"{nbytes[e] / 1e6:.1f} MB/step -> bound {nbytes[e] / bw1 * 1e3:.3f} ms; "
+              f"step / bound = {t / (nbytes[e] / bw1):.2f}")
 
     print("\nK stacked trials, one thread (seconds per trial, min(32, 1024/b) steps; lower is "
           "better):")
@@ -184,12 +199,10 @@ def main() -> None:
                 line.append(f"K={k}: {(time.perf_counter() - t0) / k:.4f}")
             print("  ".join(line))
 
-    engine = gc.default_engine(cpu)
-    ok1, ok2 = speedup >= 3.0, ratios[engine] <= 1.5
+    ok1, ok2 = speedup >= 3.0, ratio <= 1.5
     print(f"\n{'PASS' if ok1 else 'FAIL'}: whole trial {speedup:.2f}x the naive loop (target >= 3x)")
-    print(f"{'PASS' if ok2 else 'FAIL'}: b=1 step ({engine}) {ratios[engine]:.2f}x the bandwidth "
-          f"bound (target <= 1.5x)")
-
+    print(f"{'PASS' if ok2 else 'FAIL'}: b=1 step ({engine}, as the experiment runs) {ratio:.2f}x "
+          f"the bandwidth bound (target <= 1.5x)")
 
 if __name__ == "__main__":
     main()
