@@ -217,6 +217,7 @@ def tables(recs: dict[str, dict[int, dict]], o: dict[str, Any]) -> list[dict[str
                     "mean": mean, "std": std, "cv": std / mean if mean > 0 else math.nan,
                     "norm_mean": mu_ref, "norm_std": std * mu_ref / mean if mean > 0 else math.nan,
                     **vs, "seconds": rec["seconds"], "k": rec["k"],
+                    "engine": rec.get("engine", "fused"),
                 })
     return rows
 
@@ -473,7 +474,9 @@ def _summary(rows, fits, forms, dec_rows, o, cfg, T) -> str:
         f" (late batch size {o['late_batch_size']}). {T} trials per batch size and regime, "
         f"{o['n_samples']} samples each (fresh samples per trial"
         f"{'; SAME sample set in every trial' if o['same_samples'] else ''}). "
-        "Remainder rule: floor(n/b) steps of b, then one step with the n mod b left over.",
+        "Remainder rule: floor(n/b) steps of b, then one step with the n mod b left over. "
+        f"Engine: {', '.join(sorted({str(x['engine']) for x in norm_rows}))} "
+        "(`batchlab.gradcomp`; every trial replays from its seed in trials.csv).",
         "",
         "Modes: `displacement` = sum of mean-loss step gradients (= weight displacement / lr); "
         "`sample-sum` = the same steps, each gradient x its batch size (sum of per-sample "
