@@ -56,6 +56,14 @@ def greater(a: Sequence[float], b: Sequence[float], min_effect: float,
     return v, ev, rule
 
 
+def _band(deviation: float, limit: float) -> str:
+    """Reproduced within `limit`, not reproduced beyond twice it, inconclusive in between
+    (the gap keeps a verdict from flipping on noise at the boundary)."""
+    if deviation <= limit:
+        return REPRODUCED
+    return NOT_REPRODUCED if deviation > 2 * limit else INCONCLUSIVE
+
+
 def close_to(a: Sequence[float], b: Sequence[float], tolerance: float,
              what: str = "a ~ b") -> tuple[str, dict, str]:
     """Claim: a reaches b (a >= b - tolerance, within noise). Reproduced if
@@ -65,14 +73,7 @@ def close_to(a: Sequence[float], b: Sequence[float], tolerance: float,
     mb, sb, nb = _stats(b)
     noise = noise_margin(a, b)
     gap = mb - ma
-    if not (math.isfinite(ma) and math.isfinite(mb)):
-        v = INCONCLUSIVE
-    elif gap <= tolerance + noise:
-        v = REPRODUCED
-    elif gap > 2 * (tolerance + noise):
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
+    v = _band(gap, tolerance + noise) if math.isfinite(ma) and math.isfinite(mb) else INCONCLUSIVE
     ev = {"mean_a": ma, "sd_a": sa, "n_a": na, "mean_b": mb, "sd_b": sb, "n_b": nb,
           "shortfall": gap, "tolerance": tolerance, "noise": noise}
     rule = (f"{what}: reproduced if mean(a) falls short of mean(b) by at most "
@@ -117,14 +118,7 @@ def within(a: Sequence[float], target: float, tolerance: float,
     ma, sa, na = _stats(a)
     noise = 2.0 * sa / math.sqrt(na) if na > 1 else 0.0
     dev = abs(ma - target)
-    if not math.isfinite(ma):
-        v = INCONCLUSIVE
-    elif dev <= tolerance + noise:
-        v = REPRODUCED
-    elif dev > 2 * (tolerance + noise):
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
+    v = _band(dev, tolerance + noise) if math.isfinite(ma) else INCONCLUSIVE
     ev = {"mean": ma, "sd": sa, "n": na, "target": target, "deviation": dev,
           "tolerance": tolerance, "noise": noise}
     rule = (f"{what}: reproduced if the mean is within {tolerance:g} + 2 x SE of {target:g}; "
