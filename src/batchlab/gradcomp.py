@@ -89,9 +89,11 @@ def validate_batch_sizes(batch_sizes: Sequence[int], n_samples: int) -> list[int
 
 
 def default_engine(device: torch.device) -> str:
-    """`deferred` on the CPU (measured 1.3-2.4x faster than `fused` per trial at b <= 8 on one
-    thread, equal at b >= 16); `fused` on a GPU, where a step is bound by kernel launches and
-    K stacked trials fill the device (the deferred engine launches more kernels per step)."""
+    """`deferred` on the CPU (benchmarks/gradient_competition.py, one thread, per trial:
+    1.2-2.6x faster than `fused` at b <= 8, equal at b = 16-128, up to 2x at b >= 256 where
+    the final step records its gradient without the backward); `fused` on a GPU, where a step
+    is bound by kernel launches and K stacked trials fill the device (the deferred engine
+    launches more kernels per step; not yet measured there)."""
     return "fused" if device.type == "cuda" else "deferred"
 
 
