@@ -225,6 +225,28 @@ def test_replay_from_seed_gives_stored_tensors(tiny, tmp_path):
         gc.run_trials(run, model, X, Y, tmp_path, "ckpt")
 
 
+def test_failed_batch_size_leaves_no_partial_files(tiny, tmp_path, monkeypatch):
+    model, X, Y = tiny
+    run = gc.TrialRun("fail", gc.trial_seeds(2, "fail", 6), [None] * 6, [1, 5],
+                      ["displacement"], n_samples=N, lr=0.05, threads=2)
+    real, calls = gc.run_trial_block, []
+
+    def flaky(*a, **kw):
+        calls.append(a[3])
+        if a[3] == 5 and len(calls) > 8:  # b=1 completes; b=5 fails on its third block
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gc, "run_trial_block", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        gc.run_trials(run, model, X, Y, tmp_path, "ckpt")
+    (d,) = tmp_path.iterdir()
+    assert sorted(p.name for p in d.iterdir()) == ["b0001.json", "displacement_b0001.npy"]
+    monkeypatch.setattr(gc, "run_trial_block", real)
+    recs = gc.run_trials(run, model, X, Y, tmp_path, "ckpt")  # resumes: b=1 reused, b=5 run
+    assert sorted(recs) == [1, 5] and not list(d.glob(".*"))
+
+
 def test_same_samples_only_reorders(tiny):
     a = gc.sample_indices(200, N, seed=1, sample_seed=9)
     b = gc.sample_indices(200, N, seed=2, sample_seed=9)

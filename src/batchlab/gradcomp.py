@@ -313,6 +313,11 @@ class TensorFile:
         del self.mm
         os.replace(self.tmp, self.path)
 
+    def discard(self) -> None:
+        """Drop the unfinished file (the run failed or was interrupted)."""
+        del self.mm
+        self.tmp.unlink(missing_ok=True)
+
 
 def open_tensors(path: Path, trials: int | None = None, width: int | None = None) -> np.ndarray:
     """Memory-map a kept tensor file read-only; a missing, truncated or mis-shaped file is a
@@ -461,21 +466,27 @@ def _run_batch_size(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.T
     norms = {m: np.zeros(T) for m in run.modes}
     max_loss = {m: np.zeros(T) for m in run.modes}
     t0 = time.perf_counter()
+
     def block(start: int) -> dict[str, torch.Tensor]:
         ids = idx[start:start + K]
         return run_trial_block(model, X[ids], Y[ids], b, run.lr, run.modes, run.engine)
 
     starts = list(range(0, T, K))
-    for start, res in zip(starts, _blocks(block, starts, X.device, run.threads)):
-        for m in run.modes:
-            g = res[m].to(torch.float32).cpu().numpy()
-            nrm = np.linalg.norm(g.astype(np.float64), axis=1)
-            ml = res["max_loss/sum" if m == "sum-loss" else "max_loss/mean"].cpu().numpy()
-            norms[m][start:start + len(g)] = nrm
-            max_loss[m][start:start + len(g)] = ml
-            stats[m].update(g[~_blown(nrm, ml, run.blowup_loss)])
-            if keep_tensors:
-                files[m].write(start, g)
+    try:
+        for start, res in zip(starts, _blocks(block, starts, X.device, run.threads)):
+            for m in run.modes:
+                g = res[m].to(torch.float32).cpu().numpy()
+                nrm = np.linalg.norm(g.astype(np.float64), axis=1)
+                ml = res["max_loss/sum" if m == "sum-loss" else "max_loss/mean"].cpu().numpy()
+                norms[m][start:start + len(g)] = nrm
+                max_loss[m][start:start + len(g)] = ml
+                stats[m].update(g[~_blown(nrm, ml, run.blowup_loss)])
+                if keep_tensors:
+                    files[m].write(start, g)
+    except BaseException:  # interrupted or failed: leave no partial tensor files behind
+        for f in files.values():
+            f.discard()
+        raise
     seconds = time.perf_counter() - t0
     for f in files.values():
         f.close()
