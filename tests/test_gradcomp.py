@@ -309,6 +309,9 @@ def test_experiment_end_to_end(tmp_path):
             run_experiment("gradient-competition", _ctx(tmp_path, st, batch_sizes=[0, 8]))
         with pytest.raises(ConfigError, match="unknown option"):
             run_experiment("gradient-competition", _ctx(tmp_path, st, bogus=1))
+        for bad_opt in ({"threads": 0}, {"k": -1}, {"k": 1.5}, {"engine": "bogus"}):
+            with pytest.raises(ConfigError, match="positive integer|unknown engine"):
+                run_experiment("gradient-competition", _ctx(tmp_path, st, **bad_opt))
         bad = tmp_path / "bad.safetensors"
         from batchlab.checkpoint import save_model
 

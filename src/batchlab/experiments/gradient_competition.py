@@ -79,6 +79,10 @@ def options(ctx: Context) -> dict[str, Any]:
     bad = [m for m in opts["modes"] if m not in gc.MODES]
     if bad:
         raise ConfigError(f"unknown modes {bad}; choose from {', '.join(gc.MODES)}")
+    for key in ("k", "threads"):  # unset = the device's default
+        v = opts[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
     if opts["engine"] is not None and opts["engine"] not in gc.ENGINES:
         raise ConfigError(f"unknown engine {opts['engine']!r}; choose from {', '.join(gc.ENGINES)}")
     if not 1 <= int(opts["early_epochs"]) < int(opts["late_epochs"]):
