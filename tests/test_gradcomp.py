@@ -192,7 +192,10 @@ def test_parallel_workers_give_identical_tensors(tiny, tmp_path):
     for w in (1, 3):
         run = gc.TrialRun("w", seeds, [None] * 7, [1, 5], list(gc.MODES), n_samples=N,
                           lr=0.05, threads=w)
-        recs = gc.run_trials(run, model, X, Y, tmp_path / f"w{w}", "ckpt")
+        done: dict[int, int] = {}
+        recs = gc.run_trials(run, model, X, Y, tmp_path / f"w{w}", "ckpt",
+                             advance=lambda b, t: done.update({b: done.get(b, 0) + t}))
+        assert done == {1: 7, 5: 7}  # every trial reported once, per batch size
         (d,) = (tmp_path / f"w{w}").iterdir()
         out[w] = d.name, {(b, m): np.load(d / recs[b]["modes"][m]["file"])
                           for b in (1, 5) for m in gc.MODES}

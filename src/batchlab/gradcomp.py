@@ -373,9 +373,12 @@ class TrialRun:
 
 def run_trials(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor,
                directory: Path, checkpoint_id: str, *, keep_tensors: bool = True,
-               progress: Callable[[str], None] | None = None) -> dict[int, dict[str, Any]]:
+               progress: Callable[[str], None] | None = None,
+               advance: Callable[[int, int], None] | None = None) -> dict[int, dict[str, Any]]:
     """Run (or reuse) every batch size of `run`; returns {b: record}. A record holds, per mode,
     the per-trial norms and blow-up flags, the value statistics and the tensor file name.
+    `progress(line)` is called when a batch size completes, `advance(b, trials)` as trials
+    complete (for a progress bar; a reused batch size reports all its trials at once).
 
     Results live in `directory/<name>-<spec hash>/`: one JSON record per b (written last, so a
     record means the b is complete) and, with `keep_tensors`, one .npy per (mode, b). Rerunning
@@ -394,7 +397,8 @@ def run_trials(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor
                        for s, ss in zip(run.seeds, run.sample_seeds)]).to(X.device)
     out: dict[int, dict[str, Any]] = {}
     for b in run.batch_sizes:
-        out[b] = _reuse_or_run(run, model, X, Y, idx, b, d, width, keep_tensors, progress)
+        out[b] = _reuse_or_run(run, model, X, Y, idx, b, d, width, keep_tensors, progress,
+                               advance)
     return out
 
 
@@ -439,7 +443,8 @@ def _blocks(fn: Callable[[int], dict[str, torch.Tensor]], starts: Sequence[int],
 
 def _reuse_or_run(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor,
                   idx: torch.Tensor, b: int, d: Path, width: int, keep_tensors: bool,
-                  progress: Callable[[str], None] | None) -> dict[str, Any]:
+                  progress: Callable[[str], None] | None,
+                  advance: Callable[[int, int], None] | None) -> dict[str, Any]:
     T = len(run.seeds)
     rec_path = d / f"b{b:04d}.json"
     if rec_path.is_file():
@@ -447,8 +452,10 @@ def _reuse_or_run(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Ten
         if rec.get("keep_tensors"):
             for m in run.modes:
                 open_tensors(d / rec["modes"][m]["file"], T, width)
+        if advance:
+            advance(b, T)
         return rec
-    rec = _run_batch_size(run, model, X, Y, idx, b, d, width, keep_tensors)
+    rec = _run_batch_size(run, model, X, Y, idx, b, d, width, keep_tensors, advance)
     _atomic_json(rec_path, rec)
     if progress:
         progress(f"{run.name} b={b}: {rec['seconds']:.1f}s ({T} trials)")
@@ -456,8 +463,8 @@ def _reuse_or_run(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Ten
 
 
 def _run_batch_size(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor,
-                    idx: torch.Tensor, b: int, d: Path, width: int,
-                    keep_tensors: bool) -> dict[str, Any]:
+                    idx: torch.Tensor, b: int, d: Path, width: int, keep_tensors: bool,
+                    advance: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     T = len(run.seeds)
     K = run.k or default_k(b, X.device)
     files = {m: TensorFile(d / f"{m}_b{b:04d}.npy", T, width) for m in run.modes} \
@@ -483,6 +490,8 @@ def _run_batch_size(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.T
                 stats[m].update(g[~_blown(nrm, ml, run.blowup_loss)])
                 if keep_tensors:
                     files[m].write(start, g)
+            if advance:
+                advance(b, len(res[run.modes[0]]))
     except BaseException:  # interrupted or failed: leave no partial tensor files behind
         for f in files.values():
             f.discard()

@@ -21,6 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from scipy import optimize, stats
 
 from batchlab import gradcomp as gc
@@ -395,6 +403,21 @@ def figures(rows: list[dict], fits: dict, recs: dict, o: dict) -> dict[str, Any]
     return figs
 
 
+def _trials(ctx: Context, run: gc.TrialRun, model, data, tdir: Path, ckpt_id: str,
+            keep: bool) -> dict[int, dict]:
+    """`gc.run_trials` under a progress bar weighted by SGD steps (a b=1 trial is 1024 steps,
+    a b=1024 trial one), so the time remaining is meaningful."""
+    n = run.n_samples
+    steps = {b: math.ceil(n / b) for b in run.batch_sizes}
+    cols = (TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*cols, console=ctx.console, transient=True) as bar:
+        task = bar.add_task(f"{run.name} trials", total=len(run.seeds) * sum(steps.values()))
+        return gc.run_trials(run, model, data.x_train, data.y_train, tdir, ckpt_id,
+                             keep_tensors=keep, progress=bar.console.print,
+                             advance=lambda b, t: bar.advance(task, t * steps[b]))
+
+
 # -- the experiment ----------------------------------------------------------------------
 def run(ctx: Context) -> Output:
     o = options(ctx)
@@ -416,15 +439,13 @@ def run(ctx: Context) -> Output:
         seeds = gc.trial_seeds(seed, regime, T)
         fixed = gc.trial_seeds(seed, f"{regime}/samples", 1)[0] if o["same_samples"] else None
         main = gc.TrialRun(regime, seeds, [fixed] * T, o["batch_sizes"], o["modes"], **common)
-        recs[regime] = gc.run_trials(main, model, data.x_train, data.y_train, tdir, ckpt_id,
-                                     keep_tensors=keep, progress=ctx.console.print)
+        recs[regime] = _trials(ctx, main, model, data, tdir, ckpt_id, keep)
         set_seeds = gc.trial_seeds(seed, f"{regime}/sets", S)
         dmodes = [m for m in ("displacement", "sample-sum") if m in o["modes"]] or ["displacement"]
         dec = gc.TrialRun(f"{regime}-decomp", gc.trial_seeds(seed, f"{regime}/orders", S * R),
                           [s for s in set_seeds for _ in range(R)], o["decomp_batch_sizes"],
                           dmodes, **common)
-        decomp[regime] = gc.run_trials(dec, model, data.x_train, data.y_train, tdir, ckpt_id,
-                                       keep_tensors=keep, progress=ctx.console.print)
+        decomp[regime] = _trials(ctx, dec, model, data, tdir, ckpt_id, keep)
         for b, rec in recs[regime].items():
             for m in o["modes"]:
                 mm = rec["modes"][m]
