@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -192,9 +193,9 @@ def test_parallel_workers_give_identical_tensors(tiny, tmp_path):
     for w in (1, 3):
         run = gc.TrialRun("w", seeds, [None] * 7, [1, 5], list(gc.MODES), n_samples=N,
                           lr=0.05, threads=w)
-        done: dict[int, int] = {}
+        done: Counter[int] = Counter()
         recs = gc.run_trials(run, model, X, Y, tmp_path / f"w{w}", "ckpt",
-                             advance=lambda b, t: done.update({b: done.get(b, 0) + t}))
+                             advance=lambda b, t, done=done: done.update({b: t}))
         assert done == {1: 7, 5: 7}  # every trial reported once, per batch size
         (d,) = (tmp_path / f"w{w}").iterdir()
         out[w] = d.name, {(b, m): np.load(d / recs[b]["modes"][m]["file"])
