@@ -30,8 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from batchlab import curvature as C
-from batchlab.train import get_data, train
+from batchlab.engine.train import get_data, train
+from batchlab.measure import curvature as C
 
 
 def normalize(vs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -38,10 +38,10 @@ import torch
 
 from batchlab.config import make_config
 from batchlab.data import load_dataset, prepare
-from batchlab.fused import FusedMLPSGD
-from batchlab.models import build_mlp
-from batchlab.optim import build_optimizer
-from batchlab.train import _autograd_step
+from batchlab.engine.fused import FusedMLPSGD
+from batchlab.engine.train import _autograd_step
+from batchlab.nn.models import build_mlp
+from batchlab.nn.optim import build_optimizer
 
 
 def sync(device: torch.device) -> None:
@@ -114,7 +114,7 @@ def mlp_samples_per_s(engine: str, x: torch.Tensor, y: torch.Tensor, batch_size:
 
 def reproduce_wall(data_dir: str, executor: str) -> tuple[float, int, str]:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "batchlab.cli", "reproduce", "--preset", "paper",
+        cmd = [sys.executable, "-m", "batchlab", "reproduce", "--preset", "paper",
                "--device", "cuda", "--data-dir", data_dir, "--out", f"{tmp}/out",
                "--store", f"{tmp}/runs.db", "--executor", executor]
         t0 = time.perf_counter()

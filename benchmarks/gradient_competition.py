@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from batchlab import gradcomp as gc
+from batchlab.analysis import gradcomp as gc
 from batchlab.data import load_dataset, prepare
-from batchlab.models import build_mlp
+from batchlab.nn.models import build_mlp
 
 
 def naive_trial(model, x, y, batch_sizes, lr=0.01) -> dict[int, float]:

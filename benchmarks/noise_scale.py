@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from batchlab import noise
 from batchlab.data import load_dataset, prepare
-from batchlab.models import build_mlp
+from batchlab.measure import noise
+from batchlab.nn.models import build_mlp
 
 
 def loop_sq_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

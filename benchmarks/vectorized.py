@@ -3,7 +3,7 @@
 Workload (issue 3, item 6): 4 seeds of the default MLP 784-1024-1024-10, plain SGD lr 0.01,
 batch 64, one epoch of the embedded mnist-5k (4000 images) each, so both sides train the same
 number of samples. "Sequential" is `train()` (the fused single-model engine) run 4 times;
-"vectorized" is `batchlab.vectorized.train_group` (one pass with bmm). Only the step loops are
+"vectorized" is `batchlab.engine.vectorized.train_group` (one pass with bmm). Only the step loops are
 timed (each run's `train_seconds`; evaluation is excluded on both sides). Each side is measured
 `--rounds` times, interleaved, and the best round is kept, because the machine is shared.
 
@@ -11,7 +11,7 @@ Roofline: 6 x params FLOPs per sample (forward + two backward matmuls) at the GF
 square fp32 matmul. (The engine skips the input gradient of layer 1, so it does ~0.86 x 6P real
 FLOPs: a run can show slightly over 100% of this roofline.)
 
-A second table measures the rule `batchlab.vectorized` uses (vectorize only up to
+A second table measures the rule `batchlab.engine.vectorized` uses (vectorize only up to
 MAX_VECTORIZED_BATCH): vectorized/sequential speed per batch size.
 
     python benchmarks/vectorized.py [--rounds 3] [--seeds 4] [--no-rule]
@@ -25,9 +25,9 @@ import time
 import torch
 
 from batchlab.config import make_config
-from batchlab.models import n_params
-from batchlab.train import build_model, get_data, resolve_device, train
-from batchlab.vectorized import MAX_VECTORIZED_BATCH, train_group
+from batchlab.engine.train import build_model, get_data, resolve_device, train
+from batchlab.engine.vectorized import MAX_VECTORIZED_BATCH, train_group
+from batchlab.nn.models import n_params
 
 TARGET_SPEEDUP = 1.5
 TARGET_ROOFLINE = 0.85

@@ -54,7 +54,7 @@ def filled_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_train_json_prints_exactly_one_object(tmp_path: Path) -> None:
     store = tmp_path / "s.db"
     proc = subprocess.run(
-        [sys.executable, "-m", "batchlab.cli", "train", *TINY_ARGS, "--store", str(store),
+        [sys.executable, "-m", "batchlab", "train", *TINY_ARGS, "--store", str(store),
          "--json"], capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -77,7 +77,7 @@ def test_bad_input_in_a_real_process_exit_2_one_line_store_untouched(
 ) -> None:
     before = _dump(filled_store)
     proc = subprocess.run(
-        [sys.executable, "-m", "batchlab.cli", "train", "--dataset", "digits",
+        [sys.executable, "-m", "batchlab", "train", "--dataset", "digits",
          "--batch-size", "100000", "--store", str(filled_store)],
         capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2

@@ -1,4 +1,4 @@
-"""batchlab.curvature against the exact Hessian of tiny MLPs (float64, 5-4-3)."""
+"""batchlab.measure.curvature against the exact Hessian of tiny MLPs (float64, 5-4-3)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from batchlab import curvature as C
 from batchlab.errors import ConfigError
-from batchlab.models import build_mlp
+from batchlab.measure import curvature as C
+from batchlab.nn.models import build_mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +107,7 @@ def test_interpolate_endpoints(tiny):
     model, data, _, _ = tiny
     other = build_mlp(5, [4], 3, init="torch", seed=2).double()
     rows = C.interpolate(model, other, data, data, [0.0, 0.5, 1.0])
-    from batchlab.train import evaluate
+    from batchlab.engine.train import evaluate
 
     la, _ = evaluate(model, *data)
     lb, _ = evaluate(other, *data)

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batchlab import gradcomp as gc
+from batchlab.analysis import gradcomp as gc
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.experiments import Context, run_experiment
-from batchlab.models import build_mlp
-from batchlab.store import Store
+from batchlab.nn.models import build_mlp
+from batchlab.runs.store import Store
 
 N = 24  # samples per trial in these tests
 
@@ -101,7 +101,7 @@ def test_deferred_chunks_match_reference(monkeypatch, hidden, rank, b, mode):
 @pytest.mark.parametrize("hidden", [[], [16, 12]])
 def test_deferred_pass_leaves_the_sgd_weights(hidden):
     """With final_update (the default) the weights after a deferred pass are plain SGD's."""
-    from batchlab.deferred import Step, sgd_pass
+    from batchlab.engine.deferred import Step, sgd_pass
 
     model = build_mlp(20, hidden, 5, seed=4).double()
     g = torch.Generator().manual_seed(3)
@@ -124,7 +124,7 @@ def test_deferred_pass_leaves_the_sgd_weights(hidden):
 
 
 def test_deferred_chunking_rule():
-    from batchlab.deferred import Step, chunks
+    from batchlab.engine.deferred import Step, chunks
 
     sink = torch.zeros(1)
     steps = [Step(s, s + 3, 0.1, sink) for s in range(0, 30, 3)] + [Step(30, 31, 0.1, sink)]
@@ -160,7 +160,7 @@ def test_modes_relate_as_documented(tiny):
     # displacement is the weight change / lr
     net = copy.deepcopy(model)
     w0 = net[-2].weight.detach().clone()
-    from batchlab.fused import FusedMLPSGD
+    from batchlab.engine.fused import FusedMLPSGD
 
     eng = FusedMLPSGD.from_mlps([net])
     for s in range(0, N, 4):
@@ -317,7 +317,7 @@ def test_experiment_end_to_end(tmp_path):
             with pytest.raises(ConfigError, match="positive integer|unknown engine"):
                 run_experiment("gradient-competition", _ctx(tmp_path, st, **bad_opt))
         bad = tmp_path / "bad.safetensors"
-        from batchlab.checkpoint import save_model
+        from batchlab.nn.checkpoint import save_model
 
         save_model(bad, build_mlp(784, [8], 10))
         with pytest.raises(BatchlabError, match="does not fit"):

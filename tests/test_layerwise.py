@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY
 
-from batchlab import curvature as C
 from batchlab.config import make_config
-from batchlab.layerwise import CBLR, LARS, MCLR, curvature_factors
-from batchlab.models import build_mlp
-from batchlab.optim import build_optimizer, layer_groups
-from batchlab.train import _autograd_step, train
+from batchlab.engine.train import _autograd_step, train
+from batchlab.measure import curvature as C
+from batchlab.nn.layerwise import CBLR, LARS, MCLR, curvature_factors
+from batchlab.nn.models import build_mlp
+from batchlab.nn.optim import build_optimizer, layer_groups
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

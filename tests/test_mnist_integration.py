@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from batchlab.data import load_dataset
-from batchlab.models import build_mlp
+from batchlab.nn.models import build_mlp
 
 pytestmark = pytest.mark.mnist
 
@@ -43,7 +43,7 @@ def test_glorot_init_weight_norm_is_about_44() -> None:
 @pytest.mark.slow  # ~15 s of CPU on a quiet 2-core machine
 def test_train_command_reaches_95_percent(mnist_dir: Path, tmp_path: Path) -> None:
     """The issue's acceptance criterion, through the real console entry point."""
-    cmd = [sys.executable, "-m", "batchlab.cli", "train", "--dataset", "mnist",
+    cmd = [sys.executable, "-m", "batchlab", "train", "--dataset", "mnist",
            "--data-dir", str(mnist_dir), "--batch-size", "64", "--epochs", "3", "--lr", "0.1",
            "--init", "glorot", "--json", "--store", str(tmp_path / "runs.db")]
     # passive OpenMP waiting: on a busy shared box, spinning threads slow this 10x; no effect

@@ -21,9 +21,9 @@ except ImportError:
     pytest.skip("Ray is not installed (pip install 'batchlab[ray]')", allow_module_level=True)
 
 from batchlab.config import make_config
-from batchlab.executors import run_configs, run_local
-from batchlab.ray_executor import run_ray
-from batchlab.store import Store
+from batchlab.runs.executors import run_configs, run_local
+from batchlab.runs.ray_executor import run_ray
+from batchlab.runs.store import Store
 
 TIMING = {"seconds", "eval_seconds", "train_seconds_total", "train_seconds"}
 
@@ -171,7 +171,7 @@ def test_interrupt_leaves_resumable_store(cluster, tmp_path: Path) -> None:
 
 def test_bad_cluster_input_fails_fast() -> None:
     from batchlab.errors import BatchlabError, ConfigError
-    from batchlab.ray_executor import _check_reachable, _wants_gpu
+    from batchlab.runs.ray_executor import _check_reachable, _wants_gpu
 
     with pytest.raises(ConfigError, match="HOST:PORT"):
         _check_reachable("nohost")
@@ -187,7 +187,7 @@ def test_bad_cluster_input_fails_fast() -> None:
 
 def test_cli_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """typer reports Ctrl-C as a returned 130; the CLI must exit with it, not with 0."""
-    import batchlab.cli as cli
+    from batchlab.cli import root as cli
 
     monkeypatch.setattr(cli, "app", lambda standalone_mode: 130)
     with pytest.raises(SystemExit) as exc:

@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from batchlab import schedules
 from batchlab.config import Phase, make_config
+from batchlab.engine import schedules
+from batchlab.engine.train import train
 from batchlab.errors import ConfigError
-from batchlab.store import Store
-from batchlab.train import train
+from batchlab.runs.store import Store
 
 TINY = dict(dataset="digits", hidden=[16], lr=0.01, probes=[])
 N_TRAIN = 1437  # digits: 1797 images, 360 held out for test

@@ -12,12 +12,12 @@ from conftest import TINY
 from safetensors.torch import save_file
 
 from batchlab import train
-from batchlab.checkpoint import load_into, load_state, read_meta, save_model, save_state
 from batchlab.config import make_config
 from batchlab.data.idx import sha256_file
 from batchlab.errors import BatchlabError
-from batchlab.models import build_mlp
-from batchlab.store import RunRecord, Store
+from batchlab.nn.checkpoint import load_into, load_state, read_meta, save_model, save_state
+from batchlab.nn.models import build_mlp
+from batchlab.runs.store import RunRecord, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from batchlab.errors import ConfigError
 from batchlab.experiments import Context, run_experiment
 from batchlab.experiments.study import mean_sd, pm
 from batchlab.experiments.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
-from batchlab.store import Store
+from batchlab.runs.store import Store
 
 TINY = {"epochs": 2, "hidden": [32], "dataset": "digits"}
 FIVE = ("batch-size", "learning-rate", "switch", "distance", "adam-vs-sgd")

@@ -15,7 +15,7 @@ import pytest
 
 from batchlab.data.idx import sha256_file
 from batchlab.errors import ConfigError
-from batchlab.sweep import expand, load_grid, validate_against_data
+from batchlab.runs.sweep import expand, load_grid, validate_against_data
 
 
 def _grid(tmp_path: Path, text: str, name: str = "grid.toml") -> Path:
@@ -120,7 +120,7 @@ batch_size = [8, 9, 10, 11, 12, 13]
     n_runs = 6
     store = tmp_path / "sweep.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "batchlab.cli", "sweep", str(grid), "--store", str(store),
+    cmd = [sys.executable, "-m", "batchlab", "sweep", str(grid), "--store", str(store),
            "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:

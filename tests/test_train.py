@@ -11,9 +11,9 @@ from conftest import TINY
 from batchlab import train
 from batchlab.config import Phase, make_config
 from batchlab.errors import ConfigError
-from batchlab.executors import run_configs
-from batchlab.models import build_mlp
-from batchlab.store import Store
+from batchlab.nn.models import build_mlp
+from batchlab.runs.executors import run_configs
+from batchlab.runs.store import Store
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "running_loss", "dist_init_w",
            "norm_w", "steps", "samples")

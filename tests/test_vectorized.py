@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from batchlab.config import make_config
-from batchlab.executors import run_configs
-from batchlab.store import Store
-from batchlab.train import TrainResult, get_data, resolve_device, train
-from batchlab.vectorized import MAX_K, MAX_VECTORIZED_BATCH, plan_groups, train_group, train_many
+from batchlab.engine.train import TrainResult, get_data, resolve_device, train
+from batchlab.engine.vectorized import MAX_K, MAX_VECTORIZED_BATCH, plan_groups, train_group, train_many
+from batchlab.runs.executors import run_configs
+from batchlab.runs.store import Store
 
 BASE = dict(dataset="digits", hidden=[32], epochs=3, batch_size=32, lr=0.1)
 TIMING = {"seconds", "eval_seconds", "train_seconds_total", "vectorized_k"}

@@ -3,12 +3,40 @@
     from batchlab import TrainConfig, train
     result = train(TrainConfig(dataset="mnist-5k", batch_size=64, lr=0.01, epochs=3))
     result.final["test_acc"]
+
+The public names below are imported lazily, so `import batchlab.data` does not pull in the
+engine, the store or the CLI.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from batchlab.config import Phase, TrainConfig  # noqa: E402
-from batchlab.store import Store  # noqa: E402
-from batchlab.train import TrainResult, train  # noqa: E402
+import importlib
+from typing import Any
 
-__all__ = ["Phase", "Store", "TrainConfig", "TrainResult", "__version__", "train"]
+__version__ = "0.2.0"
+
+_PUBLIC = {
+    "Phase": "batchlab.config",
+    "TrainConfig": "batchlab.config",
+    "Store": "batchlab.runs.store",
+    "TrainResult": "batchlab.engine.train",
+    "train": "batchlab.engine.train",
+}
+_MODULES = {  # submodules reachable as `from batchlab import curvature`
+    "curvature": "batchlab.measure.curvature",
+    "noise": "batchlab.measure.noise",
+    "gradcomp": "batchlab.analysis.gradcomp",
+}
+
+__all__ = ["__version__", *_PUBLIC, *_MODULES]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    else:
+        raise AttributeError(f"module 'batchlab' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -62,7 +62,7 @@ class TrainConfig(BaseModel):
     discard_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     batch_size: int = 64
     epochs: int = Field(default=30, ge=0)
-    # schedules (see batchlab.schedules)
+    # schedules (see batchlab.engine.schedules)
     schedule: list[Phase] | None = None
     lr_multipliers: dict[int, float] = Field(default_factory=dict)
     warmup_epochs: float = Field(default=0.0, ge=0.0)

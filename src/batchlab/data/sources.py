@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import importlib.util
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from batchlab.atomic import atomic_path
 from batchlab.data.idx import parse_idx, read_bytes
 from batchlab.errors import DataError
 
@@ -113,23 +113,17 @@ def _checksum_ok(spec: RemoteSpec, fname: str, gz_bytes: bytes, raw: bytes) -> b
 
 def _download(url: str, dest: Path, spec: RemoteSpec, fname: str, timeout: float = 30.0) -> None:
     """Download to a temp file in the same dir, verify, then rename: never a half file at dest."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{fname}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             while chunk := resp.read(1 << 16):
                 out.write(chunk)
-        gz = Path(tmp).read_bytes()
+        gz = tmp.read_bytes()
         try:
             raw = gzip.decompress(gz)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{fname} downloaded from {url} is not valid gzip: {e}") from None
         if not _checksum_ok(spec, fname, gz, raw):
             raise DataError(f"checksum mismatch for {fname} downloaded from {url}")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _find_files(directory: Path) -> dict[str, Path] | None:

@@ -20,9 +20,9 @@ from typing import Any
 from rich.console import Console
 
 from batchlab.config import TrainConfig, make_config
+from batchlab.engine.train import TrainResult
 from batchlab.errors import ConfigError
-from batchlab.store import Store
-from batchlab.train import TrainResult
+from batchlab.runs.store import Store
 
 # name -> module under batchlab.experiments (imported lazily); order = report order
 REGISTRY: dict[str, str] = {
@@ -101,7 +101,7 @@ class Context:
 
     def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
         """Train (or fetch from the store) every config; results in the same order."""
-        from batchlab.executors import run_configs
+        from batchlab.runs.executors import run_configs
 
         if self.store is None:
             raise ConfigError("experiments need a results store")

@@ -2,7 +2,7 @@
 
 For an early and a late checkpoint, each trial sums the last layer's weight gradients over one
 pass through the same 1024 samples at every batch size b, in three documented modes
-(`batchlab.gradcomp`: displacement, sample-sum, sum-loss), and the study's claims are judged
+(`batchlab.analysis.gradcomp`: displacement, sample-sum, sum-loss), and the study's claims are judged
 per mode from the measured norms. Also answers the study's open questions: the functional form
 of std(norm) vs b, and how much of the variance is explained by which samples were drawn
 (nested design: a few fixed sample sets x several orders each, law of total variance).
@@ -31,9 +31,9 @@ from rich.progress import (
 )
 from scipy import optimize, stats
 
-from batchlab import gradcomp as gc
-from batchlab.checkpoint import load_state
+from batchlab.analysis import gradcomp as gc
 from batchlab.config import Phase
+from batchlab.engine.train import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
@@ -44,7 +44,7 @@ from batchlab.experiments.verdicts import (
     greater,
     monotone,
 )
-from batchlab.train import build_model, get_data, resolve_device
+from batchlab.nn.checkpoint import load_state
 
 NAME = "gradient-competition"
 REGIMES = ("early", "late")
@@ -501,7 +501,7 @@ def _summary(rows, fits, forms, dec_rows, o, cfg, T) -> str:
         f"{'; SAME sample set in every trial' if o['same_samples'] else ''}). "
         "Remainder rule: floor(n/b) steps of b, then one step with the n mod b left over. "
         f"Engine: {', '.join(sorted({str(x['engine']) for x in norm_rows}))} "
-        "(`batchlab.gradcomp`; every trial replays from its seed in trials.csv).",
+        "(`batchlab.analysis.gradcomp`; every trial replays from its seed in trials.csv).",
         "",
         "Modes: `displacement` = sum of mean-loss step gradients (= weight displacement / lr); "
         "`sample-sum` = the same steps, each gradient x its batch size (sum of per-sample "

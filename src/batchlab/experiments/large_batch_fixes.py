@@ -106,7 +106,7 @@ def run(ctx: Context) -> Output:
         f"Batch size {B}, {meths['sgd']['epochs']} epochs, seeds {seeds}, momentum 0.9. "
         "Test accuracy at the end of training (mean, sd, range over seeds) and wall time per "
         "run (seconds; timings on a shared CPU). Methods: see the module docstring of "
-        "`batchlab.experiments.large_batch_fixes` and `batchlab.layerwise`.\n\n"
+        "`batchlab.experiments.large_batch_fixes` and `batchlab.nn.layerwise`.\n\n"
         + md_table(table, ["method", "test_acc_mean", "test_acc_sd", "test_acc_min",
                            "test_acc_max", "wall_seconds_mean", "n_completed"])
     )

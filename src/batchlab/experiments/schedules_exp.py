@@ -1,7 +1,7 @@
 """Large-batch schedule presets from the literature vs the small-batch baseline.
 
 One small-batch recipe (batch B0, lr with step decays) is the baseline; a large batch B run
-with the same recipe shows the generalization gap. The presets of `batchlab.presets` try to
+with the same recipe shows the generalization gap. The presets of `batchlab.engine.presets` try to
 close it: Goyal et al. (linear lr scaling + warmup) and Smith et al. (batch increases instead of
 lr decays) at equal epochs, Hoffer et al. (epochs x B/B0, i.e. equal steps, sqrt lr scaling) on
 the plain MLP and, with Ghost Batch Norm, on the MLP with BatchNorm against a BatchNorm
@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from batchlab.engine.presets import apply_preset
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.verdicts import close_to, greater
-from batchlab.presets import apply_preset
 
 QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
              decay_factor=0.1, warmup_epochs=1.0, tolerance=0.005, gbn=True)
@@ -72,7 +72,7 @@ def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
 
 
 def run(ctx: Context) -> Output:
-    from batchlab.train import get_data, resolve_device
+    from batchlab.engine.train import get_data, resolve_device
 
     s = settings(ctx)
     probe = ctx.config()

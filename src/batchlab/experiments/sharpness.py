@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchlab import curvature as C
+from batchlab.engine.train import TrainResult, build_model, get_data, resolve_device
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.outputs import md_table, plt
-from batchlab.train import TrainResult, build_model, get_data, resolve_device
+from batchlab.measure import curvature as C
 
 EPSILONS = (1e-3, 5e-4)
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from batchlab.engine.train import TrainResult
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.verdicts import greater, monotone
-from batchlab.train import TrainResult
 
 QUICK = dict(batch_sizes=[16, 64, 256, 1024], lrs=[0.03, 0.1, 0.3, 1.0], max_epochs=15,
              target_metric="test_acc", target_value=0.90)
@@ -115,7 +115,7 @@ def configs(ctx: Context, s: dict[str, Any], n_train: int) -> list:
 
 def measure(ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Run (or fetch) the sweep. Returns (rows per run, best row per batch size, settings)."""
-    from batchlab.train import get_data, resolve_device
+    from batchlab.engine.train import get_data, resolve_device
 
     s = settings(ctx)
     probe_cfg = ctx.config()

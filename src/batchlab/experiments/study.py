@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from batchlab.engine.train import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.experiments import Claim, Context
 from batchlab.experiments.outputs import plt, rows_to_csv
-from batchlab.train import TrainResult
 
 # the study's setting and the quick preset's stand-in (see each experiment's summary)
 PAPER_EPOCHS = 30

@@ -80,8 +80,8 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
     copy: the caller's weights are untouched). `progress(i, n)` is called after each size."""
     import copy
 
-    from batchlab.fused import FusedMLPSGD
-    from batchlab.models import MLP
+    from batchlab.engine.fused import FusedMLPSGD
+    from batchlab.nn.models import MLP
 
     dev = x.device
     rows = []
@@ -197,8 +197,8 @@ def figure(rows: list[dict[str, Any]]):
 
 
 def run(ctx: Context) -> Output:
+    from batchlab.engine.train import build_model, get_data, resolve_device
     from batchlab.experiments import steps_to_target as stt
-    from batchlab.train import build_model, get_data, resolve_device
 
     s = stt.settings(ctx)
     extra = {"hidden": s["hidden"]} if "hidden" in s else {}

@@ -1,6 +1,6 @@
 """Training-time measurements for "which batch size should I use?".
 
-* `noise_scale`: B_simple = tr(Sigma)/|G|^2 (see `batchlab.noise`) every `every_steps` steps on
+* `noise_scale`: B_simple = tr(Sigma)/|G|^2 (see `batchlab.measure.noise`) every `every_steps` steps on
   a fixed, seeded sample of training examples, from per-example gradients it computes itself
   from the live model - so it needs no `.grad` and keeps the fused engine. McCandlish et al.
   report that it grows as the loss falls; the per-epoch rows carry the last value with its
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from batchlab.noise import averaged, b_simple
+from batchlab.measure.noise import averaged, b_simple
 from batchlab.probes import Probe, ProbeContext, register
 
 
@@ -108,7 +108,7 @@ class TargetStepProbe(Probe):
         return {}
 
     def _check(self, ctx: ProbeContext, step: int) -> None:
-        from batchlab.train import evaluate
+        from batchlab.engine.train import evaluate
 
         cfg = ctx.config
         loss, acc = evaluate(ctx.model, *self._eval)

@@ -60,7 +60,7 @@ class StepLengthProbe(Probe):
         self._n[k] += 1
 
     def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
-        from batchlab.curvature import hessian_eigenvalues
+        from batchlab.measure.curvature import hessian_eigenvalues
 
         self._resolve(ctx.model)
         out = {k: self._sums[k] / self._n[k] if self._n[k] else float("nan") for k in self._sums}

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run one experiment; writes OUT/NAME/ (figures, results.csv, summary.md, claims.json)."""
         from batchlab.experiments import Context, available, run_experiment
-        from batchlab.store import Store
+        from batchlab.runs.store import Store
 
         if name == "list":
             for n in available():
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from batchlab.experiments import Context, available, run_experiment
         from batchlab.experiments.outputs import atomic_write
         from batchlab.report import write_report
-        from batchlab.store import Store
+        from batchlab.runs.store import Store
 
         names = only or [n for n in available() if n in REPRODUCE_ORDER]
         all_claims = []

@@ -25,17 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchlab import schedules
-from batchlab.checkpoint import load_state, save_state
 from batchlab.config import TrainConfig, make_config
 from batchlab.data import TensorData, load_dataset, prepare
+from batchlab.engine import schedules
+from batchlab.engine.fused import FusedMLPSGD
 from batchlab.errors import ConfigError
-from batchlab.fused import FusedMLPSGD
-from batchlab.models import MLP, build_mlp
-from batchlab.optim import build_optimizer
+from batchlab.nn.checkpoint import load_state, save_state
+from batchlab.nn.models import MLP, build_mlp
+from batchlab.nn.optim import build_optimizer
 from batchlab.probes import Probe, ProbeContext, make_probes
 from batchlab.probes.geometry import snapshot
-from batchlab.store import RunRecord, Store
+from batchlab.runs.store import RunRecord, Store
 
 
 @dataclass

@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batchlab.config import TrainConfig
+from batchlab.engine.train import TrainResult, train
 from batchlab.errors import BatchlabError, ConfigError
-from batchlab.store import Store
-from batchlab.train import TrainResult, train
+from batchlab.runs.store import Store
 
 
 def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str = "local",
@@ -23,7 +23,7 @@ def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str =
         return run_local(configs, store, label=label, console=console)
     if executor == "ray":
         try:
-            from batchlab.ray_executor import run_ray
+            from batchlab.runs.ray_executor import run_ray
         except ImportError as e:
             raise BatchlabError(f"--executor ray needs Ray: pip install 'batchlab[ray]' ({e})") from None
         return run_ray(configs, store, address=ray_address, label=label, console=console, **ray_kw)
@@ -33,8 +33,8 @@ def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str =
 def run_local(configs: Sequence[TrainConfig], store: Store, *, label: str | None = None,
               console: Console | None = None) -> list[TrainResult]:
     # configs that can share a pass (seeds, lrs, inits on one batch-size schedule) are trained
-    # together by batchlab.vectorized when its measured rule says that is faster
-    from batchlab.vectorized import plan_groups, train_many
+    # together by batchlab.engine.vectorized when its measured rule says that is faster
+    from batchlab.engine.vectorized import plan_groups, train_many
 
     results: dict[int, TrainResult] = {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -78,7 +78,7 @@ def _load_extras() -> None:
     """Optimizers defined in other modules (layer-wise methods) register on import."""
     import importlib
 
-    for mod in ("batchlab.layerwise",):
+    for mod in ("batchlab.nn.layerwise",):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

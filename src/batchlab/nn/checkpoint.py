@@ -4,8 +4,6 @@ a JSON header and copies bytes, so (unlike pickle) it can never execute code."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,22 +11,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from batchlab.atomic import atomic_path
 from batchlab.errors import BatchlabError
 
 
 def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     """Atomic write (temp file + rename): a crash never leaves a half checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(flat, tmp, metadata={"batchlab": json.dumps(meta or {})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata={"batchlab": json.dumps(meta or {})})
 
 
 def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

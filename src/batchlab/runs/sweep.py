@@ -11,7 +11,7 @@
 The Cartesian product of `[grid]` over `[base]` (grid keys in sorted order, values in listed
 order) gives the runs. Finished runs (same config hash) are skipped, so an interrupted sweep
 resumes where it stopped. Execution goes through an executor (`local` here; `ray` in
-`batchlab.executors`), and only this process ever writes the store.
+`batchlab.runs.executors`), and only this process ever writes the store.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ below are our choices where the paper's text leaves room, stated so they can be 
   but with LARS's large global lr that throws zero-initialized biases far on the first step:
   training on `digits` failed that way.)
 - **CBLR** (curvature-based lr): the curvature of layer l is lambda_l, the top eigenvalue of the
-  layer's diagonal Hessian block (weight and bias of one Linear, `batchlab.curvature` per-layer
+  layer's diagonal Hessian block (weight and bias of one Linear, `batchlab.measure.curvature` per-layer
   Lanczos), measured on the current batch every `curvature_every` steps (in `on_step_begin`,
   on at most `curvature_samples` samples of it, 8 Lanczos steps: an estimate, not a converged
   eigenvalue; the residuals are kept in `last_residuals`). We choose
@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchlab.optim import register
+from batchlab.nn.optim import register
 
 
 class LayerwiseSGD(torch.optim.Optimizer):
@@ -153,7 +153,7 @@ class CBLR(LayerwiseSGD):
                       step: int) -> None:
         if step % self.curvature_every != 0 and self._scale:
             return
-        from batchlab.curvature import hessian_eigenvalues
+        from batchlab.measure.curvature import hessian_eigenvalues
 
         n = min(len(yb), self.curvature_samples)
         res = hessian_eigenvalues(model, (xb[:n].detach(), yb[:n]), per_layer=True,

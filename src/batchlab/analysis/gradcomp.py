@@ -25,7 +25,7 @@ of 1), so every b sees each of the n samples exactly once.
   are recorded (tensor rows included, NaN or not) and excluded from the statistics.
 
 **Speed** (choose per device, measured by benchmarks/gradient_competition.py): on the CPU
-the `deferred` engine (`batchlab.deferred`) runs a pass with the weight updates deferred and
+the `deferred` engine (`batchlab.engine.deferred`) runs a pass with the weight updates deferred and
 applied as one rank-32 product per chunk of rows, which turns the small-batch steps from
 update-bound into two matrix-vector-like products each; trials run on parallel workers, one per
 CPU thread, each single-threaded (a trial's numbers therefore do not depend on how many
@@ -61,9 +61,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchlab.deferred import Step, sgd_pass
+from batchlab.atomic import atomic_write
+from batchlab.engine.deferred import Step, sgd_pass
+from batchlab.engine.fused import FusedMLPSGD
 from batchlab.errors import BatchlabError, ConfigError
-from batchlab.fused import FusedMLPSGD
 
 BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256, 512, 1024)
 MODES = ("displacement", "sample-sum", "sum-loss")
@@ -337,9 +338,7 @@ def open_tensors(path: Path, trials: int | None = None, width: int | None = None
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj))
 
 
 # -- a whole run: trials x batch sizes for one checkpoint ----------------------------------

@@ -29,16 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchlab import schedules
 from batchlab.config import TrainConfig
 from batchlab.data import TensorData
-from batchlab.errors import BatchlabError, ConfigError
-from batchlab.fused import FusedMLPSGD
-from batchlab.models import MLP
-from batchlab.probes import Probe, ProbeContext, make_probes
-from batchlab.probes.geometry import snapshot
-from batchlab.store import Store
-from batchlab.train import (
+from batchlab.engine import schedules
+from batchlab.engine.fused import FusedMLPSGD
+from batchlab.engine.train import (
     TrainResult,
     _metrics,
     _save,
@@ -50,6 +45,11 @@ from batchlab.train import (
     resolve_device,
     train,
 )
+from batchlab.errors import BatchlabError, ConfigError
+from batchlab.nn.models import MLP
+from batchlab.probes import Probe, ProbeContext, make_probes
+from batchlab.probes.geometry import snapshot
+from batchlab.runs.store import Store
 
 MAX_VECTORIZED_BATCH = 128
 """Largest batch size vectorized. Measured (2-core CPU, lightly loaded): at batch 64 one model

@@ -3,7 +3,7 @@
 Design, and why:
 - Each run is one Ray task with declared resources (`num_cpus`, plus `num_gpus` when it trains
   on CUDA), so Ray packs runs onto the cluster without oversubscribing cores. Runs that the
-  local executor trains together in one vectorized pass (`batchlab.vectorized.plan_groups`)
+  local executor trains together in one vectorized pass (`batchlab.engine.vectorized.plan_groups`)
   form one task here too, so both executors compute exactly the same thing.
 - The raw uint8 dataset is `ray.put` once per sweep; tasks take the ObjectRef, which each node
   fetches into its shared-memory object store once and every task there maps zero-copy. A
@@ -40,10 +40,10 @@ from safetensors.torch import save as st_save
 
 from batchlab.config import TrainConfig
 from batchlab.data import RawData, TensorData, load_dataset, prepare
+from batchlab.engine.train import TrainResult, _save, build_model, resolve_device, train
+from batchlab.engine.vectorized import plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
-from batchlab.store import Store
-from batchlab.train import TrainResult, _save, build_model, resolve_device, train
-from batchlab.vectorized import plan_groups, train_group
+from batchlab.runs.store import Store
 
 # Test-only fault injection: called in the task with each config just before it trains.
 TaskHook = Callable[[TrainConfig], None]
@@ -125,7 +125,7 @@ def _train_one(cfg: TrainConfig, td: TensorData, key: str, hook: TaskHook | None
 def train_unit(configs: list[TrainConfig], raw: RawData, num_threads: int,
                hook: TaskHook | None = None) -> list[RunOutcome]:
     """Body of one Ray task: one run, or a group that `run_local` would also train in one
-    vectorized pass (`batchlab.vectorized`), so both executors compute exactly the same thing.
+    vectorized pass (`batchlab.engine.vectorized`), so both executors compute exactly the same thing.
     A plain function, so it is testable without Ray."""
     torch.set_num_threads(max(1, int(num_threads)))
     # Ray exposes only the GPU it assigned, always as cuda:0; device is not part of the key
@@ -242,7 +242,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
     Runs that `run_local` would train in one vectorized pass form one task here as well.
     task_hook: test-only fault injection, called in the task before each config trains.
     """
-    from batchlab.sweep import validate_against_data
+    from batchlab.runs.sweep import validate_against_data
 
     if max_retries < 0:
         raise ConfigError(f"max_retries must be >= 0, got {max_retries}")

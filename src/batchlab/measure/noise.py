@@ -37,7 +37,7 @@ Three estimators, all for "any nn.Module + a loss on its outputs":
        G^T H G     ~ g_bar^T H g_bar - tr(H Sigma)/n
    (H is held fixed - estimated on its own batch - so these are unbiased given H). One HVP per
    example makes it the expensive one: use a few dozen examples. (The HVP is the same
-   forward-over-reverse primitive as `batchlab.curvature`'s, here vmapped over a chunk of
+   forward-over-reverse primitive as `batchlab.measure.curvature`'s, here vmapped over a chunk of
    vectors and generic in the loss, so the closed-form regression test can use squared error.) It also gives the greedy
    optimal step for the noiseless gradient, eps_max = |G|^2 / (G^T H G), and the paper's optimal
    learning rate at batch B, eps_opt(B) = eps_max / (1 + B_noise / B).

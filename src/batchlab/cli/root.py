@@ -90,9 +90,9 @@ def train(
 ) -> None:
     """Train one run (stored; an identical finished run is returned from the store)."""
     from batchlab.config import make_config
-    from batchlab.store import Store
-    from batchlab.sweep import tomllib, validate_against_data
-    from batchlab.train import train as run_train
+    from batchlab.engine.train import train as run_train
+    from batchlab.runs.store import Store
+    from batchlab.runs.sweep import tomllib, validate_against_data
 
     fields: dict[str, Any] = {}
     if config is not None:
@@ -145,9 +145,9 @@ def sweep(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run the Cartesian product of a grid; finished runs are skipped (resumable)."""
-    from batchlab.executors import run_configs
-    from batchlab.store import Store
-    from batchlab.sweep import expand, load_grid, validate_against_data
+    from batchlab.runs.executors import run_configs
+    from batchlab.runs.store import Store
+    from batchlab.runs.sweep import expand, load_grid, validate_against_data
 
     base, g = load_grid(grid)
     configs = expand(base, g)
@@ -176,7 +176,7 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List stored runs."""
-    from batchlab.store import Store
+    from batchlab.runs.store import Store
 
     if not store.exists():
         fail(f"no results store at {store}")
@@ -201,7 +201,7 @@ def runs_list(
 def runs_show(run_id: str, store: StoreOpt = Path("batchlab.db"),
               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show one run's config and per-epoch metrics."""
-    from batchlab.store import Store
+    from batchlab.runs.store import Store
 
     if not store.exists():
         fail(f"no results store at {store}")
@@ -232,7 +232,7 @@ def runs_export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
 ) -> None:
     """Export every (run, epoch) row as CSV or Parquet."""
-    from batchlab.store import Store
+    from batchlab.runs.store import Store
 
     if fmt not in ("csv", "parquet"):
         fail(f"unknown export format {fmt!r}; use csv or parquet")
@@ -261,7 +261,7 @@ def _register_plugins() -> None:
     """Commands defined next to their features (experiments, recommend, ...)."""
     import importlib
 
-    for mod in ("batchlab.experiments.cli", "batchlab.recommend"):
+    for mod in ("batchlab.cli.experiment", "batchlab.cli.recommend", "batchlab.cli.presets"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

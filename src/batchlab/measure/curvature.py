@@ -48,7 +48,7 @@ class ConvergenceError(BatchlabError):
 def parameter_blocks(model: nn.Module) -> dict[str, list[str]]:
     """Parameter names grouped per layer, as the layer-wise optimizers see them: one block per
     Linear (weight and bias, plus the norm parameters that follow it), named layer1..layerN."""
-    from batchlab.optim import layer_groups
+    from batchlab.nn.optim import layer_groups
 
     ids = {id(p): n for n, p in model.named_parameters()}
     return {g["name"]: [ids[id(p)] for p in g["params"]] for g in layer_groups(model)}

@@ -1,0 +1,1 @@
+"""Analyses built on runs: gradient-competition trials, scaling fits, throughput."""

@@ -1,0 +1,125 @@
+"""`batchlab recommend`: the command around `batchlab.recommend.recommend`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from batchlab.errors import BatchlabError, DataError
+from batchlab.recommend import _check_model_on_data, recommend, tensor_data, user_data, user_model
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("recommend")
+    def recommend_cmd(
+        dataset: Annotated[str, typer.Option(help="Built-in dataset (ignored with --data).")] = "mnist-5k",
+        data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Directory of IDX files.")] = None,
+        model: Annotated[Optional[str], typer.Option("--model", help="module:factory returning an nn.Module.")] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y).")] = None,
+        hidden: Annotated[Optional[str], typer.Option(help="Built-in MLP widths, e.g. 1024,1024.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measurement run.")] = 128,
+        lr: Annotated[float, typer.Option(help="lr of the measurement run.")] = 0.1,
+        epochs: Annotated[Optional[int], typer.Option(help="Measurement-run epochs (default ~50k examples).")] = None,
+        thorough: Annotated[bool, typer.Option("--thorough", help="Also run a small steps-to-target sweep.")] = False,
+        max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch size to time.")] = 8192,
+        out: Annotated[Path, typer.Option("--out", help="Directory for the figure and JSON.")] = Path("out/recommend"),
+        device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+        seed: Annotated[int, typer.Option()] = 0,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    ) -> None:
+        """Measure the gradient noise scale and throughput; recommend a batch size and lr."""
+        from batchlab.config import make_config
+        from batchlab.engine.train import build_model, get_data, resolve_device
+
+        if batch_size < 1 or max_batch < 1 or not (math.isfinite(lr) and lr > 0):
+            raise BatchlabError("--batch-size, --max-batch and --lr must be positive")
+        dev = resolve_device(device)
+        widths = _widths(hidden)
+        torch.manual_seed(seed)
+        if data is not None:
+            x, y = user_data(data)
+        if model is not None:
+            net = user_model(model)
+            if data is None:
+                td0 = get_data(make_config(dataset=dataset, data_dir=data_dir), dev)
+                x, y = td0.x_train.cpu(), td0.y_train.cpu()
+            c = _check_model_on_data(net, x, y)
+            net = nn.Sequential(net, nn.LogSoftmax(dim=-1))  # logits or log-probs alike
+            td = tensor_data(x, y, c, dev, seed)
+            name = model
+        elif data is not None:
+            from batchlab.nn.models import build_mlp
+
+            c = int(y.max()) + 1
+            if c < 2:
+                raise DataError("y must contain at least two classes")
+            x = x.reshape(len(x), -1)
+            td = tensor_data(x, y, c, dev, seed)
+            net = build_mlp(td.input_dim, widths or [1024, 1024], c, seed=seed)
+            name = "mlp"
+        else:
+            cfg = make_config(dataset=dataset, data_dir=data_dir, seed=seed,
+                              **({"hidden": widths} if widths else {}))
+            td = get_data(cfg, dev)
+            net = build_model(cfg, td)
+            name = f"mlp {cfg.hidden} on {dataset}"
+        if batch_size > td.n_train:
+            raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training examples")
+        rep = recommend(net, td, device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
+                        thorough=thorough, seed=seed, out_dir=out, model_name=name,
+                        max_batch=max_batch)
+        if as_json:
+            sys.stdout.write(json.dumps(rep) + "\n")
+        else:
+            _print(rep)
+
+
+
+def _print(rep: dict[str, Any]) -> None:
+    out = Console()
+    ns = rep["noise_scale"]
+    ci = ns["ci"]
+    t = Table(title="batchlab recommend", show_header=False)
+    t.add_row("batch size (time on this device)", str(rep["recommended_batch_size"]))
+    t.add_row("batch size (compute, <=10% extra examples)", str(rep["recommended_batch_size_compute"]))
+    t.add_row("learning rate", f"{rep['recommended_lr']:.4g}  [{rep['lr_rule']}]")
+    t.add_row("critical batch size", f"{rep['critical_batch_size']:.4g}  ({rep['critical_batch_size_source']})")
+    t.add_row("B_simple (late measurement run, averaged)",
+              f"{ns['b_simple']:.4g}  95% CI [{_f(ci[0])}, {_f(ci[1])}] over {ns['n']} iterates")
+    fp = ns["final_point"]
+    t.add_row("B_simple (final weights only)",
+              f"{_f(fp['b_simple'])}  95% CI [{_f(fp['ci'][0])}, {_f(fp['ci'][1])}], {fp['n']} examples")
+    t.add_row("B_simple two-batch estimator", f"{_f(ns['two_batch']['b_simple'])}  CI "
+              f"[{_f(ns['two_batch']['ci'][0])}, {_f(ns['two_batch']['ci'][1])}]")
+    if ns.get("b_noise"):
+        t.add_row("B_noise (Hessian)", _f(ns["b_noise"]["b_noise"]))
+    t.add_row("predicted steps / time", f"{rep['predicted_steps']:.0f} steps, {rep['predicted_seconds']:.3g} s "
+              f"to {rep['target']}")
+    if rep["evidence"].get("figure"):
+        t.add_row("figure", rep["evidence"]["figure"])
+    out.print(t)
+
+
+def _f(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, (int, float)) else "n/a"
+
+
+def _widths(spec: str | None) -> list[int] | None:
+    if spec is None:
+        return None
+    try:
+        w = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise BatchlabError(f"--hidden expects comma-separated integers, got {spec!r}") from None
+    if not w or any(v <= 0 for v in w):
+        raise BatchlabError(f"--hidden expects positive widths, got {spec!r}")
+    return w

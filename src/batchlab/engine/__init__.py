@@ -1,0 +1,1 @@
+"""The training engine: one loop, steppers (autograd, fused, deferred, vectorized), schedules."""

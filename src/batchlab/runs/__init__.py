@@ -1,0 +1,1 @@
+"""Runs and where they live: the SQLite store, sweeps, executors (local and Ray)."""

@@ -1,0 +1,222 @@
+"""The package layout is the architecture: data flows one way through the layers below, and
+this test (standard library `ast` only) keeps it so.
+
+Rules, checked on every module under src/batchlab:
+- a module imports nothing from a layer above its own (same layer is fine);
+- no private name (`_x`) is imported from another module;
+- no import cycles between modules (function-level imports count too);
+- typer and rich only in the CLI layer (library code reports progress through callbacks);
+- no module over 400 lines.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "batchlab"
+
+# lowest first; a module may import from its own layer and the ones before it
+LAYERS = [
+    "core",         # batchlab.errors, batchlab.config, batchlab.atomic, batchlab.usercode
+    "data",
+    "measure",      # math on a model at one point: curvature, per-example gradients, noise scale
+    "nn",           # models, optimizers, layer-wise rules, weights on disk
+    "probes",
+    "engine",       # the training loop and its steppers
+    "runs",         # store, checkpoints, train-with-store, sweeps, executors
+    "analysis",     # gradient trials, scaling fits, throughput, stored measurements
+    "experiments",
+    "recommend",
+    "report",
+    "integrations",  # optional adapters (Lightning)
+    "cli",
+]
+RANK = {name: i for i, name in enumerate(LAYERS)}
+MAX_LINES = 400
+
+# Known violations still being removed (each entry: "rule: detail"). Must only shrink.
+KNOWN: set[str] = {
+    'cycle: batchlab.experiments -> batchlab.experiments.outputs',
+    'private: batchlab.cli.recommend imports batchlab.recommend._check_model_on_data',
+    'private: batchlab.engine.vectorized imports batchlab.engine.train._metrics',
+    'private: batchlab.engine.vectorized imports batchlab.engine.train._save',
+    'private: batchlab.engine.vectorized imports batchlab.engine.train._shuffle_generator',
+    'private: batchlab.engine.vectorized imports batchlab.engine.train._target_hit',
+    'private: batchlab.runs.ray_executor imports batchlab.engine.train._save',
+    'size: batchlab.analysis.gradcomp has 529 lines',
+    'size: batchlab.engine.train has 413 lines',
+    'size: batchlab.experiments.gradient_competition has 535 lines',
+    'size: batchlab.measure.curvature has 590 lines',
+    'size: batchlab.measure.noise has 481 lines',
+    'size: batchlab.recommend has 444 lines',
+    'ui: batchlab.experiments imports rich',
+    'ui: batchlab.experiments.gradient_competition imports rich',
+    'ui: batchlab.recommend imports rich',
+    'ui: batchlab.runs.executors imports rich',
+    'ui: batchlab.runs.ray_executor imports rich',
+    'upward: batchlab.engine.train (engine) imports batchlab.runs.store (runs)',
+    'upward: batchlab.engine.vectorized (engine) imports batchlab.runs.store (runs)',
+    'upward: batchlab.measure.curvature (measure) imports batchlab.nn.optim (nn)',
+    'upward: batchlab.probes.noise_scale (probes) imports batchlab.engine.train (engine)',
+    'upward: batchlab.recommend (recommend) imports batchlab.cli (cli)',
+}
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def layer(mod: str) -> str | None:
+    parts = mod.split(".")
+    if len(parts) == 1 or parts[1] == "__main__":
+        return None  # the package facade and `python -m batchlab` sit above everything
+    return parts[1] if parts[1] in RANK else "core"
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def imports(path: Path, mod: str, known: set[str]) -> list[tuple[str, list[str]]]:
+    """(imported batchlab module, imported names) for every import statement in the file."""
+    tree = ast.parse(path.read_text())
+    out = []
+    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.split(".")[0] in ("batchlab", "typer", "rich")]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] not in ("batchlab", "typer", "rich"):
+                continue
+            names = [a.name for a in node.names]
+            # `from batchlab.measure import curvature` imports the module batchlab.measure.curvature
+            sub = [n for n in names if f"{base}.{n}" in known]
+            if sub:
+                out += [(f"{base}.{n}", []) for n in sub]
+            rest = [n for n in names if n not in sub]
+            if rest:
+                out.append((base, rest))
+    return out
+
+
+def resolve(target: str, known: set[str]) -> str | None:
+    while target and target not in known:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def violations() -> set[str]:
+    mods = modules()
+    known = set(mods)
+    found: set[str] = set()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        n_lines = len(path.read_text().splitlines())
+        if n_lines > MAX_LINES:
+            found.add(f"size: {mod} has {n_lines} lines")
+        my = layer(mod)
+        for target, names in imports(path, mod, known):
+            top = target.split(".")[0]
+            if top in ("typer", "rich"):
+                if my not in (None, "cli"):
+                    found.add(f"ui: {mod} imports {top}")
+                continue
+            dep = resolve(target, known)
+            if dep is None or dep == mod:
+                continue
+            if dep != "batchlab":
+                graph[mod].add(dep)
+            theirs = layer(dep)
+            if my is not None and theirs is not None and RANK[theirs] > RANK[my]:
+                found.add(f"upward: {mod} ({my}) imports {dep} ({theirs})")
+            for n in names:
+                if n.startswith("_") and not n.startswith("__"):
+                    found.add(f"private: {mod} imports {dep}.{n}")
+    for cycle in _cycles(graph):
+        found.add("cycle: " + " -> ".join(cycle))
+    return found
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One representative cycle per strongly connected component (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    comps: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return comps
+
+
+def test_every_module_has_a_layer() -> None:
+    for mod in modules():
+        lay = layer(mod)
+        assert lay is None or lay in RANK, mod
+
+
+def test_no_new_architecture_violations() -> None:
+    new = sorted(violations() - KNOWN)
+    assert not new, "architecture violations:\n" + "\n".join(new)
+
+
+def test_known_violations_are_still_real() -> None:
+    """The allowlist may only shrink: an entry that no longer occurs must be deleted."""
+    stale = sorted(KNOWN - violations())
+    assert not stale, "remove from KNOWN:\n" + "\n".join(stale)
+
+
+@pytest.mark.parametrize("bad", [
+    ("batchlab.data.x", "from batchlab.engine.train import train\n", "upward"),
+    ("batchlab.engine.x", "from batchlab.engine.fused import _helper\n", "private"),
+    ("batchlab.runs.x", "import rich.console\n", "ui"),
+])
+def test_checker_catches(tmp_path: Path, bad: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker itself can fail: plant one violation of each kind in a copy of the tree."""
+    import shutil
+
+    mod, code, kind = bad
+    root = tmp_path / "batchlab"
+    shutil.copytree(SRC, root)
+    rel = Path(*mod.split(".")[1:]).with_suffix(".py")
+    (root / rel).write_text(code)
+    monkeypatch.setattr(sys.modules[__name__], "SRC", root)
+    assert any(v.startswith(kind + ":") and mod in v for v in violations())
