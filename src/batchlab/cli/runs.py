@@ -1,12 +1,11 @@
 """`batchlab runs list | show | export | check`: read the results store.
 
-These commands never write the store: it is opened read-only when the file is (so a shared or
-archived store can be read), and a damaged row is passed over with a warning."""
+These commands never write the store (it is opened read-only, so a shared or archived store can
+be read too), and a damaged row is passed over with a warning."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -28,12 +27,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 
 
 def open_existing(store: Path) -> Any:
-    """The store at `store` for reading (read-only if the file is); one line if it is not there."""
+    """The store at `store`, opened read-only (reading never changes a store, and works on a
+    read-only file); one line if it is not there."""
     from batchlab.runs.store import Store
 
     if not store.exists():
         raise BatchlabError(f"no results store at {store}")
-    return Store(store, readonly=not os.access(store, os.W_OK))
+    return Store(store, readonly=True)
 
 
 def warn_skipped(st: Any) -> None:

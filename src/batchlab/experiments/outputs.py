@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from batchlab.atomic import atomic_write  # noqa: E402
 from batchlab.experiments import Experiment, Output  # noqa: E402
+
+
+def finite(v: Any) -> Any:
+    """`v` with every NaN/inf float (also numpy scalars and tuples) replaced by None."""
+    if isinstance(v, dict):
+        return {str(k): finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [finite(x) for x in v]
+    if hasattr(v, "item") and getattr(v, "ndim", 1) == 0:  # numpy / torch scalars
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def strict_json(doc: Any) -> str:
+    """JSON that every parser reads: NaN/inf become null (Python's json would write bare NaN)."""
+    return json.dumps(finite(doc), indent=2, default=float, allow_nan=False)
 
 
 def rows_to_csv(rows: list[dict[str, Any]]) -> str:
@@ -67,8 +86,7 @@ def write_outputs(exp: Experiment, output: Output, out_dir: Path) -> Path:
     atomic_write(out_dir / "results.csv", rows_to_csv(output.rows))
     summary = f"# {exp.title}\n\n{output.summary.strip()}\n\n{claims_md(output.claims)}"
     atomic_write(out_dir / "summary.md", summary)
-    atomic_write(out_dir / "claims.json",
-                 json.dumps([c.to_json() for c in output.claims], indent=2, default=float))
+    atomic_write(out_dir / "claims.json", strict_json([c.to_json() for c in output.claims]))
     for name, fig in output.figures.items():
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
