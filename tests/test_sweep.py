@@ -173,6 +173,7 @@ batch_size = [8, 9, 10, 11, 12, 13]
 
 @pytest.mark.parametrize("content, needle", [
     (b"grid = 5\n", "'grid' must be a table"),
+    (b"# nothing\n", "defines no runs"),
     (b"base = [1, 2]\n", "'base' must be a table"),
     (b"[base]\nlr = 0.1\n\xff\xfe\n", "not UTF-8"),
     (b"[grid]\nlr = [0.1, 0.2]\nseed = [0, 1, 2]\nbatch_size = "

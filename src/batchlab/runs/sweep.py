@@ -67,6 +67,9 @@ def load_grid(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: '{name}' must be a table ([{name}] with key = value "
                               f"lines), not {type(table).__name__} {table!r}"[:300])
+    if not base and not grid:
+        raise ConfigError(f"{path} defines no runs: give a 'base' table of train fields and/or "
+                          f"a 'grid' table of lists")
     cells = 1
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
