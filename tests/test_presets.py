@@ -85,3 +85,15 @@ def test_schedule_preset_command(tmp_path, monkeypatch, capsys):
         main()
     assert e.value.code == 2
     assert "needs --batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["goyal", "--batch-size", "256", "--warmup-epochs", "inf"], "warmup-epochs"),
+    (["goyal", "--batch-size", "256", "--base-batch", "0"], "base-batch"),
+    (["smith", "--max-batch", "-5"], "max-batch"),
+    (["goyal", "--batch-size", "256", "--table", "[x]"], "--table"),
+])
+def test_hostile_preset_options_are_one_line_errors(run_main, capsys, args: list[str], needle: str) -> None:
+    assert run_main("schedule-preset", *args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1

@@ -23,6 +23,7 @@ INITS = ("glorot", "torch", "kaiming")
 # it is refused with one line instead of running for ever or overflowing.
 MAX_EPOCHS = 100_000
 MAX_LR = 1e6
+MAX_WEIGHT_DECAY = 1e3  # lr * wd > 2 already makes every step overshoot zero
 MAX_WIDTH = 1 << 20
 MAX_SEED = (1 << 63) - 1  # SQLite's INTEGER (the store's seed column); torch takes < 2**64
 
@@ -61,7 +62,7 @@ class TrainConfig(BaseModel):
     lr: float = 0.01
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=MAX_WEIGHT_DECAY, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
     trust_coefficient: float = Field(default=0.001, gt=0, allow_inf_nan=False)

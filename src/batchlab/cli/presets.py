@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -22,10 +23,10 @@ def register(app: Any) -> None:
         name: Annotated[Preset, typer.Argument(help="Preset (linear-warmup = goyal, increase-batch = "
                                                "smith, regime-adaptation = hoffer).")],
         config: Annotated[Optional[Path], typer.Option("--config", help="TOML of the small-batch recipe.")] = None,
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Large batch (goyal, hoffer).")] = None,
-        base_batch: Annotated[Optional[int], typer.Option("--base-batch", help="Batch of the recipe.")] = None,
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Large batch (goyal, hoffer).")] = None,
+        base_batch: Annotated[Optional[int], typer.Option("--base-batch", min=1, help="Batch of the recipe.")] = None,
         warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Warmup length in epochs (goyal).")] = 5.0,
-        max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Largest batch (smith).")] = None,
+        max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Largest batch (smith).")] = None,
         table: Annotated[Optional[str], typer.Option("--table", help="Write the fields under this TOML table, e.g. base (a sweep file).")] = None,
     ) -> None:
         """Print a large-batch schedule preset's TrainConfig fields as TOML."""
@@ -37,6 +38,8 @@ def register(app: Any) -> None:
         base = {k: base[k] if isinstance(valid[k], (list, dict)) else valid[k] for k in base}
         if table is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", table):
             raise ConfigError(f"--table {table!r} must be a bare TOML name (letters, digits, _ and -)")
+        if not math.isfinite(warmup_epochs) or warmup_epochs < 0:
+            raise ConfigError(f"--warmup-epochs must be a finite number >= 0, got {warmup_epochs}")
         key = ALIASES.get(name, name)
         if key in ("goyal", "hoffer") and batch_size is None:
             raise ConfigError(f"preset {name} needs --batch-size (the large batch)")
