@@ -33,6 +33,7 @@ FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
 @pytest.mark.parametrize("fields, needle", [
     ({"seed": 2**64}, "seed"),
     ({"seed": -1}, "seed"),
+    ({"seed": 2**63 - 1}, "seed"),  # once overflowed the shuffle generator: a traceback
     ({"lr": 1e308}, "beyond any trainable value"),
     ({"lr": math.inf}, "lr"),
     ({"weight_decay": math.inf}, "finite"),

@@ -100,7 +100,7 @@ def train(
     momentum: Annotated[float, typer.Option(help="Momentum in [0, 1).")] = 0.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay (>= 0).")] = 0.0,
     init: Annotated[Init, typer.Option(help="Weight initialization.")] = "glorot",
-    seed: Annotated[int, typer.Option(help="Seed of init and shuffles (0 .. 2^63-1).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of init and shuffles (0 .. 9.2e12).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, mps, cuda or cuda:N.")] = "auto",
     data_dir: DataDirOpt = None,
     store: StoreOpt = Path("batchlab.db"),
