@@ -81,3 +81,46 @@ def test_steps_and_throughput(tmp_path: Path, name: str) -> None:
         # 1 -> 16 -> 256 samples per step on a 16-wide MLP: per-step overhead dominates, so
         # samples/s grow ~16x per point, far beyond any timing noise: a perfect rank order
         assert claims["throughput-grows"]["estimate"] == 1.0
+
+
+def test_findings_registry_matches_the_checklist() -> None:
+    """Every id of ../shared/study/FINDINGS.md is in the registry the report lists, and back."""
+    import re
+
+    from batchlab.experiments.findings import FINDINGS, STUDY_NUMBERS
+
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "study" / "FINDINGS.md"
+    if not path.exists():
+        pytest.skip("../shared/study/FINDINGS.md is not beside this checkout")
+    ids = set(re.findall(r"^- `([SKCPGR]\d+)`", path.read_text(), flags=re.M))
+    assert ids == set(FINDINGS)
+    assert {n.finding for n in STUDY_NUMBERS} <= ids
+
+
+def test_reproduce_cli_end_to_end(tmp_path: Path) -> None:
+    """`reproduce` through the real CLI on tiny settings: one JSON object on stdout, a valid
+    claims document, study_numbers.csv with every registry row, and the report."""
+    import csv
+    import subprocess
+    import sys
+
+    from batchlab.experiments.findings import STUDY_NUMBERS
+
+    cmd = [sys.executable, "-m", "batchlab", "reproduce", "--only", "schedules", "--only",
+           "step-lengths", "--seeds", "2", "--set", "dataset=digits", "--set", "hidden=[16]",
+           "--set", "epochs=1", "--set", "schedules.decay_epochs=[1]", "--set",
+           "schedules.gbn=false", "--set", "step-lengths.batch_sizes=[8,64]",
+           "--out", str(tmp_path / "out"), "--store", str(tmp_path / "s.db"), "--json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)  # exactly one JSON object
+    assert {c["experiment"] for c in doc["claims"]} == {"schedules", "step-lengths"}
+    file_doc = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert check_document(file_doc) == []
+    rows = list(csv.DictReader((tmp_path / "out" / "study_numbers.csv").open()))
+    assert len(rows) == len(STUDY_NUMBERS)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "step-lengths" in html and "schedules" in html
+    bad = subprocess.run([*cmd[:4], "--set", "nosuchkey=1", "--out", str(tmp_path / "o2")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "nosuchkey" in bad.stderr and "Traceback" not in bad.stderr

@@ -215,6 +215,27 @@ def validate(name: str, raw: dict[str, Any]) -> Options:
         raise ConfigError(f"option {key} of experiment {name}: {msg} (got {err.get('input')!r})") from None
 
 
+def split_options(raw: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """`reproduce --set`: `NAME.KEY` goes to experiment NAME, a plain `KEY` to every experiment
+    among `names` that has an option KEY (an error if none has). Each part is validated."""
+    out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in raw.items():
+        name, dot, k = key.partition(".")
+        if dot:
+            if name not in out:
+                raise ConfigError(f"--set {key}: {name!r} is not among the experiments to run")
+            out[name][k] = value
+            continue
+        takers = [n for n in names if key in OPTIONS.get(n, Options).model_fields]
+        if not takers:
+            raise ConfigError(f"--set {key}: no experiment to run has an option {key!r}")
+        for n in takers:
+            out[n][key] = value
+    for n, opts in out.items():
+        validate(n, opts)
+    return out
+
+
 def describe(name: str) -> list[dict[str, str]]:
     """One row per option: name, type, default, meaning (the default is quoted from the
     description's "(default ...)", since None means "the preset decides")."""
