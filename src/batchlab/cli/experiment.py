@@ -25,6 +25,8 @@ def register(app: typer.Typer) -> None:
         executor: Annotated[str, typer.Option(help="local or ray.")] = "local",
         ray_address: Annotated[Optional[str], typer.Option("--ray-address")] = None,
         device: Annotated[str, typer.Option()] = "auto",
+        model: Annotated[str, typer.Option("--model", help="mlp, cnn or module:factory (your nn.Module).")] = "mlp",
+        data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test).")] = None,
         option: Annotated[Optional[list[str]], typer.Option("--set", help="Experiment option KEY=VALUE (repeatable).")] = None,
     ) -> None:
         """Run one experiment; writes OUT/NAME/ (figures, results.csv, summary.md, claims.json)."""
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
         with Store(store) as st:
             ctx = Context(preset=preset, seeds=seeds, data_dir=data_dir, out_dir=out, store=st,
                           executor=executor, ray_address=ray_address, device=device,
-                          options=_parse_options(option))
+                          options=_parse_options(option), model=model, data=data)
             t0 = time.perf_counter()
             output, path = run_experiment(name, ctx)
         _print_claims(output.claims)
@@ -54,10 +56,12 @@ def register(app: typer.Typer) -> None:
         executor: Annotated[str, typer.Option()] = "local",
         ray_address: Annotated[Optional[str], typer.Option("--ray-address")] = None,
         device: Annotated[str, typer.Option()] = "auto",
+        model: Annotated[str, typer.Option("--model", help="mlp, cnn or module:factory (your nn.Module).")] = "mlp",
+        data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test).")] = None,
         only: Annotated[Optional[list[str]], typer.Option("--only", help="Run just these experiments.")] = None,
     ) -> None:
         """Run every experiment and write OUT/report.html and OUT/claims.json."""
-        from batchlab.experiments import Context, available, run_experiment
+        from batchlab.experiments import Context, MLPOnly, available, run_experiment
         from batchlab.experiments.outputs import atomic_write
         from batchlab.report import write_report
         from batchlab.runs.store import Store
@@ -67,17 +71,22 @@ def register(app: typer.Typer) -> None:
         timings = {}
         with Store(store) as st:
             ctx = Context(preset=preset, seeds=seeds, data_dir=data_dir, out_dir=out, store=st,
-                          executor=executor, ray_address=ray_address, device=device)
+                          executor=executor, ray_address=ray_address, device=device, model=model,
+                          data=data)
             for n in names:
                 err.print(f"[bold]== {n}[/]")
                 t0 = time.perf_counter()
-                output, _ = run_experiment(n, ctx)
+                try:
+                    output, _ = run_experiment(n, ctx)
+                except MLPOnly as e:  # with --model: run what applies, say what does not
+                    err.print(f"  skipped: {e}")
+                    continue
                 timings[n] = time.perf_counter() - t0
                 all_claims += [{"experiment": n, **c.to_json()} for c in output.claims]
                 _print_claims(output.claims)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "claims.json", json.dumps(all_claims, indent=2, default=float))
-        report = write_report(out, names, timings, preset=preset)
+        report = write_report(out, [n for n in names if n in timings], timings, preset=preset)
         err.print(f"wrote {report} ({sum(timings.values()):.0f}s)")
 
 

@@ -72,7 +72,9 @@ def fail(msg: str) -> None:
 @app.command()
 def train(
     ctx: typer.Context,
-    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, mnist-5k or digits.")] = "mnist-5k",
+    dataset: Annotated[str, typer.Option(help="mnist, fashion-mnist, cifar10, mnist-5k or digits.")] = "mnist-5k",
+    model: Annotated[str, typer.Option("--model", help="mlp, cnn or module:factory (your nn.Module).")] = "mlp",
+    data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test); replaces --dataset.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
     lr: Annotated[float, typer.Option()] = 0.01,
     epochs: Annotated[int, typer.Option()] = 30,
@@ -100,7 +102,7 @@ def train(
             fields.update(tomllib.loads(config.read_text()))
         except (OSError, tomllib.TOMLDecodeError) as e:
             fail(f"cannot read config {config}: {e}")
-    flags = dict(dataset=dataset, batch_size=batch_size, lr=lr, epochs=epochs,
+    flags = dict(dataset=dataset, model=model, data=data, batch_size=batch_size, lr=lr, epochs=epochs,
                  optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, init=init,
                  seed=seed, device=device, data_dir=data_dir)
     for k, v in flags.items():
@@ -246,7 +248,7 @@ def runs_export(
 
 @app.command()
 def data(
-    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, mnist-5k or digits.")],
+    dataset: Annotated[str, typer.Argument(help="mnist, fashion-mnist, cifar10, mnist-5k or digits.")],
     data_dir: DataDirOpt = None,
 ) -> None:
     """Load (downloading into the cache if needed), validate and describe a dataset."""

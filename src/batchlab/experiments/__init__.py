@@ -42,6 +42,10 @@ REGISTRY: dict[str, str] = {
 PRESETS = ("quick", "paper")
 
 
+class MLPOnly(ConfigError):
+    """An experiment specific to the built-in MLP was asked to run on another model."""
+
+
 @dataclass
 class Claim:
     id: str
@@ -68,7 +72,9 @@ class Output:
 
 @dataclass
 class Context:
-    """Everything an experiment may use: preset, seeds, data location, store, executor."""
+    """Everything an experiment may use: preset, seeds, data location, store, executor, and
+    the network and data every run trains on: `model` ("mlp", "cnn" or "module:factory") and
+    `data` ("module:loader", replacing the preset's dataset)."""
 
     preset: str = "quick"
     seeds: int = 1
@@ -80,6 +86,8 @@ class Context:
     device: str = "auto"
     console: Console = field(default_factory=lambda: Console(stderr=True))
     options: dict[str, Any] = field(default_factory=dict)
+    model: str = "mlp"
+    data: str | None = None
 
     @property
     def paper(self) -> bool:
@@ -96,8 +104,21 @@ class Context:
             return {"dataset": "mnist", "data_dir": self.data_dir}
         return {"dataset": "mnist-5k"}
 
+    def model_fields(self) -> dict[str, Any]:
+        """`model`/`data` for every config (left out at their defaults, so the configs, and
+        the store keys, of built-in runs are what they always were)."""
+        return {**({"model": self.model} if self.model != "mlp" else {}),
+                **({"data": self.data} if self.data is not None else {})}
+
     def config(self, **fields: Any) -> TrainConfig:
-        return make_config(**{**self.dataset_fields(), "device": self.device, **fields})
+        return make_config(**{**self.dataset_fields(), **self.model_fields(), "device": self.device,
+                              **fields})
+
+    def require_mlp(self, reason: str) -> None:
+        """For experiments specific to the built-in MLP: a one-line error on any other model."""
+        if self.model != "mlp":
+            raise MLPOnly(f"this experiment runs on the built-in MLP only ({reason}); "
+                              f"drop --model {self.model}")
 
     def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
         """Train (or fetch from the store) every config; results in the same order."""
@@ -120,6 +141,7 @@ class Experiment:
     title: str
     run: Callable[[Context], Output]
     description: str = ""
+    mlp_only: str | None = None  # why it needs the built-in MLP (it then refuses other models)
 
 
 def get(name: str) -> Experiment:
@@ -151,6 +173,8 @@ def run_experiment(name: str, ctx: Context) -> tuple[Output, Path]:
     if ctx.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     exp = get(name)
+    if exp.mlp_only:
+        ctx.require_mlp(exp.mlp_only)
     output = exp.run(ctx)
     path = write_outputs(exp, output, ctx.out(name))
     return output, path
