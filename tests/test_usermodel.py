@@ -85,7 +85,7 @@ def mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def cfg(mod: str, **kw) -> TrainConfig:
     return make_config(**{"model": f"{mod}:make", "data": f"{mod}:load", "epochs": 1,
-                          "batch_size": 32, "lr": 0.1, **kw})
+                          "batch_size": 32, "lr": 0.1, "probes": [], **kw})
 
 
 # -- config and key ----------------------------------------------------------------------------
@@ -157,15 +157,21 @@ def test_builtin_mlp_on_user_image_data_uses_the_fused_engine(mod: str) -> None:
 
 
 def test_builtin_cnn_trains_deterministically_and_is_seeded() -> None:
-    c = make_config(dataset="digits", model="cnn", epochs=1, batch_size=64, lr=0.1, probes=[])
+    from batchlab.engine.train import build_model
+
+    c = make_config(dataset="digits", model="cnn", epochs=1, batch_size=32, lr=0.1, probes=[],
+                    max_train=320, max_test=64)
     a, b = train(c), train(c)
     assert a.status == "completed" and a.final["engine"] == "autograd"
     assert a.final["train_loss"] == b.final["train_loss"]
     assert a.final["train_loss"] < a.epochs[0]["train_loss"]
     out = a.model(torch.zeros(2, 64))
     assert out.shape == (2, 10) and torch.allclose(out.exp().sum(1), torch.ones(2))  # log-probs
-    assert train(c.model_copy(update={"seed": 1})).init_state["features.0.weight"].ne(
-        a.init_state["features.0.weight"]).any()
+    td = get_data(c, torch.device("cpu"))
+    w = [build_model(c.model_copy(update={"seed": s}), td).state_dict()["features.0.weight"]
+         for s in (0, 0, 1)]
+    assert torch.equal(w[0], a.init_state["features.0.weight"]) and torch.equal(w[0], w[1])
+    assert not torch.equal(w[0], w[2])
     with pytest.raises(ConfigError, match="fused"):
         train(c.model_copy(update={"engine": "fused"}))
 
