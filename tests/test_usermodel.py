@@ -266,6 +266,8 @@ def test_context_passes_model_and_data_only_when_set(mod: str) -> None:
 
 def test_cli_train_and_batch_size_experiment_on_a_user_cnn(run_main, mod, tmp_path, capsys) -> None:
     """The first "done when" of the issue, on a tiny CNN and data in the user's own file."""
+    from batchlab.experiments.outputs import load_claims
+
     store = tmp_path / "s.db"
     args = ["--model", f"{mod}:make", "--data", f"{mod}:load"]
     assert run_main("train", *args, "--batch-size", "64", "--epochs", "1", "--json",
@@ -276,7 +278,7 @@ def test_cli_train_and_batch_size_experiment_on_a_user_cnn(run_main, mod, tmp_pa
     rc = run_main("experiment", "batch-size", *args, "--set", "epochs=1",
                   "--set", "batch_sizes=[32,128]", "--store", store, "--out", tmp_path / "out")
     assert rc == 0, capsys.readouterr().err
-    claims = json.loads((tmp_path / "out" / "batch-size" / "claims.json").read_text())
+    claims = load_claims(tmp_path / "out" / "batch-size" / "claims.json")
     assert claims and all(c["verdict"] in ("reproduced", "not_reproduced", "inconclusive")
                           for c in claims)
     with Store(store) as st:

@@ -17,7 +17,7 @@ import numpy as np
 from batchlab.engine.presets import apply_preset
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
-from batchlab.experiments.verdicts import close_to, greater
+from batchlab.experiments.verdicts_legacy import close_to, greater
 
 QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
              decay_factor=0.1, warmup_epochs=1.0, tolerance=0.005, gbn=True)
@@ -74,7 +74,7 @@ def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
 def run(ctx: Context) -> Output:
     from batchlab.engine.train import get_data, resolve_device
 
-    s = {**settings(ctx), "model": ctx.model}
+    s = {**settings(ctx), "model": ctx.model or "mlp"}
     probe = ctx.config()
     n_train = get_data(probe, resolve_device(probe.device)).n_train
     arms = arm_fields(s, n_train)
