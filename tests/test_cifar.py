@@ -1,6 +1,7 @@
-"""CIFAR-10 from its binary archive: a small archive of the real format (label byte + 3072
-pixel bytes per record, five training files and a test file under cifar-10-batches-bin/) built
-here and served from a file:// mirror, so nothing needs the network."""
+"""The second built-in datasets. CIFAR-10 from its binary archive: a small archive of the real
+format (label byte + 3072 pixel bytes per record, five training files and a test file under
+cifar-10-batches-bin/) built here and served from a file:// mirror, so nothing needs the
+network. Fashion-MNIST from where Debian's dataset-fashion-mnist package installs it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from batchlab.atomic import leftovers
-from batchlab.data import cifar, load_dataset, prepare
+from batchlab.data import cifar, load_dataset, prepare, sources
 from batchlab.errors import DataError
 
 PER_FILE = 12
@@ -148,3 +149,41 @@ def test_builtin_cnn_trains_on_cifar_shaped_data(tmp_path):
                             batch_size=20, lr=0.01, probes=[]))
     assert res.status == "completed"
     assert res.model(torch.zeros(1, 3072)).shape == (1, 10)
+
+
+# -- Fashion-MNIST where Debian's dataset-fashion-mnist installs it ---------------------------
+def _idx(a: np.ndarray) -> bytes:
+    return bytes([0, 0, 8, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape) + a.tobytes()
+
+
+def test_fashion_mnist_is_found_in_the_system_dir(tmp_path, monkeypatch):
+    import gzip
+
+    d = tmp_path / "usr-share-datasets-fashion-mnist"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {"train_x": rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+              "train_y": (np.arange(20) % 10).astype(np.uint8),
+              "test_x": rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+              "test_y": (np.arange(10) % 10).astype(np.uint8)}
+    sums = {}
+    for key, fname in sources.FILES.items():
+        raw = _idx(arrays[key])
+        (d / fname).write_bytes(gzip.compress(raw))  # a re-compression, as Debian ships it
+        sums[fname] = hashlib.sha256(raw).hexdigest()
+    spec = replace(sources.FASHION_MNIST, mirrors=((tmp_path / "offline").as_uri() + "/",),
+                   raw_sha256=sums, system_dirs=(str(d),))
+    monkeypatch.setitem(sources.REMOTE, "fashion-mnist", spec)
+    monkeypatch.setattr("batchlab.data._CACHE", {})
+    raw = load_dataset("fashion-mnist", download=False)
+    assert raw.source == str(d) and raw.x_train.shape == (20, 784)
+    assert np.array_equal(raw.y_test, arrays["test_y"])
+
+
+@pytest.mark.skipif(not Path(sources.FASHION_MNIST.system_dirs[0]).is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_installed_debian_fashion_mnist_passes_the_official_checksums(monkeypatch):
+    monkeypatch.setattr("batchlab.data._CACHE", {})
+    raw = load_dataset("fashion-mnist", download=False)
+    assert raw.x_train.shape == (60000, 784) and raw.x_test.shape == (10000, 784)
+    assert sorted(np.unique(raw.y_train)) == list(range(10))

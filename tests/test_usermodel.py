@@ -328,3 +328,10 @@ def test_user_model_reloaded_from_store_matches(mod: str, tmp_path: Path) -> Non
     x = get_data(c, torch.device("cpu")).x_train[:5]
     assert torch.allclose(net(x), res.model(x), atol=1e-6)
     assert isinstance(net, nn.Module)
+
+
+def test_ray_executor_refuses_user_models_in_one_line(mod: str, tmp_path: Path) -> None:
+    from batchlab.runs.executors import run_configs
+
+    with Store(tmp_path / "s.db") as st, pytest.raises(ConfigError, match="--executor local"):
+        run_configs([cfg(mod)], st, executor="ray")
