@@ -162,7 +162,7 @@ class Schedules(Options):
     decay_epochs: Ints | None = opt("epochs of the step decays (default [5, 8] quick)")
     decay_factor: float | None = opt("factor of each decay (default 0.1)", gt=0, lt=1)
     warmup_epochs: float | None = opt("Goyal warmup epochs (default 1 quick, 2 paper)", ge=0, le=1000)
-    tolerance: float | None = opt("accuracy tolerance of 'closes the gap' (default 0.005)", gt=0, lt=1)
+    tolerance: float | None = opt("accuracy tolerance of 'closes the gap' (default 0.01)", gt=0, lt=1)
     gbn: bool | None = opt("also run the BatchNorm arms (default true)")
 
 
