@@ -25,7 +25,7 @@ def tiny():
     obj = C.Objective(model, (X, y), batch_size=16)  # chunked: 4 chunks
 
     def f(theta: torch.Tensor) -> torch.Tensor:
-        return obj._chunk_loss(theta, X, y) / len(y)
+        return obj.batch_loss(theta, X, y) / len(y)
 
     H = torch.autograd.functional.hessian(f, obj.theta)
     return model, (X, y), obj, H
