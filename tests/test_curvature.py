@@ -146,8 +146,8 @@ def test_nonconvergence_is_reported(tiny):
 
 def test_cached_graph_hvp_equals_recomputed(tiny):
     model, data, _, H = tiny
-    graph = C.Objective(model, data, mode="graph")
-    chunked = C.Objective(model, data, batch_size=16, mode="chunked")
+    graph = C.Objective(model, data, mode="graph", probes_per_pass=8)
+    chunked = C.Objective(model, data, batch_size=16, mode="chunked", probes_per_pass=8)
     assert graph.mode == "graph" and chunked.mode == "chunked"
     V = torch.randn(5, graph.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for obj in (graph, chunked):

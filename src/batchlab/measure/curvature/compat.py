@@ -34,7 +34,7 @@ class Hessian:
 
     def __init__(self, model: nn.Module, criterion: Criterion, data: Data | None = None,
                  dataloader: Iterable[Data] | None = None, cuda: bool = False, *,
-                 seed: int = 0, probes_per_pass: int = 8,
+                 seed: int = 0, probes_per_pass: int | None = None,
                  memory_budget: int = DEFAULT_MEMORY) -> None:
         if (data is None) == (dataloader is None):
             raise ConfigError("pass exactly one of data=(X, y) and dataloader=")
@@ -48,9 +48,9 @@ class Hessian:
             source = ([tuple(t.cuda() for t in b) for b in dataloader] if cuda
                       else dataloader)  # type: ignore[misc]
         self.model = model.eval()
-        self.obj = Objective(model, source, criterion=criterion, memory_budget=memory_budget)
+        self.obj = Objective(model, source, criterion=criterion, memory_budget=memory_budget,
+                             probes_per_pass=probes_per_pass)
         self.seed = seed
-        self.probes_per_pass = probes_per_pass
 
     def _as_params(self, v: torch.Tensor) -> list[torch.Tensor]:
         return [p.view(s) for p, s in zip(v.split(self.obj.numels), self.obj.shapes)]
@@ -65,7 +65,7 @@ class Hessian:
 
     def trace(self, maxIter: int = 100, tol: float = 1e-3) -> list[float]:
         """The Hutchinson samples v^T H v; their mean is the trace estimate."""
-        return hutchinson(self.obj, maxIter, self.seed, self.probes_per_pass, tol)
+        return hutchinson(self.obj, maxIter, self.seed, tol)
 
     def density(self, iter: int = 100, n_v: int = 1,
                 ) -> tuple[list[list[float]], list[list[float]]]:

@@ -168,16 +168,17 @@ class TraceResult:
     samples: list[float]
 
 
-def hutchinson(obj: Objective, n_samples: int, seed: int = 0, probes_per_pass: int = 8,
-               tol: float | None = None) -> list[float]:
-    """z^T H z for up to `n_samples` Rademacher probes, `probes_per_pass` per double backward.
-    With `tol` (PyHessian's meaning) it stops at the first probe where the running mean changed
-    by less than tol (|previous mean| + 1e-6); the probes are the same either way."""
+def hutchinson(obj: Objective, n_samples: int, seed: int = 0, tol: float | None = None,
+               draw: int = 16) -> list[float]:
+    """z^T H z for up to `n_samples` Rademacher probes, drawn `draw` at a time and multiplied
+    by `obj.hvp_many` (which batches them as its `probes_per_pass` says). With `tol`
+    (PyHessian's meaning) it stops at the first probe where the running mean changed by less
+    than tol (|previous mean| + 1e-6); the probes are the same either way."""
     gen = torch.Generator().manual_seed(seed)
     vals: list[float] = []
     mean = 0.0
     while len(vals) < n_samples:
-        b = min(max(1, probes_per_pass), n_samples - len(vals))
+        b = min(max(1, draw), n_samples - len(vals))
         Z = torch.stack([rademacher(obj.dim, gen, obj.theta) for _ in range(b)])
         for q in (Z * obj.hvp_many(Z)).sum(1).tolist():
             vals.append(q)
@@ -190,17 +191,18 @@ def hutchinson(obj: Objective, n_samples: int, seed: int = 0, probes_per_pass: i
 
 @in_eval_mode
 def hessian_trace(model: nn.Module, data: DataArg, *, n_samples: int = 100, seed: int = 0,
-                  batch_size: int | None = None, probes_per_pass: int = 8,
+                  batch_size: int | None = None, probes_per_pass: int | None = None,
                   tol: float | None = None, criterion: Criterion | None = None,
                   memory_budget: int = DEFAULT_MEMORY) -> TraceResult:
     """Hutchinson's estimator tr(H) = E[z^T H z], z Rademacher; returns the mean over
     `n_samples` probes (fewer if `tol` stops it, PyHessian's rule) and its standard error
-    (sd / sqrt(n)). `probes_per_pass` probes share one double backward."""
+    (sd / sqrt(n)). `probes_per_pass` probes share one double backward (default: the
+    measured choice of `objective`); the probes, hence the estimate, do not depend on it."""
     if n_samples < 2:
         raise ConfigError("n_samples must be at least 2 (the standard error needs two)")
     obj = Objective(model, data, criterion=criterion, batch_size=batch_size,
-                    memory_budget=memory_budget)
-    vals = hutchinson(obj, n_samples, seed, probes_per_pass, tol)
+                    memory_budget=memory_budget, probes_per_pass=probes_per_pass)
+    vals = hutchinson(obj, n_samples, seed, tol)
     a = np.asarray(vals)
     se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan
     return TraceResult(float(a.mean()), se, len(a), vals)

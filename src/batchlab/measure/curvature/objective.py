@@ -12,8 +12,13 @@ Two ways to compute H v, chosen by a memory rule (`Objective.mode`):
   `full_dataset` mode does; memory is one chunk's graph whatever the data size.
 
 Several products (`hvp_many`, used by the Hutchinson trace and the lock-step Lanczos runs of the
-spectral density) go through one double backward with `is_grads_batched=True`, so the b probes
-share the pass (and, chunked, the b products share each chunk's forward and backward).
+spectral density) can go through one double backward with `is_grads_batched=True`, b probes per
+pass (`probes_per_pass`). Chunked, the b products share each chunk's forward and backward, which
+saves work. With the graph kept there is nothing left to share: the double backward is ~90%
+matrix multiplies whose FLOPs are the same batched or not, and on a CPU thread the batched
+kernels measured ~15% slower per product (benchmarks/curvature.py prints the profile), so the
+default is b = 1 there on the CPU and b = 8 otherwise (chunked, or on a GPU, where one launch
+for b products saves kernel-launch overhead).
 
 Memory rule. The retained graph is measured, not guessed: `saved_tensors_hooks` record the
 bytes autograd saves for a forward + create_graph backward on up to 64 samples (parameters
@@ -92,13 +97,14 @@ class Objective:
     loss over the batch (`nn.CrossEntropyLoss()` for logits); default: NLL of log-probabilities.
     `names` selects the parameters that form the vector (all trainable ones by default), so the
     same code gives the full Hessian and any diagonal block of it. `mode`: "auto" (the memory
-    rule of the module docstring), "graph" or "chunked".
+    rule of the module docstring), "graph" or "chunked". `probes_per_pass`: products per
+    double backward in `hvp_many` (default: see the module docstring).
     """
 
     def __init__(self, model: nn.Module, data: Data | Iterable[Data], *,
                  criterion: Criterion | None = None, names: Sequence[str] | None = None,
                  batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY,
-                 mode: str = "auto") -> None:
+                 mode: str = "auto", probes_per_pass: int | None = None) -> None:
         if batch_size is not None and int(batch_size) <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if memory_budget <= 0:
@@ -124,6 +130,10 @@ class Objective:
         self.n_hvp = 0
         self._graph: tuple[list[torch.Tensor], tuple[torch.Tensor, ...]] | None = None
         self._setup_data(data, criterion is None, batch_size, mode)
+        if probes_per_pass is not None and probes_per_pass < 1:
+            raise ConfigError(f"probes_per_pass must be at least 1, got {probes_per_pass}")
+        cpu_graph = self.mode == "graph" and self.theta.device.type == "cpu"
+        self.probes_per_pass = probes_per_pass or (1 if cpu_graph else 8)
 
     # ------------------------------------------------------------------ data and memory rule
     def _setup_data(self, data: object, check: bool, batch_size: int | None, mode: str) -> None:
@@ -255,8 +265,10 @@ class Objective:
         return self._graph
 
     def max_probes(self) -> int:
-        """Probes one double backward may carry within the memory budget (at least 1)."""
-        return max(1, int(self.budget // (self.per_sample * min(self.chunk, self.n))) - 1)
+        """Probes one double backward carries: `probes_per_pass`, capped by the memory
+        budget (at least 1)."""
+        fit = int(self.budget // (self.per_sample * min(self.chunk, self.n))) - 1
+        return max(1, min(self.probes_per_pass, fit))
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """H v at the current parameters."""
