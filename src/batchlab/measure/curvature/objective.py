@@ -161,6 +161,8 @@ class Objective:
             self.loader = None
         if self.mode == "graph":
             self.chunk = max(self.chunk, self.n)
+        elif self.loader is not None:  # streamed: the loader's batches are the chunks
+            self.chunk = int(first[1].shape[0])
 
     def _gather(self) -> Data:
         xs, ys = zip(*(check_pair(b) for b in self.loader or ()))
