@@ -37,7 +37,7 @@ from batchlab.engine.train import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
-from batchlab.experiments.verdicts import (
+from batchlab.experiments.verdicts_legacy import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,
@@ -532,4 +532,4 @@ def _summary(rows, fits, forms, dec_rows, o, cfg, T) -> str:
 
 
 EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", run,
-                        description=__doc__ or "")
+                        description=__doc__ or "", mlp_only="its trials run on the fused/deferred MLP engines")

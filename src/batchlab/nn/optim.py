@@ -1,6 +1,6 @@
 """Optimizers for the autograd path, built from a TrainConfig.
 
-Parameters are grouped per Linear layer (group name `layerN`, with the layer's norm
+Parameters are grouped per weight layer (Linear, Conv, ...; group name `layerN`, with the layer's norm
 parameters beside it), so layer-wise methods (LARS, curvature-based lrs) and per-layer
 settings see one group per layer. Each group carries `lr_scale`; the engine sets
 `group["lr"] = scheduled_lr * group["lr_scale"]` every step. Further optimizers register
