@@ -48,7 +48,6 @@ KNOWN: set[str] = {
     'size: batchlab.analysis.gradcomp has 529 lines',
     'size: batchlab.engine.train has 408 lines',
     'size: batchlab.experiments.gradient_competition has 535 lines',
-    'size: batchlab.measure.curvature has 590 lines',
     'size: batchlab.measure.noise has 481 lines',
     'ui: batchlab.experiments.base imports rich',
     'ui: batchlab.experiments.gradient_competition imports rich',
@@ -57,7 +56,6 @@ KNOWN: set[str] = {
     'ui: batchlab.runs.ray_executor imports rich',
     'upward: batchlab.engine.train (engine) imports batchlab.runs.store (runs)',
     'upward: batchlab.engine.vectorized (engine) imports batchlab.runs.store (runs)',
-    'upward: batchlab.measure.curvature (measure) imports batchlab.nn.optim (nn)',
     'upward: batchlab.probes.noise_scale (probes) imports batchlab.engine.train (engine)',
     'upward: batchlab.recommend (recommend) imports batchlab.cli (cli)',
 }

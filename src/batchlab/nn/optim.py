@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from batchlab.errors import ConfigError
+from batchlab.measure.layers import layer_groups
 
 Builder = Callable[[Any, list[dict[str, Any]]], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, Builder] = {}
@@ -27,23 +28,6 @@ def register(name: str) -> Callable[[Builder], Builder]:
         return fn
 
     return deco
-
-
-def layer_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """One param group per weight layer (a module owning a parameter of 2+ dimensions: Linear,
-    Conv, Embedding); parameters of other modules (BatchNorm) join the preceding layer's group.
-    Models without such layers get one group."""
-    groups: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for _, mod in model.named_modules():
-        own = [p for p in mod.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
-        if not own:
-            continue
-        if any(p.dim() >= 2 for p in own) or not groups:
-            groups.append({"params": [], "name": f"layer{len(groups) + 1}", "lr_scale": 1.0})
-        groups[-1]["params"].extend(own)
-        seen.update(id(p) for p in own)
-    return groups
 
 
 @register("sgd")
