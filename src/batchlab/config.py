@@ -194,6 +194,10 @@ class TrainConfig(BaseModel):
         for k, default in self._NEW_DEFAULTS.items():
             if d.get(k) == default:
                 d.pop(k, None)
+        if self.max_train is not None or self.max_test is not None:
+            # subsets are stratified since this round (they were the first rows before): runs
+            # stored with the old subsets must not be returned for the new ones
+            d["subset"] = "stratified"
         return d
 
     @property
