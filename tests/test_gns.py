@@ -233,3 +233,38 @@ def test_every_k_steps_and_public_export():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gns.close()
+
+
+def test_lightning_callback_logs_b_simple(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    import csv
+
+    from batchlab.integrations.lightning import GradientNoiseScaleCallback
+
+    class Regression(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=g)
+    y = x.sum(1, keepdim=True) + 0.1 * torch.randn(256, 1, generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    cb = GradientNoiseScaleCallback()
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path),
+                         callbacks=[cb], log_every_n_steps=1, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Regression(), loader)
+    with open(trainer.logger.experiment.metrics_file_path) as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["gns/b_simple"]) for r in rows if r.get("gns/b_simple")]
+    assert len(logged) == 8 and all(math.isfinite(v) and v > 0 for v in logged)
+    assert logged[-1] == pytest.approx(cb.gns.b_simple)
+    assert len(cb.gns.history) == 8 and cb.gns.coverage == 1.0

@@ -174,12 +174,12 @@ class GradientNoiseScale:
         self._check_unhooked(set(sums))
         b = next(iter(sizes.values()))
         sq = torch.stack([s.double() for s in sums.values()]).sum(0)
-        big = torch.zeros((), dtype=torch.float64, device=sq.device)
-        for p in self._hooks.params(list(sums)):
-            if p.grad is None:
-                raise BatchlabError("a hooked layer has no .grad: call gns.step() after loss.backward() "
-                                    "and before optimizer.zero_grad()")
-            big = big + p.grad.detach().double().pow(2).sum()
+        grads = [p.grad for p in self._hooks.params(list(sums))]
+        if any(g is None for g in grads):
+            raise BatchlabError("a hooked layer has no .grad: call gns.step() after loss.backward() "
+                                "and before optimizer.zero_grad()")
+        # one pass over each gradient in its own dtype (a float64 copy would cost more than the hooks)
+        big = torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]).double().pow(2).sum()
         if self.reduction == "mean":
             sq = sq * b * b  # the loss was (1/B) sum_i l_i: per-example gradients are B x the hooked ones
         else:
