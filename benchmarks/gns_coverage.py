@@ -1,4 +1,5 @@
-"""Which layers get exact per-example gradient norms: batchlab's hooks vs BackPACK vs Opacus.
+"""Which layers get exact per-example gradient norms: batchlab's hooks (alone and with its
+optional Opacus backend) vs BackPACK vs Opacus.
 
     python benchmarks/gns_coverage.py
 
@@ -10,8 +11,8 @@ each backend are compared with one autograd backward per example:
   missing      the backend ran but produced no norms for the layer
   WRONG        the backend produced norms that do not match
   error        the backend raised (first words of the message)
-  numbers for an undefined quantity: norms where no per-example gradient exists (BatchNorm in
-               training mode couples the examples of a batch)
+  numbers (undefined)  norms where no per-example gradient exists (BatchNorm in training
+               mode couples the examples of a batch)
 BackPACK and Opacus are optional: a backend that is not importable is shown as "-".
 """
 
@@ -23,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from batchlab.errors import BatchlabError
 from batchlab.measure.gns import GradientNoiseScale
 
 B = 4
@@ -80,10 +82,15 @@ def reference(model: Net, x: torch.Tensor) -> torch.Tensor:
                         for i in range(len(x))])
 
 
-def by_gns(model: Net, x: torch.Tensor) -> torch.Tensor | str:
+def by_gns(model: Net, x: torch.Tensor, backend: str = "hooks") -> torch.Tensor | str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gns = GradientNoiseScale(model, reduction="sum")
+        try:
+            gns = GradientNoiseScale(model, reduction="sum", backend=backend)
+        except BatchlabError as e:
+            if "pip install" in str(e):
+                raise ImportError(str(e)) from e
+            raise
     if any(name.startswith("layer") for name in gns.unsupported):
         return "reported"
     loss_of(model, x).backward()
@@ -123,11 +130,11 @@ def verdict(fn: Callable[[], torch.Tensor | str], want: torch.Tensor | None) -> 
     except ImportError:
         return "-"
     except Exception as e:  # a backend's refusal is a result here
-        return "error: " + " ".join(str(e).split()[:4])[:28]
+        return "error: " + " ".join(str(e).split()[:3])[:15]
     if isinstance(got, str):
         return got
     if want is None:
-        return "numbers for an undefined quantity"
+        return "numbers (undefined)"
     ok = torch.allclose(got.double(), want, rtol=1e-8, atol=1e-12)
     return "exact" if ok else "WRONG"
 
@@ -136,11 +143,12 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)
     backends: dict[str, Callable[[Net, torch.Tensor], torch.Tensor | str]] = {
         "batchlab": by_gns,
+        "batchlab+opacus": lambda m, x: by_gns(m, x, backend="opacus"),
         "backpack": by_backpack,
         "opacus": lambda m, x: by_opacus(m, x, ghost=False),
         "opacus-ghost": lambda m, x: by_opacus(m, x, ghost=True),
     }
-    print(f"{'layer':22s}" + "".join(f"{k:30s}" for k in backends))
+    print(f"{'layer':20s}" + "".join(f"{k:23s}" for k in backends))
     for name in cases():
         row = []
         for fn in backends.values():
@@ -153,7 +161,7 @@ def main() -> None:
                 want = None
             model.zero_grad()
             row.append(verdict(lambda fn=fn, model=model, x=x: fn(model, x), want))
-        print(f"{name:22s}" + "".join(f"{v:30s}" for v in row))
+        print(f"{name:20s}" + "".join(f"{v:23s}" for v in row))
 
 
 if __name__ == "__main__":

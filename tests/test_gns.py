@@ -268,3 +268,37 @@ def test_lightning_callback_logs_b_simple(tmp_path):
     assert len(logged) == 8 and all(math.isfinite(v) and v > 0 for v in logged)
     assert logged[-1] == pytest.approx(cb.gns.b_simple)
     assert len(cb.gns.history) == 8 and cb.gns.coverage == 1.0
+
+
+def test_opacus_backend_covers_more_layers_exactly():
+    pytest.importorskip("opacus")
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.norm = nn.LayerNorm(4)
+            self.group = nn.GroupNorm(3, 3)
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, idx):
+            h = self.norm(self.emb(idx))  # [B, 3, 4]
+            return self.head(self.group(h).flatten(1))
+
+    torch.manual_seed(0)
+    model = Mixed().double()
+    idx, y = torch.randint(0, 7, (5, 3)), torch.randn(5, 2, dtype=torch.float64)
+
+    def loss(o, t):
+        return F.mse_loss(o, t, reduction="sum")
+
+    want = loop_sq_norms(model, loss, idx, y)
+    with pytest.warns(RuntimeWarning, match="Embedding"), GradientNoiseScale(model) as own:
+        assert own.coverage < 0.5  # batchlab's own rules: the Linear head only
+    gns = GradientNoiseScale(model, reduction="sum", backend="opacus")
+    assert gns.coverage == 1.0 and not gns.unsupported
+    loss(model(idx), y).backward()
+    gns.step()
+    torch.testing.assert_close(gns.last_sq_norms, want)
+    with pytest.warns(RuntimeWarning, match="BatchNorm1d"):
+        GradientNoiseScale(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), backend="opacus")

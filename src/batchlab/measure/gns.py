@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from batchlab.errors import BatchlabError
-from batchlab.measure.grad_norms import ExampleNormHooks
+from batchlab.measure.grad_norms import ExampleNormHooks, opacus_rules
 
 
 def mccandlish_estimates(g_small_sq: float, g_big_sq: float, b_small: float, b_big: float
@@ -87,20 +87,26 @@ class GradientNoiseScale:
         beta: EMA factor of the smoothed estimates (0.99 averages over ~100 steps).
         every: measure every `every`-th step only (hooks stay idle in between).
         max_history: keep at most this many records (None: all).
+        backend: "hooks" (batchlab's own rules: Linear, Conv1d, Conv2d) or "opacus" (the same,
+            plus Opacus's per-sample rules for the layers batchlab has none for: Embedding,
+            LayerNorm, GroupNorm, InstanceNorm, RMSNorm, Conv3d, ...; needs `pip install opacus`).
     Per-example gradients of BatchNorm layers are not defined (the examples share batch
     statistics); such layers, and all others without a per-example rule, are listed in
     `unsupported` and left out of both norms."""
 
     def __init__(self, model: nn.Module, *, reduction: Literal["mean", "sum"] = "mean",
-                 beta: float = 0.99, every: int = 1, max_history: int | None = None) -> None:
+                 beta: float = 0.99, every: int = 1, max_history: int | None = None,
+                 backend: Literal["hooks", "opacus"] = "hooks") -> None:
         if reduction not in ("mean", "sum"):
             raise BatchlabError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         if not 0.0 <= beta < 1.0:
             raise BatchlabError(f"beta must be in [0, 1), not {beta}")
         if not (isinstance(every, int) and every >= 1):
             raise BatchlabError(f"every must be a positive integer, not {every!r}")
+        if backend not in ("hooks", "opacus"):
+            raise BatchlabError(f"backend must be 'hooks' or 'opacus', not {backend!r}")
         self.model, self.reduction, self.beta, self.every = model, reduction, beta, every
-        self._hooks = ExampleNormHooks(model)
+        self._hooks = ExampleNormHooks(model, opacus_rules() if backend == "opacus" else None)
         total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if total == 0:
             raise BatchlabError("the model has no trainable parameters")
@@ -113,7 +119,7 @@ class GradientNoiseScale:
         self.last_sq_norms: torch.Tensor | None = None
         """|g_i|^2 of the last measured batch (per-example gradients of the per-example loss)."""
         if not self._hooks.layers:
-            raise BatchlabError("no layer with a per-example rule (Linear, Conv1d, Conv2d) in the model; "
+            raise BatchlabError(f"no layer with a per-example rule in the model (backend {backend!r}); "
                                 f"unsupported: {self._describe()}")
         if self._hooks.unsupported:
             self._warn(f"GradientNoiseScale leaves out the parameters of {self._describe()}; "

@@ -29,7 +29,7 @@ are of, so a caller can restrict everything else it computes to the same paramet
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,9 @@ from batchlab.errors import BatchlabError
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 """Layer types with exact per-example norms; a subclass counts only if it keeps their forward."""
+
+Rule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], torch.Tensor]
+"""(layer, its tensor inputs, gradient of its output) -> [B] squared per-example norms."""
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
@@ -65,12 +68,18 @@ def linear_sq_norms(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> torch.Ten
         raise BatchlabError("per-example norms need batched inputs (a leading batch dimension)")
     if a.dtype in (torch.float16, torch.bfloat16):
         a, d = a.float(), d.float()
+    w, bias = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
+    if a.dim() == 2:  # the common case, in as few kernels as possible
+        d2 = _sq(d)
+        if w:
+            return _sq(a) * d2 + d2 if bias else _sq(a) * d2
+        return d2 if bias else torch.zeros_like(d2)
     b = a.shape[0]
     a3, d3 = a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
     out = torch.zeros(b, dtype=a3.dtype, device=a.device)
-    if m.weight.requires_grad:
+    if w:
         out = out + _outer_sq(a3, d3)
-    if m.bias is not None and m.bias.requires_grad:
+    if bias:
         out = out + _sq(d3.sum(1))
     return out
 
@@ -106,7 +115,32 @@ def conv_sq_norms(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor) ->
     return out
 
 
-def _is_supported(m: nn.Module) -> bool:
+def opacus_rules() -> dict[type, Rule]:
+    """Rules for the layer types Opacus has per-sample rules for and batchlab has not (Embedding,
+    EmbeddingBag, LayerNorm, GroupNorm, InstanceNorm, RMSNorm, Conv3d, ...): its norm samplers
+    (no per-example gradient stored) where it has one, else its grad samplers, reduced to norms."""
+    try:
+        from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+    except ImportError as e:
+        raise BatchlabError("backend='opacus' needs Opacus: pip install opacus") from e
+    norm_samplers = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
+    grad_samplers = GradSampleModule.GRAD_SAMPLERS
+
+    def rule_for(t: type) -> Rule:
+        def rule(m: nn.Module, acts: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+            if t in norm_samplers:
+                out = norm_samplers[t](m, acts, d)
+                return sum(n.pow(2) for p, n in out.items() if p.requires_grad)
+            out = grad_samplers[t](m, acts, d)
+            return sum(_sq(g) for p, g in out.items() if p.requires_grad)
+        return rule
+
+    return {t: rule_for(t) for t in {*norm_samplers, *grad_samplers} if t not in SUPPORTED}
+
+
+def _is_supported(m: nn.Module, extra: dict[type, Rule]) -> bool:
+    if type(m) in extra:
+        return True
     base = next((t for t in SUPPORTED if isinstance(m, t)), None)
     if base is None or type(m).forward is not base.forward:
         return False
@@ -124,8 +158,8 @@ class ExampleNormHooks:
     `take()` returns them (one [B] float tensor, the sum over hooked layers that took part) and
     resets; `unsupported` maps module names to why their parameters are not in the norms."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, extra: dict[type, Rule] | None = None) -> None:
+        self.model, self.extra = model, dict(extra or {})
         self.unsupported: dict[str, str] = {}
         self.layers: dict[str, nn.Module] = {}
         owners: dict[int, list[str]] = {}
@@ -140,7 +174,7 @@ class ExampleNormHooks:
             shared = [o for _, p in own for o in owners[id(p)] if o != (name or type(m).__name__)]
             if shared:
                 self.unsupported[label] = f"{type(m).__name__} shares a parameter with {shared[0]}"
-            elif not _is_supported(m):
+            elif not _is_supported(m, self.extra):
                 self.unsupported[label] = f"{type(m).__name__} (no per-example rule for this layer)"
             else:
                 self.layers[label] = m
@@ -154,12 +188,17 @@ class ExampleNormHooks:
         def hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not (self.active and torch.is_grad_enabled() and output.requires_grad):
                 return
-            a = inputs[0].detach()
+            acts = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
+            rule = self.extra.get(type(m))
 
             def on_grad(d: torch.Tensor) -> None:
                 d = d.detach()
-                fn = linear_sq_norms if isinstance(m, nn.Linear) else conv_sq_norms
-                sq = fn(m, a, d)
+                if rule is not None:
+                    sq = rule(m, acts, d)
+                elif isinstance(m, nn.Linear):
+                    sq = linear_sq_norms(m, acts[0], d)
+                else:
+                    sq = conv_sq_norms(m, acts[0], d)
                 prev = self._sums.get(name)
                 if prev is not None and prev.shape != sq.shape:
                     raise BatchlabError(f"layer {name} was called with batches of {prev.shape[0]} and "
