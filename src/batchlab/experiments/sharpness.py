@@ -23,7 +23,7 @@ import torch
 
 from batchlab.engine.train import TrainResult, build_model, get_data, resolve_device
 from batchlab.experiments import Claim, Context, Experiment, Output
-from batchlab.experiments import verdicts as V
+from batchlab.experiments import verdicts_legacy as V
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.measure import curvature as C
 
