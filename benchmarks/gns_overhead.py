@@ -1,13 +1,14 @@
 """Overhead of measuring the gradient noise scale inside a training loop.
 
     python benchmarks/gns_overhead.py [--data-dir ../shared/data/mnist-24k] [--batch-size 128]
-        [--steps 200] [--threads N] [--every 1] [--methods plain,gns,backpack,opacus-ghost]
+        [--steps 200] [--threads N] [--every 4] [--methods plain,gns,gns-every,backpack,opacus-ghost]
 
 Step time (forward, backward, SGD update) of the default MLP (784-1024-1024-10) on MNIST-like
 data with plain SGD, against the same step plus what B_simple needs (per-example squared gradient
 norms and the batch-gradient norm), by:
 
   gns       batchlab.GradientNoiseScale (forward hook + output-gradient hook, exact identities);
+  gns-every the same, measuring one step in `--every` (hooks idle in between);
   backpack  BackPACK's BatchL2Grad extension (if `backpack` is importable);
   opacus    Opacus's GradSampleModule, per-sample gradients materialised, then normed;
   opacus-ghost  Opacus's GradSampleModuleFastGradientClipping (norms without per-sample
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchlab.data import load_dataset, prepare
-from batchlab.measure.gns import GradientNoiseScale
+from batchlab.measure.gns import GradientNoiseScale, mccandlish_estimates, noise_ratio
 from batchlab.nn.models import build_mlp
 
 Step = Callable[[torch.Tensor, torch.Tensor], None]
@@ -66,17 +67,15 @@ class _Smoothed:
     """The same EMA-of-parts as GradientNoiseScale, for the library backends."""
 
     def __init__(self, beta: float = 0.99) -> None:
-        self.beta, self.g, self.s, self.n = beta, 0.0, 0.0, 0
+        self.beta, self.g, self.s = beta, 0.0, 0.0
 
     def add(self, small: float, big: float, b: int) -> None:
-        g2 = (b * big - small) / (b - 1)
-        tr = (small - big) / (1 - 1 / b)
+        g2, tr = mccandlish_estimates(small, big, 1, b)
         self.g = self.beta * self.g + (1 - self.beta) * g2
         self.s = self.beta * self.s + (1 - self.beta) * tr
-        self.n += 1
 
     def value(self) -> float:
-        return self.s / self.g if self.g > 0 else float("inf")
+        return noise_ratio(self.s, self.g)
 
 
 def _big_sq(model: nn.Module) -> torch.Tensor:
@@ -137,9 +136,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--every", type=int, default=1, help="GradientNoiseScale(every=...)")
+    ap.add_argument("--every", type=int, default=4, help="GradientNoiseScale(every=...) of method gns-every")
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--methods", default="plain,gns,backpack,opacus-ghost",
+    ap.add_argument("--methods", default="plain,gns,gns-every,backpack,opacus-ghost",
                     help="also: opacus (materialises per-example gradients: ~20x slower)")
     args = ap.parse_args()
     if args.threads:
@@ -149,7 +148,8 @@ def main() -> None:
     base = build_mlp(td.input_dim, (1024, 1024), 10, seed=0)
     makers: dict[str, Callable[[nn.Module], tuple[Step, Callable[[], float]]]] = {
         "plain": lambda m: plain(m, args.lr),
-        "gns": lambda m: with_gns(m, args.lr, args.every),
+        "gns": lambda m: with_gns(m, args.lr, 1),
+        "gns-every": lambda m: with_gns(m, args.lr, args.every),
         "backpack": lambda m: with_backpack(m, args.lr),
         "opacus": lambda m: with_opacus(m, args.lr, ghost=False),
         "opacus-ghost": lambda m: with_opacus(m, args.lr, ghost=True),

@@ -92,7 +92,10 @@ class GradientNoiseScale:
             LayerNorm, GroupNorm, InstanceNorm, RMSNorm, Conv3d, ...; needs `pip install opacus`).
     Per-example gradients of BatchNorm layers are not defined (the examples share batch
     statistics); such layers, and all others without a per-example rule, are listed in
-    `unsupported` and left out of both norms."""
+    `unsupported` and left out of both norms. Every backward pass through the model between two
+    `step()` calls is seen by the hooks (a gradient penalty's `autograd.grad` too), so there must
+    be exactly one; with AMP loss scaling both norms carry the scale squared and B_simple is
+    unchanged."""
 
     def __init__(self, model: nn.Module, *, reduction: Literal["mean", "sum"] = "mean",
                  beta: float = 0.99, every: int = 1, max_history: int | None = None,

@@ -155,8 +155,8 @@ def _trainable(m: nn.Module) -> list[tuple[str, nn.Parameter]]:
 class ExampleNormHooks:
     """Hooks that accumulate per-example squared gradient norms during backward passes.
 
-    `take()` returns them (one [B] float tensor, the sum over hooked layers that took part) and
-    resets; `unsupported` maps module names to why their parameters are not in the norms."""
+    `take()` returns them (a [B] tensor per layer that took part) and resets; `unsupported` maps
+    module names to why their parameters are not in the norms."""
 
     def __init__(self, model: nn.Module, extra: dict[type, Rule] | None = None) -> None:
         self.model, self.extra = model, dict(extra or {})
@@ -186,8 +186,9 @@ class ExampleNormHooks:
 
     def _forward_hook(self, name: str):  # noqa: ANN202 - returns a torch forward hook
         def hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if not (self.active and torch.is_grad_enabled() and output.requires_grad):
-                return
+            if not (self.active and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                    and output.requires_grad):
+                return  # (a layer that never reports is caught by the caller's gradient check)
             acts = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
             rule = self.extra.get(type(m))
 
