@@ -174,25 +174,28 @@ def register(app: typer.Typer) -> None:
         model: ModelOpt = None,
         data: DataOpt = None,
         only: Annotated[Optional[list[Names]], typer.Option("--only", help="Run just these experiments (repeatable).")] = None,
+        option: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every experiment that has option KEY, or NAME.KEY=VALUE for one (repeatable).")] = None,
         as_json: JsonOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
         """Run every experiment; writes OUT/report.html, OUT/claims.json and OUT/study_numbers.csv."""
         from batchlab.atomic import atomic_write
         from batchlab.experiments import available, findings, run_experiment
+        from batchlab.experiments.options import parse_pairs, split_options
         from batchlab.experiments.outputs import claims_json
         from batchlab.report import write_report
         from batchlab.runs.store import Store
 
         names = [n.value for n in only] if only else [n for n in REPRODUCE_ORDER if n in available()]
+        per_exp = split_options(parse_pairs(option), names)
         _check_out(out)
         all_claims: list[dict[str, Any]] = []
         numbers: list[Any] = []
         timings: dict[str, float] = {}
         with Store(store) as st:
-            ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
-                           data, {}, quiet)
             for n in names:
+                ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device,
+                               model, data, per_exp[n], quiet)
                 if not quiet:
                     err.print(f"[bold]== {n}[/]")
                 t0 = time.perf_counter()

@@ -87,6 +87,13 @@ class Context:
         return make_config(**{**self.dataset_fields(), "device": self.device,
                               **self.generic_fields(), **user, **fields})
 
+    def test_size(self, **fields: Any) -> int:
+        """Examples in the test set the configs are scored on (for accuracies' binomial error)."""
+        from batchlab.engine.train import get_data, resolve_device
+
+        cfg = self.config(**fields)
+        return len(get_data(cfg, resolve_device(cfg.device)).eval_sets["test"][1])
+
     def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
         """Train (or fetch from the store) every config; results in the same order."""
         from batchlab.runs.executors import run_configs
@@ -108,3 +115,14 @@ class Experiment:
     title: str
     run: Callable[[Context], Output]
     description: str = ""
+
+
+def load_model(res: TrainResult, epoch: int) -> Any:
+    """The model of a (possibly cached) run with its stored weights at `epoch`."""
+    from batchlab.engine.train import build_model, get_data, resolve_device
+
+    cfg = res.config
+    td = get_data(cfg, resolve_device(cfg.device))
+    model = build_model(cfg, td).to(td.x_train.device)
+    model.load_state_dict(res.checkpoint(epoch))
+    return model
