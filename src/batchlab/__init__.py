@@ -16,6 +16,7 @@ from typing import Any
 __version__ = "0.2.0"
 
 _PUBLIC = {
+    "GradientNoiseScale": "batchlab.measure.gns",
     "Phase": "batchlab.config",
     "TrainConfig": "batchlab.config",
     "Store": "batchlab.runs.store",
