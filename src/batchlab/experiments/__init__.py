@@ -80,6 +80,8 @@ class Context:
     device: str = "auto"
     console: Console = field(default_factory=lambda: Console(stderr=True))
     options: dict[str, Any] = field(default_factory=dict)
+    # progress(description, done, total) as long work advances (the CLI draws a bar from it)
+    progress: Callable[[str, float, float], None] | None = None
 
     @property
     def paper(self) -> bool:

@@ -155,7 +155,7 @@ _remote_unit = ray.remote(train_unit)
 
 
 # -- the driver side --------------------------------------------------------------------------
-def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to `address`, or start a local Ray for the rest of this process (one per
     command: `reproduce` calls the executor once per experiment and must not pay the ~5 s
     start-up each time). A Ray already initialized by the caller is used as is."""
@@ -265,7 +265,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
             todo[key] = cfg
 
     if todo:
-        _ensure_ray(address, num_cpus)
+        ensure_ray(address, num_cpus)
         _submit_and_collect(todo, results, store, label=label, console=console,
                             max_retries=max_retries, num_cpus_per_task=num_cpus_per_task,
                             num_gpus_per_task=num_gpus_per_task, task_hook=task_hook,
