@@ -352,8 +352,17 @@ def _ctx(tmp_path, store, **opts):
 
 
 def test_experiment_end_to_end(tmp_path):
+    from batchlab.experiments.plan import make_plan
+
     with Store(tmp_path / "runs.db") as st:
+        # the plan counts the checkpoint run and every trial: (3 x 4 + 4 x 2) per regime
+        before = make_plan(["gradient-competition"], _ctx(tmp_path, st), 0.01).to_json()
+        assert (before["runs"], before["trials"], before["trials_stored"]) == (1, 40, 0)
+        assert before["projected_seconds"] > 0 and before["sgd_steps"] > 0
         out, path = run_experiment("gradient-competition", _ctx(tmp_path, st))
+        after = make_plan(["gradient-competition"], _ctx(tmp_path, st), 0.01).to_json()
+        assert (after["runs"], after["runs_stored"], after["trials"], after["trials_stored"]) \
+            == (0, 1, 0, 40)
         assert {"norm_vs_b.png", "normalized_vs_b.png", "norm_hist_early.png",
                 "value_hist.png", "results.csv", "summary.md", "claims.json",
                 "trials.csv"} <= {p.name for p in path.iterdir()}
@@ -384,3 +393,17 @@ def test_experiment_end_to_end(tmp_path):
         with pytest.raises(BatchlabError, match="does not fit"):
             run_experiment("gradient-competition",
                            _ctx(tmp_path, st, checkpoint_early=str(bad)))
+
+
+def test_plan_cli_prints_one_json_object(tmp_path, run_main, capsys):
+    opts = ["--set", "trials=2", "--set", "n_samples=32", "--set", "batch_sizes=[1,32]",
+            "--set", "hidden=[8]", "--set", "early_epochs=1", "--set", "late_epochs=2",
+            "--set", "decomp_sets=2", "--set", "decomp_orders=2",
+            "--set", "decomp_batch_sizes=[32]"]
+    code = run_main("experiment", "gradient-competition", "--plan", "--json", "--store",
+                    tmp_path / "r.db", "--out", tmp_path / "out", *opts)
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {"projected_seconds", "sgd_steps", "flops"} <= set(plan)
+    assert plan["trials"] == 2 * (2 * 2 + 4 * 1) and plan["runs"] == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))

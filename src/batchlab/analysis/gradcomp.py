@@ -148,27 +148,6 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str = "che
     return model
 
 
-def weights_sha256(model: nn.Module) -> str:
-    """sha256 of the model's parameters and buffers (names, shapes, dtypes and bytes): the
-    identity of the checkpoint the trials actually run on, whatever file it came from."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        a = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(a.shape)}:{a.dtype};".encode())
-        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
-    return h.hexdigest()
-
-
-def tensors_sha256(*tensors: torch.Tensor) -> str:
-    """sha256 of tensors' shapes, dtypes and bytes (the data the trials draw from)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        a = t.detach().to("cpu").contiguous()
-        h.update(f"{tuple(a.shape)}:{a.dtype};".encode())
-        h.update(memoryview(a.view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
 def last_layer_width(model: nn.Module) -> int:
     """Values per trial record: the last Linear layer's weight count."""
     return _linears(model)[-1].weight.numel()

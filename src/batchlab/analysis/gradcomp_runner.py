@@ -34,7 +34,13 @@ from batchlab.analysis.gradcomp_trials import (
 )
 from batchlab.atomic import atomic_path
 from batchlab.errors import BatchlabError
-from batchlab.runs.measurements import Measurements, files_of, spec_key
+from batchlab.runs.measurements import (
+    Measurements,
+    files_of,
+    spec_key,
+    tensors_sha256,
+    weights_sha256,
+)
 from batchlab.runs.store import Store
 from batchlab.runs.tasks import make_pool
 
@@ -71,12 +77,12 @@ def run_trials(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor
         model = model.cpu()
     device = X.device
     say = progress or (lambda line: None)
-    weights = gc.weights_sha256(model)
+    weights = weights_sha256(model)
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise BatchlabError(f"the checkpoint has NaN or infinite weights ({name}); "
                                 "refusing to measure gradients on it")
-    data = gc.tensors_sha256(X, Y)
+    data = tensors_sha256(X, Y)
     ctx = _Ctx(run, Measurements(store, warn=say), weights, data, device_id(device),
                keep_tensors, Path(tensor_dir) / run.name if tensor_dir else None)
     chunks = {b: run.chunks(b, device) for b in run.batch_sizes}

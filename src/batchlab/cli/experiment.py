@@ -26,8 +26,11 @@ def register(app: typer.Typer) -> None:
         ray_address: Annotated[Optional[str], typer.Option("--ray-address")] = None,
         device: Annotated[str, typer.Option()] = "auto",
         option: Annotated[Optional[list[str]], typer.Option("--set", help="Experiment option KEY=VALUE (repeatable).")] = None,
+        plan: Annotated[bool, typer.Option("--plan", help="Print what would run (minus what is stored), steps, FLOPs, memory, disk and projected time; train nothing.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="With --plan: one JSON object on stdout.")] = False,
     ) -> None:
         """Run one experiment; writes OUT/NAME/ (figures, results.csv, summary.md, claims.json)."""
+        from batchlab.cli.progress import ProgressBars
         from batchlab.experiments import Context, available, run_experiment
         from batchlab.runs.store import Store
 
@@ -38,7 +41,12 @@ def register(app: typer.Typer) -> None:
         with Store(store) as st:
             ctx = Context(preset=preset, seeds=seeds, data_dir=data_dir, out_dir=out, store=st,
                           executor=executor, ray_address=ray_address, device=device,
-                          options=_parse_options(option))
+                          options=_parse_options(option), progress=ProgressBars(err))
+            if plan:
+                from batchlab.experiments.plan import print_plan
+
+                print_plan([name], ctx, as_json)
+                return
             t0 = time.perf_counter()
             output, path = run_experiment(name, ctx)
         _print_claims(output.claims)
@@ -55,8 +63,11 @@ def register(app: typer.Typer) -> None:
         ray_address: Annotated[Optional[str], typer.Option("--ray-address")] = None,
         device: Annotated[str, typer.Option()] = "auto",
         only: Annotated[Optional[list[str]], typer.Option("--only", help="Run just these experiments.")] = None,
+        plan: Annotated[bool, typer.Option("--plan", help="Print what would run (minus what is stored), steps, FLOPs, memory, disk and projected time; train nothing.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="With --plan: one JSON object on stdout.")] = False,
     ) -> None:
         """Run every experiment and write OUT/report.html and OUT/claims.json."""
+        from batchlab.cli.progress import ProgressBars
         from batchlab.experiments import Context, available, run_experiment
         from batchlab.experiments.outputs import atomic_write
         from batchlab.report import write_report
@@ -67,7 +78,13 @@ def register(app: typer.Typer) -> None:
         timings = {}
         with Store(store) as st:
             ctx = Context(preset=preset, seeds=seeds, data_dir=data_dir, out_dir=out, store=st,
-                          executor=executor, ray_address=ray_address, device=device)
+                          executor=executor, ray_address=ray_address, device=device,
+                          progress=ProgressBars(err))
+            if plan:
+                from batchlab.experiments.plan import print_plan
+
+                print_plan(names, ctx, as_json)
+                return
             for n in names:
                 err.print(f"[bold]== {n}[/]")
                 t0 = time.perf_counter()

@@ -21,6 +21,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from batchlab.errors import BatchlabError
 from batchlab.runs.store import Store
 
@@ -47,6 +50,8 @@ def canonical(obj: Any) -> str:
 
 
 def _finite(obj: Any) -> Any:
+    if hasattr(obj, "tolist") and not isinstance(obj, (list, tuple, str)):
+        obj = obj.tolist()  # numpy / torch scalars and arrays
     if isinstance(obj, float) and not math.isfinite(obj):
         return repr(obj)
     if isinstance(obj, Mapping):
@@ -66,6 +71,29 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes and bytes): the
+    identity of the weights a measurement actually ran on, whatever file they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        a = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(a.shape)}:{a.dtype};".encode())
+        if a.numel():
+            h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' shapes, dtypes and bytes (the data a measurement used)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().to("cpu").contiguous()
+        h.update(f"{tuple(a.shape)}:{a.dtype};".encode())
+        if a.numel():
+            h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
