@@ -123,7 +123,8 @@ def make_plan(names: Sequence[str], ctx: Context, probe_seconds: float = 0.15) -
     t0 = time.perf_counter()
     probe = Probe(device, threads=1 if ctx.executor == "ray" else torch.get_num_threads(),
                   min_seconds=probe_seconds)
-    plans = [_plan_one(name, pctx, probe, workers) for name in names]
+    planned: set[str] = set()  # run keys an earlier experiment of this plan trains
+    plans = [_plan_one(name, pctx, probe, workers, planned) for name in names]
     return Plan(str(device), ctx.executor, workers, plans, time.perf_counter() - t0)
 
 
@@ -153,7 +154,8 @@ def _workers(ctx: Context, device: torch.device) -> int:
     return default_workers(device)
 
 
-def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int) -> ExperimentPlan:
+def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int,
+              planned: set[str]) -> ExperimentPlan:
     pctx.recorded = []
     plan = ExperimentPlan(name)
     if name == "gradient-competition":  # its runs and trials, without running it
@@ -168,7 +170,9 @@ def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int) -> Exper
             plan.notes.append("no training runs")
         except Planned:
             pass
-    todo = _not_stored(pctx.recorded, pctx, plan)
+    todo = _not_stored(pctx.recorded, pctx, plan, planned)
+    if any(c.target_metric is not None for c in todo):
+        plan.notes.append("runs with a target stop early: time is an upper bound")
     _add_runs(todo, plan, probe, workers if pctx.executor == "ray" else 1)
     if name == "gradient-competition":
         add_trials(pctx, plan, probe, workers)
@@ -177,8 +181,10 @@ def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int) -> Exper
     return plan
 
 
-def _not_stored(configs: list[TrainConfig], ctx: Context, plan: ExperimentPlan
-                ) -> list[TrainConfig]:
+def _not_stored(configs: list[TrainConfig], ctx: Context, plan: ExperimentPlan,
+                planned: set[str]) -> list[TrainConfig]:
+    """The configs still to train: not in the store, not trained by an earlier experiment of
+    the same plan (those count as stored), each once."""
     from batchlab.data import load_dataset
 
     todo, seen = [], set()
@@ -187,10 +193,11 @@ def _not_stored(configs: list[TrainConfig], ctx: Context, plan: ExperimentPlan
         if key in seen:
             continue
         seen.add(key)
-        if ctx.store is not None and ctx.store.finished(key) is not None:
+        if key in planned or (ctx.store is not None and ctx.store.finished(key) is not None):
             plan.runs_stored += 1
         else:
             todo.append(cfg)
+            planned.add(key)
     plan.runs = len(todo)
     return todo
 
