@@ -7,7 +7,7 @@ import math
 
 from batchlab.analysis.gradcomp_stats import norms_array
 from batchlab.experiments import Claim
-from batchlab.experiments.verdicts import (
+from batchlab.experiments.verdicts_legacy import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,

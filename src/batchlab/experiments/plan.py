@@ -22,6 +22,7 @@ when its checkpoints are stored), sharpness its curvature measurements. Costs:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -112,28 +113,33 @@ class Plan:
         return out
 
 
-def make_plan(names: Sequence[str], ctx: Context, probe_seconds: float = 0.15) -> Plan:
-    """The plan of running `names` with the settings of `ctx` (nothing is trained).
+def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15) -> Plan:
+    """The plan of running each (experiment name, its context) in order; nothing is trained.
     `probe_seconds`: the least time each throughput timing runs."""
-    pctx = PlanContext(**{f: getattr(ctx, f) for f in (
-        "preset", "seeds", "data_dir", "out_dir", "store", "executor", "ray_address", "device",
-        "console", "options")})
-    device = resolve_device(ctx.device)
-    workers = _workers(ctx, device)
+    from batchlab.experiments.options import validate
+
+    first = items[0][1]
+    device = resolve_device(first.device)
+    workers = _workers(first, device)
     t0 = time.perf_counter()
-    probe = Probe(device, threads=1 if ctx.executor == "ray" else torch.get_num_threads(),
+    probe = Probe(device, threads=1 if first.executor == "ray" else torch.get_num_threads(),
                   min_seconds=probe_seconds)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
-    plans = [_plan_one(name, pctx, probe, workers, planned) for name in names]
-    return Plan(str(device), ctx.executor, workers, plans, time.perf_counter() - t0)
+    plans = []
+    for name, ctx in items:
+        opts = validate(name, ctx.options)
+        pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
+        pctx = dataclasses.replace(pctx, opts=opts, options=opts.model_dump(exclude_none=True))
+        plans.append(_plan_one(name, pctx, probe, workers, planned))
+    return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0)
 
 
-def print_plan(names: Sequence[str], ctx: Context, as_json: bool = False) -> Plan:
+def print_plan(items: Sequence[tuple[str, Context]], as_json: bool = False) -> Plan:
     """Make the plan and print it on stdout: text, or one JSON object with `as_json`."""
     import json
     import sys
 
-    plan = make_plan(names, ctx)
+    plan = make_plan(items)
     if as_json:
         sys.stdout.write(json.dumps(plan.to_json()) + "\n")
     else:

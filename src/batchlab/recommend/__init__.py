@@ -200,13 +200,13 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
     init_model = copy.deepcopy(model)
     res = train(cfg, model=model, data=td, probes=[probe],
                 reporter=RichReporter(quiet, desc="measurement run"))
-    if res.status != "completed":
+    if res.status != "completed":  # no lr trains weights that are NaN from the start
+        nan0 = not all(bool(p.isfinite().all()) for p in init_model.parameters())
         raise BatchlabError(f"the measurement run at batch {b0}, lr {base_lr} {res.status}; "
-                            f"try a smaller --lr")
+                            f"{'the model holds NaN or inf weights' if nan0 else 'try a smaller --lr'}")
     net = res.model
     s0 = int(res.final["steps"])
     last = res.final
-
     # noise scale at the end of the measurement run
     gen = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(n, generator=gen).to(td.x_train.device)
