@@ -4,7 +4,7 @@ Prints, in one run:
   1. seconds per trial per batch size: the naive loop (autograd + torch.optim.SGD, a fresh
      deepcopy of the model per batch size, a Python loop over steps - what the study would
      write, on torch's default threads) vs batchlab as the experiment runs it
-     (`gradcomp.run_trials`: the CPU's `deferred` engine, trials on parallel single-threaded
+     (`gradcomp_runner.run_trials`: the CPU's `deferred` engine, trials on parallel single-threaded
      workers), both computing the `displacement` mode (batchlab's one trajectory also yields
      `sample-sum`);
   2. the engines one trial at a time on one thread (`deferred` vs `fused`), per batch size:
@@ -34,8 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from batchlab.analysis import gradcomp as gc
+from batchlab.analysis.gradcomp_runner import run_trials
+from batchlab.analysis.gradcomp_trials import TrialRun
 from batchlab.data import load_dataset, prepare
 from batchlab.nn.models import build_mlp
+from batchlab.runs.store import Store
+from batchlab.runs.tasks import threads
 
 
 def naive_trial(model, x, y, batch_sizes, lr=0.01) -> dict[int, float]:
@@ -60,7 +64,7 @@ def naive_trial(model, x, y, batch_sizes, lr=0.01) -> dict[int, float]:
 def engine_trial(model, x, y, batch_sizes, engine, lr=0.01) -> dict[int, float]:
     """Seconds per batch size for one trial on one thread with one engine."""
     out = {}
-    with gc._threads(1):
+    with threads(1):
         for b in batch_sizes:
             t0 = time.perf_counter()
             res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"], engine)
@@ -70,14 +74,17 @@ def engine_trial(model, x, y, batch_sizes, engine, lr=0.01) -> dict[int, float]:
 
 
 def experiment_trials(model, data, seeds, batch_sizes, n) -> dict[int, float]:
-    """Seconds per trial per batch size through `gc.run_trials`, exactly as the experiment
+    """Seconds per trial per batch size through `run_trials`, exactly as the experiment
     runs trials (default engine, workers and K; no tensors kept)."""
-    run = gc.TrialRun("bench", seeds, [None] * len(seeds), batch_sizes, ["displacement"],
-                      n_samples=n)
-    with tempfile.TemporaryDirectory() as tmp:
-        recs = gc.run_trials(run, model, data.x_train, data.y_train, Path(tmp), "bench",
-                             keep_tensors=False)
-    return {b: recs[b]["seconds"] / len(seeds) for b in batch_sizes}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "bench.db") as st:
+        for b in batch_sizes:  # wall time of each batch size's trials on all workers
+            run = TrialRun("bench", seeds, [None] * len(seeds), [b], ["displacement"],
+                           n_samples=n)
+            t0 = time.perf_counter()
+            run_trials(run, model, data.x_train, data.y_train, st, keep_tensors=False)
+            out[b] = (time.perf_counter() - t0) / len(seeds)
+    return out
 
 
 def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
@@ -137,7 +144,7 @@ def main() -> None:
 
     naive = {b: 0.0 for b in bs}
     naive_threads = args.naive_threads or default_threads
-    with gc._threads(naive_threads):
+    with threads(naive_threads):
         for s in seeds[:args.naive_trials]:
             idx = gc.sample_indices(data.n_train, n, s)
             for b, t in naive_trial(model, data.x_train[idx], data.y_train[idx], bs).items():
@@ -167,7 +174,7 @@ def main() -> None:
     # against the copy bandwidth of every core, and one trial on one thread against the
     # copy bandwidth of one thread. The first is the target; the second shows one stream.
     bw = copy_bandwidth()
-    with gc._threads(1):
+    with threads(1):
         bw1 = copy_bandwidth()
     print(f"\nb=1 step vs the bandwidth bound (bytes the step moves / DRAM copy bandwidth, "
           f"best of 5 copies of 256 MB: {bw / 1e9:.1f} GB/s on {default_threads} threads, "
@@ -188,7 +195,7 @@ def main() -> None:
 
     print("\nK stacked trials, one thread (seconds per trial, min(32, 1024/b) steps; lower is "
           "better):")
-    with gc._threads(1):
+    with threads(1):
         for b in (1, 8, 64, 256):
             line = [f"b={b:<4}"]
             for k in (1, 2, 4):

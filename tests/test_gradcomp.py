@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from batchlab.analysis import gradcomp as gc
+from batchlab.analysis import gradcomp_runner as gcr
+from batchlab.analysis import gradcomp_trials as gct
+from batchlab.atomic import leftovers
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.experiments import Context, run_experiment
 from batchlab.nn.models import build_mlp
@@ -184,71 +188,127 @@ def test_vectorized_equals_sequential(tiny, engine):
                 torch.testing.assert_close(stacked[m][k], one[m][0], rtol=1e-6, atol=1e-7)
 
 
+def _store(tmp_path, name="g.db"):
+    return Store(tmp_path / name)
+
+
+def _measured(recs):
+    """Records without their timings (a recomputed chunk takes other seconds)."""
+    return {b: {k: v for k, v in r.items() if k != "seconds"} for b, r in recs.items()}
+
+
 def test_parallel_workers_give_identical_tensors(tiny, tmp_path):
-    """Trials on 1 or 3 CPU workers: the same bits, and the same result directory (the worker
-    count is not part of the design's hash)."""
+    """Trials on 1 or 3 CPU workers: the same bits and the same store keys (the worker count
+    is not part of a chunk's key)."""
     model, X, Y = tiny
     seeds = gc.trial_seeds(4, "workers", 7)
     out = {}
     for w in (1, 3):
-        run = gc.TrialRun("w", seeds, [None] * 7, [1, 5], list(gc.MODES), n_samples=N,
-                          lr=0.05, threads=w)
+        run = gct.TrialRun("w", seeds, [None] * 7, [1, 5], list(gc.MODES), n_samples=N,
+                           lr=0.05, threads=w, chunk=2)
         done: Counter[int] = Counter()
-        recs = gc.run_trials(run, model, X, Y, tmp_path / f"w{w}", "ckpt",
-                             advance=lambda b, t, done=done: done.update({b: t}))
+        with _store(tmp_path, f"w{w}.db") as st:
+            recs = gcr.run_trials(run, model, X, Y, st, tensor_dir=tmp_path / f"w{w}",
+                                  advance=lambda b, t, done=done: done.update({b: t}))
+            keys = {k for (k,) in st.conn.execute("SELECT key FROM measurements")}
         assert done == {1: 7, 5: 7}  # every trial reported once, per batch size
-        (d,) = (tmp_path / f"w{w}").iterdir()
-        out[w] = d.name, {(b, m): np.load(d / recs[b]["modes"][m]["file"])
-                          for b in (1, 5) for m in gc.MODES}
-    assert out[1][0] == out[3][0]
+        out[w] = keys, {(b, m): gcr.load_tensors(recs[b], m, 16 * 5)
+                        for b in (1, 5) for m in gc.MODES}
+    assert out[1][0] == out[3][0] and len(out[1][0]) == 8  # 4 chunks of <= 2 trials per b
     assert all(np.array_equal(out[1][1][k], out[3][1][k]) for k in out[1][1])
 
 
 def test_replay_from_seed_gives_stored_tensors(tiny, tmp_path):
     model, X, Y = tiny
-    run = gc.TrialRun("t", gc.trial_seeds(1, "replay", 3), [None] * 3, [1, 5, 24],
-                      list(gc.MODES), n_samples=N, lr=0.05, k=1)
-    recs = gc.run_trials(run, model, X, Y, tmp_path, "ckpt")
-    d = next(tmp_path.glob("t-*"))
+    run = gct.TrialRun("t", gc.trial_seeds(1, "replay", 3), [None] * 3, [1, 5, 24],
+                       list(gc.MODES), n_samples=N, lr=0.05, k=1)
+    st = _store(tmp_path)
+    recs = gcr.run_trials(run, model, X, Y, st, tensor_dir=tmp_path / "t")
     for b in (1, 5, 24):
         for m in gc.MODES:
-            arr = gc.open_tensors(d / recs[b]["modes"][m]["file"], 3, 16 * 5)
+            arr = gcr.load_tensors(recs[b], m, 16 * 5)
             for t, seed in enumerate(run.seeds):
                 again = gc.replay_trial(model, X, Y, seed, b, 0.05, m, n_samples=N)
                 assert np.array_equal(arr[t], again.numpy()), (b, m, t)
                 assert recs[b]["modes"][m]["norms"][t] == pytest.approx(
                     float(np.linalg.norm(arr[t].astype(np.float64))))
-    # a rerun reuses the records; a truncated tensor file is a clear error
-    assert gc.run_trials(run, model, X, Y, tmp_path, "ckpt")[5] == recs[5]
-    f = d / recs[5]["modes"]["displacement"]["file"]
+    # a rerun reuses the records; a damaged tensor file is recomputed (said in one line)
+    lines: list[str] = []
+    again = gcr.run_trials(run, model, X, Y, st, tensor_dir=tmp_path / "t",
+                           progress=lines.append)
+    assert again == recs and lines == []
+    f = Path(recs[5]["modes"]["displacement"]["files"][0])
     f.write_bytes(f.read_bytes()[:200])
-    with pytest.raises(BatchlabError, match="truncated|shape"):
-        gc.run_trials(run, model, X, Y, tmp_path, "ckpt")
+    fixed = gcr.run_trials(run, model, X, Y, st, tensor_dir=tmp_path / "t",
+                           progress=lines.append)
+    assert _measured(fixed) == _measured(recs)
+    assert [x for x in lines if "not trusted" in x and "does not match" in x]
     f.unlink()
-    with pytest.raises(BatchlabError, match="missing"):
-        gc.run_trials(run, model, X, Y, tmp_path, "ckpt")
+    lines.clear()
+    assert _measured(gcr.run_trials(run, model, X, Y, st, tensor_dir=tmp_path / "t",
+                                    progress=lines.append)) == _measured(recs)
+    assert [x for x in lines if "missing" in x]
+    st.close()
 
 
-def test_failed_batch_size_leaves_no_partial_files(tiny, tmp_path, monkeypatch):
+def test_damaged_or_foreign_records_are_not_reused(tiny, tmp_path):
+    """A hand-edited chunk row is detected by its checksum and recomputed; other data or
+    other weights never reuse a row; NaN weights are refused in one line."""
     model, X, Y = tiny
-    run = gc.TrialRun("fail", gc.trial_seeds(2, "fail", 6), [None] * 6, [1, 5],
-                      ["displacement"], n_samples=N, lr=0.05, threads=2)
+    run = gct.TrialRun("d", gc.trial_seeds(2, "d", 4), [None] * 4, [2, 8], ["displacement"],
+                       n_samples=N, lr=0.05)
+    with _store(tmp_path) as st:
+        recs = gcr.run_trials(run, model, X, Y, st, keep_tensors=False)
+        n_rows = st.conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+        # edit one stored norm by hand (keeping valid JSON)
+        key, text = st.conn.execute("SELECT key, payload_json FROM measurements").fetchone()
+        edited = json.loads(text)
+        edited["modes"]["displacement"]["norms"][0] *= 2
+        st.conn.execute("UPDATE measurements SET payload_json = ? WHERE key = ?",
+                        (json.dumps(edited), key))
+        lines: list[str] = []
+        again = gcr.run_trials(run, model, X, Y, st, keep_tensors=False, progress=lines.append)
+        assert _measured(again) == _measured(recs)
+        assert len([x for x in lines if "checksum" in x]) == 1
+        # other data: new rows, old ones untouched
+        X2 = X.clone()
+        X2[0, 0] += 1
+        gcr.run_trials(run, model, X2, Y, st, keep_tensors=False)
+        assert st.conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] == 2 * n_rows
+        bad = copy.deepcopy(model)
+        with torch.no_grad():
+            bad[0].weight[0, 0] = float("nan")
+        with pytest.raises(BatchlabError, match="NaN"):
+            gcr.run_trials(run, bad, X, Y, st, keep_tensors=False)
+        with pytest.raises(BatchlabError, match="NaN"):
+            gc.fit_state(copy.deepcopy(model), bad.state_dict())
+
+
+def test_interrupted_run_resumes_to_the_chunk(tiny, tmp_path, monkeypatch):
+    model, X, Y = tiny
+    run = gct.TrialRun("fail", gc.trial_seeds(2, "fail", 6), [None] * 6, [1, 5],
+                       ["displacement"], n_samples=N, lr=0.05, threads=2, chunk=1)
     real, calls = gc.run_trial_block, []
 
     def flaky(*a, **kw):
         calls.append(a[3])
-        if a[3] == 5 and len(calls) > 8:  # b=1 completes; b=5 fails on its third block
+        if len(calls) > 8:  # interrupted on the ninth trial
             raise KeyboardInterrupt
         return real(*a, **kw)
 
     monkeypatch.setattr(gc, "run_trial_block", flaky)
+    st = _store(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        gc.run_trials(run, model, X, Y, tmp_path, "ckpt")
-    (d,) = tmp_path.iterdir()
-    assert sorted(p.name for p in d.iterdir()) == ["b0001.json", "displacement_b0001.npy"]
+        gcr.run_trials(run, model, X, Y, st, tensor_dir=tmp_path / "t")
+    stored = st.conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+    assert 6 <= stored <= 8
+    assert not leftovers(tmp_path) and len(list((tmp_path / "t").rglob("*.npy"))) == stored
     monkeypatch.setattr(gc, "run_trial_block", real)
-    recs = gc.run_trials(run, model, X, Y, tmp_path, "ckpt")  # resumes: b=1 reused, b=5 run
-    assert sorted(recs) == [1, 5] and not list(d.glob(".*"))
+    calls.clear()
+    monkeypatch.setattr(gc, "run_trial_block", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    recs = gcr.run_trials(run, model, X, Y, st, tensor_dir=tmp_path / "t")
+    assert sorted(recs) == [1, 5] and len(calls) == 12 - stored  # only the missing chunks
+    st.close()
 
 
 def test_same_samples_only_reorders(tiny):
@@ -262,12 +322,13 @@ def test_same_samples_only_reorders(tiny):
 
 def test_sum_loss_blowups_are_recorded_not_raised(tiny, tmp_path):
     model, X, Y = tiny
-    run = gc.TrialRun("blow", gc.trial_seeds(0, "blow", 2), [None] * 2, [12], list(gc.MODES),
+    run = gct.TrialRun("blow", gc.trial_seeds(0, "blow", 2), [None] * 2, [12], list(gc.MODES),
                       n_samples=N, lr=2.0, blowup_loss=10.0)
-    rec = gc.run_trials(run, model, X, Y, tmp_path, "ckpt", keep_tensors=False)[12]
+    with _store(tmp_path) as st:
+        rec = gcr.run_trials(run, model, X, Y, st, keep_tensors=False)[12]
     assert all(rec["modes"]["sum-loss"]["blowup"])  # second step at lr x 12 = 24 explodes
     assert not any(rec["modes"]["displacement"]["blowup"])  # same samples at lr 2: fine
-    assert rec["modes"]["sum-loss"]["file"] is None
+    assert rec["modes"]["sum-loss"]["files"] is None
     assert not list(tmp_path.rglob("*.npy"))
 
 
@@ -291,8 +352,17 @@ def _ctx(tmp_path, store, **opts):
 
 
 def test_experiment_end_to_end(tmp_path):
+    from batchlab.experiments.plan import make_plan
+
     with Store(tmp_path / "runs.db") as st:
+        # the plan counts the checkpoint run and every trial: (3 x 4 + 4 x 2) per regime
+        before = make_plan([("gradient-competition", _ctx(tmp_path, st))], 0.01).to_json()
+        assert (before["runs"], before["trials"], before["trials_stored"]) == (1, 40, 0)
+        assert before["projected_seconds"] > 0 and before["sgd_steps"] > 0
         out, path = run_experiment("gradient-competition", _ctx(tmp_path, st))
+        after = make_plan([("gradient-competition", _ctx(tmp_path, st))], 0.01).to_json()
+        assert (after["runs"], after["runs_stored"], after["trials"], after["trials_stored"]) \
+            == (0, 1, 0, 40)
         assert {"norm_vs_b.png", "normalized_vs_b.png", "norm_hist_early.png",
                 "value_hist.png", "results.csv", "summary.md", "claims.json",
                 "trials.csv"} <= {p.name for p in path.iterdir()}
@@ -325,3 +395,17 @@ def test_experiment_end_to_end(tmp_path):
         with pytest.raises(BatchlabError, match="does not fit"):
             run_experiment("gradient-competition",
                            _ctx(tmp_path, st, checkpoint_early=str(bad)))
+
+
+def test_plan_cli_prints_one_json_object(tmp_path, run_main, capsys):
+    opts = ["--set", "trials=2", "--set", "n_samples=32", "--set", "batch_sizes=[1,32]",
+            "--set", "hidden=[8]", "--set", "early_epochs=1", "--set", "late_epochs=2",
+            "--set", "decomp_sets=2", "--set", "decomp_orders=2",
+            "--set", "decomp_batch_sizes=[32]"]
+    code = run_main("experiment", "gradient-competition", "--plan", "--json", "--store",
+                    tmp_path / "r.db", "--out", tmp_path / "out", *opts)
+    assert code == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert {"projected_seconds", "sgd_steps", "flops"} <= set(plan)
+    assert plan["trials"] == 2 * (2 * 2 + 4 * 1) and plan["runs"] == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))

@@ -34,7 +34,7 @@ def cluster():
         yield
         return
     # a small object store: CI containers often have little /dev/shm
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              object_store_memory=200 * 1024**2)
     yield
     ray.shutdown()
@@ -194,3 +194,47 @@ def test_cli_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
         cli.main()
     assert exc.value.code == 130
     assert "re-run to resume" in capsys.readouterr().err
+
+
+KILLING_CLI = """
+import os, signal, sys
+from batchlab.runs import ray_executor
+
+marker = sys.argv[1]
+
+
+def kill_once(cfg):
+    if cfg.seed == 1 and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)  # a Ray worker dies mid-run
+
+
+ray_executor.run_ray.__kwdefaults__.update(task_hook=kill_once, num_cpus=2)
+from batchlab.cli.root import main
+
+sys.argv = ["batchlab", *sys.argv[2:]]
+main()
+"""
+
+
+def test_json_stdout_is_one_object_even_when_a_ray_worker_dies(tmp_path: Path) -> None:
+    """`--json` with Ray: stdout carries exactly the JSON, while Ray's messages about the
+    killed worker (and its retry) go to stderr."""
+    import json
+    import subprocess
+    import sys
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[base]\ndataset = "digits"\nhidden = [32]\nepochs = 2\nlr = 0.1\n'
+                    'batch_size = 32\n[grid]\nseed = [0, 1]\n')
+    marker = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLING_CLI, str(marker), "sweep", str(grid), "--store",
+         str(tmp_path / "r.db"), "--executor", "ray", "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert marker.exists(), "the fault was never injected"
+    rows = json.loads(proc.stdout)  # the whole of stdout is one JSON document
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert "died" in proc.stderr or "retried" in proc.stderr or "retries" in proc.stderr

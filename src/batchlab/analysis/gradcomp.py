@@ -36,35 +36,25 @@ with batched matmuls. Both add delta^T h of the last layer into an accumulator.
 `randperm(n_train, Generator(seed))[:n]`. With `same_samples`, the sample set comes from a
 separate `sample_seed` and the trial seed only shuffles the order within the set.
 
-**Storage**: per (mode, b) a `.npy` file [trials, 10240] float32 written incrementally through
-`np.lib.format.open_memmap` under a temporary name and renamed when complete, plus a JSON
-record with the per-trial norms, flags and streaming statistics (moments, histogram), so the
-statistics never need the tensors in memory and `keep_tensors=False` writes none at all.
+**Storage and execution**: trials run in chunks (`gradcomp_trials`), locally or as Ray tasks,
+and every chunk's summary is a checksummed row of the results store (`gradcomp_runner`); kept
+tensors are .npy files whose sha256 the store checks on every load.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from batchlab.atomic import atomic_write
 from batchlab.engine.deferred import Step, sgd_pass
 from batchlab.engine.fused import FusedMLPSGD
 from batchlab.errors import BatchlabError, ConfigError
+from batchlab.runs.tasks import threads
 
 BATCH_SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256, 512, 1024)
 MODES = ("displacement", "sample-sum", "sum-loss")
@@ -150,8 +140,17 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str = "che
                  f"unexpected {extra[:3]}" if extra else "",
                  f"shape mismatch {bad[:3]}" if bad else ""]
         raise BatchlabError(f"{what} does not fit the model: {'; '.join(p for p in parts if p)}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BatchlabError(f"{what} has NaN or infinite weights ({', '.join(bad[:3])}); "
+                            "refusing to measure gradients on it")
     model.load_state_dict(state)
     return model
+
+
+def last_layer_width(model: nn.Module) -> int:
+    """Values per trial record: the last Linear layer's weight count."""
+    return _linears(model)[-1].weight.numel()
 
 
 def _linears(model: nn.Module) -> list[nn.Linear]:
@@ -232,298 +231,7 @@ def replay_trial(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, seed: int, 
     every trial runs single-threaded, so this is bit-identical to the stored row (on a GPU:
     when run with the K that wrote it)."""
     idx = sample_indices(len(Y), n_samples, seed, sample_seed).to(X.device)
-    with _threads(1 if X.device.type == "cpu" else torch.get_num_threads()):
+    with threads(1 if X.device.type == "cpu" else torch.get_num_threads()):
         res = run_trial_block(model, X[idx].unsqueeze(0), Y[idx].unsqueeze(0), b, lr, [mode],
                               engine)
     return res[mode][0]
-
-
-# -- streaming statistics of the raw values ------------------------------------------------
-@dataclass
-class ValueStats:
-    """Moments and a histogram of every recorded gradient value of one (mode, b), updated
-    chunk by chunk. The histogram's scale is the RMS of the first chunk (deterministic), so
-    the edges are fixed before the data is seen in full and shapes compare across b."""
-
-    scale: float = 0.0
-    count: int = 0
-    nonfinite: int = 0
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
-    hist: list[int] = field(default_factory=lambda: [0] * HIST_BINS)
-    outside: int = 0
-    tail: int = 0
-
-    def update(self, values: np.ndarray) -> None:
-        v = values.astype(np.float64).ravel()
-        ok = np.isfinite(v)
-        self.nonfinite += int((~ok).sum())
-        v = v[ok]
-        if v.size == 0:
-            return
-        if self.scale <= 0.0:
-            rms = float(np.sqrt(np.mean(v * v)))
-            self.scale = rms if rms > 0 else 1.0
-        self.count += int(v.size)
-        p = v.copy()
-        for i in range(4):
-            self.sums[i] += float(p.sum())
-            p *= v
-        u = v / self.scale
-        h, _ = np.histogram(u, bins=HIST_BINS, range=(-HIST_RANGE, HIST_RANGE))
-        self.hist = [a + int(c) for a, c in zip(self.hist, h)]
-        self.outside += int((np.abs(u) > HIST_RANGE).sum())
-        self.tail += int((np.abs(u) > TAIL_K).sum())
-
-    def summary(self) -> dict[str, float]:
-        n = self.count
-        if n == 0:
-            return {"value_rms": math.nan, "kurtosis": math.nan, "tail_fraction": math.nan}
-        m1, m2, m3, m4 = (s / n for s in self.sums)
-        var = m2 - m1 * m1
-        c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1**4
-        kurt = c4 / var**2 - 3.0 if var > 0 else math.nan
-        return {"value_rms": math.sqrt(m2), "kurtosis": kurt, "tail_fraction": self.tail / n}
-
-    def to_json(self) -> dict[str, Any]:
-        return {"scale": self.scale, "count": self.count, "nonfinite": self.nonfinite,
-                "sums": self.sums, "hist": self.hist, "outside": self.outside, "tail": self.tail}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ValueStats:
-        return cls(**d)
-
-
-# -- on-disk tensors ----------------------------------------------------------------------
-class TensorFile:
-    """A [trials, width] float32 .npy written row-block by row-block through a memmap under a
-    temporary name; `close()` flushes and renames it into place (atomic: a crash never leaves
-    a file that looks complete)."""
-
-    def __init__(self, path: Path, trials: int, width: int) -> None:
-        self.path = path
-        self.tmp = path.with_name(f".{path.stem}.partial.npy")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32,
-                                            shape=(trials, width))
-
-    def write(self, start: int, rows: np.ndarray) -> None:
-        self.mm[start:start + len(rows)] = rows
-
-    def close(self) -> None:
-        self.mm.flush()
-        del self.mm
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        """Drop the unfinished file (the run failed or was interrupted)."""
-        del self.mm
-        self.tmp.unlink(missing_ok=True)
-
-
-def open_tensors(path: Path, trials: int | None = None, width: int | None = None) -> np.ndarray:
-    """Memory-map a kept tensor file read-only; a missing, truncated or mis-shaped file is a
-    one-line BatchlabError."""
-    path = Path(path)
-    if not path.is_file():
-        raise BatchlabError(f"tensor file {path} is missing; delete its directory to recompute")
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as e:
-        raise BatchlabError(f"tensor file {path} is truncated or corrupt ({e}); delete its "
-                            f"directory to recompute") from None
-    want = (trials, width)
-    if arr.ndim != 2 or any(w is not None and a != w for a, w in zip(arr.shape, want)):
-        raise BatchlabError(f"tensor file {path} has shape {arr.shape}, expected {want}")
-    return arr
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj))
-
-
-# -- a whole run: trials x batch sizes for one checkpoint ----------------------------------
-@dataclass
-class TrialRun:
-    """The design of one set of trials on one checkpoint. `sample_seeds[t]` is None for
-    fresh-sample trials, else the seed of trial t's fixed sample set."""
-
-    name: str
-    seeds: list[int]
-    sample_seeds: list[int | None]
-    batch_sizes: list[int]
-    modes: list[str]
-    n_samples: int = 1024
-    lr: float = 0.01
-    blowup_loss: float = 100.0
-    k: int | None = None
-    threads: int | None = None  # CPU: parallel single-threaded workers (default: torch's)
-    engine: str | None = None  # None: `default_engine(device)`
-
-    def spec_hash(self, checkpoint_id: str, device: torch.device) -> str:
-        """Everything that changes the numbers (not `threads`: on the CPU a trial's numbers
-        do not depend on the number of workers)."""
-        engine = self.engine or default_engine(device)
-        d = {"ckpt": checkpoint_id, "seeds": self.seeds, "sample_seeds": self.sample_seeds,
-             "modes": self.modes, "n": self.n_samples, "lr": self.lr, "k": self.k,
-             "blowup": self.blowup_loss, "engine": engine,
-             **({"rank": DEFERRED_RANK} if engine == "deferred" else {})}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def run_trials(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor,
-               directory: Path, checkpoint_id: str, *, keep_tensors: bool = True,
-               progress: Callable[[str], None] | None = None,
-               advance: Callable[[int, int], None] | None = None) -> dict[int, dict[str, Any]]:
-    """Run (or reuse) every batch size of `run`; returns {b: record}. A record holds, per mode,
-    the per-trial norms and blow-up flags, the value statistics and the tensor file name.
-    `progress(line)` is called when a batch size completes, `advance(b, trials)` as trials
-    complete (for a progress bar; a reused batch size reports all its trials at once).
-
-    Results live in `directory/<name>-<spec hash>/`: one JSON record per b (written last, so a
-    record means the b is complete) and, with `keep_tensors`, one .npy per (mode, b). Rerunning
-    the same design reuses complete batch sizes and verifies their tensor files.
-    """
-    validate_batch_sizes(run.batch_sizes, run.n_samples)
-    unknown = [m for m in run.modes if m not in MODES]
-    if unknown:
-        raise ConfigError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
-    if run.engine is not None and run.engine not in ENGINES:
-        raise ConfigError(f"unknown engine {run.engine!r}; choose from {', '.join(ENGINES)}")
-    d = Path(directory) / f"{run.name}-{run.spec_hash(checkpoint_id, X.device)}"
-    d.mkdir(parents=True, exist_ok=True)
-    width = _linears(model)[-1].weight.numel()
-    idx = torch.stack([sample_indices(len(Y), run.n_samples, s, ss)
-                       for s, ss in zip(run.seeds, run.sample_seeds)]).to(X.device)
-    out: dict[int, dict[str, Any]] = {}
-    for b in run.batch_sizes:
-        out[b] = _reuse_or_run(run, model, X, Y, idx, b, d, width, keep_tensors, progress,
-                               advance)
-    return out
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """Run with n intra-op threads (this thread's OpenMP setting and torch's), then restore."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _blocks(fn: Callable[[int], dict[str, torch.Tensor]], starts: Sequence[int],
-            device: torch.device, workers: int | None) -> Iterator[dict[str, torch.Tensor]]:
-    """fn(start) for every block start, in order. On the CPU the blocks run on `workers`
-    threads, each with ONE intra-op thread (torch releases the GIL inside kernels), so a
-    block's numbers are the same whatever the worker count."""
-    n = workers or default_workers(device)
-    if device.type != "cpu":
-        yield from map(fn, starts)
-        return
-
-    def single(start: int) -> dict[str, torch.Tensor]:
-        torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
-        return fn(start)
-
-    with _threads(1):
-        if n <= 1 or len(starts) <= 1:
-            yield from map(single, starts)
-            return
-        with ThreadPoolExecutor(max_workers=n) as pool:
-            ahead: deque[Future] = deque()  # a bounded window: results are consumed in order
-            for start in starts:
-                ahead.append(pool.submit(single, start))
-                if len(ahead) >= 2 * n:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
-
-
-def _reuse_or_run(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor,
-                  idx: torch.Tensor, b: int, d: Path, width: int, keep_tensors: bool,
-                  progress: Callable[[str], None] | None,
-                  advance: Callable[[int, int], None] | None) -> dict[str, Any]:
-    T = len(run.seeds)
-    rec_path = d / f"b{b:04d}.json"
-    if rec_path.is_file():
-        rec = json.loads(rec_path.read_text())
-        if rec.get("keep_tensors"):
-            for m in run.modes:
-                open_tensors(d / rec["modes"][m]["file"], T, width)
-        if advance:
-            advance(b, T)
-        return rec
-    rec = _run_batch_size(run, model, X, Y, idx, b, d, width, keep_tensors, advance)
-    _atomic_json(rec_path, rec)
-    if progress:
-        progress(f"{run.name} b={b}: {rec['seconds']:.1f}s ({T} trials)")
-    return rec
-
-
-def _run_batch_size(run: TrialRun, model: nn.Module, X: torch.Tensor, Y: torch.Tensor,
-                    idx: torch.Tensor, b: int, d: Path, width: int, keep_tensors: bool,
-                    advance: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    T = len(run.seeds)
-    K = run.k or default_k(b, X.device)
-    files = {m: TensorFile(d / f"{m}_b{b:04d}.npy", T, width) for m in run.modes} \
-        if keep_tensors else {}
-    stats = {m: ValueStats() for m in run.modes}
-    norms = {m: np.zeros(T) for m in run.modes}
-    max_loss = {m: np.zeros(T) for m in run.modes}
-    t0 = time.perf_counter()
-
-    def block(start: int) -> dict[str, torch.Tensor]:
-        ids = idx[start:start + K]
-        return run_trial_block(model, X[ids], Y[ids], b, run.lr, run.modes, run.engine)
-
-    starts = list(range(0, T, K))
-    try:
-        for start, res in zip(starts, _blocks(block, starts, X.device, run.threads)):
-            for m in run.modes:
-                g = res[m].to(torch.float32).cpu().numpy()
-                nrm = np.linalg.norm(g.astype(np.float64), axis=1)
-                ml = res["max_loss/sum" if m == "sum-loss" else "max_loss/mean"].cpu().numpy()
-                norms[m][start:start + len(g)] = nrm
-                max_loss[m][start:start + len(g)] = ml
-                stats[m].update(g[~_blown(nrm, ml, run.blowup_loss)])
-                if keep_tensors:
-                    files[m].write(start, g)
-            if advance:
-                advance(b, len(res[run.modes[0]]))
-    except BaseException:  # interrupted or failed: leave no partial tensor files behind
-        for f in files.values():
-            f.discard()
-        raise
-    seconds = time.perf_counter() - t0
-    for f in files.values():
-        f.close()
-    rec: dict[str, Any] = {"b": b, "k": K, "seconds": seconds, "trials": T,
-                           "engine": run.engine or default_engine(X.device),
-                           "keep_tensors": keep_tensors, "modes": {}}
-    for m in run.modes:
-        ml = max_loss[m]
-        blow = _blown(norms[m], ml, run.blowup_loss)
-        rec["modes"][m] = {
-            "file": f"{m}_b{b:04d}.npy" if keep_tensors else None,
-            "norms": [float(v) if math.isfinite(v) else None for v in norms[m]],
-            "max_loss": [float(v) if math.isfinite(v) else None for v in ml],
-            "blowup": [bool(v) for v in blow],
-            "values": stats[m].to_json(),
-        }
-    return rec
-
-
-def _blown(norms: np.ndarray, max_loss: np.ndarray, limit: float) -> np.ndarray:
-    """Blow-up flags: non-finite summed gradient, or a step loss non-finite or above `limit`."""
-    with np.errstate(invalid="ignore"):
-        return ~np.isfinite(norms) | ~np.isfinite(max_loss) | (max_loss > limit)
-
-
-def norms_array(rec: dict[str, Any], mode: str, finite_only: bool = True) -> np.ndarray:
-    """Per-trial norms of one (b, mode) record; blown-up trials dropped if `finite_only`."""
-    m = rec["modes"][mode]
-    v = np.array([np.nan if x is None else x for x in m["norms"]], dtype=float)
-    if finite_only:
-        v = v[~np.asarray(m["blowup"], dtype=bool)]
-    return v

@@ -52,6 +52,7 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="mlp (default),
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or verdict lines on stderr.")]
+PlanOpt = Annotated[bool, typer.Option("--plan", help="Print what would run (minus what is stored): runs, trials, SGD steps, FLOPs, memory, disk and a projected time from a measured probe; trains nothing.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Experiment option KEY=VALUE (repeatable; see `batchlab experiment options NAME`).")]
 
 
@@ -65,12 +66,14 @@ def options_text(name: str) -> str:
 def _context(preset: Preset, seeds: int, data_dir: str | None, out: Path, store: Any,
              executor: Executor, ray_address: str | None, device: str, model: str | None,
              data: str | None, options: dict[str, Any], quiet: bool) -> Any:
+    from batchlab.cli.progress import ProgressBars
     from batchlab.experiments import Context
 
+    console = Console(stderr=True, quiet=quiet)
     return Context(preset=preset.value, seeds=seeds, data_dir=data_dir, out_dir=out, store=store,
                    executor=executor.value, ray_address=ray_address, device=device,
-                   console=Console(stderr=True, quiet=quiet), options=options,
-                   model=model, data=data)
+                   console=console, options=options,
+                   model=model, data=data, progress=ProgressBars(console, enabled=not quiet))
 
 
 def _check_out(out: Path) -> None:
@@ -95,6 +98,7 @@ def _make_command(name: str) -> Any:
         option: SetOpt = None,
         as_json: JsonOpt = False,
         quiet: QuietOpt = False,
+        plan: PlanOpt = False,
     ) -> None:
         from batchlab.experiments import run_experiment
         from batchlab.experiments.options import parse_pairs, validate
@@ -106,6 +110,11 @@ def _make_command(name: str) -> Any:
         with Store(store) as st:
             ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
                            data, opts, quiet)
+            if plan:
+                from batchlab.experiments.plan import print_plan
+
+                print_plan([(name, ctx)], as_json)
+                return
             t0 = time.perf_counter()
             output, path = run_experiment(name, ctx)
         seconds = time.perf_counter() - t0
@@ -177,6 +186,7 @@ def register(app: typer.Typer) -> None:
         option: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every experiment that has option KEY, or NAME.KEY=VALUE for one (repeatable).")] = None,
         as_json: JsonOpt = False,
         quiet: QuietOpt = False,
+        plan: PlanOpt = False,
     ) -> None:
         """Run every experiment; writes OUT/report.html, OUT/claims.json and OUT/study_numbers.csv."""
         from batchlab.atomic import atomic_write
@@ -193,6 +203,13 @@ def register(app: typer.Typer) -> None:
         numbers: list[Any] = []
         timings: dict[str, float] = {}
         with Store(store) as st:
+            if plan:
+                from batchlab.experiments.plan import print_plan
+
+                print_plan([(n, _context(preset, seeds, data_dir, out, st, executor, ray_address,
+                                         device, model, data, per_exp[n], quiet))
+                            for n in names], as_json)
+                return
             for n in names:
                 ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device,
                                model, data, per_exp[n], quiet)

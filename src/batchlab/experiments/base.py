@@ -64,6 +64,8 @@ class Context:
     model: str | None = None  # "cnn" or "module:factory" of a user model (default: the built-in MLP)
     data: str | None = None  # "module:loader" of user data
     opts: Any = None  # the typed options (set by run_experiment from `options`)
+    # progress(description, done, total) as long work advances (the CLI draws a bar from it)
+    progress: Callable[[str, float, float], None] | None = None
 
     @property
     def paper(self) -> bool:

@@ -102,6 +102,7 @@ class GradientCompetition(Options):
     same_samples: bool | None = opt("every batch size sees the same samples (default false)")
     k: PositiveInt | None = opt("trials stacked per batched matmul (default: device's)")
     threads: PositiveInt | None = opt("parallel single-threaded workers (default: torch threads)")
+    chunk: PositiveInt | None = opt("trials per task and stored chunk (default 16)")
     engine: Literal["fused", "deferred"] | None = opt("trial engine (default: deferred on CPU)")
     blowup_loss: PositiveFloat | None = opt("a trial whose loss exceeds this is flagged (default 100)")
     seed: int | None = opt("seed of the trials (default 0)", ge=0, lt=2**63)

@@ -23,13 +23,33 @@ import torch
 
 from batchlab.config import Phase
 from batchlab.engine.train import TrainResult, build_model, get_data, resolve_device
+from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.measure import curvature as C
+from batchlab.runs.measurements import Measurements, tensors_sha256, weights_sha256
 
 EPSILONS = (1e-3, 5e-4)
+FORMAT = 1  # bump when a stored measurement changes meaning: old rows are then not reused
+
+
+class Stored:
+    """Curvature measurements through the store (the persistence rule): each one a row keyed
+    by the sha256 of the weights and of the data it ran on, the device and its settings, so
+    an interrupted run resumes at the next measurement and nothing is wrongly reused."""
+
+    def __init__(self, ctx: Context) -> None:
+        if ctx.store is None:
+            raise ConfigError("sharpness needs a results store")
+        self.meas = Measurements(ctx.store, warn=lambda line: ctx.console.log(line))
+
+    def __call__(self, what: str, models: list[torch.nn.Module], data: list[torch.Tensor],
+                 settings: dict[str, Any], compute: Any) -> dict[str, Any]:
+        spec = {"format": FORMAT, "weights": [weights_sha256(m) for m in models],
+                "data": tensors_sha256(*data), "device": str(data[0].device.type), **settings}
+        return self.meas.cached(f"sharpness/{what}", spec, compute)
 
 
 def final_model(res: TrainResult, epoch: int) -> torch.nn.Module:
@@ -70,6 +90,7 @@ def run(ctx: Context) -> Output:
             keys.append((seed, regime))
     results = ctx.run_many(configs, label="sharpness")
 
+    stored = Stored(ctx)
     rows: list[dict[str, Any]] = []
     models: dict[tuple[int, str], torch.nn.Module] = {}
     for (seed, regime), res in zip(keys, results):
@@ -84,17 +105,9 @@ def run(ctx: Context) -> Output:
                                "status": res.status, "train_acc": res.final["train_acc"],
                                "test_acc": res.final["test_acc"],
                                "train_loss": res.final["train_loss"]}
-        for eps in EPSILONS:
-            row[f"sharp_full_{eps:g}"] = C.sharpness(model, data, epsilon=eps).sharpness
-            row[f"sharp_sub{p_sub}_{eps:g}"] = C.sharpness(
-                model, data, epsilon=eps, subspace_dim=p_sub, seed=seed).sharpness
-        eig = C.hessian_eigenvalues(model, data, k=1, tol=1e-3, max_iter=100, seed=seed)
-        row.update(lambda_max=eig.top, lambda_converged=eig.converged,
-                   lambda_residual=eig.residuals[0], lambda_hvps=eig.n_hvp)
-        tr = C.hessian_trace(model, data, n_samples=n_trace, seed=seed)
-        row.update(trace=tr.estimate, trace_se=tr.stderr)
+        row.update(_curvature(stored, model, data, seed, p_sub, n_trace))
         rows.append(row)
-        ctx.console.log(f"sharpness seed {seed} {regime}: lambda_max {eig.top:.4g}, "
+        ctx.console.log(f"sharpness seed {seed} {regime}: lambda_max {row['lambda_max']:.4g}, "
                         f"sharpness(1e-3) {row['sharp_full_0.001']:.4g}")
 
     ok = [r for r in rows if r.get("status") == "completed"]
@@ -102,16 +115,16 @@ def run(ctx: Context) -> Output:
     for seed in seeds:
         if (seed, "small") in models and (seed, "large") in models:
             td = get_data(configs[0], resolve_device(configs[0].device))
-            interp[seed] = C.interpolate(models[(seed, "small")], models[(seed, "large")],
-                                         td.eval_sets["train"], td.eval_sets["test"], ALPHAS)
+            interp[seed] = _interpolation(stored, models[(seed, "small")],
+                                          models[(seed, "large")], td)
     claims = sharpness_claims(ok, interp, p_sub, lr, ctx.test_size())
     figures = {"sharpness_bars.png": _bars(ok, p_sub)}
     s0 = seeds[0]
     if (s0, "small") in models and (s0, "large") in models:
         td = get_data(configs[0], resolve_device(configs[0].device))
         data = (td.x_train[:n_curv], td.y_train[:n_curv])
-        dens = {reg: C.spectral_density(models[(s0, reg)], data, n_vectors=1, n_steps=slq_steps,
-                                        seed=s0) for reg in ("small", "large")}
+        dens = {reg: _density(stored, models[(s0, reg)], data, slq_steps, s0)
+                for reg in ("small", "large")}
         figures["spectral_density.png"] = _density_fig(dens, batches)
         figures["interpolation.png"] = _interp_fig(interp[s0], batches)
         rows.extend({"seed": s0, "regime": "interpolation", **r} for r in interp[s0])
@@ -133,6 +146,62 @@ def run(ctx: Context) -> Output:
 
 
 ALPHAS = [float(a) for a in np.linspace(-1, 2, 31)]
+
+
+def _curvature(stored: Stored, model: torch.nn.Module,
+               data: tuple[torch.Tensor, torch.Tensor], seed: int, p_sub: int,
+               n_trace: int) -> dict[str, Any]:
+    """One final model's curvature row entries, each measurement through the store."""
+    xs, row = list(data), {}
+    for eps in EPSILONS:
+        for dim in (None, p_sub):
+            def sharp(eps: float = eps, dim: int | None = dim) -> dict[str, Any]:
+                kw = {} if dim is None else {"subspace_dim": dim, "seed": seed}
+                return {"value": C.sharpness(model, data, epsilon=eps, **kw).sharpness}
+
+            name = "full" if dim is None else f"sub{p_sub}"
+            row[f"sharp_{name}_{eps:g}"] = stored(
+                "eps-sharpness", [model], xs,
+                {"epsilon": eps, "subspace_dim": dim, "seed": None if dim is None else seed},
+                sharp)["value"]
+
+    def top_eigenvalue() -> dict[str, Any]:
+        eig = C.hessian_eigenvalues(model, data, k=1, tol=1e-3, max_iter=100, seed=seed)
+        return dict(lambda_max=eig.top, lambda_converged=eig.converged,
+                    lambda_residual=eig.residuals[0], lambda_hvps=eig.n_hvp)
+
+    def trace() -> dict[str, Any]:
+        tr = C.hessian_trace(model, data, n_samples=n_trace, seed=seed)
+        return dict(trace=tr.estimate, trace_se=tr.stderr)
+
+    row.update(stored("lambda-max", [model], xs, {"tol": 1e-3, "max_iter": 100, "seed": seed},
+                      top_eigenvalue))
+    row.update(stored("trace", [model], xs, {"n_samples": n_trace, "seed": seed}, trace))
+    return row
+
+
+def _density(stored: Stored, model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor],
+             steps: int, seed: int) -> C.SpectralDensity:
+    """The SLQ spectral density through the store (arrays as lists in the row)."""
+    def compute() -> dict[str, Any]:
+        d = C.spectral_density(model, data, n_vectors=1, n_steps=steps, seed=seed)
+        return {"grid": d.grid.tolist(), "density": d.density.tolist(),
+                "nodes": d.nodes.tolist(), "weights": d.weights.tolist(), "sigma": d.sigma}
+
+    got = stored("spectral-density", [model], list(data),
+                 {"n_vectors": 1, "n_steps": steps, "seed": seed}, compute)
+    return C.SpectralDensity(grid=np.asarray(got["grid"]), density=np.asarray(got["density"]),
+                             nodes=np.asarray(got["nodes"]), weights=np.asarray(got["weights"]),
+                             sigma=float(got["sigma"]))
+
+
+def _interpolation(stored: Stored, small: torch.nn.Module, large: torch.nn.Module,
+                   td: Any) -> list[dict[str, float]]:
+    """Keskar's 1-D interpolation between two solutions, through the store."""
+    ev = [*td.eval_sets["train"], *td.eval_sets["test"]]
+    return stored("interpolation", [small, large], ev, {"alphas": ALPHAS}, lambda: {
+        "rows": C.interpolate(small, large, td.eval_sets["train"], td.eval_sets["test"],
+                              ALPHAS)})["rows"]
 
 
 def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, float]]],

@@ -155,10 +155,16 @@ _remote_unit = ray.remote(train_unit)
 
 
 # -- the driver side --------------------------------------------------------------------------
-def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
+def ensure_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to `address`, or start a local Ray for the rest of this process (one per
     command: `reproduce` calls the executor once per experiment and must not pay the ~5 s
-    start-up each time). A Ray already initialized by the caller is used as is."""
+    start-up each time). A Ray already initialized by the caller is used as is.
+
+    Ray's messages never reach stdout (where `--json` puts its one object): workers' output
+    stays with the workers (`log_to_driver=False`), Ray's own logging goes to stderr, and the
+    error messages Ray's driver thread prints (a worker died, a node was lost) are sent to
+    stderr too (`_ray_messages_to_stderr`)."""
+    _ray_messages_to_stderr()
     if ray.is_initialized():
         return
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
@@ -168,10 +174,28 @@ def _ensure_ray(address: str | None, num_cpus: int | None) -> None:
             _check_reachable(address)
             ray.init(address=address, **kw)
         else:
-            ray.init(num_cpus=num_cpus, **kw)
+            # "local": a new instance, never a cluster some other process left running here
+            ray.init(address="local", num_cpus=num_cpus, **kw)
     except ConnectionError as e:
         raise BatchlabError(f"cannot connect to Ray at {address}: {e}") from None
     atexit.register(ray.shutdown)
+
+
+def _ray_messages_to_stderr() -> None:
+    """Ray's driver prints cluster error messages (worker deaths, lost nodes) through
+    `ray._private.worker.print_to_stdstream` marked as stdout; mark them as errors so they go
+    to stderr. A Ray without that hook is left as it is (the `--json` test would show it)."""
+    import ray._private.worker as rw
+
+    original = getattr(rw, "print_to_stdstream", None)
+    if original is None or getattr(original, "_batchlab_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._batchlab_stderr = True  # type: ignore[attr-defined]
+    rw.print_to_stdstream = to_stderr
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -265,7 +289,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
             todo[key] = cfg
 
     if todo:
-        _ensure_ray(address, num_cpus)
+        ensure_ray(address, num_cpus)
         _submit_and_collect(todo, results, store, label=label, console=console,
                             max_retries=max_retries, num_cpus_per_task=num_cpus_per_task,
                             num_gpus_per_task=num_gpus_per_task, task_hook=task_hook,

@@ -1,0 +1,276 @@
+"""`--plan`: what an experiment (or `reproduce`) will do and how long it will take, without
+training anything.
+
+How: each experiment runs with a `PlanContext`, whose `run_many` records the configs it is
+given and stops the experiment there (`Planned`), so the experiments' own config-building code
+decides what is planned; configs already finished in the store are left out. Gradient
+competition adds its trials (`gradient_competition.trial_runs`, minus the chunks in the store
+when its checkpoints are stored), sharpness its curvature measurements. Costs:
+
+- SGD steps: per run, epochs x ceil(n_train / batch size) per schedule phase; FLOPs 6 x
+  parameters per training sample and 2 x parameters per evaluated sample (every epoch
+  evaluates the training and test sets), trials 6 x parameters per sample-step.
+- Time, from a short throughput probe on this device (`plan_probe`): seconds per SGD step of
+  each distinct (model, batch size, K stacked runs) the plan trains, measured with the engine
+  the run will use; seconds per evaluated sample; seconds per gradient trial at each batch
+  size (one thread, as trials run); seconds per Hessian-vector product. Trials run on the
+  local executor's parallel workers (or the Ray cluster's CPUs), runs one after the other
+  locally or spread over the cluster's CPUs with Ray.
+- Peak memory: the resident data set plus K copies of the weights with optimizer state and
+  one batch of activations; disk: the gradient tensors kept (float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from batchlab.config import TrainConfig
+from batchlab.engine.train import TrainResult, get_data, resolve_device
+from batchlab.engine.vectorized import plan_groups
+from batchlab.experiments import Context, get
+from batchlab.experiments.plan_probe import Probe, mlp_params
+from batchlab.experiments.plan_trials import add_trials, checkpoint_config
+
+MEASURES_ITSELF = {"throughput"}  # experiments that time things instead of training
+CURVATURE_HVPS = {"eps-sharpness": 12, "lambda-max": 40}  # per measurement, typical
+
+
+class Planned(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by `PlanContext.run_many`: the experiment's configs are recorded."""
+
+
+@dataclass
+class PlanContext(Context):
+    """A Context whose `run_many` records configs instead of training them."""
+
+    recorded: list[TrainConfig] = field(default_factory=list)
+
+    def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
+        self.recorded.extend(configs)
+        raise Planned(label)
+
+
+@dataclass
+class ExperimentPlan:
+    name: str
+    runs: int = 0
+    runs_stored: int = 0
+    trials: int = 0
+    trials_stored: int = 0
+    curvature_hvps: int = 0
+    sgd_steps: int = 0
+    flops: float = 0.0
+    peak_memory_bytes: int = 0
+    tensor_disk_bytes: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    device: str
+    executor: str
+    workers: int
+    experiments: list[ExperimentPlan]
+    probe_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        tot = {k: sum(getattr(e, k) for e in self.experiments)
+               for k in ("runs", "runs_stored", "trials", "trials_stored", "curvature_hvps",
+                         "sgd_steps", "flops", "tensor_disk_bytes", "seconds")}
+        return {
+            "device": self.device, "executor": self.executor, "workers": self.workers,
+            "projected_seconds": tot.pop("seconds"), "sgd_steps": tot.pop("sgd_steps"),
+            "flops": tot.pop("flops"), **tot,
+            "peak_memory_bytes": max((e.peak_memory_bytes for e in self.experiments), default=0),
+            "probe_seconds": self.probe_seconds,
+            "experiments": [vars(e) for e in self.experiments],
+        }
+
+    def lines(self) -> list[str]:
+        """The plan as plain text, one experiment a line, then the totals."""
+        j = self.to_json()
+        out = [f"plan on {self.device}, executor {self.executor} ({self.workers} worker(s)); "
+               f"throughput probe {self.probe_seconds:.1f}s"]
+        for e in self.experiments:
+            out.append(
+                f"  {e.name:<22} runs {e.runs:>4} (+{e.runs_stored} stored)  trials "
+                f"{e.trials:>7} (+{e.trials_stored} stored)  steps {e.sgd_steps:>11,}  "
+                f"{_h(e.flops)}FLOP  mem {_h(e.peak_memory_bytes)}B  disk "
+                f"{_h(e.tensor_disk_bytes)}B  ~{_dur(e.seconds)}"
+                + (f"  ({'; '.join(e.notes)})" if e.notes else ""))
+        out.append(f"  total: {j['runs']} runs, {j['trials']} trials, {j['sgd_steps']:,} SGD "
+                   f"steps, {_h(j['flops'])}FLOP, peak memory {_h(j['peak_memory_bytes'])}B, "
+                   f"tensors {_h(j['tensor_disk_bytes'])}B on disk; projected "
+                   f"{_dur(j['projected_seconds'])}")
+        return out
+
+
+def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15) -> Plan:
+    """The plan of running each (experiment name, its context) in order; nothing is trained.
+    `probe_seconds`: the least time each throughput timing runs."""
+    from batchlab.experiments.options import validate
+
+    first = items[0][1]
+    device = resolve_device(first.device)
+    workers = _workers(first, device)
+    t0 = time.perf_counter()
+    probe = Probe(device, threads=1 if first.executor == "ray" else torch.get_num_threads(),
+                  min_seconds=probe_seconds)
+    planned: set[str] = set()  # run keys an earlier experiment of this plan trains
+    plans = []
+    for name, ctx in items:
+        opts = validate(name, ctx.options)
+        pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
+        pctx = dataclasses.replace(pctx, opts=opts, options=opts.model_dump(exclude_none=True))
+        plans.append(_plan_one(name, pctx, probe, workers, planned))
+    return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0)
+
+
+def print_plan(items: Sequence[tuple[str, Context]], as_json: bool = False) -> Plan:
+    """Make the plan and print it on stdout: text, or one JSON object with `as_json`."""
+    import json
+    import sys
+
+    plan = make_plan(items)
+    if as_json:
+        sys.stdout.write(json.dumps(plan.to_json()) + "\n")
+    else:
+        sys.stdout.write("\n".join(plan.lines()) + "\n")
+    return plan
+
+
+def _workers(ctx: Context, device: torch.device) -> int:
+    if ctx.executor == "ray":
+        import ray
+
+        from batchlab.runs.ray_executor import ensure_ray
+
+        ensure_ray(ctx.ray_address, None)
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    from batchlab.analysis.gradcomp import default_workers
+
+    return default_workers(device)
+
+
+def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int,
+              planned: set[str]) -> ExperimentPlan:
+    pctx.recorded = []
+    plan = ExperimentPlan(name)
+    if name == "gradient-competition":  # its runs and trials, without running it
+        cfg = checkpoint_config(pctx)
+        pctx.recorded = [cfg] if cfg is not None else []
+    elif name in MEASURES_ITSELF:
+        plan.notes.append("measures on this device itself: not projected")
+        return plan
+    else:
+        try:
+            get(name).run(pctx)
+            plan.notes.append("no training runs")
+        except Planned:
+            pass
+    todo = _not_stored(pctx.recorded, pctx, plan, planned)
+    if any(c.target_metric is not None for c in todo):
+        plan.notes.append("runs with a target stop early: time is an upper bound")
+    _add_runs(todo, plan, probe, workers if pctx.executor == "ray" else 1)
+    if name == "gradient-competition":
+        add_trials(pctx, plan, probe, workers)
+    elif name == "sharpness":
+        _add_curvature(pctx, plan, probe)
+    return plan
+
+
+def _not_stored(configs: list[TrainConfig], ctx: Context, plan: ExperimentPlan,
+                planned: set[str]) -> list[TrainConfig]:
+    """The configs still to train: not in the store, not trained by an earlier experiment of
+    the same plan (those count as stored), each once."""
+    from batchlab.data import load_dataset
+
+    todo, seen = [], set()
+    for cfg in configs:
+        key = cfg.key(load_dataset(cfg.dataset, cfg.data_dir).fingerprint)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key in planned or (ctx.store is not None and ctx.store.finished(key) is not None):
+            plan.runs_stored += 1
+        else:
+            todo.append(cfg)
+            planned.add(key)
+    plan.runs = len(todo)
+    return todo
+
+
+def _phases(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """(epochs, batch size) per phase of a run."""
+    if not cfg.schedule:
+        return [(cfg.epochs, cfg.batch_size)]
+    return [(p.epochs, p.batch_size or cfg.batch_size) for p in cfg.schedule]
+
+
+def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus: int) -> None:
+    seconds = 0.0
+    for unit in plan_groups(todo):
+        cfgs = [todo[i] for i in unit]
+        cfg, k = cfgs[0], len(cfgs)
+        td = get_data(cfg, torch.device("cpu"))
+        dims = [td.input_dim, *cfg.hidden, td.n_classes]
+        params = mlp_params(dims)
+        n_eval = sum(len(y) for _, y in td.eval_sets.values())
+        fused = probe.fused(cfg)
+        for epochs, b in _phases(cfg):
+            steps = epochs * math.ceil(td.n_train / b)
+            plan.sgd_steps += k * steps
+            plan.flops += k * epochs * (6 * params * td.n_train + 2 * params * n_eval)
+            seconds += steps * probe.step_seconds(dims, b, k, fused)
+            seconds += k * epochs * n_eval * probe.eval_seconds_per_sample(dims)
+        bmax = max(b for _, b in _phases(cfg))
+        act = 4 * bmax * k * sum(dims) * 3
+        plan.peak_memory_bytes = max(plan.peak_memory_bytes,
+                                     td.x_train.numel() * 4 + 4 * k * params * 4 + act)
+    plan.seconds += seconds / max(1, cpus)
+
+
+def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
+    """Sharpness's curvature measurements per final model (not counting stored ones: each is
+    keyed by the trained weights, unknown until the runs exist)."""
+    o = ctx.options
+    n_curv = int(o.get("curvature_samples", 10_000 if ctx.paper else 1000))
+    n_trace = int(o.get("trace_samples", 50 if ctx.paper else 8))
+    slq = int(o.get("slq_steps", 60 if ctx.paper else 20))
+    models = plan.runs + plan.runs_stored
+    if not models:
+        return
+    cfg = ctx.config()
+    td = get_data(cfg, torch.device("cpu"))
+    dims = [td.input_dim, *cfg.hidden, td.n_classes]
+    per_model = 4 * CURVATURE_HVPS["eps-sharpness"] + CURVATURE_HVPS["lambda-max"] + n_trace
+    hvps = models * per_model + 2 * slq
+    plan.curvature_hvps += hvps
+    plan.flops += hvps * 12 * mlp_params(dims) * min(n_curv, td.n_train)
+    n_eval = sum(len(y) for _, y in td.eval_sets.values())
+    plan.seconds += hvps * probe.hvp_seconds(dims, min(n_curv, td.n_train))
+    plan.seconds += 31 * n_eval * probe.eval_seconds_per_sample(dims)
+
+
+def _h(x: float) -> str:
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(x) < 1000:
+            return f"{x:.3g} {unit}"
+        x /= 1000
+    return f"{x:.3g} E"
+
+
+def _dur(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"

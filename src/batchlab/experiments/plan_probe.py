@@ -1,0 +1,142 @@
+"""The throughput probe behind `--plan`: short timings on this device, memoized per shape.
+
+Each timing runs the code the real work runs (the fused SGD stepper for K stacked MLPs, or
+autograd + SGD where the run cannot use it; a gradient trial through `run_trial_block` on one
+thread; a Hessian-vector product through the curvature module), after a warm-up, for about
+`min_seconds`. Small shapes are timed directly; nothing is extrapolated from FLOP counts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from batchlab.config import TrainConfig
+from batchlab.engine.fused import FusedMLPSGD
+from batchlab.nn.models import build_mlp
+from batchlab.runs.tasks import threads
+
+PROBE_STEPS = 64  # steps of a timed gradient-trial pass (the per-step cost does not depend on n)
+
+
+def mlp_params(dims: Sequence[int]) -> int:
+    return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _timed(fn: Callable[[], object], device: torch.device, min_seconds: float,
+           max_reps: int = 200, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter() - t0
+        if t >= min_seconds or n >= max_reps:
+            return t / n
+
+
+class Probe:
+    """Memoized timings. `threads`: intra-op threads of the timed work (a run's)."""
+
+    def __init__(self, device: torch.device, threads: int = 1, min_seconds: float = 0.15
+                 ) -> None:
+        self.device, self.threads, self.min_seconds = device, threads, min_seconds
+        self._memo: dict[tuple, float] = {}
+
+    def fused(self, cfg: TrainConfig) -> bool:
+        """Whether a run trains on the fused stepper (as `engine.train.use_fused` decides
+        for a plain MLP with SGD and no gradient probes)."""
+        return (cfg.optimizer == "sgd" and not cfg.batchnorm and cfg.discard_fraction == 0
+                and cfg.engine != "autograd")
+
+    def _memo_get(self, key: tuple, fn: Callable[[], float]) -> float:
+        if key not in self._memo:
+            with threads(self.threads), torch.no_grad():
+                self._memo[key] = fn()
+        return self._memo[key]
+
+    def step_seconds(self, dims: Sequence[int], b: int, k: int, fused: bool) -> float:
+        """Seconds per SGD step of k stacked runs at batch size b."""
+        key = ("step", tuple(dims), b, k, fused)
+        return self._memo_get(key, lambda: self._step(list(dims), b, k, fused))
+
+    def _step(self, dims: list[int], b: int, k: int, fused: bool) -> float:
+        dev = self.device
+        nets = [build_mlp(dims[0], dims[1:-1], dims[-1], seed=i).to(dev) for i in range(k)]
+        x = torch.rand(k, b, dims[0], device=dev)
+        y = torch.randint(0, dims[-1], (k, b), device=dev)
+        if fused:
+            stepper = FusedMLPSGD.from_mlps(nets)
+            return _timed(lambda: stepper.step(x, y, 1e-3), dev, self.min_seconds)
+        opts = [torch.optim.SGD(n.parameters(), lr=1e-3) for n in nets]
+
+        def step() -> None:
+            with torch.enable_grad():
+                for i, (net, opt) in enumerate(zip(nets, opts)):
+                    loss = F.nll_loss(net(x[i]), y[i])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+        return _timed(step, dev, self.min_seconds)
+
+    def eval_seconds_per_sample(self, dims: Sequence[int]) -> float:
+        def run() -> float:
+            net = build_mlp(dims[0], list(dims[1:-1]), dims[-1]).to(self.device).eval()
+            x = torch.rand(4096, dims[0], device=self.device)
+            return _timed(lambda: net(x).argmax(1), self.device, self.min_seconds) / 4096
+
+        return self._memo_get(("eval", tuple(dims)), run)
+
+    def trial_seconds(self, dims: Sequence[int], b: int, n: int, modes: Sequence[str],
+                      engine: str | None) -> float:
+        """Seconds of one gradient trial at batch size b on one thread (as trials run): the
+        seconds per step of one trajectory, timed over at most PROBE_STEPS steps, times the
+        trial's steps and trajectories (sum-loss is a second trajectory at b > 1)."""
+        steps = math.ceil(n / b)
+        mean_modes = [m for m in modes if m != "sum-loss"]
+        trajectories = (1 if mean_modes else 0) + (1 if "sum-loss" in modes and (
+            b > 1 or not mean_modes) else 0)
+        return trajectories * steps * self.trial_step_seconds(dims, b, n, engine)
+
+    def trial_step_seconds(self, dims: Sequence[int], b: int, n: int,
+                           engine: str | None) -> float:
+        from batchlab.analysis import gradcomp as gc
+
+        m = min(n, b * min(PROBE_STEPS, math.ceil(n / b)))  # samples of the timed pass
+
+        def run() -> float:
+            model = build_mlp(dims[0], list(dims[1:-1]), dims[-1], seed=0).to(self.device)
+            x = torch.rand(1, m, dims[0], device=self.device)
+            y = torch.randint(0, dims[-1], (1, m), device=self.device)
+            with threads(1 if self.device.type == "cpu" else self.threads):
+                t = _timed(lambda: gc.run_trial_block(model, x, y, b, 1e-3, ["displacement"],
+                                                      engine),
+                           self.device, self.min_seconds, max_reps=3, warmup=1)
+            return t / math.ceil(m / b)
+
+        return self._memo_get(("trial", tuple(dims), b, m, engine), run)
+
+    def hvp_seconds(self, dims: Sequence[int], n: int) -> float:
+        """Seconds per Hessian-vector product of the mean loss over n samples."""
+        from batchlab.measure import curvature as C
+
+        def run() -> float:
+            model = build_mlp(dims[0], list(dims[1:-1]), dims[-1], seed=0).to(self.device)
+            x = torch.rand(n, dims[0], device=self.device)
+            y = torch.randint(0, dims[-1], (n,), device=self.device)
+            with torch.enable_grad():
+                return _timed(lambda: C.hessian_trace(model, (x, y), n_samples=2, seed=0,
+                                                      probes_per_pass=1),
+                              self.device, self.min_seconds, max_reps=5, warmup=1) / 2
+
+        return self._memo_get(("hvp", tuple(dims), n), run)

@@ -1,0 +1,130 @@
+"""The gradient-competition part of a plan: its checkpoint run and its trials, minus the
+chunks of trials already in the store (looked up without changing anything)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from batchlab.analysis import gradcomp as gc
+from batchlab.analysis.gradcomp_runner import KIND, device_id
+from batchlab.analysis.gradcomp_trials import TrialRun, make_task
+from batchlab.config import Phase, TrainConfig
+from batchlab.data import load_dataset
+from batchlab.engine.train import build_model, get_data, resolve_device
+from batchlab.experiments import Context
+from batchlab.experiments import gradient_competition as G
+from batchlab.experiments.plan_probe import mlp_params
+from batchlab.runs.measurements import (
+    Measurements,
+    spec_key,
+    tensors_sha256,
+    weights_sha256,
+)
+
+
+def checkpoint_config(ctx: Context) -> TrainConfig | None:
+    """The run that trains both checkpoints (None when the user gives checkpoint files)."""
+    o = G.options(ctx)
+    if o["checkpoint_early"] and o["checkpoint_late"]:
+        return None
+    return _config(ctx, o)
+
+
+def _config(ctx: Context, o: dict[str, Any]) -> TrainConfig:
+    e, late = int(o["early_epochs"]), int(o["late_epochs"])
+    fields: dict[str, Any] = dict(lr=o["lr"], init="glorot", batch_size=1024, epochs=late,
+                                  hidden=list(o["hidden"]), seed=int(o["seed"]),
+                                  checkpoint_epochs=[e, late])
+    if int(o["late_batch_size"]) != 1024:
+        fields["schedule"] = [Phase(epochs=e, batch_size=1024),
+                              Phase(epochs=late - e, batch_size=int(o["late_batch_size"]))]
+    return ctx.config(**fields)
+
+
+def add_trials(ctx: Context, plan: Any, probe: Any, workers: int) -> None:
+    """Add the trials to `plan` (an ExperimentPlan), minus the chunks in the store."""
+    o = G.options(ctx)
+    e, late = int(o["early_epochs"]), int(o["late_epochs"])
+    cfg = _config(ctx, o)
+    device = resolve_device(cfg.device)
+    td = get_data(cfg, torch.device("cpu"))
+    dims = [td.input_dim, *cfg.hidden, td.n_classes]
+    width = dims[-2] * dims[-1]
+    key = cfg.key(load_dataset(cfg.dataset, cfg.data_dir).fingerprint)
+    user = o["checkpoint_early"] and o["checkpoint_late"]
+    stored_run = ctx.store.finished(key) if ctx.store is not None and not user else None
+    states = _stored_states(ctx, cfg, stored_run, e, late) if not user else {}
+    dev = torch.device("cpu") if ctx.executor == "ray" else device
+    seconds = 0.0
+    for regime in G.REGIMES:
+        state = states.get(regime)
+        for run in G.trial_runs(o, regime):
+            done = _stored_chunks(ctx, run, cfg, state, dev, td)
+            for b in run.batch_sizes:
+                todo = len(run.seeds) - done.get(b, 0)
+                plan.trials += todo
+                plan.trials_stored += done.get(b, 0)
+                steps = run.steps(b)
+                plan.sgd_steps += todo * steps
+                plan.flops += todo * 6 * mlp_params(dims) * run.n_samples * (
+                    2 if "sum-loss" in run.modes and b > 1 else 1)
+                seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
+                                                      run.engine)
+                if o["keep_tensors"]:
+                    plan.tensor_disk_bytes += todo * len(run.modes) * width * 4
+    plan.seconds += seconds / max(1, workers)
+    plan.peak_memory_bytes = max(plan.peak_memory_bytes,
+                                 td.x_train.numel() * 4 + workers * 4 * mlp_params(dims) * 4)
+
+
+def _stored_states(ctx: Context, cfg: TrainConfig, stored_run: Any, e: int, late: int
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoints' weights when the checkpoint run is stored (read, never trained)."""
+    if stored_run is None:
+        return {}
+    plain = Context(preset=ctx.preset, seeds=ctx.seeds, data_dir=ctx.data_dir,
+                    out_dir=ctx.out_dir, store=ctx.store, executor="local",
+                    device=ctx.device, console=ctx.console, options=ctx.options)
+    try:
+        res = plain.run_many([cfg], label=G.NAME)[0]  # stored: fetched, not trained
+        return {"early": res.checkpoint(e), "late": res.checkpoint(late)}
+    except Exception:  # a missing or damaged checkpoint: the real run will say so
+        return {}
+
+
+def _stored_chunks(ctx: Context, run: TrialRun, cfg: Any, state: dict | None,
+                   device: torch.device, td: Any) -> dict[int, int]:
+    """Trials per b whose chunks are in the store (0 everywhere without the weights)."""
+    if state is None or ctx.store is None:
+        return {}
+    model = build_model(cfg, td)
+    try:
+        gc.fit_state(model, state)
+    except Exception:
+        return {}
+    meas = Measurements(ctx.store)
+    base = dict(weights=weights_sha256(model), data=tensors_sha256(td.x_train, td.y_train),
+                device=device_id(device))
+    out: dict[int, int] = {}
+    for b in run.batch_sizes:
+        chunks = run.chunks(b, device)
+        first = make_task(run, b, *chunks[0], device, None)
+        row = meas.store.conn.execute(
+            "SELECT payload_json FROM measurements WHERE key = ?",
+            (_key(first, base),)).fetchone()
+        if row is None:
+            continue
+        scales = {m: float(v["values"]["scale"]) for m, v in json.loads(row[0])["modes"].items()}
+        n = chunks[0][1] - chunks[0][0]
+        for start, stop in chunks[1:]:
+            if meas.has(KIND, make_task(run, b, start, stop, device, scales).spec(**base)):
+                n += stop - start
+        out[b] = n
+    return out
+
+
+def _key(task: Any, base: dict[str, str]) -> str:
+    return spec_key(KIND, task.spec(**base))

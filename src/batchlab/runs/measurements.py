@@ -1,0 +1,217 @@
+"""Measured results other than training runs, in the same SQLite store (the persistence rule:
+every measured result goes through the `Store`, keyed by everything that changes it).
+
+One generic table, `measurements`: a row per result, keyed by the sha256 of the canonical JSON
+of its *spec* (config, data fingerprint, checkpoint sha256, device, engine, K, seeds: whatever
+changes the numbers). So a rerun with any of these changed never reuses an old row, and a rerun
+with none changed reuses every row: an interrupted experiment resumes where it stopped.
+
+Trust nothing that was stored: the payload's sha256 is stored beside it and checked on every
+load, and files a row refers to (large tensors kept as .npy) carry their sha256 too. A row that
+fails either check is deleted and reported in one line through `warn`, so it is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchlab.errors import BatchlabError
+from batchlab.runs.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS measurements (
+    key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    checksum TEXT NOT NULL,
+    files_json TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS measurements_kind ON measurements(kind);
+"""
+
+Warn = Callable[[str], None]
+
+
+def canonical(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, NaN/inf written as strings so the text is
+    valid JSON and hashes the same everywhere."""
+    return json.dumps(_finite(obj), sort_keys=True, separators=(",", ":"))
+
+
+def _finite(obj: Any) -> Any:
+    if hasattr(obj, "tolist") and not isinstance(obj, (list, tuple, str)):
+        obj = obj.tolist()  # numpy / torch scalars and arrays
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def spec_key(kind: str, spec: Mapping[str, Any]) -> str:
+    """The row key: sha256 of the kind and the canonical spec."""
+    return hashlib.sha256(canonical({"kind": kind, "spec": spec}).encode()).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes and bytes): the
+    identity of the weights a measurement actually ran on, whatever file they came from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        a = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(a.shape)}:{a.dtype};".encode())
+        if a.numel():
+            h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def tensors_sha256(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' shapes, dtypes and bytes (the data a measurement used)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().to("cpu").contiguous()
+        h.update(f"{tuple(a.shape)}:{a.dtype};".encode())
+        if a.numel():
+            h.update(memoryview(a.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Measurements:
+    """Keyed, checksummed rows in a store. The process that holds it is the only writer (the
+    executors send results back to the driver), so a row is written once, whole."""
+
+    def __init__(self, store: Store, warn: Warn | None = None) -> None:
+        self.store = store
+        self.warn = warn or (lambda line: None)
+        store.ensure_schema(SCHEMA)
+
+    def get(self, kind: str, spec: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The stored payload of (kind, spec), verified; None if absent or damaged (then the
+        row is deleted, said in one line, and the caller recomputes)."""
+        key = spec_key(kind, spec)
+        row = self.store.conn.execute(
+            "SELECT payload_json, checksum, files_json FROM measurements WHERE key = ?",
+            (key,)).fetchone()
+        if row is None:
+            return None
+        text, checksum, files_json = row
+        problem = None
+        if _checksum(text) != checksum:
+            problem = "its checksum does not match (edited or corrupted)"
+        else:
+            try:
+                payload = json.loads(text)
+                files = json.loads(files_json)
+            except json.JSONDecodeError:
+                problem = "it is not valid JSON"
+            else:
+                problem = _check_files(files)
+        if problem is not None:
+            self.warn(f"stored {kind} {key[:12]} is not trusted: {problem}; recomputing it")
+            self.delete(key)
+            return None
+        return _restore(payload)
+
+    def put(self, kind: str, spec: Mapping[str, Any], payload: Mapping[str, Any],
+            files: Mapping[str, str | Path] | None = None) -> str:
+        """Store (or replace) one result; `files` (name -> path) are hashed now and checked
+        on every later load. Returns the row key."""
+        key = spec_key(kind, spec)
+        text = canonical(payload)
+        recorded = {name: [str(Path(p).resolve()), sha256_file(p)]
+                    for name, p in (files or {}).items()}
+        with self.store.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO measurements VALUES (?,?,?,?,?,?,?)",
+                      (key, kind, canonical(spec), text, _checksum(text),
+                       json.dumps(recorded, sort_keys=True), time.time()))
+        return key
+
+    def delete(self, key: str) -> None:
+        with self.store.transaction() as c:
+            c.execute("DELETE FROM measurements WHERE key = ?", (key,))
+
+    def count(self, kind: str | None = None) -> int:
+        if kind is None:
+            return self.store.conn.execute("SELECT COUNT(*) FROM measurements").fetchone()[0]
+        return self.store.conn.execute(
+            "SELECT COUNT(*) FROM measurements WHERE kind = ?", (kind,)).fetchone()[0]
+
+    def has(self, kind: str, spec: Mapping[str, Any]) -> bool:
+        """Whether a row exists (unverified: for plans, which must not delete anything)."""
+        return self.store.conn.execute(
+            "SELECT 1 FROM measurements WHERE key = ?", (spec_key(kind, spec),)
+        ).fetchone() is not None
+
+    def cached(self, kind: str, spec: Mapping[str, Any],
+               compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The stored result of (kind, spec), or `compute()`'s, stored before it is returned."""
+        got = self.get(kind, spec)
+        if got is None:
+            got = compute()
+            self.put(kind, spec, got)
+            got = _restore(json.loads(canonical(got)))  # the same types a reload gives
+        return got
+
+
+def decode(payload: Any) -> Any:
+    """A payload as stored, with the non-finite floats `canonical` wrote as strings restored."""
+    return _restore(payload)
+
+
+def _restore(obj: Any) -> Any:
+    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore(v) for v in obj]
+    return obj
+
+
+def _check_files(files: Mapping[str, Any]) -> str | None:
+    for name, entry in files.items():
+        try:
+            path, sha = entry
+        except (TypeError, ValueError):
+            return f"file entry {name!r} is malformed"
+        p = Path(path)
+        if not p.is_file():
+            return f"its file {p} is missing"
+        try:
+            if sha256_file(p) != sha:
+                return f"its file {p} does not match its sha256"
+        except OSError as e:
+            raise BatchlabError(f"cannot read {p}: {e}") from None
+    return None
+
+
+def files_of(store: Store, kind: str, spec: Mapping[str, Any]) -> dict[str, str]:
+    """name -> path of the files a stored row refers to (after `get` verified them)."""
+    row = store.conn.execute("SELECT files_json FROM measurements WHERE key = ?",
+                             (spec_key(kind, spec),)).fetchone()
+    return {} if row is None else {n: e[0] for n, e in json.loads(row[0]).items()}
