@@ -20,6 +20,7 @@ from batchlab.analysis import gradcomp_trials as gct
 from batchlab.atomic import leftovers
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.experiments import Context, run_experiment
+from batchlab.experiments.claims import check_document
 from batchlab.nn.models import build_mlp
 from batchlab.runs.store import Store
 
@@ -371,9 +372,20 @@ def test_experiment_end_to_end(tmp_path):
         # displacement = mean-loss gradient sum: shrinks with b (about 1/b for small lr)
         disp = [r for r in fits if r["mode"] == "displacement"]
         assert all(r["exponent"] < -0.5 for r in disp)
-        claims = json.loads((path / "claims.json").read_text())["claims"]
-        assert len(claims) == 15
-        assert {c["verdict"] for c in claims} <= {"reproduced", "not_reproduced", "inconclusive"}
+        doc = json.loads((path / "claims.json").read_text())
+        assert check_document(doc) == []
+        claims = {c["id"]: c for c in doc["claims"]}
+        assert len(claims) == 3 * 8  # eight claims per reading, three readings
+        assert {f for c in claims.values() for f in c["finding"].split(",")} == \
+            {"S4", "S5", "S6", "S7", "S8", "S15"}
+        # one primary reading per claim: the study's distance between weights
+        assert all(c["reading"].startswith("the norm of the weights' displacement")
+                   for c in claims.values() if c["primary"])
+        assert all(c["primary"] == c["id"].startswith("displacement:") for c in claims.values())
+        # the known direction: displacement shrinks ~1/b, so the summed step is shorter for a
+        # larger batch (S15's hypothesis holds in this reading) and sqrt(b) growth does not
+        assert claims["displacement:competition"]["verdict"] == "reproduced"
+        assert claims["displacement:norm-grows-like-sqrt-b"]["verdict"] == "not_reproduced"
         dec = [r for r in out.rows if r["kind"] == "decomposition"]
         assert dec and all(0 <= r["share_samples"] <= 1 for r in dec)
         # a second run reuses every record (no training, no trials)

@@ -28,7 +28,7 @@ from batchlab.config import Phase
 from batchlab.engine.train import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
-from batchlab.experiments.gradient_competition_claims import REGIMES, claims_for
+from batchlab.experiments.gradient_competition_claims import REGIMES, claims_for, study_numbers
 from batchlab.experiments.gradient_competition_figures import figures
 from batchlab.experiments.gradient_competition_stats import (
     decompose,
@@ -217,9 +217,12 @@ def run(ctx: Context) -> Output:
     summary = summary_md(rows, fits, forms, dec_rows, o, cfg, T)
     from batchlab.experiments.outputs import rows_to_csv
 
+    note = (f"preset {ctx.preset}, {T} trials per b, checkpoints after epochs "
+            f"{o['early_epochs']} and {o['late_epochs']}")
     return Output(rows=rows, summary=summary, claims=claims,
                   figures=figures(rows, fits, recs, o),
-                  extra_files={"trials.csv": rows_to_csv(trial_rows)})
+                  extra_files={"trials.csv": rows_to_csv(trial_rows)},
+                  study_numbers=study_numbers(rows, fits, recs, note))
 
 
 EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", run,
