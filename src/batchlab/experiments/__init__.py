@@ -18,7 +18,7 @@ import importlib
 from pathlib import Path
 
 from batchlab.errors import ConfigError
-from batchlab.experiments.base import PRESETS, Claim, Context, Experiment, MLPOnly, Output
+from batchlab.experiments.base import PRESETS, Context, Experiment, MLPOnly, Output
 
 # name -> module under batchlab.experiments (imported lazily); order = report order
 REGISTRY: dict[str, str] = {
@@ -35,7 +35,7 @@ REGISTRY: dict[str, str] = {
     "throughput": "throughput",
     "schedules": "schedules_exp",
 }
-__all__ = ["PRESETS", "REGISTRY", "Claim", "Context", "Experiment", "MLPOnly", "Output", "available",
+__all__ = ["PRESETS", "REGISTRY", "Context", "Experiment", "MLPOnly", "Output", "available",
            "get", "run_experiment"]
 
 

@@ -23,25 +23,12 @@ class MLPOnly(ConfigError):
 
 
 @dataclass
-class Claim:
-    id: str
-    claim: str
-    verdict: str  # reproduced | not_reproduced | inconclusive
-    evidence: dict[str, Any]
-    rule: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "claim": self.claim, "verdict": self.verdict,
-                "evidence": self.evidence, "rule": self.rule}
-
-
-@dataclass
 class Output:
     """What an experiment produces. `figures` maps file names to matplotlib Figures."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: str = ""
-    claims: list[Claim] = field(default_factory=list)
+    claims: list[Any] = field(default_factory=list)  # claims.Claim
     figures: dict[str, Any] = field(default_factory=dict)
     extra_files: dict[str, str] = field(default_factory=dict)
     study_numbers: list[Any] = field(default_factory=list)  # findings.StudyNumber, measured
