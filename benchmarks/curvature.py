@@ -30,8 +30,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from batchlab.engine.train import get_data, train
+from batchlab.engine.setup import get_data
 from batchlab.measure import curvature as C
+from batchlab.runs.training import train
 
 
 def normalize(vs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from batchlab.config import TrainConfig, make_config
-from batchlab.engine.train import TrainResult
+from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.runs.store import Store
 

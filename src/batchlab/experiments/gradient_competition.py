@@ -33,7 +33,7 @@ from scipy import optimize, stats
 
 from batchlab.analysis import gradcomp as gc
 from batchlab.config import Phase
-from batchlab.engine.train import build_model, get_data, resolve_device
+from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchlab.engine.train import TrainResult, build_model, get_data, resolve_device
+from batchlab.engine.result import TrainResult
+from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.outputs import md_table, plt

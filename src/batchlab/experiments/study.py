@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.engine.train import TrainResult
+from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.experiments import Claim, Context
 from batchlab.experiments.outputs import plt, rows_to_csv

@@ -197,7 +197,7 @@ def figure(rows: list[dict[str, Any]]):
 
 
 def run(ctx: Context) -> Output:
-    from batchlab.engine.train import build_model, get_data, resolve_device
+    from batchlab.engine.setup import build_model, get_data, resolve_device
     from batchlab.experiments import steps_to_target as stt
 
     s = stt.settings(ctx)
