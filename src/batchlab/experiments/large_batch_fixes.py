@@ -21,7 +21,7 @@ import numpy as np
 
 from batchlab.config import Phase
 from batchlab.experiments import Claim, Context, Experiment, Output
-from batchlab.experiments import verdicts as V
+from batchlab.experiments import verdicts_legacy as V
 from batchlab.experiments.outputs import md_table, plt
 
 BASE_BATCH = 64

@@ -17,7 +17,7 @@ import numpy as np
 from batchlab.engine.presets import apply_preset
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
-from batchlab.experiments.verdicts import close_to, greater
+from batchlab.experiments.verdicts_legacy import close_to, greater
 
 QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
              decay_factor=0.1, warmup_epochs=1.0, tolerance=0.005, gbn=True)

@@ -24,7 +24,7 @@ import torch
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.experiments import Claim, Context, Experiment, Output
-from batchlab.experiments import verdicts as V
+from batchlab.experiments import verdicts_legacy as V
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.measure import curvature as C
 

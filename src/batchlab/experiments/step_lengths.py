@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.experiments import Claim, Context, Experiment, Output
-from batchlab.experiments import verdicts as V
+from batchlab.experiments import verdicts_legacy as V
 from batchlab.experiments.outputs import md_table, plt
 
 METRICS = ("step_grad_norm", "step_update_norm", "step_loss_update")

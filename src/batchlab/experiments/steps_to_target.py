@@ -27,7 +27,7 @@ import numpy as np
 from batchlab.engine.result import TrainResult
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
-from batchlab.experiments.verdicts import greater, monotone
+from batchlab.experiments.verdicts_legacy import greater, monotone
 
 QUICK = dict(batch_sizes=[16, 64, 256, 1024], lrs=[0.03, 0.1, 0.3, 1.0], max_epochs=15,
              target_metric="test_acc", target_value=0.90)

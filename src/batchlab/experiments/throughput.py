@@ -28,7 +28,7 @@ from torch import nn
 
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
-from batchlab.experiments.verdicts import greater
+from batchlab.experiments.verdicts_legacy import greater
 
 
 def _proc_status_mb(field: str) -> float | None:
