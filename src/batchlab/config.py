@@ -10,14 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from batchlab.errors import ConfigError
+from batchlab.usercode import BUILTIN_MODELS, is_spec
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lars", "cblr", "mclr")
 INITS = ("glorot", "torch", "kaiming")
+# Edges of what a run can mean. A config beyond them is a typo or an attack, not an experiment:
+# it is refused with one line instead of running for ever or overflowing.
+MAX_EPOCHS = 100_000
+MAX_LR = 1e32  # lr 1e30 is how the tests force a NaN (1e3..1e6 stay finite: dead ReLUs)
+MAX_WIDTH = 1 << 20
+MAX_SEED = (1 << 63) - 1  # SQLite's INTEGER (the store's seed column); torch takes < 2**64
 
 
 class Phase(BaseModel):
@@ -25,9 +33,9 @@ class Phase(BaseModel):
     Fields left out inherit the run's `batch_size` / `lr`."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(gt=0)
+    epochs: int = Field(gt=0, le=MAX_EPOCHS)
     batch_size: int | None = Field(default=None, gt=0)
-    lr: float | None = Field(default=None, gt=0)
+    lr: float | None = Field(default=None, gt=0, le=MAX_LR, allow_inf_nan=False)
 
 
 class TrainConfig(BaseModel):
@@ -36,15 +44,18 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # data
+    # data: a built-in dataset, or `data = "module:loader"` (a user's tensors; see
+    # batchlab.usercode), which then replaces `dataset`/`data_dir`
     dataset: str = "mnist-5k"
+    data: str | None = None
     data_dir: str | None = None
     normalize: Literal["unit", "standardize"] = "unit"
-    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
-    # model
-    model: Literal["mlp"] = "mlp"
+    # model: "mlp" (the study's), "cnn" (LeNet-sized) or "module:factory" (a user's nn.Module;
+    # `hidden`, `init` and `batchnorm` describe the built-in models only)
+    model: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [1024, 1024])
     init: Literal["glorot", "torch", "kaiming"] = "glorot"
     batchnorm: bool = False
@@ -52,31 +63,31 @@ class TrainConfig(BaseModel):
     # optimization
     optimizer: Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"] = "sgd"
     lr: float = 0.01
-    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0)
-    trust_coefficient: float = Field(default=0.001, gt=0)
+    eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
+    trust_coefficient: float = Field(default=0.001, gt=0, allow_inf_nan=False)
     curvature_every: int = Field(default=100, gt=0)
-    discard_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    discard_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     batch_size: int = 64
-    epochs: int = Field(default=30, ge=0)
+    epochs: int = Field(default=30, ge=0, le=MAX_EPOCHS)
     # schedules (see batchlab.engine.schedules)
     schedule: list[Phase] | None = None
     lr_multipliers: dict[int, float] = Field(default_factory=dict)
-    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    warmup_epochs: float = Field(default=0.0, ge=0.0, le=MAX_EPOCHS, allow_inf_nan=False)
     decay: Literal["none", "step", "cosine"] = "none"
     decay_epochs: list[int] = Field(default_factory=list)
-    decay_factor: float = Field(default=0.1, gt=0)
+    decay_factor: float = Field(default=0.1, gt=0, allow_inf_nan=False)
     # stopping
     target_metric: Literal["test_acc", "train_loss", "train_acc", "val_acc"] | None = None
-    target_value: float | None = None
+    target_value: float | None = Field(default=None, allow_inf_nan=False)
     # engine: "fused" = batchlab's lean manual-backward SGD path for MLPs (see fused.py),
     # "autograd" = generic torch.autograd + torch.optim; "auto" picks fused whenever it applies
     engine: Literal["auto", "autograd", "fused"] = "auto"
     # bookkeeping
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: str = "auto"
     checkpoint_epochs: list[int] = Field(default_factory=list)
     probes: list[str] = Field(default_factory=lambda: ["geometry"])
@@ -86,6 +97,36 @@ class TrainConfig(BaseModel):
     def _lr_positive(cls, v: float) -> float:
         if not math.isfinite(v) or v <= 0:
             raise ValueError(f"lr must be a positive finite number, got {v}")
+        if v > MAX_LR:
+            raise ValueError(f"lr {v:g} is beyond any trainable value (at most {MAX_LR:g})")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in v):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, mps, cuda or cuda:N")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v: str) -> str:
+        if v not in BUILTIN_MODELS and not is_spec(v):
+            raise ValueError(f"model must be {', '.join(BUILTIN_MODELS)} or module:factory, got {v!r}")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data_spec(cls, v: str | None) -> str | None:
+        if v is not None and not is_spec(v):
+            raise ValueError(f"data must be module:loader, got {v!r}")
         return v
 
     @field_validator("batch_size")
@@ -98,8 +139,8 @@ class TrainConfig(BaseModel):
     @field_validator("hidden")
     @classmethod
     def _hidden_positive(cls, v: list[int]) -> list[int]:
-        if any(h <= 0 for h in v):
-            raise ValueError("hidden widths must be positive")
+        if any(h <= 0 or h > MAX_WIDTH for h in v):
+            raise ValueError(f"hidden widths must be between 1 and {MAX_WIDTH}")
         return v
 
     @field_validator("lr_multipliers")
@@ -119,10 +160,27 @@ class TrainConfig(BaseModel):
             raise ValueError("target_metric and target_value go together")
         if self.decay == "step" and not self.decay_epochs:
             raise ValueError("decay='step' needs decay_epochs")
+        if self.epochs > MAX_EPOCHS:
+            raise ValueError(f"the schedule runs {self.epochs} epochs; at most {MAX_EPOCHS}")
+        bad = [e for e in self.checkpoint_epochs if not 0 <= e <= self.epochs]
+        if bad:
+            raise ValueError(f"checkpoint_epochs {bad} are outside the run (0..{self.epochs})")
+        bad = [e for e in self.decay_epochs if e < 1]
+        if bad:
+            raise ValueError(f"decay_epochs {bad} must be epochs >= 1")
+        g = self.ghost_batch_size
+        if g is not None and any(b % g for b in self.batch_sizes()):
+            raise ValueError(f"ghost_batch_size {g} must divide the batch size "
+                             f"({', '.join(map(str, sorted(set(self.batch_sizes()))))})")
+        if self.model != "mlp" and (self.batchnorm or self.ghost_batch_size is not None):
+            raise ValueError("batchnorm and ghost_batch_size apply to the built-in mlp only")
         return self
 
     # -- identity -------------------------------------------------------------------------
     _NON_SEMANTIC = ("data_dir", "device")
+    # fields added after stores existed: left out of the key while at their default, so every
+    # key computed before they existed is still found
+    _NEW_DEFAULTS: dict[str, Any] = {"data": None}
 
     def semantic_dict(self) -> dict[str, Any]:
         """Fields that change the result (paths and device choice do not: the dataset enters
@@ -130,7 +188,15 @@ class TrainConfig(BaseModel):
         d = self.model_dump(mode="json")
         for k in self._NON_SEMANTIC:
             d.pop(k, None)
+        for k, default in self._NEW_DEFAULTS.items():
+            if d.get(k) == default:
+                d.pop(k, None)
         return d
+
+    @property
+    def builtin_model(self) -> bool:
+        """The study's MLP or the built-in CNN (not a user's factory)."""
+        return self.model in BUILTIN_MODELS
 
     def key(self, data_fingerprint: str = "") -> str:
         payload = json.dumps(

@@ -17,7 +17,7 @@ import torch
 from batchlab.data.sources import RawData, load_digits, load_mnist_5k, load_remote
 from batchlab.errors import DataError
 
-DATASETS = ("mnist", "fashion-mnist", "mnist-5k", "digits")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-5k", "digits")
 DEFAULT_DATASET = "mnist-5k"
 
 _CACHE: dict[tuple, RawData] = {}
@@ -31,6 +31,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     if key not in _CACHE:
         if name in ("mnist", "fashion-mnist"):
             _CACHE[key] = load_remote(name, data_dir, download=download)
+        elif name == "cifar10":
+            from batchlab.data.cifar import load_archive_dataset
+
+            _CACHE[key] = load_archive_dataset(name, data_dir, download_ok=download)
         elif name == "mnist-5k":
             _CACHE[key] = load_mnist_5k()
         else:
@@ -38,9 +42,31 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     return _CACHE[key]
 
 
+def stratified_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `n` rows whose class mix matches the whole set's (each class gets its
+    share, up to rounding), chosen at random with a fixed seed: the subset is part of the data
+    set's definition, the same for every run and seed.
+
+    How: shuffle once; rank each row within its class in shuffled order; a row of a class with
+    c members at rank r sits at quantile (r + 0.5) / c; take the n lowest quantiles."""
+    if n >= len(y):
+        return np.arange(len(y))
+    perm = np.random.default_rng(seed).permutation(len(y))
+    yp = np.asarray(y)[perm]
+    _, inverse, counts = np.unique(yp, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(y), dtype=np.int64)
+    rank[order] = np.arange(len(y)) - np.repeat(starts, counts)
+    quantile = (rank + 0.5) / counts[inverse]
+    return np.sort(perm[np.argsort(quantile, kind="stable")[:n]])
+
+
 @dataclass
 class TensorData:
-    """Float tensors resident on one device. `eval_sets` names what is evaluated each epoch."""
+    """Float tensors resident on one device. `eval_sets` names what is evaluated each epoch.
+    `input_shape` is one example's image shape (e.g. (28, 28), (3, 32, 32)) when known: the
+    built-in CNN views flat rows in it."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -48,6 +74,7 @@ class TensorData:
     input_dim: int
     n_classes: int
     fingerprint: str
+    input_shape: tuple[int, ...] | None = None
 
     @property
     def n_train(self) -> int:
@@ -66,9 +93,12 @@ def prepare(
 ) -> TensorData:
     """Scale, split and move to `device`.
 
-    `normalize="unit"` divides by 255 (the reproduction preset); "standardize" subtracts the
+    `normalize="unit"` divides uint8 images by 255 (the reproduction preset) and leaves float
+    data (a user's loader) as given; "standardize" subtracts the
     training mean and divides by its std (one scalar each, computed on the training part only).
     `val_fraction` holds out a seeded random part of the training set as "val".
+    `max_train` / `max_test` keep a stratified subset (`stratified_subset`), never the first
+    rows: the files of some sets are sorted by class.
     """
     if normalize not in ("unit", "standardize"):
         raise DataError(f"unknown normalize {normalize!r}; use 'unit' or 'standardize'")
@@ -76,10 +106,12 @@ def prepare(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     x_tr, y_tr = raw.x_train, raw.y_train
     x_te, y_te = raw.x_test, raw.y_test
-    if max_train is not None:
-        x_tr, y_tr = x_tr[:max_train], y_tr[:max_train]
-    if max_test is not None:
-        x_te, y_te = x_te[:max_test], y_te[:max_test]
+    if max_train is not None and max_train < len(y_tr):
+        keep = stratified_subset(y_tr, max_train)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    if max_test is not None and max_test < len(y_te):
+        keep = stratified_subset(y_te, max_test)
+        x_te, y_te = x_te[keep], y_te[keep]
     eval_np: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if val_fraction > 0:
         rng = np.random.default_rng(split_seed)
@@ -92,7 +124,7 @@ def prepare(
 
     dev = torch.device(device)
     if normalize == "unit":
-        mean, std = 0.0, 255.0
+        mean, std = 0.0, (255.0 if x_tr.dtype == np.uint8 else 1.0)
     else:
         mean = float(x_tr.mean())
         std = float(x_tr.std()) or 1.0
@@ -107,10 +139,12 @@ def prepare(
         x_train=x_train_t,
         y_train=y_train_t,
         eval_sets=evals,
-        input_dim=int(x_train_t.shape[1]),
-        n_classes=10,
+        input_dim=int(np.prod(x_train_t.shape[1:])),
+        n_classes=raw.n_classes,
         fingerprint=raw.fingerprint,
+        input_shape=tuple(raw.image_shape),
     )
 
 
-__all__ = ["DATASETS", "DEFAULT_DATASET", "RawData", "TensorData", "load_dataset", "prepare"]
+__all__ = ["DATASETS", "DEFAULT_DATASET", "RawData", "TensorData", "load_dataset", "prepare",
+           "stratified_subset"]

@@ -1,5 +1,6 @@
 """Where datasets come from: official downloads (cached, checksummed, atomic), a directory the
-user already has, Debian's Fashion-MNIST package, and two embedded datasets needing no network.
+user already has, Debian's Fashion-MNIST package, and two embedded datasets needing no network
+(CIFAR-10's binary archive: `batchlab.data.cifar`; a user's loader: `batchlab.data.tensors`).
 
 Every loader returns uint8 images flattened to (N, D) and int64 labels; scaling happens later
 in `batchlab.data.prepare`, so the cached bytes stay compact.
@@ -84,7 +85,9 @@ REMOTE = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
 
 @dataclass
 class RawData:
-    """uint8 images (N, D), int64 labels, plus where they came from and a content fingerprint."""
+    """Images (N, D) (uint8 for the built-in datasets; float32, in the loader's own per-example
+    shape, for user data), int64 labels, where they came from and a content fingerprint.
+    `image_shape` is one example's shape (e.g. (28, 28) or (3, 32, 32))."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -93,6 +96,7 @@ class RawData:
     source: str
     fingerprint: str
     image_shape: tuple[int, ...]
+    n_classes: int = 10
 
 
 def cache_root() -> Path:
@@ -160,10 +164,16 @@ def _load_idx_dir(files: dict[str, Path], spec: RemoteSpec | None, verify: bool)
         fx, fy = files[f"{split}_x"], files[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1:
             raise DataError(f"{fx} / {fy}: need 3-D images and 1-D labels")
+        if x.dtype != np.uint8:
+            raise DataError(f"{fx}: images must be unsigned bytes (IDX type 0x08), not {x.dtype}")
+        if y.dtype.kind not in "iu":
+            raise DataError(f"{fy}: labels must be integers, not {y.dtype}")
         if len(x) != len(y):
             raise DataError(f"{fx} holds {len(x)} images but {fy} holds {len(y)} labels")
-        if y.size and int(y.max()) > 9:
-            raise DataError(f"{fy}: labels out of range 0..9")
+        if len(x) == 0 or x[0].size == 0:
+            raise DataError(f"{fx}: holds no images")
+        if int(y.min()) < 0 or int(y.max()) > 9:
+            raise DataError(f"{fy}: labels out of range 0..9 (found {int(y.min())}..{int(y.max())})")
     if xtr.shape[1:] != xte.shape[1:]:
         raise DataError(f"{files['train_x']} and {files['test_x']} differ in image shape")
     directory = files["train_x"].parent

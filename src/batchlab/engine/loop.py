@@ -68,7 +68,7 @@ def train_one(config: TrainConfig | dict[str, Any], *, probes: Sequence[Probe] |
     probe_list = make_probes(cfg.probes) + list(probes or [])
     torch.manual_seed(cfg.seed)
     net = (model if model is not None else build_model(cfg, td)).to(device)
-    key = run_key(cfg, td, model)
+    key = run_key(cfg, td, net if model is not None or not cfg.builtin_model else None)
     return Loop([cfg], [net], td, device, [probe_list], [key], reporter=reporter,
                 on_epoch=on_epoch).run()[0]
 

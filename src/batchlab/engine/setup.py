@@ -8,7 +8,6 @@ dedicated stream derived from it (`shuffle_generator`), so changing one never mo
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from typing import Any
 
@@ -18,8 +17,9 @@ from torch import nn
 
 from batchlab.config import TrainConfig
 from batchlab.data import TensorData, load_dataset, prepare
+from batchlab.data.tensors import load_user
 from batchlab.errors import ConfigError
-from batchlab.nn.models import build_mlp
+from batchlab.nn import factory
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -57,9 +57,11 @@ _TD_CACHE: dict[tuple, TensorData] = {}
 
 
 def get_data(cfg: TrainConfig, device: torch.device) -> TensorData:
-    """Resident tensors for this config (memoized: a sweep prepares each variant once)."""
-    raw = load_dataset(cfg.dataset, cfg.data_dir)
-    k = (raw.fingerprint, cfg.normalize, cfg.val_fraction, cfg.max_train, cfg.max_test, str(device))
+    """Resident tensors for this config (memoized: a sweep prepares each variant once): the
+    named dataset, or the user's loader (`cfg.data`), flattened for the built-in MLP."""
+    raw = load_user(cfg.data, flat=cfg.model == "mlp") if cfg.data else load_dataset(cfg.dataset, cfg.data_dir)
+    k = (raw.fingerprint, raw.x_train.shape[1:], cfg.normalize, cfg.val_fraction, cfg.max_train,
+         cfg.max_test, str(device))
     if k not in _TD_CACHE:
         if len(_TD_CACHE) > 4:
             _TD_CACHE.clear()
@@ -69,9 +71,8 @@ def get_data(cfg: TrainConfig, device: torch.device) -> TensorData:
 
 
 def build_model(cfg: TrainConfig, data: TensorData) -> nn.Module:
-    """The config's network for this data's shapes (seeded by `cfg.seed`)."""
-    return build_mlp(data.input_dim, cfg.hidden, data.n_classes, init=cfg.init, seed=cfg.seed,
-                     batchnorm=cfg.batchnorm, ghost_batch_size=cfg.ghost_batch_size)
+    """The config's network for this data's shapes (seeded by `cfg.seed`; `nn.factory`)."""
+    return factory.build_model(cfg, data)
 
 
 def shuffle_generator(seed: int) -> torch.Generator:
@@ -86,12 +87,10 @@ def check_batch_sizes(cfg: TrainConfig, data: TensorData) -> None:
 
 
 def run_key(cfg: TrainConfig, data: TensorData, model: nn.Module | None = None) -> str:
-    """The store key of a run: the config with the data's fingerprint; a caller-supplied
-    `model` (user factories, `recommend`) also enters through its initial weights."""
-    fingerprint = data.fingerprint
-    if model is not None:
-        h = hashlib.sha256(fingerprint.encode())
-        for k, v in model.state_dict().items():
-            h.update(k.encode() + v.detach().cpu().numpy().tobytes())
-        fingerprint = h.hexdigest()
-    return cfg.key(fingerprint)
+    """The store key of a run: the config with the data's fingerprint; the initial weights
+    enter too when they are not a function of the config (a user's factory, or a module
+    passed by the caller: `model`, freshly built). See `nn.factory.run_fingerprint`."""
+    if model is None and not cfg.builtin_model:
+        torch.manual_seed(cfg.seed)  # as the loop builds it: a factory may use the global RNG
+        model = build_model(cfg, data)
+    return cfg.key(factory.run_fingerprint(cfg, data, model))

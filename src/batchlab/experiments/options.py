@@ -162,7 +162,7 @@ class Schedules(Options):
     decay_epochs: Ints | None = opt("epochs of the step decays (default [5, 8] quick)")
     decay_factor: float | None = opt("factor of each decay (default 0.1)", gt=0, lt=1)
     warmup_epochs: float | None = opt("Goyal warmup epochs (default 1 quick, 2 paper)", ge=0, le=1000)
-    tolerance: float | None = opt("accuracy tolerance of 'closes the gap' (default 0.005)", gt=0, lt=1)
+    tolerance: float | None = opt("accuracy tolerance of 'closes the gap' (default 0.01)", gt=0, lt=1)
     gbn: bool | None = opt("also run the BatchNorm arms (default true)")
 
 
@@ -213,6 +213,27 @@ def validate(name: str, raw: dict[str, Any]) -> Options:
         key = ".".join(str(p) for p in err["loc"]) or "?"
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"option {key} of experiment {name}: {msg} (got {err.get('input')!r})") from None
+
+
+def split_options(raw: dict[str, Any], names: list[str]) -> dict[str, dict[str, Any]]:
+    """`reproduce --set`: `NAME.KEY` goes to experiment NAME, a plain `KEY` to every experiment
+    among `names` that has an option KEY (an error if none has). Each part is validated."""
+    out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in raw.items():
+        name, dot, k = key.partition(".")
+        if dot:
+            if name not in out:
+                raise ConfigError(f"--set {key}: {name!r} is not among the experiments to run")
+            out[name][k] = value
+            continue
+        takers = [n for n in names if key in OPTIONS.get(n, Options).model_fields]
+        if not takers:
+            raise ConfigError(f"--set {key}: no experiment to run has an option {key!r}")
+        for n in takers:
+            out[n][key] = value
+    for n, opts in out.items():
+        validate(n, opts)
+    return out
 
 
 def describe(name: str) -> list[dict[str, str]]:

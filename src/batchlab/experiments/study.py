@@ -165,20 +165,22 @@ class Study:
     # -- reporting ----------------------------------------------------------------------
     def header(self, groups: Iterable[Group], notes: str = "") -> str:
         """Which preset, dataset, epochs and seeds produced the numbers below."""
-        from batchlab.data import load_dataset
+        from batchlab.engine.setup import get_data, resolve_device
 
         groups = list(groups)
         cfg = groups[0].runs[0].config
-        raw = load_dataset(cfg.dataset, cfg.data_dir)
-        n_train = cfg.max_train or len(raw.y_train)
+        td = get_data(cfg, resolve_device(cfg.device))
+        n_train = cfg.max_train or td.n_train
+        net = {"mlp": f"MLP {'-'.join(map(str, [td.input_dim, *cfg.hidden, td.n_classes]))}, "
+                      f"init {cfg.init}, ReLU",
+               "cnn": f"LeNet-sized CNN, init {cfg.init}"}.get(cfg.model, f"model {cfg.model}")
         engines = sorted({str(r.final.get("engine", "?")) for g in groups for r in g.runs
                           if not r.cached} or {"(from store)"})
         lines = [
-            f"- preset: **{self.ctx.preset}**; dataset: **{cfg.dataset}** "
-            f"({n_train} train / {len(raw.y_test)} test images)",
-            f"- E = **{self.epochs}** epochs (the study: {PAPER_EPOCHS}); MLP "
-            f"{'-'.join(map(str, [raw.x_train.shape[1], *cfg.hidden, 10]))}, init {cfg.init}, "
-            f"ReLU, NLL loss, plain SGD "
+            f"- preset: **{self.ctx.preset}**; dataset: **{cfg.data or cfg.dataset}** "
+            f"({n_train} train / {len(td.eval_sets['test'][1])} test images)",
+            f"- E = **{self.epochs}** epochs (the study: {PAPER_EPOCHS}); {net}, "
+            f"NLL loss, plain SGD "
             f"(no momentum) unless stated",
             f"- seeds per configuration: **{self.ctx.seeds}** ({', '.join(map(str, self.ctx.seed_list))}); "
             f"tables give mean ± sd over seeds (sd only with 2+ seeds); accuracies in %",

@@ -23,6 +23,9 @@ def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str =
     if executor == "local":
         return run_local(configs, store, label=label, console=console)
     if executor == "ray":
+        if any(c.data is not None or not c.builtin_model for c in configs):
+            raise ConfigError("--executor ray runs the built-in models on built-in datasets; "
+                              "use --executor local for a user's --model/--data")
         try:
             from batchlab.runs.ray_executor import run_ray
         except ImportError as e:
