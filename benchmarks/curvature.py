@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchlab.engine.train import get_data, train
+from batchlab.engine.setup import get_data
 from batchlab.measure import curvature as C
+from batchlab.runs.training import train
 
 
 def _install_torch_eig() -> None:

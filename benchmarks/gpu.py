@@ -39,9 +39,8 @@ import torch
 from batchlab.config import make_config
 from batchlab.data import load_dataset, prepare
 from batchlab.engine.fused import FusedMLPSGD
-from batchlab.engine.train import _autograd_step
+from batchlab.engine.steppers import AutogradStepper
 from batchlab.nn.models import build_mlp
-from batchlab.nn.optim import build_optimizer
 
 
 def sync(device: torch.device) -> None:
@@ -97,10 +96,10 @@ def mlp_samples_per_s(engine: str, x: torch.Tensor, y: torch.Tensor, batch_size:
         def update(xb: torch.Tensor, yb: torch.Tensor) -> None:
             stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), cfg.lr)
     else:
-        opt = build_optimizer(cfg, net)
+        auto = AutogradStepper(cfg, net)
 
         def update(xb: torch.Tensor, yb: torch.Tensor) -> None:
-            _autograd_step(cfg, net, opt, xb, yb, cfg.lr, state["step"], [], None)
+            auto.step(xb.unsqueeze(0), yb.unsqueeze(0), [cfg.lr])
 
     def step() -> None:
         s = state["s"]

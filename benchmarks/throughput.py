@@ -4,7 +4,7 @@
 
 For the default MLP (784-1024-1024-10, plain SGD at lr 0.01) and batch sizes 1, 8, 64, 256, 1024:
 
-(a) batchlab: `batchlab.engine.train.train` itself; the time is the `seconds` it reports for an epoch,
+(a) batchlab: `batchlab.train` itself; the time is the `seconds` it reports for an epoch,
     which covers its whole step path (randperm, index_select batching, the fused SGD step,
     loss accumulation) and excludes evaluation.
 (b) plain: what people write by hand: `DataLoader(TensorDataset(X, Y), batch_size=b,
@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from batchlab.config import make_config
 from batchlab.data import load_dataset, prepare
-from batchlab.engine.train import train
 from batchlab.nn.models import build_mlp, n_params
+from batchlab.runs.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-24k"

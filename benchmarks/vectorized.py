@@ -25,9 +25,10 @@ import time
 import torch
 
 from batchlab.config import make_config
-from batchlab.engine.train import build_model, get_data, resolve_device, train
+from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.engine.vectorized import MAX_VECTORIZED_BATCH, train_group
 from batchlab.nn.models import n_params
+from batchlab.runs.training import train
 
 TARGET_SPEEDUP = 1.5
 TARGET_ROOFLINE = 0.85

@@ -141,7 +141,7 @@ def test_malformed_records_name_the_file(tmp_path, bad):
 
 def test_builtin_cnn_trains_on_cifar_shaped_data(tmp_path):
     from batchlab.config import make_config
-    from batchlab.engine.train import train
+    from batchlab.runs.training import train
 
     parts, _, _ = _members()
     _archive(tmp_path / cifar.CIFAR10.archive, parts)

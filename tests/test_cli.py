@@ -309,7 +309,7 @@ def test_read_only_paths_fail_before_the_run(run_main, tmp_path: Path, monkeypat
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p).startswith(str(ro)) else real(p, m, **k))
     trained: list[int] = []
-    monkeypatch.setattr("batchlab.engine.train.train", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr("batchlab.runs.training.train", lambda *a, **k: trained.append(1))
     assert run_main("train", *TINY_ARGS, "--store", ro / "s.db") == 2
     assert "read-only" in capsys.readouterr().err and not trained
     assert run_main("runs", "export", "--store", tmp_path / "none.db", "-o", ro / "x.csv") == 2

@@ -108,7 +108,7 @@ def test_interpolate_endpoints(tiny):
     model, data, _, _ = tiny
     other = build_mlp(5, [4], 3, init="torch", seed=2).double()
     rows = C.interpolate(model, other, data, data, [0.0, 0.5, 1.0])
-    from batchlab.engine.train import evaluate
+    from batchlab.measure.metrics import evaluate
 
     la, _ = evaluate(model, *data)
     lb, _ = evaluate(other, *data)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from batchlab.config import make_config
-from batchlab.engine.train import train
 from batchlab.nn.models import MLP
 from batchlab.probes.geometry import geometry, snapshot, weight_layers
+from batchlab.runs.training import train
 
 
 def _set(model: MLP, w1, b1, w2, b2) -> None:

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from conftest import TINY
 
 from batchlab.config import make_config
-from batchlab.engine.train import _autograd_step, train
+from batchlab.engine.steppers import AutogradStepper
 from batchlab.measure import curvature as C
 from batchlab.nn.layerwise import CBLR, LARS, MCLR, curvature_factors
 from batchlab.nn.models import build_mlp
-from batchlab.nn.optim import build_optimizer, layer_groups
+from batchlab.nn.optim import layer_groups
+from batchlab.runs.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,7 +108,7 @@ def test_train_with_layerwise_optimizers(opt):
 def test_discard_fraction_drops_lowest_loss_samples():
     model, x, y = _setup(3)
     cfg = make_config(**{**TINY, "discard_fraction": 0.25, "lr": 1.0, "probes": []})
-    opt = build_optimizer(cfg, model)
+    stepper = AutogradStepper(cfg, model)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         per = F.nll_loss(model(x), y, reduction="none")
@@ -115,7 +116,7 @@ def test_discard_fraction_drops_lowest_loss_samples():
     ref = build_mlp(6, [5], 3, init="torch", seed=3).double()
     ref.load_state_dict(model.state_dict())
     F.nll_loss(ref(x[keep]), y[keep]).backward()
-    reported = _autograd_step(cfg, model, opt, x, y, 1.0, 0, [], None)
+    reported = stepper.step(x.unsqueeze(0), y.unsqueeze(0), [1.0])
     assert float(reported) == pytest.approx(float(per.mean()))  # the loss of the whole batch
     for p, w, r in zip(model.parameters(), before, ref.parameters()):
         assert torch.allclose(p.detach(), w - r.grad, atol=1e-12)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from batchlab.config import make_config
-from batchlab.engine.train import train
 from batchlab.measure import noise
 from batchlab.nn.models import build_mlp
+from batchlab.runs.training import train
 
 TINY = dict(dataset="digits", hidden=[32], epochs=2, batch_size=32, lr=0.1)  # trains in < 1 s
 

@@ -9,9 +9,9 @@ import pytest
 
 from batchlab.config import make_config
 from batchlab.engine.presets import apply_preset, preset_toml
-from batchlab.engine.train import train
 from batchlab.errors import ConfigError
 from batchlab.runs.sweep import tomllib
+from batchlab.runs.training import train
 
 TINY = dict(dataset="digits", hidden=[32], epochs=2, batch_size=32, lr=0.1)  # trains in < 1 s
 

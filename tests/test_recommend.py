@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from batchlab.config import make_config
-from batchlab.engine.train import train
 from batchlab.experiments import steps_to_target as stt
+from batchlab.runs.training import train
 
 TINY = dict(dataset="digits", hidden=[32], epochs=2, batch_size=32, lr=0.1)  # trains in < 1 s
 

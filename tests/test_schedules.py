@@ -9,9 +9,9 @@ import pytest
 
 from batchlab.config import Phase, make_config
 from batchlab.engine import schedules
-from batchlab.engine.train import train
 from batchlab.errors import ConfigError
 from batchlab.runs.store import Store
+from batchlab.runs.training import train
 
 TINY = dict(dataset="digits", hidden=[16], lr=0.01, probes=[])
 N_TRAIN = 1437  # digits: 1797 images, 360 held out for test

@@ -12,6 +12,7 @@ from batchlab import train
 from batchlab.config import Phase, make_config
 from batchlab.errors import ConfigError
 from batchlab.nn.models import build_mlp
+from batchlab.probes import Probe
 from batchlab.runs.executors import run_configs
 from batchlab.runs.store import Store
 
@@ -162,3 +163,138 @@ def test_glorot_init_is_seeded_and_zero_bias() -> None:
     assert float(a[0].bias.detach().abs().sum()) == 0.0
     bound = math.sqrt(6 / (64 + 32))
     assert float(a[0].weight.detach().abs().max()) <= bound
+
+
+# -- keys: stores written before must still be found ------------------------------------------
+def test_config_keys_are_stable() -> None:
+    """Golden keys computed before the engine was split into loop + steppers: a change here
+    orphans every stored run (a store rebuild), so it must be deliberate."""
+    from batchlab.config import TrainConfig
+    from batchlab.data import load_dataset
+    from batchlab.engine.setup import get_data, resolve_device, run_key
+
+    assert TrainConfig().key("fp") == "aea1047426aa8db2e8f852bdbdd1f5c1492feaaa6c4d71962ad999133f1ad699"
+    assert TrainConfig().key() == "5d26fd6f550ca5e5c30e67ee0156b93100a8d3144e85b2e0419b645b1c9c0bbb"
+    rich = make_config(dataset="digits", hidden=[32], epochs=2, batch_size=32, lr=0.1, momentum=0.9,
+                       schedule=[Phase(epochs=1, batch_size=16), Phase(epochs=2, lr=0.05)],
+                       lr_multipliers={2: 0.5}, probes=["geometry", "noise_scale"],
+                       target_metric="test_acc", target_value=0.9, checkpoint_epochs=[0, 3])
+    assert rich.key("abc123") == "a0434bf776bf598aff163042c9eee79c4cd87919bdad17d1dc5863394cd8a15a"
+    fp = load_dataset("digits").fingerprint
+    assert fp == "0b7e9c3202d7bcd255d6a19a238d3743bf5e320ba74812a6679958a017c55382"
+    cfg = make_config(**TINY)
+    assert train(cfg).key == cfg.key(fp) == (
+        "e03d807891af950cc0994711ab9de5092d6a892e517639cdab7359f1fe6ba8b5")
+    # a caller-supplied model enters the key through its initial weights
+    user = make_config(**{**TINY, "hidden": [8], "epochs": 0, "probes": []})
+    net = build_mlp(64, [8], 10, init="glorot", seed=5)
+    key = "5d4d991965c951a0d264f745f64b68f5467e09203b397736b50ee5ab76a77c1a"
+    assert run_key(user, get_data(user, resolve_device("cpu")), net) == key
+    assert train(user, model=net).key == key
+
+
+def test_a_crash_is_stored_as_failed_and_raised(store_path, monkeypatch) -> None:
+    from batchlab.engine.fused import FusedMLPSGD
+
+    def boom(self, *a, **kw):
+        raise RuntimeError("boom in the step")
+
+    monkeypatch.setattr(FusedMLPSGD, "step", boom)
+    cfg = make_config(**TINY)
+    with Store(store_path) as st:
+        with pytest.raises(RuntimeError, match="boom in the step"):
+            train(cfg, store=st)
+        (rec,) = st.runs(with_epochs=True)
+        assert rec.status == "failed" and "RuntimeError: boom in the step" in rec.error
+        assert len(rec.epochs) == 1  # epoch 0 was measured before the crash
+
+
+# -- probes see the weights at one point in every engine ----------------------------------------
+class _Recorder(Probe):
+    """A probe that keeps what `on_step` sees: step, weights, batch (and grads)."""
+
+    name = "recorder"
+    every_steps = 1
+
+    def __init__(self, needs_grad: bool = False) -> None:
+        self.needs_grad = needs_grad
+        self.seen: list[tuple] = []
+
+    def on_start(self, ctx) -> dict:
+        self.init = [p.detach().clone() for p in ctx.model.parameters()]
+        return {}
+
+    def on_step(self, ctx, step, xb, yb) -> None:
+        ps = list(ctx.model.parameters())
+        grads = [p.grad.clone() for p in ps] if self.needs_grad else None
+        self.seen.append((step, [p.detach().clone() for p in ps], xb.clone(), yb.clone(), grads))
+
+    def on_epoch_end(self, ctx, epoch) -> dict:
+        return {}
+
+
+def _recorded(engine: str, needs_grad: bool = False, **kw) -> tuple:
+    rec = _Recorder(needs_grad)
+    cfg = make_config(**{**TINY, "hidden": [16], "epochs": 1, "probes": [], **kw}, engine=engine)
+    res = train(cfg, probes=[rec])
+    return res, rec
+
+
+@pytest.mark.parametrize("opt", [dict(momentum=0.0), dict(momentum=0.9, nesterov=True)])
+def test_on_step_sees_the_same_weights_in_autograd_and_fused(opt: dict) -> None:
+    fres, frec = _recorded("fused", **opt)
+    ares, arec = _recorded("autograd", **opt)
+    assert fres.final["engine"] == "fused" and ares.final["engine"] == "autograd"
+    assert [s[0] for s in frec.seen] == [s[0] for s in arec.seen] == list(
+        range(1, fres.epochs[1]["steps"] + 1))
+    for (s, wf, xf, yf, _), (_, wa, xa, ya, _) in zip(frec.seen, arec.seen):
+        assert torch.equal(xf, xa) and torch.equal(yf, ya), s
+        for a, b in zip(wf, wa):
+            assert torch.allclose(a, b, atol=1e-5), s
+    # the point is AFTER the step's update: step 1 already moved, the last step is the end
+    assert not torch.equal(frec.seen[0][1][0], frec.init[0])
+    for rec, res in ((frec, fres), (arec, ares)):
+        for w, p in zip(rec.seen[-1][1], res.model.parameters()):
+            assert torch.equal(w, p.detach())
+
+
+def test_needs_grad_probes_get_the_pre_update_gradient() -> None:
+    """Nesterov SGD overwrites `.grad` in place; the probe must still see the batch gradient at
+    the weights before its step (the previous call's weights)."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+
+    res, rec = _recorded("autograd", needs_grad=True, momentum=0.9, nesterov=True)
+    names = [n for n, _ in res.model.named_parameters()]
+    before = rec.init
+    for step, weights, xb, yb, grads in rec.seen[:4]:
+        params = {n: w.clone().requires_grad_(True) for n, w in zip(names, before)}
+        loss = F.nll_loss(functional_call(res.model, params, (xb,)), yb)
+        expect = torch.autograd.grad(loss, list(params.values()))
+        for g, e in zip(grads, expect):
+            assert torch.allclose(g, e, atol=1e-6), step
+        before = weights
+
+
+def test_vectorized_pass_shows_probes_the_same_point() -> None:
+    """K = 2 stacked models: a due probe sees its own model's weights after the step, equal to
+    the same config trained alone (the loop syncs the stack into the modules first)."""
+    from batchlab.engine.loop import Loop
+    from batchlab.engine.setup import build_model, get_data, resolve_device
+
+    cfgs = [make_config(**{**TINY, "hidden": [16], "epochs": 1, "probes": []}, seed=s)
+            for s in (0, 1)]
+    device = resolve_device("cpu")
+    td = get_data(cfgs[0], device)
+    recs = [_Recorder(), _Recorder()]
+    nets = [build_model(c, td) for c in cfgs]
+    results = Loop(cfgs, nets, td, device, [[r] for r in recs], ["a", "b"]).run()
+    assert all(r.final["vectorized_k"] == 2 and r.status == "completed" for r in results)
+    for cfg, rec in zip(cfgs, recs):
+        alone = _Recorder()
+        train(cfg, probes=[alone])
+        assert len(rec.seen) == len(alone.seen)
+        for (s, wv, xv, _, _), (_, wa, xa, _, _) in zip(rec.seen, alone.seen):
+            assert torch.equal(xv, xa), s
+            for a, b in zip(wv, wa):
+                assert torch.allclose(a, b, atol=1e-5), s

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from batchlab.config import TrainConfig, make_config
-from batchlab.engine.train import get_data, train
+from batchlab.engine.setup import get_data
 from batchlab.errors import BatchlabError, ConfigError, DataError
 from batchlab.runs.store import Store
+from batchlab.runs.training import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,7 +158,7 @@ def test_builtin_mlp_on_user_image_data_uses_the_fused_engine(mod: str) -> None:
 
 
 def test_builtin_cnn_trains_deterministically_and_is_seeded() -> None:
-    from batchlab.engine.train import build_model
+    from batchlab.engine.setup import build_model
 
     c = make_config(dataset="digits", model="cnn", epochs=1, batch_size=32, lr=0.1, probes=[],
                     max_train=320, max_test=64)
@@ -318,7 +319,7 @@ def test_sweep_toml_with_model_and_data(run_main, mod, tmp_path, capsys) -> None
 def test_user_model_reloaded_from_store_matches(mod: str, tmp_path: Path) -> None:
     """Checkpoints of a user-model run load back into a freshly built model (sharpness and
     the other experiments that reload weights do this)."""
-    from batchlab.engine.train import build_model
+    from batchlab.engine.setup import build_model
 
     res = train(cfg(mod, checkpoint_epochs=[1]), store=tmp_path / "s.db")
     cached = train(cfg(mod, checkpoint_epochs=[1]), store=tmp_path / "s.db")

@@ -3,16 +3,19 @@ rounding, and store the very same runs."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
 from batchlab.config import make_config
-from batchlab.engine.train import TrainResult, get_data, resolve_device, train
-from batchlab.engine.vectorized import MAX_K, MAX_VECTORIZED_BATCH, plan_groups, train_group, train_many
+from batchlab.engine.result import TrainResult
+from batchlab.engine.setup import get_data, resolve_device
+from batchlab.engine.vectorized import MAX_K, MAX_VECTORIZED_BATCH, plan_groups, train_group
 from batchlab.runs.executors import run_configs
 from batchlab.runs.store import Store
+from batchlab.runs.training import train, train_many
 
 BASE = dict(dataset="digits", hidden=[32], epochs=3, batch_size=32, lr=0.1)
 TIMING = {"seconds", "eval_seconds", "train_seconds_total", "vectorized_k"}
@@ -165,3 +168,88 @@ def test_train_group_rejects_incompatible_configs() -> None:
     cfgs = [_cfg(), _cfg(batch_size=16)]
     with pytest.raises(BatchlabError):
         train_group(cfgs, get_data(cfgs[0], resolve_device("auto")))
+
+
+def test_a_group_is_deterministic() -> None:
+    cfgs = [_cfg(seed=s, momentum=0.5) for s in range(3)]
+    td = get_data(cfgs[0], resolve_device("auto"))
+    a, b = train_group(cfgs, td), train_group(cfgs, td)
+    for ra, rb in zip(a, b):
+        assert [{k: v for k, v in e.items() if k not in TIMING} for e in ra.epochs] == [
+            {k: v for k, v in e.items() if k not in TIMING} for e in rb.epochs]
+        for pa, pb in zip(ra.model.parameters(), rb.model.parameters()):
+            assert torch.equal(pa, pb)
+
+
+# -- no silent fallback ---------------------------------------------------------------------------
+def test_why_a_config_runs_alone_is_logged(caplog) -> None:
+    big = MAX_VECTORIZED_BATCH * 2
+    cfgs = [_cfg(seed=0, batch_size=big), _cfg(seed=1, batch_size=big),
+            _cfg(optimizer="adam", lr=0.01), _cfg(seed=2, probes=["noise_scale"])]
+    with caplog.at_level(logging.INFO, logger="batchlab.engine.vectorized"):
+        assert plan_groups(cfgs) == [[0], [1], [2], [3]]
+    text = caplog.text
+    assert f"2 config(s) trained one by one, not vectorized: batch size {big} > MAX_VECTORIZED_BATCH" in text
+    assert "optimizer adam runs on autograd" in text
+    assert "probe noise_scale runs every few steps" in text
+
+
+def test_a_group_that_cannot_stack_says_why_and_trains_one_by_one(caplog, monkeypatch) -> None:
+    """Modules that are not batchlab's MLP cannot share a fused pass: logged, then each config
+    is trained on its own (and equals train())."""
+    from torch import nn
+
+    from batchlab.engine import vectorized
+
+    real = vectorized.build_model
+
+    def not_an_mlp(cfg, data):
+        return nn.Sequential(*real(cfg, data))  # the same layers in another class
+
+    monkeypatch.setattr(vectorized, "build_model", not_an_mlp)
+    cfgs = [_cfg(seed=s) for s in range(2)]
+    with caplog.at_level(logging.WARNING, logger="batchlab.engine.vectorized"):
+        res = train_group(cfgs, get_data(cfgs[0], resolve_device("auto")))
+    assert "cannot share a vectorized pass (the model (Sequential) is not batchlab's MLP)" in caplog.text
+    assert all("vectorized_k" not in r.final and r.status == "completed" for r in res)
+    for r, c in zip(res, cfgs):
+        _assert_same(r, train(c))
+
+
+def _crash_stacked_steps(monkeypatch) -> list[int]:
+    """Make every stacked (K > 1) fused step raise; K = 1 steps still work, so a silent
+    one-by-one retry would turn the crash into completed runs."""
+    from batchlab.engine.fused import FusedMLPSGD
+
+    real, calls = FusedMLPSGD.step, []
+
+    def step(self, x, y, lr, *a, **kw):
+        if x.shape[0] > 1:
+            calls.append(x.shape[0])
+            raise RuntimeError("boom in the stacked step")
+        return real(self, x, y, lr, *a, **kw)
+
+    monkeypatch.setattr(FusedMLPSGD, "step", step)
+    return calls
+
+
+def test_a_crash_in_a_vectorized_pass_is_raised_and_stored(store_path, monkeypatch) -> None:
+    calls = _crash_stacked_steps(monkeypatch)
+    cfgs = [_cfg(seed=s) for s in range(2)]
+    with Store(store_path) as st:
+        with pytest.raises(RuntimeError, match="boom in the stacked step"):
+            train_many(cfgs, store=st)
+        recs = st.runs()
+        assert len(recs) == 2 and calls == [2]  # one attempt, no retry
+        assert all(r.status == "failed" and "boom in the stacked step" in r.error for r in recs)
+
+
+def test_a_sweep_records_a_crashed_group_and_goes_on(store_path, monkeypatch) -> None:
+    calls = _crash_stacked_steps(monkeypatch)
+    cfgs = [_cfg(seed=s) for s in range(2)] + [_cfg(optimizer="adam", lr=0.01)]
+    with Store(store_path) as st:
+        res = run_configs(cfgs, st)
+        assert [r.status for r in res] == ["failed", "failed", "completed"]
+        assert all("RuntimeError: boom in the stacked step" in r.error for r in res[:2])
+        assert calls == [2] and st.count() == 3
+        assert {r.config_hash: r.status for r in st.runs()} == {r.key: r.status for r in res}

@@ -20,8 +20,8 @@ _PUBLIC = {
     "Phase": "batchlab.config",
     "TrainConfig": "batchlab.config",
     "Store": "batchlab.runs.store",
-    "TrainResult": "batchlab.engine.train",
-    "train": "batchlab.engine.train",
+    "TrainResult": "batchlab.engine.result",
+    "train": "batchlab.runs.training",
 }
 _MODULES = {  # submodules reachable as `from batchlab import curvature`
     "curvature": "batchlab.measure.curvature",

@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Measure the gradient noise scale and throughput; recommend a batch size and lr."""
         from batchlab.config import make_config
-        from batchlab.engine.train import build_model, get_data, resolve_device
+        from batchlab.engine.setup import build_model, get_data, resolve_device
 
         if batch_size < 1 or max_batch < 1 or not (math.isfinite(lr) and lr > 0):
             raise BatchlabError("--batch-size, --max-batch and --lr must be positive")

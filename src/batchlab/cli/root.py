@@ -113,9 +113,9 @@ def train(
     """Train one run (stored; an identical finished run is returned from the store)."""
     from batchlab.atomic import check_writable
     from batchlab.config import make_config
-    from batchlab.engine.train import train as run_train
     from batchlab.runs.store import Store
     from batchlab.runs.sweep import read_toml, validate_against_data
+    from batchlab.runs.training import train as run_train
 
     fields: dict[str, Any] = {}
     if config is not None:

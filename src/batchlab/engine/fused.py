@@ -162,6 +162,18 @@ class FusedMLPSGD:
             W.add_(gW, alpha=-float(lr))
             b.add_(gb, alpha=-float(lr))
 
+    def select(self, positions: Sequence[int]) -> FusedMLPSGD:
+        """A stepper over the models at stacked `positions` (copies), momentum buffers
+        included: the others stopped training and leave the stack."""
+        sel = torch.tensor(list(positions), device=self.W[0].device)
+        new = FusedMLPSGD([w.index_select(0, sel) for w in self.W],
+                          [b.index_select(0, sel) for b in self.b], momentum=self.momentum,
+                          nesterov=self.nesterov, weight_decay=self.weight_decay)
+        for i, (bw, bb) in enumerate(zip(self._buf_W, self._buf_b)):
+            if bw is not None:
+                new._buf_W[i], new._buf_b[i] = bw.index_select(0, sel), bb.index_select(0, sel)
+        return new
+
     def state(self) -> dict[str, torch.Tensor]:
         """Momentum buffers (for checkpoints)."""
         out = {}

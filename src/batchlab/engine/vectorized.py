@@ -4,15 +4,17 @@ Why: at small batch sizes one step of the MLP is a few skinny matmuls ([B, 1024]
 that leave the cores partly idle and re-read every weight from memory per step. Stacking K models
 (seeds, learning rates, inits, lr schedules) into `FusedMLPSGD` turns every layer into one `bmm`
 over K independent problems, which keeps both cores busy. Each model keeps its own init
-(`build_model`), its own shuffle stream (`_shuffle_generator(seed)`) and its own per-step lr, so a
-vectorized run equals the sequential `train()` of the same config up to float rounding, and it is
-stored under the same key with the same record layout (a later `train()` finds it cached).
+(`build_model`), its own shuffle stream (`shuffle_generator(seed)`) and its own per-step lr, so a
+vectorized run equals the sequential `train()` of the same config up to float rounding (it is the
+same loop, `engine/loop.py`, with K > 1), and it is stored under the same key with the same
+record layout (a later `train()` finds it cached).
 
 When to vectorize (`plan_groups`) — the rule, from measurements on the 2-core CPU (see
 `benchmarks/vectorized.py`): configs are grouped when they can share a pass (`group_key`), and
 a group of K >= 2 is vectorized only when every batch size in its schedule is at most
 `MAX_VECTORIZED_BATCH`; larger batches already saturate the matmul units one model at a time, so
-there the runs go one after another through `train()`. Groups are cut into chunks of at most
+there the runs go one after another through `train()`. Why a config runs alone is logged
+(`logging`, logger `batchlab.engine.vectorized`). Groups are cut into chunks of at most
 `MAX_K` models (K = 8 measured slower per sample than K = 4).
 
 A model that diverges (non-finite loss) or reaches its target is recorded at that epoch and
@@ -21,35 +23,22 @@ dropped from the stack, so it never affects the others (the bmm problems are ind
 
 from __future__ import annotations
 
-import math
-import time
+import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
-
-import torch
-from torch import nn
 
 from batchlab.config import TrainConfig
 from batchlab.data import TensorData
 from batchlab.engine import schedules
-from batchlab.engine.fused import FusedMLPSGD
-from batchlab.engine.train import (
-    TrainResult,
-    _metrics,
-    _save,
-    _shuffle_generator,
-    _target_hit,
-    build_model,
-    environment,
-    get_data,
-    resolve_device,
-    train,
-)
+from batchlab.engine.loop import Loop, train_one
+from batchlab.engine.result import TrainResult
+from batchlab.engine.setup import build_model, check_batch_sizes, resolve_device
+from batchlab.engine.steppers import fused_blocker
 from batchlab.errors import BatchlabError, ConfigError
-from batchlab.nn.models import MLP
-from batchlab.probes import Probe, ProbeContext, make_probes
-from batchlab.probes.geometry import snapshot
-from batchlab.runs.store import Store
+from batchlab.probes import make_probes
+
+log = logging.getLogger(__name__)
 
 MAX_VECTORIZED_BATCH = 128
 """Largest batch size vectorized. Measured (2-core CPU, lightly loaded): at batch 64 one model
@@ -63,22 +52,32 @@ MAX_K = 4
 
 
 # -- grouping ---------------------------------------------------------------------------------
-def group_key(cfg: TrainConfig) -> tuple[Any, ...] | None:
-    """What configs must share to be trained in one pass, or None when `cfg` cannot be
-    vectorized (not fused-eligible SGD, or a probe that needs per-step hooks)."""
-    if (
-        cfg.optimizer != "sgd"
-        or cfg.model != "mlp"
-        or cfg.batchnorm
-        or cfg.discard_fraction > 0
-        or cfg.engine == "autograd"
-    ):
-        return None
+def ineligible(cfg: TrainConfig) -> str | None:
+    """Why `cfg` cannot join a vectorized pass (None: it can)."""
+    if cfg.optimizer != "sgd":
+        return f"optimizer {cfg.optimizer} runs on autograd"
+    if cfg.model != "mlp":
+        return f"model {cfg.model} is not batchlab's MLP"
+    if cfg.batchnorm:
+        return "batchnorm runs on autograd"
+    if cfg.discard_fraction > 0:
+        return "discard_fraction > 0 runs on autograd"
+    if cfg.engine == "autograd":
+        return "engine='autograd' was asked for"
     try:
         probes = make_probes(cfg.probes)
-    except ConfigError:
-        return None
-    if any(p.every_steps or p.needs_grad for p in probes):
+    except ConfigError as e:
+        return str(e)
+    hooked = [p.name for p in probes if p.every_steps or p.needs_grad]
+    if hooked:
+        return f"probe {hooked[0]} runs every few steps (not vectorized)"
+    return None
+
+
+def group_key(cfg: TrainConfig) -> tuple[Any, ...] | None:
+    """What configs must share to be trained in one pass, or None when `cfg` cannot be
+    vectorized (`ineligible` says why)."""
+    if ineligible(cfg) is not None:
         return None
     return (
         cfg.dataset, cfg.data_dir, cfg.normalize, cfg.val_fraction, cfg.max_train, cfg.max_test,
@@ -107,230 +106,46 @@ def plan_groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
             units.append(by_key[key])
         by_key[key].append(i)
     out: list[list[int]] = []
+    alone: Counter[str] = Counter()  # why configs run one by one, logged once per reason
     for unit in units:
         if len(unit) >= 2 and worth_vectorizing(configs[unit[0]], len(unit)):
             chunks = [unit[j : j + MAX_K] for j in range(0, len(unit), MAX_K)]
             for c in chunks:
                 out.extend([c] if len(c) >= 2 else [[i] for i in c])
-        else:
-            out.extend([i] for i in unit)
+            continue
+        out.extend([i] for i in unit)
+        cfg = configs[unit[0]]
+        if len(unit) >= 2:
+            alone[f"batch size {max(cfg.batch_sizes())} > MAX_VECTORIZED_BATCH "
+                  f"{MAX_VECTORIZED_BATCH} (stacking measured no faster)"
+                  if cfg.epochs > 0 else "no epochs to train"] += len(unit)
+        elif (why := ineligible(cfg)) is not None:
+            alone[why] += 1
+    for reason, count in alone.items():
+        log.info("%d config(s) trained one by one, not vectorized: %s", count, reason)
     return out
 
 
-# -- public API -------------------------------------------------------------------------------
-def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | None = None,
-               label: str | None = None) -> list[TrainResult]:
-    """Train `configs` (results in order), vectorizing the groups `plan_groups` picks and running
-    the rest through `train()`. Runs already finished in `store` come back cached; new ones are
-    saved exactly as `train()` saves them; a config listed twice is trained once. If a
-    vectorized pass crashes, its configs are re-run one by one through `train()` (which records
-    a failure as it always does)."""
-    from batchlab.config import make_config
-
-    cfgs = [c if isinstance(c, TrainConfig) else make_config(**c) for c in configs]
-    keys = [c.key(get_data(c, resolve_device(c.device)).fingerprint) for c in cfgs]
-    results: list[TrainResult | None] = [None] * len(cfgs)
-    first: dict[str, int] = {}
-    todo: list[int] = []
-    for i, key in enumerate(keys):
-        if key in first:
-            continue
-        first[key] = i
-        if store is not None and store.finished(key) is not None:
-            results[i] = train(cfgs[i], store=store, label=label)  # returns the stored run
-        else:
-            todo.append(i)
-    for unit in plan_groups([cfgs[i] for i in todo]):
-        idxs = [todo[j] for j in unit]
-        group: list[TrainResult] | None = None
-        if len(idxs) >= 2:
-            try:
-                td = get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device))
-                group = train_group([cfgs[i] for i in idxs], td, store=store, label=label)
-            except BatchlabError:
-                raise
-            except Exception:
-                group = None
-        if group is None:
-            group = [train(cfgs[i], store=store, label=label) for i in idxs]
-        for i, res in zip(idxs, group):
-            results[i] = res
-    return [r if r is not None else results[first[k]] for r, k in zip(results, keys)]
-
-
-def train_group(configs: Sequence[TrainConfig], data: TensorData, *, store: Store | None = None,
-                label: str | None = None) -> list[TrainResult]:
-    """Train configs that share a `group_key` together in one pass over `data` (no cache
-    lookup; with `store`, each finished run is saved as `train()` would save it)."""
+# -- the K > 1 entry point --------------------------------------------------------------------
+def train_group(configs: Sequence[TrainConfig], data: TensorData) -> list[TrainResult]:
+    """Train configs that share a `group_key` together in one pass over `data` (no store:
+    see `batchlab.runs.training.train_many`). A crash inside the pass comes back as `failed`
+    results (with `exception`); it is never retried. If the built modules cannot be stacked
+    (not batchlab's MLP), the reason is logged and each config is trained on its own."""
     if not configs:
         return []
     keys = {group_key(c) for c in configs}
     if None in keys or len(keys) != 1:
         raise BatchlabError("train_group needs fused-eligible SGD configs that share data, "
                             "model shape, optimizer settings and batch-size schedule")
-    for bs in configs[0].batch_sizes():
-        if bs > data.n_train:
-            raise ConfigError(f"batch size {bs} is larger than the training set ({data.n_train})")
+    check_batch_sizes(configs[0], data)
     device = resolve_device(configs[0].device)
-    return _Pass(list(configs), data, device).run(store, label)
-
-
-# -- the pass ---------------------------------------------------------------------------------
-class _Pass:
-    """One vectorized pass: K modules (for eval, probes, checkpoints and results), one stacked
-    `FusedMLPSGD` over the models still training."""
-
-    def __init__(self, configs: list[TrainConfig], td: TensorData, device: torch.device) -> None:
-        self.cfgs, self.td, self.device = configs, td, device
-        self.nets: list[nn.Module] = [build_model(c, td).to(device) for c in configs]
-        if not all(isinstance(n, MLP) for n in self.nets):
-            raise BatchlabError("vectorized training needs MLP models")
-        self.probes: list[list[Probe]] = [make_probes(c.probes) for c in configs]
-        env = environment(device)
-        self.results = [
-            TrainResult(run_id=(k := c.key(td.fingerprint))[:12], key=k, config=c,
-                        status="completed", epochs=[], final={"engine": "fused"}, model=n,
-                        env=env)
-            for c, n in zip(configs, self.nets)
-        ]
-        self.ctxs: list[ProbeContext] = []
-        self.own_seconds = [0.0] * len(configs)  # each run's share of the wall time
-
-    def run(self, store: Store | None, label: str | None) -> list[TrainResult]:
-        K = len(self.cfgs)
-        for k in range(K):
-            self._start(k)
-        c0 = self.cfgs[0]
-        stepper = FusedMLPSGD.from_mlps(self.nets, momentum=c0.momentum, nesterov=c0.nesterov,
-                                        weight_decay=c0.weight_decay)
-        active = list(range(K))  # model indices still training, in stacked order
-        plans = [schedules.epoch_plan(c) for c in self.cfgs]
-        gens = [_shuffle_generator(c.seed) for c in self.cfgs]
-        const_lr = [schedules.constant_within_epoch(c) for c in self.cfgs]
-        X, Y, n = self.td.x_train, self.td.y_train, self.td.n_train
-        steps = samples = 0
-        train_seconds = [0.0] * K
-        for e in range(len(plans[0])):
-            if not active:
-                break
-            bs = plans[0][e].batch_size
-            n_steps = math.ceil(n / bs)
-            perms = torch.stack([torch.randperm(n, generator=gens[k]) for k in active])
-            perms = perms.to(self.device)
-            running = torch.zeros(len(active), device=self.device)
-            lr_vals = [schedules.lr_at(self.cfgs[k], plans[k][e], 0, n_steps) for k in active]
-            lr = torch.tensor(lr_vals, dtype=X.dtype, device=self.device)
-            per_step = not all(const_lr[k] for k in active)
-            self._sync()
-            t_ep = time.perf_counter()
-            for s in range(n_steps):
-                idx = perms[:, s * bs : (s + 1) * bs]
-                b = idx.shape[1]
-                flat = idx.reshape(-1)
-                xb = X.index_select(0, flat).view(len(active), b, -1)
-                yb = Y.index_select(0, flat).view(len(active), b)
-                if per_step:
-                    lr_vals = [schedules.lr_at(self.cfgs[k], plans[k][e], s, n_steps)
-                               for k in active]
-                    lr = torch.tensor(lr_vals, dtype=X.dtype, device=self.device)
-                running += stepper.step(xb, yb, lr) * b
-                steps += 1
-                samples += b
-            self._sync()
-            share = (time.perf_counter() - t_ep) / len(active)
-            stepper.write_back([self.nets[k] for k in active])
-            running_vals = (running / n).tolist()
-            keep: list[int] = []
-            for j, k in enumerate(active):
-                train_seconds[k] += share
-                row = {"epoch": plans[k][e].epoch, "batch_size": bs, "lr": lr_vals[j],
-                       "steps": steps, "samples": samples, "seconds": share,
-                       "train_seconds_total": train_seconds[k],
-                       "running_loss": running_vals[j], "vectorized_k": len(active)}
-                self.own_seconds[k] += share
-                if self._end_epoch(k, row, steps, samples):
-                    keep.append(j)
-            if len(keep) < len(active):
-                stepper = _subset(stepper, keep)
-                active = [active[j] for j in keep]
-        out = []
-        for k, res in enumerate(self.results):
-            self._finish(k, train_seconds[k])
-            if store is not None:
-                _save(store, res, label, time.perf_counter() - self.own_seconds[k])
-            else:
-                res.wall_seconds = self.own_seconds[k]
-            out.append(res)
-        return out
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _start(self, k: int) -> None:
-        """Epoch 0 of model k, as `train()` records it."""
-        net, res = self.nets[k], self.results[k]
-        t = time.perf_counter()
-        res.init_state = snapshot(net)
-        ctx = ProbeContext(model=net, init_state=res.init_state, config=self.cfgs[k],
-                           data=self.td, optimizer=None)
-        self.ctxs.append(ctx)
-        row: dict[str, Any] = {"epoch": 0, "steps": 0, "samples": 0, "seconds": 0.0}
-        row.update({key: float(v) for key, v in _metrics(net, self.td).items()})
-        for p in self.probes[k]:
-            row.update(p.on_start(ctx))
-        row["eval_seconds"] = time.perf_counter() - t
-        row["gap"] = row["train_acc"] - row["test_acc"]
-        res.epochs.append(row)
-        if 0 in self.cfgs[k].checkpoint_epochs:
-            res.checkpoints[0] = snapshot(net)
-        self.own_seconds[k] += row["eval_seconds"]
-
-    def _end_epoch(self, k: int, row: dict[str, Any], steps: int, samples: int) -> bool:
-        """Evaluate model k after an epoch; False when it stops (diverged or target reached)."""
-        cfg, net, res = self.cfgs[k], self.nets[k], self.results[k]
-        t = time.perf_counter()
-        mt = _metrics(net, self.td)
-        row.update(dict(zip(mt.keys(), torch.stack(list(mt.values())).tolist())))
-        for p in self.probes[k]:
-            row.update(p.on_epoch_end(self.ctxs[k], row["epoch"]))
-        row["gap"] = row["train_acc"] - row["test_acc"]
-        row["eval_seconds"] = time.perf_counter() - t
-        self.own_seconds[k] += row["eval_seconds"]
-        res.epochs.append(row)
-        if row["epoch"] in cfg.checkpoint_epochs:
-            res.checkpoints[row["epoch"]] = snapshot(net)
-        if not all(math.isfinite(row[m]) for m in ("running_loss", "train_loss")):
-            res.status = "diverged"
-            res.final["diverged_epoch"] = row["epoch"]
-            return False
-        if _target_hit(cfg, row):
-            res.final.update(target_epoch=row["epoch"], target_steps=steps,
-                             target_samples=samples)
-            return False
-        return True
-
-    def _finish(self, k: int, train_seconds: float) -> None:
-        """The `final` summary, built exactly as `train()` builds it."""
-        res, cfg = self.results[k], self.cfgs[k]
-        last = res.epochs[-1]
-        res.final.update({key: v for key, v in last.items() if isinstance(v, (int, float))})
-        accs = [e["test_acc"] for e in res.epochs if isinstance(e.get("test_acc"), float)]
-        res.final["best_test_acc"] = max((a for a in accs if math.isfinite(a)), default=None)
-        res.final["train_seconds"] = train_seconds
-        res.final["status"] = res.status
-        res.final["vectorized_k"] = len(self.cfgs)
-        if cfg.target_metric is not None:
-            res.final["target_reached"] = "target_epoch" in res.final
-
-
-def _subset(stepper: FusedMLPSGD, keep: list[int]) -> FusedMLPSGD:
-    """A stepper over the models at stacked positions `keep`, momentum buffers included."""
-    sel = torch.tensor(keep, device=stepper.W[0].device)
-    new = FusedMLPSGD([w.index_select(0, sel) for w in stepper.W],
-                      [b.index_select(0, sel) for b in stepper.b], momentum=stepper.momentum,
-                      nesterov=stepper.nesterov, weight_decay=stepper.weight_decay)
-    for i, (bw, bb) in enumerate(zip(stepper._buf_W, stepper._buf_b)):
-        if bw is not None:
-            new._buf_W[i], new._buf_b[i] = bw.index_select(0, sel), bb.index_select(0, sel)
-    return new
+    nets = [build_model(c, data).to(device) for c in configs]
+    probes = [make_probes(c.probes) for c in configs]
+    blocked = [r for r in (fused_blocker(c, n, p) for c, n, p in zip(configs, nets, probes)) if r]
+    if blocked:
+        log.warning("%d configs cannot share a vectorized pass (%s); training them one by one",
+                    len(configs), blocked[0])
+        return [train_one(c, data=data) for c in configs]
+    run_keys = [c.key(data.fingerprint) for c in configs]
+    return Loop(configs, nets, data, device, probes, run_keys).run()

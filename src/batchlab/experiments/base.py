@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 
 from batchlab.config import TrainConfig, make_config
-from batchlab.engine.train import TrainResult
+from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.runs.store import Store
 
@@ -88,7 +88,7 @@ class Context:
 
     def test_size(self, **fields: Any) -> int:
         """Examples in the test set the configs are scored on (for accuracies' binomial error)."""
-        from batchlab.engine.train import get_data, resolve_device
+        from batchlab.engine.setup import get_data, resolve_device
 
         cfg = self.config(**fields)
         return len(get_data(cfg, resolve_device(cfg.device)).eval_sets["test"][1])
@@ -119,7 +119,7 @@ class Experiment:
 
 def load_model(res: TrainResult, epoch: int) -> Any:
     """The model of a (possibly cached) run with its stored weights at `epoch`."""
-    from batchlab.engine.train import build_model, get_data, resolve_device
+    from batchlab.engine.setup import build_model, get_data, resolve_device
 
     cfg = res.config
     td = get_data(cfg, resolve_device(cfg.device))

@@ -25,7 +25,7 @@ from batchlab.analysis.gradcomp_runner import run_trials
 from batchlab.analysis.gradcomp_stats import norms_array
 from batchlab.analysis.gradcomp_trials import TrialRun
 from batchlab.config import Phase
-from batchlab.engine.train import build_model, get_data, resolve_device
+from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments.gradient_competition_claims import REGIMES, claims_for, study_numbers

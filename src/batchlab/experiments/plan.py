@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from batchlab.config import TrainConfig
-from batchlab.engine.train import TrainResult, get_data, resolve_device
+from batchlab.engine.result import TrainResult
+from batchlab.engine.setup import get_data, resolve_device
 from batchlab.engine.vectorized import plan_groups
 from batchlab.experiments import Context, get
 from batchlab.experiments.plan_probe import Probe, mlp_params

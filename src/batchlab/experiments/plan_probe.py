@@ -53,7 +53,7 @@ class Probe:
         self._memo: dict[tuple, float] = {}
 
     def fused(self, cfg: TrainConfig) -> bool:
-        """Whether a run trains on the fused stepper (as `engine.train.use_fused` decides
+        """Whether a run trains on the fused stepper (as `engine.steppers.fused_blocker` decides
         for a plain MLP with SGD and no gradient probes)."""
         return (cfg.optimizer == "sgd" and not cfg.batchnorm and cfg.discard_fraction == 0
                 and cfg.engine != "autograd")

@@ -13,7 +13,7 @@ from batchlab.analysis.gradcomp_runner import KIND, device_id
 from batchlab.analysis.gradcomp_trials import TrialRun, make_task
 from batchlab.config import Phase, TrainConfig
 from batchlab.data import load_dataset
-from batchlab.engine.train import build_model, get_data, resolve_device
+from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.experiments import Context
 from batchlab.experiments import gradient_competition as G
 from batchlab.experiments.plan_probe import mlp_params

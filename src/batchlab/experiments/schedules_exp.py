@@ -73,7 +73,7 @@ def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
 
 
 def run(ctx: Context) -> Output:
-    from batchlab.engine.train import get_data, resolve_device
+    from batchlab.engine.setup import get_data, resolve_device
 
     s = {**settings(ctx), "model": ctx.model or "mlp"}
     probe = ctx.config()

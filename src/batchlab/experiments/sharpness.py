@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from batchlab.config import Phase
-from batchlab.engine.train import TrainResult, build_model, get_data, resolve_device
+from batchlab.engine.result import TrainResult
+from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V

@@ -61,7 +61,7 @@ def run(ctx: Context) -> Output:
 def _gradient_quality(ctx: Context, configs: list, results: list, epochs: int) -> dict[str, Any]:
     """Minibatch-gradient direction and spread, LARS's secant vs Hessian curvature per layer,
     and batch normalization's signal: measured at each run's final weights."""
-    from batchlab.engine.train import get_data, resolve_device
+    from batchlab.engine.setup import get_data, resolve_device
     from batchlab.experiments.base import load_model
     from batchlab.measure import minibatch
     from batchlab.measure.curvature import hessian_eigenvalues

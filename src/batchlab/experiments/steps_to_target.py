@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.engine.train import TrainResult
+from batchlab.engine.result import TrainResult
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.claims import Claim
@@ -116,7 +116,7 @@ def configs(ctx: Context, s: dict[str, Any], n_train: int) -> list:
 
 def measure(ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Run (or fetch) the sweep. Returns (rows per run, best row per batch size, settings)."""
-    from batchlab.engine.train import get_data, resolve_device
+    from batchlab.engine.setup import get_data, resolve_device
 
     s = settings(ctx)
     probe_cfg = ctx.config()

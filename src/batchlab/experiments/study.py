@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.engine.train import TrainResult
+from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, findings
 from batchlab.experiments.outputs import plt, rows_to_csv
@@ -188,7 +188,7 @@ class Study:
     # -- reporting ----------------------------------------------------------------------
     def header(self, groups: Iterable[Group], notes: str = "") -> str:
         """Which preset, dataset, epochs and seeds produced the numbers below."""
-        from batchlab.engine.train import get_data, resolve_device
+        from batchlab.engine.setup import get_data, resolve_device
 
         groups = list(groups)
         cfg = groups[0].runs[0].config

@@ -252,7 +252,7 @@ def throughput_claims(ok: list[dict[str, Any]], pow2: list[dict[str, Any]],
 
 
 def run(ctx: Context) -> Output:
-    from batchlab.engine.train import build_model, get_data, resolve_device
+    from batchlab.engine.setup import build_model, get_data, resolve_device
     from batchlab.experiments import steps_to_target as stt
 
     s = stt.settings(ctx)

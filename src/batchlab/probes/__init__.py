@@ -2,8 +2,18 @@
 
 A probe is called at the start, optionally every `every_steps` optimizer steps (with the batch),
 and at the end of every epoch, when it returns a flat dict of numbers that is stored with that
-epoch's metrics. A probe that needs `.grad` on the parameters at its step (e.g. gradient-noise
-tracking) sets `needs_grad = True`, which makes the engine use its autograd path.
+epoch's metrics.
+
+When a probe sees the weights - the same in every engine (autograd, fused, vectorized K > 1):
+- `on_start(ctx)`: the initial weights, before any step (its values are epoch 0's).
+- `on_step(ctx, s, xb, yb)`: AFTER step s's update, i.e. the model holds the weights after s
+  optimizer steps (s counts from 1 over the whole run); `xb`, `yb` are the batch step s used.
+  A probe with `needs_grad = True` also finds on each parameter's `.grad` that batch's
+  gradient at the PRE-update weights (the gradient step s's update used); it makes the engine
+  use its autograd stepper (the fused steppers compute no `.grad`).
+- `on_epoch_end(ctx, epoch)`: the weights after the epoch's last step.
+The model is in train mode during `on_step`; use `measure.metrics.evaluate` (eval mode) for
+clean evaluations.
 """
 
 from __future__ import annotations
@@ -39,8 +49,9 @@ class Probe:
         return {}
 
     def on_step(self, ctx: ProbeContext, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        """Called after the backward pass of every `every_steps`-th step (grads present only
-        on the autograd path), before the update."""
+        """Called after the update of every `every_steps`-th step (see the module doc: the
+        weights after `step` steps; `.grad` = the batch's pre-update gradient when
+        `needs_grad`)."""
 
     def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
         return {}

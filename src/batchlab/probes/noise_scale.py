@@ -1,14 +1,15 @@
 """Training-time measurements for "which batch size should I use?".
 
-* `noise_scale`: B_simple = tr(Sigma)/|G|^2 (see `batchlab.measure.noise`) every `every_steps` steps on
-  a fixed, seeded sample of training examples, from per-example gradients it computes itself
-  from the live model - so it needs no `.grad` and keeps the fused engine. McCandlish et al.
-  report that it grows as the loss falls; the per-epoch rows carry the last value with its
+* `noise_scale`: B_simple = tr(Sigma)/|G|^2 (see `batchlab.measure.noise`) every
+  `every_steps` steps on a fixed, seeded sample of training examples (after that step's
+  update, as every probe: see `batchlab.probes`), from per-example gradients it computes
+  itself from the live model - so it needs no `.grad` and keeps the fused engine. McCandlish
+  et al. report that it grows as the loss falls; the per-epoch rows carry the last value with its
   parts and the loss on the sample, `b_simple_avg` = the epoch's mean tr(Sigma) / mean |G|^2
   (single-iterate values swing a lot, see `noise.averaged`), and `history` keeps every
   measurement.
-* `target_step`: the first optimizer step at which the run's target metric (config
-  `target_metric`/`target_value`) is crossed, checked about `checks_per_epoch` times an epoch.
+* `target_step`: the first optimizer step s whose updated weights cross the run's target
+  (config `target_metric`/`target_value`), checked about `checks_per_epoch` times an epoch.
   The engine stops at epoch granularity; steps-to-target needs finer resolution than that.
   `test_acc`/`val_acc` are evaluated on the full eval set; `train_loss`/`train_acc` on a fixed
   seeded subset of at most `train_subset` training examples (an estimate, said so here).
@@ -20,6 +21,7 @@ import math
 
 import torch
 
+from batchlab.measure.metrics import evaluate
 from batchlab.measure.noise import averaged, b_simple
 from batchlab.probes import Probe, ProbeContext, register
 
@@ -108,8 +110,6 @@ class TargetStepProbe(Probe):
         return {}
 
     def _check(self, ctx: ProbeContext, step: int) -> None:
-        from batchlab.engine.train import evaluate
-
         cfg = ctx.config
         loss, acc = evaluate(ctx.model, *self._eval)
         v = float(loss if cfg.target_metric.endswith("loss") else acc)

@@ -1,10 +1,12 @@
 """Step lengths per optimizer step (Gao & Zhong's structural measurements) and per-layer
 curvature per epoch.
 
-On every `record_every`-th step (after the backward pass, before the update) the probe records
-the gradient norm ||g_t||, keeps a copy of the weights and the loss of the batch; on the next
-step it measures the parameter-update length ||w_{t+1} - w_t|| and the loss-update length
-L_t(w_{t+1}) - L_t(w_t) on the same batch. Epoch ends report their means (`step_grad_norm`,
+For every `record_every`-th step t (t = 1, 1 + record_every, ...) the probe measures, on that
+step's batch B_t: the gradient norm ||g_t|| at the pre-update weights w_{t-1}, the
+parameter-update length ||w_t - w_{t-1}|| and the loss-update length
+L_t(w_t) - L_t(w_{t-1}). Probes run after the update (see `batchlab.probes`), so it keeps a
+copy of the weights from the step before (w_{t-1}) and evaluates L_t(w_{t-1}) on that copy
+(`torch.func.functional_call`). Epoch ends report their means (`step_grad_norm`,
 `step_update_norm`, `step_loss_update`) and the top eigenvalue of each layer's Hessian block on
 a fixed subset of the training set (`curv_layerN`, Lanczos, 10 products per layer).
 """
@@ -15,6 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from batchlab.probes import Probe, ProbeContext, register
 
@@ -27,33 +30,35 @@ class StepLengthProbe(Probe):
     curvature_samples = 512
 
     def __init__(self) -> None:
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None
+        self._before: dict[str, torch.Tensor] | None = None  # w_{t-1} for the next measured t
         self._sums = {"step_grad_norm": 0.0, "step_update_norm": 0.0, "step_loss_update": 0.0}
         self._n = {k: 0 for k in self._sums}
 
+    def _measured(self, step: int) -> bool:
+        return step % self.record_every == 1 % self.record_every
+
     @staticmethod
-    def _flat(model: torch.nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+    def on_start(self, ctx: ProbeContext) -> dict[str, float]:
+        self._before = self._params(ctx.model) if self._measured(1) else None
+        return {}
 
     @torch.no_grad()
     def on_step(self, ctx: ProbeContext, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
         model = ctx.model
-        self._resolve(model)
-        if step % self.record_every != 1 % self.record_every:
-            return
-        gsq = sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)
-        self._add("step_grad_norm", math.sqrt(gsq))
-        self._pending = (self._flat(model), xb, yb, float(F.nll_loss(model(xb), yb)))
-
-    @torch.no_grad()
-    def _resolve(self, model: torch.nn.Module) -> None:
-        """The recorded step's update has been applied: measure its lengths."""
-        if self._pending is None:
-            return
-        w0, px, py, l0 = self._pending
-        self._pending = None
-        self._add("step_update_norm", float((self._flat(model) - w0).norm()))
-        self._add("step_loss_update", float(F.nll_loss(model(px), py)) - l0)
+        if self._measured(step) and self._before is not None:
+            before, self._before = self._before, None
+            params = dict(model.named_parameters())
+            gsq = sum(float(p.grad.pow(2).sum()) for p in params.values() if p.grad is not None)
+            self._add("step_grad_norm", math.sqrt(gsq))
+            upd = sum(float((params[k].detach() - w).pow(2).sum()) for k, w in before.items())
+            self._add("step_update_norm", math.sqrt(upd))
+            l0 = float(F.nll_loss(functional_call(model, before, (xb,)), yb))
+            self._add("step_loss_update", float(F.nll_loss(model(xb), yb)) - l0)
+        if self._measured(step + 1):
+            self._before = self._params(model)
 
     def _add(self, k: str, v: float) -> None:
         self._sums[k] += v
@@ -62,7 +67,6 @@ class StepLengthProbe(Probe):
     def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
         from batchlab.measure.curvature import hessian_eigenvalues
 
-        self._resolve(ctx.model)
         out = {k: self._sums[k] / self._n[k] if self._n[k] else float("nan") for k in self._sums}
         self._sums = dict.fromkeys(self._sums, 0.0)
         self._n = dict.fromkeys(self._n, 0)

@@ -76,10 +76,10 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
     """Measure and recommend (see the module docstring). Returns the JSON-able report."""
     from batchlab.cli import RichReporter
     from batchlab.config import make_config
-    from batchlab.engine.train import train
     from batchlab.experiments import throughput as tput
     from batchlab.measure.noise import averaged, b_noise, b_simple, b_simple_two_batch, n_params
     from batchlab.probes.noise_scale import NoiseScaleProbe
+    from batchlab.runs.training import train
 
     t_start = time.perf_counter()
     n = td.n_train
@@ -210,9 +210,9 @@ def _sweep(init_model: nn.Module, td: Any, device: torch.device, b0: int, lr0: f
     """A small steps-to-target sweep: 4 batch sizes x 3 lrs (centred on sqrt scaling), target =
     the test accuracy the measurement run reached, budget 2x its epochs."""
     from batchlab.config import make_config
-    from batchlab.engine.train import train
     from batchlab.experiments import steps_to_target as stt
     from batchlab.probes.noise_scale import TargetStepProbe
+    from batchlab.runs.training import train
 
     if target is None:
         return {"best": [], "fit": None, "note": "no test accuracy to target"}

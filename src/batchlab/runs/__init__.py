@@ -1,1 +1,2 @@
-"""Runs and where they live: the SQLite store, sweeps, executors (local and Ray)."""
+"""Runs and where they live: the SQLite store, train-with-store (`training`), sweeps,
+executors (local and Ray)."""

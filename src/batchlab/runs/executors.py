@@ -11,9 +11,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from batchlab.config import TrainConfig
-from batchlab.engine.train import TrainResult, train
+from batchlab.engine.result import TrainResult
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.runs.store import Store
+from batchlab.runs.training import train_many
 
 
 def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str = "local",
@@ -35,46 +36,13 @@ def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str =
 
 def run_local(configs: Sequence[TrainConfig], store: Store, *, label: str | None = None,
               console: Console | None = None) -> list[TrainResult]:
-    # configs that can share a pass (seeds, lrs, inits on one batch-size schedule) are trained
-    # together by batchlab.engine.vectorized when its measured rule says that is faster
-    from batchlab.engine.vectorized import plan_groups, train_many
-
-    results: dict[int, TrainResult] = {}
+    """Train `configs` here, in order. Configs that can share a pass (seeds, lrs, inits on one
+    batch-size schedule) are trained together when the measured rule says that is faster
+    (`batchlab.engine.vectorized`). A run that crashes is stored as failed and the sweep goes
+    on; bad input (`BatchlabError`) stops it."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console or Console(stderr=True),
                   transient=True) as prog:
         task = prog.add_task(label or "runs", total=len(configs))
-        for unit in plan_groups(configs):
-            if len(unit) > 1:
-                try:
-                    group = train_many([configs[i] for i in unit], store=store, label=label)
-                    results.update(zip(unit, group))
-                    prog.advance(task, len(unit))
-                    continue
-                except BatchlabError:
-                    raise
-                except Exception:  # one by one below, which records the failed run
-                    pass
-            for i in unit:
-                results[i] = _run_one(configs[i], store, label)
-                prog.advance(task)
-    return [results[i] for i in range(len(configs))]
-
-
-def _run_one(cfg: TrainConfig, store: Store, label: str | None) -> TrainResult:
-    try:
-        return train(cfg, store=store, label=label)
-    except BatchlabError:
-        raise
-    except Exception:  # stored as failed by train(); the sweep goes on
-        rec = store.get(cfg.key(_fingerprint(cfg)))
-        return TrainResult(run_id=rec.run_id if rec else "?", key="", config=cfg,
-                           status="failed", epochs=[], final={},
-                           error=rec.error if rec else None)
-
-
-def _fingerprint(cfg: TrainConfig) -> str:
-    from batchlab.engine.train import get_data, resolve_device
-    from batchlab.nn.factory import run_fingerprint
-
-    return run_fingerprint(cfg, get_data(cfg, resolve_device(cfg.device)))
+        return train_many(configs, store, label=label, on_error="record",
+                          on_done=lambda n: prog.advance(task, n))

@@ -10,7 +10,7 @@ Design, and why:
   worker process keeps its prepared float tensors between tasks, so no task reloads from disk.
 - Tasks call the very same `train()`/`train_group()` as the local executor (no store) and return a
   plain record: metrics plus weights as safetensors bytes. The driver saves each record as soon
-  as `ray.wait` hands it back, with the same `_save` the local path uses. Only one process ever
+  as `ray.wait` hands it back, with the same `save_result` the local path uses. Only one process ever
   writes SQLite, so there is no lock contention and no half row.
 - Idempotent: the config hash is the key. Finished runs are skipped before anything is
   submitted, and a retried task cannot duplicate a row because `Store.save_run` replaces by key.
@@ -40,10 +40,12 @@ from safetensors.torch import save as st_save
 
 from batchlab.config import TrainConfig
 from batchlab.data import RawData, TensorData, load_dataset, prepare
-from batchlab.engine.train import TrainResult, _save, build_model, resolve_device, train
+from batchlab.engine.result import TrainResult
+from batchlab.engine.setup import build_model, resolve_device
 from batchlab.engine.vectorized import plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.runs.store import Store
+from batchlab.runs.training import save_result, train
 
 # Test-only fault injection: called in the task with each config just before it trains.
 TaskHook = Callable[[TrainConfig], None]
@@ -73,7 +75,7 @@ _WORKER_DATA: dict[tuple, TensorData] = {}
 
 def _worker_data(cfg: TrainConfig, raw: RawData, device: torch.device) -> TensorData:
     """Float tensors for this config, prepared once per worker process (same args as
-    `train.get_data`, so the tensors are identical to the local executor's)."""
+    `engine.setup.get_data`, so the tensors are identical to the local executor's)."""
     k = (raw.fingerprint, cfg.normalize, cfg.val_fraction, cfg.max_train, cfg.max_test,
          str(device))
     if k not in _WORKER_DATA:
@@ -338,7 +340,7 @@ def _submit_and_collect(todo: dict[str, TrainConfig], results: dict[str, TrainRe
                     if out.config_error is not None:
                         raise ConfigError(out.config_error)
                     res = _to_result(todo[key], out)
-                    _save(store, res, label, time.perf_counter() - out.wall_seconds)
+                    save_result(store, res, label, time.perf_counter() - out.wall_seconds)
                     results[key] = res
                     prog.advance(bar)
         except BaseException:

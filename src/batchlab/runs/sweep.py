@@ -113,7 +113,7 @@ def validate_against_data(configs: Iterable[TrainConfig]) -> None:
                 raise ConfigError(f"batch size {bs} is larger than the {c.data or c.dataset} training "
                                   f"set ({n})")
         if not c.builtin_model and (c.model, c.data) not in checked:
-            from batchlab.engine.train import build_model, get_data, resolve_device
+            from batchlab.engine.setup import build_model, get_data, resolve_device
 
             build_model(c, get_data(c, resolve_device(c.device)))
             checked.add((c.model, c.data))

@@ -1,0 +1,73 @@
+"""What the engine hands back: one `TrainResult` per trained model, and the progress
+callbacks (`Reporter`) it calls while training. Storing results is the runs layer's job."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchlab.config import TrainConfig
+from batchlab.nn.checkpoint import load_state
+
+
+@dataclass
+class TrainResult:
+    """A run: per-epoch rows (epoch 0 = the initial state), the `final` summary, the trained
+    module and in-memory checkpoints. A crash inside training is a result too: status
+    `failed`, `error` its one-line text and `exception` the exception itself (not stored)."""
+
+    run_id: str
+    key: str
+    config: TrainConfig
+    status: str  # completed | diverged | failed
+    epochs: list[dict[str, Any]]
+    final: dict[str, Any]
+    model: nn.Module | None = None
+    init_state: dict[str, torch.Tensor] | None = None
+    checkpoints: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    artifacts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    env: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    error: str | None = None
+    cached: bool = False
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    def checkpoint(self, epoch: int) -> dict[str, torch.Tensor]:
+        """Weights saved at `epoch` (0 = init), from memory or the store's safetensors file."""
+        if epoch in self.checkpoints:
+            return self.checkpoints[epoch]
+        name = f"epoch{epoch:04d}"
+        if name in self.artifacts:
+            return load_state(Path(self.artifacts[name][0]), sha256=self.artifacts[name][1])
+        raise KeyError(f"run {self.run_id} has no checkpoint at epoch {epoch}; "
+                       f"add it to checkpoint_epochs")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "config": self.config.model_dump(mode="json"),
+            "epochs": [clean(e) for e in self.epochs],
+            "final": clean(self.final),
+            "error": self.error,
+            "cached": self.cached,
+        }
+
+
+class Reporter:
+    """Progress callbacks (the CLI renders them with rich); all optional."""
+
+    def start(self, cfg: TrainConfig, total_epochs: int) -> None: ...
+    def steps(self, done: int, total: int) -> None: ...
+    def epoch(self, metrics: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+def clean(d: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats -> None, so metrics are valid JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

@@ -1,0 +1,164 @@
+"""Steppers: how one optimizer step is computed for the K models of a pass. The loop
+(`engine/loop.py`) owns everything else - epochs, shuffles, schedules, evaluation, probes,
+checkpoints, stopping - and is the same for every stepper.
+
+- `AutogradStepper` (K = 1): torch.autograd + the config's torch optimizer; anything a module
+  and an optimizer can express (Adam, LARS, CBLR, batchnorm, discarding, gradient probes).
+- `FusedStepper` (K >= 1): plain/momentum SGD on batchlab's MLP through `FusedMLPSGD`'s manual
+  backward; K > 1 stacks the models and steps them together with batched matmuls.
+
+(`engine/deferred.py`, the deferred low-rank SGD pass, needs a whole pass's batches in advance
+and so is not a per-step stepper; gradient-competition drives it directly.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchlab.config import TrainConfig
+from batchlab.engine.fused import FusedMLPSGD
+from batchlab.errors import BatchlabError, ConfigError
+from batchlab.nn.models import MLP
+from batchlab.nn.optim import build_optimizer
+from batchlab.probes import Probe
+
+
+class Stepper(Protocol):
+    """One optimizer step over K models.
+
+    `step` takes the batches xb [K, B, ...], yb [K, B] (one per model) and the K learning
+    rates, updates the weights, and returns the K batch losses (mean NLL at the pre-update
+    weights, a [K] device tensor: no host sync). `sync` makes each model's module hold its
+    current weights (a stepper may keep its own stacked copy); `keep` drops the models not at
+    the given stacked positions (they stopped: diverged or reached their target)."""
+
+    engine: str
+    optimizer: torch.optim.Optimizer | None
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, lr: Sequence[float]) -> torch.Tensor: ...
+    def sync(self) -> None: ...
+    def keep(self, positions: Sequence[int]) -> None: ...
+
+
+class AutogradStepper:
+    """K = 1 on torch.autograd with the config's optimizer.
+
+    With `keep_grads`, each parameter's `.grad` still holds the batch gradient at the
+    pre-update weights after `step` returns (some optimizers, e.g. Nesterov SGD, overwrite it
+    in place): gradient probes run after the update and read it there."""
+
+    engine = "autograd"
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, *, keep_grads: bool = False) -> None:
+        self.cfg, self.model = cfg, model
+        self.optimizer: torch.optim.Optimizer | None = build_optimizer(cfg, model)
+        self.keep_grads = keep_grads
+        self.steps = 0  # steps taken (the optimizer's `on_step_begin` hook gets it)
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, lr: Sequence[float]) -> torch.Tensor:
+        x, y, opt, net = xb[0], yb[0], self.optimizer, self.model
+        assert opt is not None
+        for g in opt.param_groups:
+            g["lr"] = lr[0] * g.get("lr_scale", 1.0)
+        hook = getattr(opt, "on_step_begin", None)
+        if hook is not None:
+            hook(net, x, y, self.steps)
+        out = net(x)
+        if self.cfg.discard_fraction > 0:
+            # drop the lowest-loss fraction of the batch before the update (keep at least one)
+            per = F.nll_loss(out, y, reduction="none")
+            keep = max(1, int(round(len(y) * (1 - self.cfg.discard_fraction))))
+            loss = per.topk(keep).values.mean()
+            reported = per.detach().mean()
+        else:
+            loss = F.nll_loss(out, y)
+            reported = loss.detach()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in net.parameters() if p.grad is not None] if self.keep_grads else []
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.steps += 1
+        return reported.unsqueeze(0)
+
+    def sync(self) -> None:
+        """The module is the model: nothing to copy."""
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """K = 1: the loop ends when its model stops."""
+
+
+class FusedStepper:
+    """Plain/momentum SGD on K >= 1 MLPs (`FusedMLPSGD`). K = 1 updates the module's own
+    parameters in place (views) with a float lr; K > 1 steps a stacked copy with a [K] lr
+    tensor and copies it into the modules on `sync`."""
+
+    engine = "fused"
+    optimizer = None
+
+    def __init__(self, cfg: TrainConfig, models: Sequence[nn.Module]) -> None:
+        self.models = list(models)
+        self.stacked = len(self.models) > 1
+        self.impl = FusedMLPSGD.from_mlps(self.models, momentum=cfg.momentum,
+                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        self._lr: list[float] = []
+        self._lr_t: torch.Tensor | None = None
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, lr: Sequence[float]) -> torch.Tensor:
+        if not self.stacked:
+            return self.impl.step(xb, yb, lr[0])
+        if self._lr_t is None or list(lr) != self._lr:  # a new tensor only when an lr changes
+            self._lr = list(lr)
+            self._lr_t = torch.tensor(self._lr, dtype=xb.dtype, device=xb.device)
+        return self.impl.step(xb, yb, self._lr_t)
+
+    def sync(self) -> None:
+        self.impl.write_back(self.models)
+
+    def keep(self, positions: Sequence[int]) -> None:
+        """Restack the models at `positions`, momentum buffers included."""
+        self.impl = self.impl.select(positions)
+        self.models = [self.models[p] for p in positions]
+        self._lr_t = None
+
+
+def fused_blocker(cfg: TrainConfig, model: nn.Module, probes: Sequence[Probe]) -> str | None:
+    """Why the fused stepper cannot train this model (None: it can)."""
+    if cfg.optimizer != "sgd":
+        return f"optimizer {cfg.optimizer} runs on autograd"
+    if not isinstance(model, MLP):
+        return f"the model ({type(model).__name__}) is not batchlab's MLP"
+    if cfg.batchnorm:
+        return "batchnorm runs on autograd"
+    if cfg.discard_fraction > 0:
+        return "discard_fraction > 0 runs on autograd"
+    grad = [p.name for p in probes if p.needs_grad]
+    if grad:
+        return f"probe {grad[0]} needs gradients (autograd)"
+    return None
+
+
+def make_stepper(cfgs: Sequence[TrainConfig], models: Sequence[nn.Module],
+                 probes: Sequence[Sequence[Probe]]) -> Stepper:
+    """The stepper for a pass: K > 1 is always fused (the caller checked `fused_blocker`);
+    K = 1 is fused when it applies and the config does not ask for autograd."""
+    blocked = [fused_blocker(c, m, p) for c, m, p in zip(cfgs, models, probes)]
+    if len(models) > 1:
+        if any(blocked) or any(c.engine == "autograd" for c in cfgs):
+            why = next(filter(None, blocked), "engine='autograd' was asked for")
+            raise BatchlabError(f"a vectorized pass needs the fused engine: {why}")
+        return FusedStepper(cfgs[0], models)
+    cfg, model, reason = cfgs[0], models[0], blocked[0]
+    if cfg.engine == "fused" and reason is not None:
+        raise ConfigError("engine='fused' needs plain/momentum SGD on an MLP without batchnorm, "
+                          f"discarding or gradient probes ({reason})")
+    if reason is None and cfg.engine != "autograd":
+        return FusedStepper(cfg, models)
+    return AutogradStepper(cfg, model, keep_grads=any(p.needs_grad for p in probes[0]))
