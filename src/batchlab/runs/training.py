@@ -55,8 +55,13 @@ def train(
 
 def _train_and_store(config: TrainConfig | dict[str, Any], *, store: Store | str | Path | None,
                      label: str | None, **kw: Any) -> TrainResult:
+    if isinstance(store, (str, Path)):
+        # a store given by path is ours to close (which also checkpoints SQLite's WAL, so the
+        # file is complete on its own once train() returns)
+        with Store(store) as st:
+            return _train_and_store(config, store=st, label=label, **kw)
     cfg = as_config(config)
-    st = Store(store) if isinstance(store, (str, Path)) else store
+    st = store
     t0 = time.perf_counter()
     if st is not None:
         td = kw["data"] if kw.get("data") is not None else get_data(cfg, resolve_device(cfg.device))
