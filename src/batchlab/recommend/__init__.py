@@ -178,12 +178,12 @@ def scale_lr(rule: str, lr: float, b_from: float, b_to: float) -> float:
 def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: int = 128,
               base_lr: float = 0.1, epochs: int | None = None, thorough: bool = False,
               seed: int = 0, out_dir: Path | None = None, quiet: bool = False,
-              model_name: str = "mlp", max_batch: int = 8192) -> dict[str, Any]:
+              model_name: str = "mlp", max_batch: int = 8192, store: Any = None) -> dict[str, Any]:
     """Measure and recommend (see the module docstring). Returns the JSON-able report."""
+    from batchlab.analysis import throughput as tput
     from batchlab.cli import RichReporter
     from batchlab.config import make_config
     from batchlab.engine.train import train
-    from batchlab.experiments import throughput as tput
     from batchlab.measure.noise import averaged, b_noise, b_simple, b_simple_two_batch, n_params
     from batchlab.probes.noise_scale import NoiseScaleProbe
 
@@ -238,7 +238,7 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
     # throughput on this device
     grid = [2**k for k in range(4, 20) if 2**k <= min(n, max_batch)] or [min(16, n)]
     with _bar(quiet, "throughput") as cb:
-        tp = tput.measure(init_model, td.x_train, td.y_train, grid, progress=cb)
+        tp = tput.measure_stored(init_model, td.x_train, td.y_train, grid, store, progress=cb)
 
     # optional steps-to-target sweep
     sweep = None
@@ -315,9 +315,9 @@ def _sweep(init_model: nn.Module, td: Any, device: torch.device, b0: int, lr0: f
            epochs: int, target: float | None, seed: int, quiet: bool) -> dict[str, Any]:
     """A small steps-to-target sweep: 4 batch sizes x 3 lrs (centred on sqrt scaling), target =
     the test accuracy the measurement run reached, budget 2x its epochs."""
+    from batchlab.analysis import scaling as stt
     from batchlab.config import make_config
     from batchlab.engine.train import train
-    from batchlab.experiments import steps_to_target as stt
     from batchlab.probes.noise_scale import TargetStepProbe
 
     if target is None:
