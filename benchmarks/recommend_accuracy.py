@@ -116,11 +116,21 @@ def to_target(model: nn.Module, td: TensorData, store: Store, bs: int, lr: float
 
 def tune(model_fn, td: TensorData, store: Store, bs: int, target: float, points: int,
          budget_epochs: int, label: str, max_widen: int = 3) -> list[dict[str, Any]]:
-    """Runs at lrs factor 2 apart around sqrt scaling; widened while the best is on an edge."""
+    """Runs at lrs factor 2 apart around sqrt scaling; widened while the best is on an edge.
+    Once an lr has reached the target in S steps, the others get S steps (rounded up to an
+    epoch) as their budget: an lr that needs more is not the best, and need not finish."""
     centre = LR0 * math.sqrt(bs / B0)
-    ks = list(range(-(points // 2), points - points // 2))
-    rows = {k: to_target(model_fn(), td, store, bs, centre * 2.0**k, target, budget_epochs, label)
-            for k in ks}
+    rows: dict[int, dict[str, Any]] = {}
+
+    def run(k: int) -> None:
+        reached = [r["steps_to_target"] for r in rows.values() if r["reached"]]
+        epochs = budget_epochs
+        if reached:
+            epochs = min(epochs, math.ceil(min(reached) * bs / td.n_train))
+        rows[k] = to_target(model_fn(), td, store, bs, centre * 2.0**k, target, epochs, label)
+
+    for k in sorted(range(-(points // 2), points - points // 2), key=abs):
+        run(k)
     for _ in range(max_widen):
         best = best_per_batch(list(rows.values()))[0]
         k_best = next(k for k, r in rows.items() if r["lr"] == best["lr"])
@@ -133,8 +143,7 @@ def tune(model_fn, td: TensorData, store: Store, bs: int, target: float, points:
             step = lo - 1
         else:
             break
-        rows[step] = to_target(model_fn(), td, store, bs, centre * 2.0**step, target,
-                               budget_epochs, label)
+        run(step)
     return [rows[k] for k in sorted(rows)]
 
 
@@ -155,7 +164,7 @@ def run_task(name: str, args: argparse.Namespace, store: Store) -> dict[str, Any
 
     t0 = time.perf_counter()
     rep = recommend(model_fn(), td, device=torch.device("cpu"), base_batch=B0, base_lr=LR0,
-                    seed=0, out_dir=args.out / name, quiet=True, model_name=f"{kind} ({name})",
+                    seed=0, out_dir=args.out / name, model_name=f"{kind} ({name})",
                     max_batch=args.batch_max, store=store)
     rec_seconds = time.perf_counter() - t0
     mr = rep["evidence"]["measurement_run"]

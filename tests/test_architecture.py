@@ -52,17 +52,14 @@ KNOWN: set[str] = {
     'size: batchlab.experiments.gradient_competition has 535 lines',
     'size: batchlab.measure.curvature has 590 lines',
     'size: batchlab.measure.noise has 481 lines',
-    'size: batchlab.recommend has 444 lines',
     'ui: batchlab.experiments imports rich',
     'ui: batchlab.experiments.gradient_competition imports rich',
-    'ui: batchlab.recommend imports rich',
     'ui: batchlab.runs.executors imports rich',
     'ui: batchlab.runs.ray_executor imports rich',
     'upward: batchlab.engine.train (engine) imports batchlab.runs.store (runs)',
     'upward: batchlab.engine.vectorized (engine) imports batchlab.runs.store (runs)',
     'upward: batchlab.measure.curvature (measure) imports batchlab.nn.optim (nn)',
     'upward: batchlab.probes.noise_scale (probes) imports batchlab.engine.train (engine)',
-    'upward: batchlab.recommend (recommend) imports batchlab.cli (cli)',
 }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -11,11 +10,41 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
 from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import _check_model_on_data, recommend, tensor_data, user_data, user_model
+from batchlab.recommend.run import check_settings
+from batchlab.runs.store import DEFAULT_STORE, Store
+
+
+class StageProgress:
+    """Renders `recommend`'s progress(stage, done, total) callbacks: one transient line per
+    stage on stderr, a bar where the stage has a count."""
+
+    def __init__(self) -> None:
+        self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                             MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=Console(stderr=True), transient=True)
+        self.stage: str | None = None
+        self.task: Any = None
+
+    def __call__(self, stage: str, done: int | None, total: int | None) -> None:
+        if stage != self.stage:
+            if self.task is not None:
+                self.prog.remove_task(self.task)
+            self.stage = stage
+            self.task = self.prog.add_task(stage, total=total)
+        self.prog.update(self.task, completed=done or 0, total=total)
+
+    def __enter__(self) -> StageProgress:
+        self.prog.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.prog.stop()
 
 
 def register(app: typer.Typer) -> None:
@@ -33,15 +62,20 @@ def register(app: typer.Typer) -> None:
         max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch size to time.")] = 8192,
         out: Annotated[Path, typer.Option("--out", help="Directory for the figure and JSON.")] = Path("out/recommend"),
         device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-        seed: Annotated[int, typer.Option()] = 0,
+        store: Annotated[Path, typer.Option("--store", help="Results store: keeps the throughput points, timed once per device, model shape and batch size.")] = Path(DEFAULT_STORE),
+        seed: Annotated[int, typer.Option(help="Seed of the measurement run and estimators (0..2**32-1).")] = 0,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
     ) -> None:
         """Measure the gradient noise scale and throughput; recommend a batch size and lr."""
         from batchlab.config import make_config
         from batchlab.engine.train import build_model, get_data, resolve_device
 
-        if batch_size < 1 or max_batch < 1 or not (math.isfinite(lr) and lr > 0):
-            raise BatchlabError("--batch-size, --max-batch and --lr must be positive")
+        # settings no measurement can come from are refused before any data is loaded
+        check_settings(base_batch=batch_size, base_lr=lr, epochs=epochs, max_batch=max_batch,
+                       seed=seed, n=max(batch_size, 4))
+        if out.exists() and not out.is_dir():
+            raise BatchlabError(f"--out {out} is a file; give a directory for the figure and JSON")
         dev = resolve_device(device)
         widths = _widths(hidden)
         torch.manual_seed(seed)
@@ -73,10 +107,17 @@ def register(app: typer.Typer) -> None:
             net = build_model(cfg, td)
             name = f"mlp {cfg.hidden} on {dataset}"
         if batch_size > td.n_train:
-            raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training examples")
-        rep = recommend(net, td, device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
-                        thorough=thorough, seed=seed, out_dir=out, model_name=name,
-                        max_batch=max_batch)
+            raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training "
+                                f"examples (--data keeps 10% as the test set)")
+        with Store(store) as st:
+            kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr,
+                                      epochs=epochs, thorough=thorough, seed=seed, out_dir=out,
+                                      model_name=name, max_batch=max_batch, store=st)
+            if quiet:
+                rep = recommend(net, td, **kw)
+            else:
+                with StageProgress() as show:
+                    rep = recommend(net, td, progress=show, **kw)
         if as_json:
             sys.stdout.write(json.dumps(rep) + "\n")
         else:
