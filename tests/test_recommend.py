@@ -4,6 +4,7 @@ rests on: the S_min/E_min fit and the handling of targets never reached."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 
@@ -85,6 +86,7 @@ def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
 def test_recommend_user_factory_json(user_module, tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["recommend", "--model", f"{user_module}:conv", "--data",
                               f"{user_module}:data", "--epochs", "1", "--batch-size", "32", "--max-batch", "128",
+                              "--no-lr-search", "--store", str(tmp_path / "s.db"),
                               "--json", "--out", str(tmp_path / "rec")], monkeypatch, capsys)
     assert code == 0, err
     rep = json.loads(out)  # exactly one JSON object on stdout
@@ -103,7 +105,8 @@ def test_recommend_user_factory_json(user_module, tmp_path, monkeypatch, capsys)
 
 def test_recommend_builtin_mlp_on_user_data(user_module, tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["recommend", "--data", f"{user_module}:data", "--hidden", "32",
-                              "--epochs", "1", "--max-batch", "64", "--out", str(tmp_path / "rec")],
+                              "--epochs", "1", "--max-batch", "64", "--no-lr-search",
+                              "--store", str(tmp_path / "s.db"), "--out", str(tmp_path / "rec")],
                              monkeypatch, capsys)
     assert code == 0, err
     assert "batch size (time on this device)" in out
@@ -312,5 +315,10 @@ def test_recommend_reports_progress_through_a_callback(tmp_path):
                     base_batch=32, epochs=1, max_batch=64, progress=lambda *a: seen.append(a))
     stages = [s for s, _, _ in seen]
     assert stages[0] == "measurement run" and "throughput" in stages
+    assert "lr search at batch 32" in stages
     assert ("measurement run", 1, 1) in seen and ("throughput", 3, 3) in seen  # 16, 32, 64
     assert rep["evidence"]["measurement_run"]["epochs"] == 1
+    ls = rep["lr_search"]  # the best lr at batch 32 is a power-of-two multiple of 0.1, no slower
+    assert ls["runs"][0]["steps_to_target"] == rep["evidence"]["measurement_run"]["steps"]
+    assert math.log2(ls["lr"] / 0.1) == pytest.approx(round(math.log2(ls["lr"] / 0.1)))
+    assert ls["steps"] <= ls["runs"][0]["steps_to_target"]

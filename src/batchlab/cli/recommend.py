@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y).")] = None,
         hidden: Annotated[Optional[str], typer.Option(help="Built-in MLP widths, e.g. 1024,1024.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measurement run.")] = 128,
-        lr: Annotated[float, typer.Option(help="lr of the measurement run.")] = 0.1,
+        lr: Annotated[float, typer.Option(help="lr of the measurement run (the lr search starts there).")] = 0.1,
+        lr_search: Annotated[bool, typer.Option("--lr-search/--no-lr-search", help="Search the lr at --batch-size in factors of 2 (fewest steps to the measurement run's loss).")] = True,
         epochs: Annotated[Optional[int], typer.Option(help="Measurement-run epochs (default ~50k examples).")] = None,
         thorough: Annotated[bool, typer.Option("--thorough", help="Also run a small steps-to-target sweep.")] = False,
         max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch size to time.")] = 8192,
@@ -109,15 +110,15 @@ def register(app: typer.Typer) -> None:
         if batch_size > td.n_train:
             raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training "
                                 f"examples (--data keeps 10% as the test set)")
+        kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
+                                  thorough=thorough, seed=seed, out_dir=out, model_name=name,
+                                  max_batch=max_batch, tune_lr=lr_search)
         with Store(store) as st:
-            kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr,
-                                      epochs=epochs, thorough=thorough, seed=seed, out_dir=out,
-                                      model_name=name, max_batch=max_batch, store=st)
             if quiet:
-                rep = recommend(net, td, **kw)
+                rep = recommend(net, td, store=st, **kw)
             else:
                 with StageProgress() as show:
-                    rep = recommend(net, td, progress=show, **kw)
+                    rep = recommend(net, td, store=st, progress=show, **kw)
         if as_json:
             sys.stdout.write(json.dumps(rep) + "\n")
         else:
@@ -133,6 +134,11 @@ def _print(rep: dict[str, Any]) -> None:
     t.add_row("batch size (time on this device)", str(rep["recommended_batch_size"]))
     t.add_row("batch size (compute, <=10% extra examples)", str(rep["recommended_batch_size_compute"]))
     t.add_row("learning rate", f"{rep['recommended_lr']:.4g}  [{rep['lr_rule']}]")
+    if rep.get("lr_search"):
+        ls = rep["lr_search"]
+        t.add_row(f"lr at batch {rep['evidence']['measurement_run']['batch_size']} (line search)",
+                  f"{ls['lr']:.4g}: {ls['steps']:.0f} steps to the measurement run's loss "
+                  f"({len(ls['runs'])} lrs tried)")
     t.add_row("critical batch size", f"{rep['critical_batch_size']:.4g}  ({rep['critical_batch_size_source']})")
     t.add_row("B_simple (late measurement run, averaged)",
               f"{ns['b_simple']:.4g}  95% CI [{_f(ci[0])}, {_f(ci[1])}] over {ns['n']} iterates")
@@ -145,6 +151,9 @@ def _print(rep: dict[str, Any]) -> None:
         t.add_row("B_noise (Hessian)", _f(ns["b_noise"]["b_noise"]))
     t.add_row("predicted steps / time", f"{rep['predicted_steps']:.0f} steps, {rep['predicted_seconds']:.3g} s "
               f"to {rep['target']}")
+    if rep.get("measured_steps") is not None:
+        t.add_row("measured steps at the recommendation", f"{rep['measured_steps']:.0f} (lr search "
+                  f"at batch {rep['recommended_batch_size']})")
     if rep["evidence"].get("figure"):
         t.add_row("figure", rep["evidence"]["figure"])
     out.print(t)

@@ -21,7 +21,13 @@ from typing import Any
 
 import torch
 
-from batchlab.analysis.throughput import best_for_time, is_oom, measure, time_to_target
+from batchlab.analysis.throughput import (
+    best_for_time,
+    is_oom,
+    measure,
+    measure_stored,
+    time_to_target,
+)
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.verdicts import greater
@@ -61,7 +67,8 @@ def run(ctx: Context) -> Output:
     td = get_data(cfg, dev)
     grid = ctx.options.get("batch_sizes") or [2**k for k in range(4, 14)]
     grid = [b for b in grid if b <= td.n_train]
-    tp = measure(build_model(cfg, td), td.x_train, td.y_train, grid)
+    # through the store: timed once per device, model shape, batch size and engine
+    tp = measure_stored(build_model(cfg, td), td.x_train, td.y_train, grid, ctx.store)
     _, best, _ = stt.measure(ctx)
     reached = [r for r in best if r["reached"]]
     steps = {r["batch_size"]: r["steps_to_target"] for r in reached}

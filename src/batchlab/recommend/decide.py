@@ -11,7 +11,7 @@ E_min (B <= 0.1 B_crit), i.e. the most parallel choice that wastes almost no com
 follows the rule the measurements support: from tuned lrs when there are any (the nearest of
 linear, square-root or constant scaling to the fitted slope), else the paper's
 eps(B) proportional to 1/(1 + B_crit/B) (linear below B_crit, constant above) anchored at the
-measurement run's lr.
+best lr at B0 (the lr search; S0 is then that lr's steps).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def decide(throughput: list[dict[str, Any]], *, b_crit: float, s0: float, b0: in
     else:
         lr = noise_lr(base_lr, b0, best["batch_size"], b_crit)
         lr_rule = (f"lr(B) = {base_lr:g} x (1 + B_crit/{b0}) / (1 + B_crit/B): linear below "
-                   f"B_crit, constant above (McCandlish et al. eq. 2.7), anchored at the "
-                   f"measurement run")
+                   f"B_crit, constant above (McCandlish et al. eq. 2.7), anchored at the lr "
+                   f"{base_lr:g} found best at batch {b0}")
     return {"recommended_batch_size": best["batch_size"],
             "recommended_batch_size_compute": b_compute,
             "recommended_lr": lr, "lr_rule": lr_rule,

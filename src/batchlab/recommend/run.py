@@ -6,7 +6,9 @@
    is small enough;
 2. throughput (s/step, memory) vs batch size on this device, through the store when one is
    given (measured once per device, model shape, batch size and engine);
-3. with `thorough`, a small steps-to-target sweep (`sweep.py`) whose fit gives B_crit.
+3. the lr at B0 (`lr_search.py`): a line search in factors of 2 for the fewest steps to the
+   measurement run's loss; its best (lr, steps) anchor the lr rule and the steps model;
+4. with `thorough`, a small steps-to-target sweep (`sweep.py`) whose fit gives B_crit.
 
 Without the sweep, B_crit is B_simple over the second half of the measurement run (mean
 tr(Sigma) / mean |G|^2 over its probe points and the final one, as the paper averages; it grows
@@ -38,6 +40,7 @@ from batchlab.measure.noise import averaged, b_noise, b_simple, b_simple_two_bat
 from batchlab.probes.noise_scale import NoiseScaleProbe
 from batchlab.recommend.decide import critical_batch, decide
 from batchlab.recommend.figure import figure
+from batchlab.recommend.lr_search import search_lr
 from batchlab.recommend.sweep import small_sweep
 
 Progress = Callable[[str, "int | None", "int | None"], None]
@@ -90,7 +93,8 @@ def check_settings(*, base_batch: int, base_lr: float, epochs: int | None, max_b
 def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: int = 128,
               base_lr: float = 0.1, epochs: int | None = None, thorough: bool = False,
               seed: int = 0, out_dir: Path | None = None, progress: Progress | None = None,
-              model_name: str = "mlp", max_batch: int = 8192, store: Any = None) -> dict[str, Any]:
+              model_name: str = "mlp", max_batch: int = 8192, store: Any = None,
+              tune_lr: bool = True) -> dict[str, Any]:
     """Measure and recommend (see the module docstring). Returns the JSON-able report.
     `store` (a `batchlab.runs.store.Store`) keeps the throughput points."""
     n = td.n_train
@@ -144,14 +148,38 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
     tp = measure_stored(init_model, td.x_train, td.y_train, grid, store,
                         progress=lambda d, t: say("throughput", d, t))
 
+    # the lr at B0: a line search to the measurement run's loss (see lr_search.py)
+    search = None
+    lr_star, s_star = base_lr, s0
+    if tune_lr:
+        search = search_lr(init_model, td, device, b0=b0, lr0=base_lr, s0=s0,
+                           target_loss=float(last["train_loss"]), seed=seed, progress=progress,
+                           stage=f"lr search at batch {b0}")
+        lr_star, s_star = search["lr"], search["steps"]
+
     sweep = None
     if thorough:
         sweep = small_sweep(init_model, td, device, b0, base_lr, epochs, last.get("test_acc"),
                             seed, progress)
     b_crit, source = critical_batch(sweep.get("fit") if sweep else None, avg.b_simple,
                                     max(grid))
-    rec = decide(tp, b_crit=b_crit, s0=s0, b0=b0, base_lr=base_lr,
+    rec = decide(tp, b_crit=b_crit, s0=s_star, b0=b0, base_lr=lr_star,
                  tuned=sweep["best"] if sweep else None)
+    # the rule's lr is a starting point: the same line search at the recommended batch size
+    # (cheap: it is the fastest batch size by the model), to the same loss
+    b_rec = rec["recommended_batch_size"]
+    at_rec = None
+    if tune_lr:
+        at_rec = search if b_rec == b0 else search_lr(
+            init_model, td, device, b0=b_rec, lr0=rec["recommended_lr"],
+            target_loss=float(last["train_loss"]), seed=seed, progress=progress,
+            budget_steps=math.ceil(2 * rec["predicted_steps"]), stage=f"lr search at batch {b_rec}")
+        if at_rec["steps"] is not None:
+            rec["lr_rule"] += (f"; then the fewest steps in a line search (factors of 2) at "
+                               f"batch {b_rec}" if at_rec["lr"] != rec["recommended_lr"] else
+                               f"; confirmed by a line search at batch {b_rec}")
+            rec["recommended_lr"] = at_rec["lr"]
+            rec["measured_steps"] = at_rec["steps"]
 
     hist = [{k: (v if math.isfinite(v) else None) for k, v in h.items()} for h in probe.history]
     report: dict[str, Any] = {
@@ -166,6 +194,8 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
                         "history": hist, "two_batch": two.to_json() if two else None,
                         "b_noise": curv.to_json() if curv else None},
         "throughput": tp,
+        "lr_search": search,
+        "lr_search_at_recommended": at_rec,
         "steps_to_target": sweep,
         "evidence": {
             "measurement_run": {"batch_size": b0, "lr": base_lr, "epochs": epochs, "steps": s0,
