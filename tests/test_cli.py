@@ -94,7 +94,7 @@ def test_bad_input_in_a_real_process_exit_2_one_line_store_untouched(
     (["--lr", "0"], "lr"),
     (["--lr", "-0.1"], "lr"),
     (["--lr", "nan"], "lr"),
-    (["--dataset", "cifar-10"], "unknown dataset"),
+    (["--dataset", "cifar-10"], "cifar-10"),
     (["--optimizer", "rmsprop"], "optimizer"),
     (["--batch-size", "many"], "batch-size"),
     (["--no-such-flag"], "no-such-flag"),
@@ -212,3 +212,150 @@ def test_help_reads_well(run_main, monkeypatch: pytest.MonkeyPatch, capsys: pyte
     text = " ".join(raw.replace("│", " ").split())  # undo rich's wrapping
     for w in words:
         assert w in text, w
+
+
+# -- the error boundary, paths, choices, --version ----------------------------------------------
+def test_version_in_a_real_process_and_in_process(run_main, capsys: pytest.CaptureFixture) -> None:
+    import batchlab
+
+    proc = subprocess.run([sys.executable, "-m", "batchlab", "--version"], capture_output=True,
+                          text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"batchlab {batchlab.__version__}"
+    assert run_main("--version") == 0
+    assert batchlab.__version__ in capsys.readouterr().out
+
+
+def test_a_bug_is_one_line_naming_a_log_with_the_traceback(
+        run_main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("BATCHLAB_LOG_DIR", str(tmp_path / "logs"))
+
+    def broken(*a: object, **k: object) -> None:
+        raise RuntimeError("boom [base] batchlab[ray]")
+
+    monkeypatch.setattr("batchlab.data.load_dataset", broken)
+    assert run_main("data", "digits") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "internal error: RuntimeError: boom [base] batchlab[ray]" in err
+    logs = list((tmp_path / "logs").iterdir())
+    assert len(logs) == 1 and str(logs[0]) in err
+    text = logs[0].read_text()
+    assert "Traceback" in text and "boom" in text and "data digits" in text
+
+
+def test_messages_keep_their_brackets(run_main, tmp_path: Path, filled_store: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture) -> None:
+    assert run_main("train", "--config", tmp_path / "[base].toml") == 2
+    assert "[base].toml not found" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # not installed
+    assert run_main("runs", "export", "--store", filled_store, "--format", "parquet",
+                    "-o", tmp_path / "x.parquet") == 2
+    assert "pip install 'batchlab[parquet]'" in capsys.readouterr().err
+
+
+def test_runs_show_does_not_treat_underscores_as_wildcards(run_main, filled_store: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    for pattern in ("____", "%%%%", "____________"):
+        assert run_main("runs", "show", pattern, "--store", filled_store) == 2
+        assert "no run" in capsys.readouterr().err
+
+
+def test_runs_check_and_listing_past_a_damaged_row(run_main, tmp_path: Path, filled_store: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    assert run_main("runs", "check", "--store", filled_store) == 0
+    assert "no problems" in capsys.readouterr().out
+    store = tmp_path / "damaged.db"
+    shutil.copy(filled_store, store)
+    con = sqlite3.connect(store)
+    con.execute("UPDATE runs SET final_json = 'NaN garbage'")
+    con.commit()
+    con.close()
+    before = store.read_bytes()
+    assert run_main("runs", "list", "--store", store, "--json") == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == [] and "warning: skipped damaged run" in out.err
+    assert run_main("runs", "check", "--store", store) == 2
+    out = capsys.readouterr()
+    assert "final_json" in out.out and out.err.count("\n") == 1 and "1 problem" in out.err
+    assert store.read_bytes() == before
+
+
+def test_output_paths_are_checked_before_any_work(run_main, tmp_path: Path, filled_store: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    deep = tmp_path / "new" / "folder" / "runs.csv"
+    assert run_main("runs", "export", "--store", filled_store, "-o", deep) == 0
+    assert deep.read_text().startswith("run_id")
+    assert run_main("runs", "export", "--store", filled_store, "-o", tmp_path) == 2
+    assert "is a directory" in capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert run_main("runs", "export", "--store", filled_store, "-o", a_file / "x.csv") == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert run_main("train", *TINY_ARGS, "--store", a_file / "s.db") == 2
+    err = capsys.readouterr().err
+    assert "--store" in err and "is a file" in err and err.count("\n") == 1
+    assert a_file.read_text() == "x"
+
+
+def test_read_only_paths_fail_before_the_run(run_main, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p).startswith(str(ro)) else real(p, m, **k))
+    trained: list[int] = []
+    monkeypatch.setattr("batchlab.engine.train.train", lambda *a, **k: trained.append(1))
+    assert run_main("train", *TINY_ARGS, "--store", ro / "s.db") == 2
+    assert "read-only" in capsys.readouterr().err and not trained
+    assert run_main("runs", "export", "--store", tmp_path / "none.db", "-o", ro / "x.csv") == 2
+    assert "read-only" in capsys.readouterr().err
+
+
+def test_enumerated_options_are_choices_in_help_and_match_the_library(
+        run_main, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import typing
+
+    monkeypatch.setenv("COLUMNS", "250")
+    from batchlab.cli import root
+    from batchlab.config import INITS, OPTIMIZERS
+    from batchlab.data import DATASETS
+
+    assert typing.get_args(root.Dataset) == DATASETS
+    assert typing.get_args(root.Optimizer) == OPTIMIZERS
+    assert typing.get_args(root.Init) == INITS
+    def squeezed() -> str:  # rich wraps long choice lists inside its box
+        return "".join(capsys.readouterr().out.replace("│", "").split())
+
+    assert run_main("train", "--help") == 0
+    text = squeezed()
+    assert "sgd|adam|adamw|lars|cblr|mclr" in text and "glorot|torch|kaiming" in text
+    assert "mnist|fashion-mnist|mnist-5k|digits" in text
+    assert run_main("sweep", "--help") == 0
+    assert "local|ray" in squeezed()
+    assert run_main("runs", "export", "--help") == 0
+    assert "csv|parquet" in squeezed()
+    assert run_main("train", "--optimizer", "rmsprop") == 2
+    assert "rmsprop" in capsys.readouterr().err
+
+
+def test_every_option_of_these_commands_has_help() -> None:
+    import typer
+
+    from batchlab.cli import app
+
+    group = typer.main.get_command(app)
+    mine = {"train", "sweep", "data", "schedule-preset", "runs"}
+    missing = []
+    for name, cmd in group.commands.items():
+        if name not in mine:
+            continue
+        subs = cmd.commands.items() if hasattr(cmd, "commands") else [(name, cmd)]
+        for sub, c in subs:
+            missing += [f"{name} {sub} {p.name}" for p in c.params
+                        if getattr(p, "help", "x") is not None and not getattr(p, "help", "x")]
+    assert not missing, missing

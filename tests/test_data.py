@@ -294,3 +294,76 @@ def test_sha256_helper(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"batchlab")
     assert idx.sha256_file(p) == hashlib.sha256(b"batchlab").hexdigest()
+
+
+# -- hostile IDX content and subsets ----------------------------------------------------------
+@pytest.mark.parametrize("key, arr, needle", [
+    ("train_x", np.full((50, 28, 28), np.nan, dtype=np.float32), "unsigned bytes"),
+    ("train_x", np.full((50, 28, 28), 1e30, dtype=np.float64), "unsigned bytes"),
+    ("train_x", np.zeros((50, 28, 28), dtype=np.int16), "unsigned bytes"),
+    ("train_y", np.full(50, -1, dtype=np.int8), "out of range"),
+    ("train_y", np.full(50, 10, dtype=np.uint8), "out of range"),
+    ("test_y", np.full(20, 1.5, dtype=np.float32), "integers"),
+    ("train_x", np.zeros((0, 28, 28), dtype=np.uint8), "no images"),
+])
+def test_hostile_idx_content_is_one_error_naming_the_file(
+        tmp_path: Path, key: str, arr: np.ndarray, needle: str) -> None:
+    paths = _write_fake_mnist(tmp_path)
+    if len(arr) == 0:
+        write_idx(paths["train_y"].with_suffix(".tmp.gz"), np.zeros(0, dtype=np.uint8))
+        paths["train_y"].write_bytes(paths["train_y"].with_suffix(".tmp.gz").read_bytes())
+    write_idx(paths[key], arr)
+    with pytest.raises(DataError, match=needle) as e:
+        sources.load_remote("mnist", tmp_path)
+    assert str(paths[key]) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_gzip_bomb_is_refused_from_its_header_before_inflating(tmp_path: Path) -> None:
+    """A header declaring 4 GB, followed by 8 MB of zeros (the gz is a few KB): refused by the
+    header check, without inflating more than a few bytes."""
+    bomb = tmp_path / "bomb-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, 3]) + b"".join(n.to_bytes(4, "big") for n in (1_000_000, 64, 64))
+    with gzip.open(bomb, "wb") as f:
+        f.write(header)
+        for _ in range(8):
+            f.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 100_000
+    reads: list[int] = []
+    real_open = gzip.open
+
+    def counting_open(*a, **k):  # record how much is ever asked of the decompressor
+        g = real_open(*a, **k)
+        real_read = g.read
+        g.read = lambda n=-1: reads.append(n) or real_read(n)
+        return g
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(idx.gzip, "open", counting_open)
+        with pytest.raises(DataError, match="declares 4,096,000,016 bytes"):
+            read_idx(bomb)
+    assert reads == [20]
+    # under the limit, the same streaming read returns exactly the file
+    small = tmp_path / "ok-idx3-ubyte.gz"
+    write_idx(small, _images(3))
+    assert np.array_equal(read_idx(small), _images(3))
+    with pytest.raises(DataError, match="more than the 100"):
+        idx.read_bytes(small, limit=100)
+
+
+def test_max_train_is_a_stratified_subset_not_the_first_rows() -> None:
+    from batchlab.data import stratified_subset
+    from batchlab.data.sources import RawData
+
+    y = np.repeat(np.arange(10), 500)  # class-sorted, like mnist-5k's file
+    x = np.repeat(y[:, None], 4, axis=1).astype(np.uint8)
+    raw = RawData(x, y, x[:1000], y[:1000], "t", "f", (2, 2))
+    td = prepare(raw, max_train=600, max_test=100)
+    assert np.bincount(td.y_train.numpy(), minlength=10).tolist() == [60] * 10
+    assert np.bincount(td.eval_sets["test"][1].numpy()).tolist() == [50, 50]  # 0s and 1s
+    skewed = np.array([0] * 900 + [1] * 100)
+    assert np.bincount(skewed[stratified_subset(skewed, 50)]).tolist() == [45, 5]
+    a, b = stratified_subset(y, 600), stratified_subset(y, 600)
+    assert np.array_equal(a, b) and len(set(a.tolist())) == 600  # fixed: same data every run
+    real = load_dataset("digits")
+    td = prepare(real, max_train=200)
+    assert len(np.unique(td.y_train.numpy())) == 10

@@ -15,7 +15,7 @@ from rich.console import Console
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, run_experiment
 from batchlab.experiments.study import mean_sd, pm
-from batchlab.experiments.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from batchlab.experiments.verdicts_legacy import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 from batchlab.runs.store import Store
 
 TINY = {"epochs": 2, "hidden": [32], "dataset": "digits"}
@@ -59,7 +59,7 @@ def test_experiment_writes_outputs_and_a_verdict_for_every_claim(five, name):
     d = out / name
     for f in ["results.csv", "summary.md", "claims.json", "curves.csv", *FILES[name]]:
         assert (d / f).is_file() and (d / f).stat().st_size > 0, f
-    claims = json.loads((d / "claims.json").read_text())
+    claims = json.loads((d / "claims.json").read_text())["claims"]
     assert claims and len(claims) == len(outputs[name].claims)
     summary = (d / "summary.md").read_text()
     for c in claims:

@@ -169,3 +169,25 @@ batch_size = [8, 9, 10, 11, 12, 13]
             assert sha256_file(Path(path)) == sha
     finally:
         con.close()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"grid = 5\n", "'grid' must be a table"),
+    (b"# nothing\n", "defines no runs"),
+    (b"base = [1, 2]\n", "'base' must be a table"),
+    (b"[base]\nlr = 0.1\n\xff\xfe\n", "not UTF-8"),
+    (b"[grid]\nlr = [0.1, 0.2]\nseed = [0, 1, 2]\nbatch_size = "
+     + str(list(range(1, 20000))).encode() + b"\nepochs = " + str(list(range(10))).encode() + b"\n",
+     "at most 100000"),
+])
+def test_hostile_sweep_files_are_one_line_errors(tmp_path: Path, content: bytes, needle: str) -> None:
+    path = tmp_path / "g.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_grid(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_folder_given_as_the_sweep_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_grid(tmp_path)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from batchlab.experiments.verdicts import (
+from batchlab.experiments.verdicts_legacy import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +19,12 @@ from batchlab.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lars", "cblr", "mclr")
 INITS = ("glorot", "torch", "kaiming")
+# Edges of what a run can mean. A config beyond them is a typo or an attack, not an experiment:
+# it is refused with one line instead of running for ever or overflowing.
+MAX_EPOCHS = 100_000
+MAX_LR = 1e6
+MAX_WIDTH = 1 << 20
+MAX_SEED = (1 << 63) - 1  # SQLite's INTEGER (the store's seed column); torch takes < 2**64
 
 
 class Phase(BaseModel):
@@ -25,9 +32,9 @@ class Phase(BaseModel):
     Fields left out inherit the run's `batch_size` / `lr`."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(gt=0)
+    epochs: int = Field(gt=0, le=MAX_EPOCHS)
     batch_size: int | None = Field(default=None, gt=0)
-    lr: float | None = Field(default=None, gt=0)
+    lr: float | None = Field(default=None, gt=0, le=MAX_LR, allow_inf_nan=False)
 
 
 class TrainConfig(BaseModel):
@@ -40,7 +47,7 @@ class TrainConfig(BaseModel):
     dataset: str = "mnist-5k"
     data_dir: str | None = None
     normalize: Literal["unit", "standardize"] = "unit"
-    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     # model
@@ -52,31 +59,31 @@ class TrainConfig(BaseModel):
     # optimization
     optimizer: Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"] = "sgd"
     lr: float = 0.01
-    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(default=1e-8, gt=0)
-    trust_coefficient: float = Field(default=0.001, gt=0)
+    eps: float = Field(default=1e-8, gt=0, allow_inf_nan=False)
+    trust_coefficient: float = Field(default=0.001, gt=0, allow_inf_nan=False)
     curvature_every: int = Field(default=100, gt=0)
-    discard_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    discard_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     batch_size: int = 64
-    epochs: int = Field(default=30, ge=0)
+    epochs: int = Field(default=30, ge=0, le=MAX_EPOCHS)
     # schedules (see batchlab.engine.schedules)
     schedule: list[Phase] | None = None
     lr_multipliers: dict[int, float] = Field(default_factory=dict)
-    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    warmup_epochs: float = Field(default=0.0, ge=0.0, le=MAX_EPOCHS, allow_inf_nan=False)
     decay: Literal["none", "step", "cosine"] = "none"
     decay_epochs: list[int] = Field(default_factory=list)
-    decay_factor: float = Field(default=0.1, gt=0)
+    decay_factor: float = Field(default=0.1, gt=0, allow_inf_nan=False)
     # stopping
     target_metric: Literal["test_acc", "train_loss", "train_acc", "val_acc"] | None = None
-    target_value: float | None = None
+    target_value: float | None = Field(default=None, allow_inf_nan=False)
     # engine: "fused" = batchlab's lean manual-backward SGD path for MLPs (see fused.py),
     # "autograd" = generic torch.autograd + torch.optim; "auto" picks fused whenever it applies
     engine: Literal["auto", "autograd", "fused"] = "auto"
     # bookkeeping
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     device: str = "auto"
     checkpoint_epochs: list[int] = Field(default_factory=list)
     probes: list[str] = Field(default_factory=lambda: ["geometry"])
@@ -86,6 +93,22 @@ class TrainConfig(BaseModel):
     def _lr_positive(cls, v: float) -> float:
         if not math.isfinite(v) or v <= 0:
             raise ValueError(f"lr must be a positive finite number, got {v}")
+        if v > MAX_LR:
+            raise ValueError(f"lr {v:g} is beyond any trainable value (at most {MAX_LR:g})")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in v):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, mps, cuda or cuda:N")
         return v
 
     @field_validator("batch_size")
@@ -98,8 +121,8 @@ class TrainConfig(BaseModel):
     @field_validator("hidden")
     @classmethod
     def _hidden_positive(cls, v: list[int]) -> list[int]:
-        if any(h <= 0 for h in v):
-            raise ValueError("hidden widths must be positive")
+        if any(h <= 0 or h > MAX_WIDTH for h in v):
+            raise ValueError(f"hidden widths must be between 1 and {MAX_WIDTH}")
         return v
 
     @field_validator("lr_multipliers")
@@ -119,6 +142,18 @@ class TrainConfig(BaseModel):
             raise ValueError("target_metric and target_value go together")
         if self.decay == "step" and not self.decay_epochs:
             raise ValueError("decay='step' needs decay_epochs")
+        if self.epochs > MAX_EPOCHS:
+            raise ValueError(f"the schedule runs {self.epochs} epochs; at most {MAX_EPOCHS}")
+        bad = [e for e in self.checkpoint_epochs if not 0 <= e <= self.epochs]
+        if bad:
+            raise ValueError(f"checkpoint_epochs {bad} are outside the run (0..{self.epochs})")
+        bad = [e for e in self.decay_epochs if e < 1]
+        if bad:
+            raise ValueError(f"decay_epochs {bad} must be epochs >= 1")
+        g = self.ghost_batch_size
+        if g is not None and any(b % g for b in self.batch_sizes()):
+            raise ValueError(f"ghost_batch_size {g} must divide the batch size "
+                             f"({', '.join(map(str, sorted(set(self.batch_sizes()))))})")
         return self
 
     # -- identity -------------------------------------------------------------------------

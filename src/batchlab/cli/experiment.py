@@ -1,108 +1,225 @@
-"""`batchlab experiment NAME` and `batchlab reproduce`."""
+"""`batchlab experiment NAME | list | options NAME` and `batchlab reproduce`.
+
+Every experiment is its own subcommand, so `batchlab experiment NAME --help` lists its typed
+`--set` options (type, default, meaning) beside the common flags. `--json` prints exactly one
+JSON object on stdout; progress and verdict lines go to stderr (`--quiet` silences them).
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from batchlab.experiments import REGISTRY
+from batchlab.experiments.options import describe
 
 err = Console(stderr=True)
 
+# experiments `reproduce` runs by default, in report order: all of them
+REPRODUCE_ORDER = tuple(REGISTRY)
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def experiment(
-        name: Annotated[str, typer.Argument(help="Experiment name (see `batchlab experiment list`).")],
-        preset: Annotated[str, typer.Option(help="quick (CPU minutes) or paper (the study's settings).")] = "quick",
-        seeds: Annotated[int, typer.Option(help="Seeds per configuration (mean and spread reported).")] = 1,
-        data_dir: Annotated[Optional[str], typer.Option("--data-dir")] = None,
-        out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("out"),
-        store: Annotated[Path, typer.Option("--store")] = Path("batchlab.db"),
-        executor: Annotated[str, typer.Option(help="local or ray.")] = "local",
-        ray_address: Annotated[Optional[str], typer.Option("--ray-address")] = None,
-        device: Annotated[str, typer.Option()] = "auto",
-        option: Annotated[Optional[list[str]], typer.Option("--set", help="Experiment option KEY=VALUE (repeatable).")] = None,
+
+class Preset(str, Enum):
+    quick = "quick"
+    paper = "paper"
+
+
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+Names = Enum("Names", {n.replace("-", "_"): n for n in REGISTRY}, type=str)  # type: ignore[misc]
+
+PresetOpt = Annotated[Preset, typer.Option(help="quick (CPU minutes) or paper (the study's settings).")]
+SeedsOpt = Annotated[int, typer.Option(min=1, max=1000, help="Seeds per configuration (intervals over seeds).")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Directory of IDX files (default: the preset's dataset).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
+StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite results store (runs are reused and resumed).")]
+ExecutorOpt = Annotated[Executor, typer.Option(help="Where runs execute: here, or on a Ray cluster.")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray-address", help="auto or HOST:PORT; none starts a local Ray.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="module:factory returning your nn.Module (default: the built-in MLP).")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or verdict lines on stderr.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Experiment option KEY=VALUE (repeatable; see `batchlab experiment options NAME`).")]
+
+
+def options_text(name: str) -> str:
+    rows = describe(name)
+    lines = [f"Options (--set KEY=VALUE) of {name}:", ""]
+    lines += [f"  {r['option']} ({r['type']}): {r['meaning']}" for r in rows]
+    return "\n\n".join(lines)
+
+
+def _context(preset: Preset, seeds: int, data_dir: str | None, out: Path, store: Any,
+             executor: Executor, ray_address: str | None, device: str, model: str | None,
+             data: str | None, options: dict[str, Any], quiet: bool) -> Any:
+    from batchlab.experiments import Context
+
+    return Context(preset=preset.value, seeds=seeds, data_dir=data_dir, out_dir=out, store=store,
+                   executor=executor.value, ray_address=ray_address, device=device,
+                   console=Console(stderr=True, quiet=quiet), options=options,
+                   model=model, data=data)
+
+
+def _check_out(out: Path) -> None:
+    from batchlab.errors import BatchlabError
+
+    if out.exists() and not out.is_dir():
+        raise BatchlabError(f"--out {out} is a file, not a directory")
+
+
+def _make_command(name: str) -> Any:
+    def command(
+        preset: PresetOpt = Preset.quick,
+        seeds: SeedsOpt = 3,
+        data_dir: DataDirOpt = None,
+        out: OutOpt = Path("out"),
+        store: StoreOpt = Path("batchlab.db"),
+        executor: ExecutorOpt = Executor.local,
+        ray_address: RayOpt = None,
+        device: DeviceOpt = "auto",
+        model: ModelOpt = None,
+        data: DataOpt = None,
+        option: SetOpt = None,
+        as_json: JsonOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
-        """Run one experiment; writes OUT/NAME/ (figures, results.csv, summary.md, claims.json)."""
-        from batchlab.experiments import Context, available, run_experiment
+        from batchlab.experiments import run_experiment
+        from batchlab.experiments.options import parse_pairs, validate
         from batchlab.runs.store import Store
 
-        if name == "list":
-            for n in available():
-                typer.echo(n)
-            return
+        opts = parse_pairs(option)
+        validate(name, opts)  # a bad --set fails before the store is opened
+        _check_out(out)
         with Store(store) as st:
-            ctx = Context(preset=preset, seeds=seeds, data_dir=data_dir, out_dir=out, store=st,
-                          executor=executor, ray_address=ray_address, device=device,
-                          options=_parse_options(option))
+            ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
+                           data, opts, quiet)
             t0 = time.perf_counter()
             output, path = run_experiment(name, ctx)
-        _print_claims(output.claims)
-        err.print(f"wrote {path} in {time.perf_counter() - t0:.0f}s")
+        seconds = time.perf_counter() - t0
+        if not quiet:
+            print_claims(output.claims)
+            err.print(f"wrote {escape(str(path))} in {seconds:.0f}s", highlight=False)
+        if as_json:
+            doc = {"experiment": name, "out": str(path), "seconds": seconds,
+                   "claims": [c.to_json() for c in output.claims]}
+            sys.stdout.write(_strict_json(doc) + "\n")
+
+    command.__doc__ = f"Run the {name} experiment; writes OUT/{name}/.\n\n" + options_text(name)
+    return command
+
+
+def _strict_json(doc: Any) -> str:
+    from batchlab.experiments.claims import jsonable
+
+    return json.dumps(jsonable(doc), allow_nan=False)
+
+
+def register(app: typer.Typer) -> None:
+    exp_app = typer.Typer(no_args_is_help=True, help="Run one experiment, list them, or show an experiment's options.")
+    app.add_typer(exp_app, name="experiment")
+
+    @exp_app.command("list")
+    def list_cmd(as_json: JsonOpt = False) -> None:
+        """List the experiments."""
+        from batchlab.experiments import available
+
+        names = available()
+        if as_json:
+            sys.stdout.write(json.dumps(names) + "\n")
+        else:
+            for n in names:
+                typer.echo(n)
+
+    @exp_app.command("options")
+    def options_cmd(name: Annotated[Names, typer.Argument(help="Experiment name.")],
+                    as_json: JsonOpt = False) -> None:
+        """List an experiment's --set options with type, default and meaning."""
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in describe(name.value)]
+        if as_json:
+            sys.stdout.write(json.dumps(rows) + "\n")
+            return
+        t = Table(title=f"options of {name.value} (--set KEY=VALUE)")
+        for c in ("option", "type", "default", "meaning"):
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[escape(str(r[c])) for c in ("option", "type", "default", "meaning")])
+        Console().print(t)
+
+    for name in REGISTRY:
+        exp_app.command(name)(_make_command(name))
 
     @app.command()
     def reproduce(
-        preset: Annotated[str, typer.Option(help="quick or paper.")] = "quick",
-        seeds: Annotated[int, typer.Option()] = 1,
-        data_dir: Annotated[Optional[str], typer.Option("--data-dir")] = None,
-        out: Annotated[Path, typer.Option("--out")] = Path("out"),
-        store: Annotated[Path, typer.Option("--store")] = Path("batchlab.db"),
-        executor: Annotated[str, typer.Option()] = "local",
-        ray_address: Annotated[Optional[str], typer.Option("--ray-address")] = None,
-        device: Annotated[str, typer.Option()] = "auto",
-        only: Annotated[Optional[list[str]], typer.Option("--only", help="Run just these experiments.")] = None,
+        preset: PresetOpt = Preset.quick,
+        seeds: SeedsOpt = 3,
+        data_dir: DataDirOpt = None,
+        out: OutOpt = Path("out"),
+        store: StoreOpt = Path("batchlab.db"),
+        executor: ExecutorOpt = Executor.local,
+        ray_address: RayOpt = None,
+        device: DeviceOpt = "auto",
+        model: ModelOpt = None,
+        data: DataOpt = None,
+        only: Annotated[Optional[list[Names]], typer.Option("--only", help="Run just these experiments (repeatable).")] = None,
+        option: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every experiment that has option KEY, or NAME.KEY=VALUE for one (repeatable).")] = None,
+        as_json: JsonOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
-        """Run every experiment and write OUT/report.html and OUT/claims.json."""
-        from batchlab.experiments import Context, available, run_experiment
-        from batchlab.experiments.outputs import atomic_write
+        """Run every experiment; writes OUT/report.html, OUT/claims.json and OUT/study_numbers.csv."""
+        from batchlab.atomic import atomic_write
+        from batchlab.experiments import available, findings, run_experiment
+        from batchlab.experiments.options import parse_pairs, split_options
+        from batchlab.experiments.outputs import claims_json
         from batchlab.report import write_report
         from batchlab.runs.store import Store
 
-        names = only or [n for n in available() if n in REPRODUCE_ORDER]
-        all_claims = []
-        timings = {}
+        names = [n.value for n in only] if only else [n for n in REPRODUCE_ORDER if n in available()]
+        per_exp = split_options(parse_pairs(option), names)
+        _check_out(out)
+        all_claims: list[dict[str, Any]] = []
+        numbers: list[Any] = []
+        timings: dict[str, float] = {}
         with Store(store) as st:
-            ctx = Context(preset=preset, seeds=seeds, data_dir=data_dir, out_dir=out, store=st,
-                          executor=executor, ray_address=ray_address, device=device)
             for n in names:
-                err.print(f"[bold]== {n}[/]")
+                ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device,
+                               model, data, per_exp[n], quiet)
+                if not quiet:
+                    err.print(f"[bold]== {n}[/]")
                 t0 = time.perf_counter()
                 output, _ = run_experiment(n, ctx)
                 timings[n] = time.perf_counter() - t0
                 all_claims += [{"experiment": n, **c.to_json()} for c in output.claims]
-                _print_claims(output.claims)
+                numbers += output.study_numbers
+                if not quiet:
+                    print_claims(output.claims)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "claims.json", json.dumps(all_claims, indent=2, default=float))
-        report = write_report(out, names, timings, preset=preset)
-        err.print(f"wrote {report} ({sum(timings.values()):.0f}s)")
+        atomic_write(out / "claims.json", claims_json(all_claims))
+        atomic_write(out / "study_numbers.csv", findings.to_csv(findings.merge(numbers)))
+        report = write_report(out, names, timings, preset=preset.value)
+        if not quiet:
+            err.print(f"wrote {escape(str(report))} ({sum(timings.values()):.0f}s)", highlight=False)
+        if as_json:
+            doc = {"out": str(out), "report": str(report), "seconds": timings,
+                   "claims": all_claims}
+            sys.stdout.write(_strict_json(doc) + "\n")
 
 
-# experiments `reproduce` runs by default (the MNIST study and, as they land, the others)
-REPRODUCE_ORDER = ("batch-size", "learning-rate", "switch", "distance", "adam-vs-sgd",
-                   "gradient-competition", "sharpness", "large-batch-fixes", "steps-to-target",
-                   "schedules")
-
-
-def _parse_options(items: list[str] | None) -> dict:
-    from batchlab.errors import ConfigError
-
-    opts = {}
-    for it in items or []:
-        if "=" not in it:
-            raise ConfigError(f"--set expects KEY=VALUE, got {it!r}")
-        k, v = it.split("=", 1)
-        try:
-            opts[k] = json.loads(v)
-        except json.JSONDecodeError:
-            opts[k] = v
-    return opts
-
-
-def _print_claims(claims) -> None:
+def print_claims(claims: list[Any]) -> None:
     colors = {"reproduced": "green", "not_reproduced": "red", "inconclusive": "yellow"}
     for c in claims:
-        err.print(f"  [{colors.get(c.verdict, 'white')}]{c.verdict:>15}[/]  {c.id}: {c.claim}")
+        tag = f"[{c.finding}] " if getattr(c, "finding", None) else ""
+        err.print(f"  [{colors.get(c.verdict, 'white')}]{c.verdict:>15}[/]  {escape(tag)}{c.id}: "
+                  f"{escape(c.claim)}", highlight=False)

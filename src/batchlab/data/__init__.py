@@ -38,6 +38,26 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     return _CACHE[key]
 
 
+def stratified_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `n` rows whose class mix matches the whole set's (each class gets its
+    share, up to rounding), chosen at random with a fixed seed: the subset is part of the data
+    set's definition, the same for every run and seed.
+
+    How: shuffle once; rank each row within its class in shuffled order; a row of a class with
+    c members at rank r sits at quantile (r + 0.5) / c; take the n lowest quantiles."""
+    if n >= len(y):
+        return np.arange(len(y))
+    perm = np.random.default_rng(seed).permutation(len(y))
+    yp = np.asarray(y)[perm]
+    _, inverse, counts = np.unique(yp, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(y), dtype=np.int64)
+    rank[order] = np.arange(len(y)) - np.repeat(starts, counts)
+    quantile = (rank + 0.5) / counts[inverse]
+    return np.sort(perm[np.argsort(quantile, kind="stable")[:n]])
+
+
 @dataclass
 class TensorData:
     """Float tensors resident on one device. `eval_sets` names what is evaluated each epoch."""
@@ -69,6 +89,8 @@ def prepare(
     `normalize="unit"` divides by 255 (the reproduction preset); "standardize" subtracts the
     training mean and divides by its std (one scalar each, computed on the training part only).
     `val_fraction` holds out a seeded random part of the training set as "val".
+    `max_train` / `max_test` keep a stratified subset (`stratified_subset`), never the first
+    rows: the files of some sets are sorted by class.
     """
     if normalize not in ("unit", "standardize"):
         raise DataError(f"unknown normalize {normalize!r}; use 'unit' or 'standardize'")
@@ -76,10 +98,12 @@ def prepare(
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     x_tr, y_tr = raw.x_train, raw.y_train
     x_te, y_te = raw.x_test, raw.y_test
-    if max_train is not None:
-        x_tr, y_tr = x_tr[:max_train], y_tr[:max_train]
-    if max_test is not None:
-        x_te, y_te = x_te[:max_test], y_te[:max_test]
+    if max_train is not None and max_train < len(y_tr):
+        keep = stratified_subset(y_tr, max_train)
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    if max_test is not None and max_test < len(y_te):
+        keep = stratified_subset(y_te, max_test)
+        x_te, y_te = x_te[keep], y_te[keep]
     eval_np: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if val_fraction > 0:
         rng = np.random.default_rng(split_seed)
@@ -113,4 +137,5 @@ def prepare(
     )
 
 
-__all__ = ["DATASETS", "DEFAULT_DATASET", "RawData", "TensorData", "load_dataset", "prepare"]
+__all__ = ["DATASETS", "DEFAULT_DATASET", "RawData", "TensorData", "load_dataset", "prepare",
+           "stratified_subset"]

@@ -26,19 +26,50 @@ _DTYPES = {
 }
 
 
-def read_bytes(path: Path) -> bytes:
-    """Whole file content, gunzipped when the name ends in .gz (a broken gzip is a DataError)."""
+MAX_IDX_BYTES = 1 << 30
+"""Largest IDX payload accepted (the whole MNIST training set is 47 MB). A header declaring
+more is refused before its data is decompressed, so a gzip bomb costs nothing."""
+
+
+def _declared_size(head: bytes) -> int | None:
+    """Total bytes (header + data) an IDX header declares, None if `head` is not one."""
+    if len(head) < 4 or head[0] or head[1] or head[2] not in _DTYPES or not 0 < head[3] <= 4:
+        return None
+    n = 4 + 4 * head[3]
+    if len(head) < n:
+        return None
+    dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(head[3])]
+    return n + int(np.prod(dims, dtype=object)) * _DTYPES[head[2]].itemsize
+
+
+def read_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
+    """Whole file content, gunzipped when the name ends in .gz (a broken gzip is a DataError).
+
+    Decompression streams: the IDX header comes first, and if it declares more than `limit`
+    bytes the file is refused before the rest is inflated; at most declared + 1 bytes are ever
+    decompressed (one more, to notice trailing data)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    if path.suffix == ".gz":
+    if path.suffix != ".gz":
         try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path} is not a valid gzip file (truncated or corrupt): {e}") from None
-    return raw
+            return path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        with gzip.open(path, "rb") as f:
+            head = f.read(20)
+            declared = _declared_size(head)
+            if declared is not None and declared - 4 > limit:
+                raise DataError(f"{path}: the IDX header declares {declared:,} bytes, more than "
+                                f"the {limit:,} a dataset file may hold (corrupt or hostile file)")
+            if declared is None:  # not an IDX header: parse_idx names what is wrong
+                return head
+            return head + f.read(max(declared + 1 - len(head), 0))
+    except OSError as e:
+        if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+            raise DataError(f"cannot read {path}: {e.strerror}") from None
+        raise DataError(f"{path} is not a valid gzip file (truncated or corrupt): {e}") from None
+    except (EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a valid gzip file (truncated or corrupt): {e}") from None
 
 
 def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:

@@ -160,10 +160,16 @@ def _load_idx_dir(files: dict[str, Path], spec: RemoteSpec | None, verify: bool)
         fx, fy = files[f"{split}_x"], files[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1:
             raise DataError(f"{fx} / {fy}: need 3-D images and 1-D labels")
+        if x.dtype != np.uint8:
+            raise DataError(f"{fx}: images must be unsigned bytes (IDX type 0x08), not {x.dtype}")
+        if y.dtype.kind not in "iu":
+            raise DataError(f"{fy}: labels must be integers, not {y.dtype}")
         if len(x) != len(y):
             raise DataError(f"{fx} holds {len(x)} images but {fy} holds {len(y)} labels")
-        if y.size and int(y.max()) > 9:
-            raise DataError(f"{fy}: labels out of range 0..9")
+        if len(x) == 0 or x[0].size == 0:
+            raise DataError(f"{fx}: holds no images")
+        if int(y.min()) < 0 or int(y.max()) > 9:
+            raise DataError(f"{fy}: labels out of range 0..9 (found {int(y.min())}..{int(y.max())})")
     if xtr.shape[1:] != xte.shape[1:]:
         raise DataError(f"{files['train_x']} and {files['test_x']} differ in image shape")
     directory = files["train_x"].parent

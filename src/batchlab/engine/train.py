@@ -61,7 +61,7 @@ class TrainResult:
             return self.checkpoints[epoch]
         name = f"epoch{epoch:04d}"
         if name in self.artifacts:
-            return load_state(Path(self.artifacts[name][0]))
+            return load_state(Path(self.artifacts[name][0]), sha256=self.artifacts[name][1])
         raise KeyError(f"run {self.run_id} has no checkpoint at epoch {epoch}; "
                        f"add it to checkpoint_epochs")
 

@@ -6,23 +6,19 @@ store (resumable, local or Ray) -> the experiment turns stored metrics into tabl
 claims -> `write_outputs` puts `results.csv`, `summary.md`, `claims.json` and PNGs in
 `OUT/NAME/` -> `report.py` assembles `report.html`.
 
-Verdicts are computed from measurements by the rules in `verdicts.py`, never written by hand.
+Verdicts are computed from measurements by the one interval rule in `verdicts.py` (a `Claim`
+in `claims.py` computes its verdict from its interval and region; nothing writes one by hand).
+Options are typed per experiment in `options.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from rich.console import Console
-
-from batchlab.config import TrainConfig, make_config
-from batchlab.engine.train import TrainResult
 from batchlab.errors import ConfigError
-from batchlab.runs.store import Store
+from batchlab.experiments.base import PRESETS, Claim, Context, Experiment, Output
 
 # name -> module under batchlab.experiments (imported lazily); order = report order
 REGISTRY: dict[str, str] = {
@@ -39,87 +35,8 @@ REGISTRY: dict[str, str] = {
     "throughput": "throughput",
     "schedules": "schedules_exp",
 }
-PRESETS = ("quick", "paper")
-
-
-@dataclass
-class Claim:
-    id: str
-    claim: str
-    verdict: str  # reproduced | not_reproduced | inconclusive
-    evidence: dict[str, Any]
-    rule: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "claim": self.claim, "verdict": self.verdict,
-                "evidence": self.evidence, "rule": self.rule}
-
-
-@dataclass
-class Output:
-    """What an experiment produces. `figures` maps file names to matplotlib Figures."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    summary: str = ""
-    claims: list[Claim] = field(default_factory=list)
-    figures: dict[str, Any] = field(default_factory=dict)
-    extra_files: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class Context:
-    """Everything an experiment may use: preset, seeds, data location, store, executor."""
-
-    preset: str = "quick"
-    seeds: int = 1
-    data_dir: str | None = None
-    out_dir: Path = Path("out")
-    store: Store | None = None
-    executor: str = "local"
-    ray_address: str | None = None
-    device: str = "auto"
-    console: Console = field(default_factory=lambda: Console(stderr=True))
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def paper(self) -> bool:
-        return self.preset == "paper"
-
-    @property
-    def seed_list(self) -> list[int]:
-        return list(range(self.seeds))
-
-    def dataset_fields(self) -> dict[str, Any]:
-        """The quick preset trains on the embedded mnist-5k unless a --data-dir is given;
-        the paper preset uses MNIST (downloaded, or from --data-dir)."""
-        if self.data_dir is not None or self.paper:
-            return {"dataset": "mnist", "data_dir": self.data_dir}
-        return {"dataset": "mnist-5k"}
-
-    def config(self, **fields: Any) -> TrainConfig:
-        return make_config(**{**self.dataset_fields(), "device": self.device, **fields})
-
-    def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
-        """Train (or fetch from the store) every config; results in the same order."""
-        from batchlab.runs.executors import run_configs
-
-        if self.store is None:
-            raise ConfigError("experiments need a results store")
-        return run_configs(list(configs), self.store, executor=self.executor,
-                           ray_address=self.ray_address, label=label, console=self.console)
-
-    def out(self, name: str) -> Path:
-        d = self.out_dir / name
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
-
-@dataclass
-class Experiment:
-    name: str
-    title: str
-    run: Callable[[Context], Output]
-    description: str = ""
+__all__ = ["PRESETS", "REGISTRY", "Claim", "Context", "Experiment", "Output", "available", "get",
+           "run_experiment"]
 
 
 def get(name: str) -> Experiment:
@@ -150,7 +67,11 @@ def run_experiment(name: str, ctx: Context) -> tuple[Output, Path]:
         raise ConfigError(f"unknown preset {ctx.preset!r}; use quick or paper")
     if ctx.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
+    from batchlab.experiments.options import validate
+
     exp = get(name)
+    opts = validate(name, ctx.options)
+    ctx = dataclasses.replace(ctx, opts=opts, options=opts.model_dump(exclude_none=True))
     output = exp.run(ctx)
     path = write_outputs(exp, output, ctx.out(name))
     return output, path

@@ -33,7 +33,7 @@ from batchlab.experiments.study import (
     pm,
     run_rows,
 )
-from batchlab.experiments.verdicts import combine, greater, within
+from batchlab.experiments.verdicts_legacy import combine, greater, within
 
 NAME = "adam-vs-sgd"
 NORM_RATIO_EFFECT = 1.0  # "far larger": Adam's final/init norm ratio exceeds SGD's by >= 1

@@ -22,7 +22,7 @@ from batchlab.experiments.study import (
     run_rows,
     zoom_floor,
 )
-from batchlab.experiments.verdicts import greater, monotone
+from batchlab.experiments.verdicts_legacy import greater, monotone
 
 NAME = "batch-size"
 QUICK_BATCHES = (64, 256, 1024)

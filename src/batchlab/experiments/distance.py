@@ -32,7 +32,7 @@ from batchlab.experiments.study import (
     pm,
     run_rows,
 )
-from batchlab.experiments.verdicts import close_to, combine, correlated, greater, monotone, within
+from batchlab.experiments.verdicts_legacy import close_to, combine, correlated, greater, monotone, within
 
 NAME = "distance"
 QUICK_GRID = ((64, 128, 256, 512, 1024), (0.01, 0.03, 0.1, 0.3))

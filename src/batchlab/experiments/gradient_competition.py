@@ -37,7 +37,7 @@ from batchlab.engine.train import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Claim, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
-from batchlab.experiments.verdicts import (
+from batchlab.experiments.verdicts_legacy import (
     INCONCLUSIVE,
     NOT_REPRODUCED,
     REPRODUCED,

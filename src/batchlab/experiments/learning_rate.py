@@ -21,7 +21,7 @@ from batchlab.experiments.study import (
     run_rows,
     zoom_floor,
 )
-from batchlab.experiments.verdicts import close_to, greater
+from batchlab.experiments.verdicts_legacy import close_to, greater
 
 NAME = "learning-rate"
 TOLERANCE = 0.005  # "recovers": within half a point of the small-batch accuracy

@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 
 from batchlab.engine.presets import apply_preset
-from batchlab.experiments import Claim, Context, Experiment, Output
+from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments import verdicts as V
+from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
-from batchlab.experiments.verdicts import close_to, greater
 
 QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
-             decay_factor=0.1, warmup_epochs=1.0, tolerance=0.005, gbn=True)
+             decay_factor=0.1, warmup_epochs=1.0, tolerance=0.01, gbn=True)
 PAPER = dict(base_batch=128, large_batch=4096, lr=0.1, epochs=30, decay_epochs=[15, 25],
-             decay_factor=0.1, warmup_epochs=2.0, tolerance=0.005, gbn=True)
+             decay_factor=0.1, warmup_epochs=2.0, tolerance=0.01, gbn=True)
 
 # arm -> (what it is compared with, fairness basis)
 ARMS = {
@@ -97,21 +98,10 @@ def run(ctx: Context) -> Output:
                      "train_loss": f.get("train_loss"), "train_seconds": f.get("train_seconds")})
         if res.config.seed == 0:
             curves[name] = res.epochs
-    acc = {a: [r["test_acc"] for r in rows if r["arm"] == a and r["test_acc"] is not None]
-           for a in arms}
-    claims = []
-    tol = float(s["tolerance"])
-    v, ev, rule = greater(acc["small"], acc["large"], tol, "test acc small batch - large batch")
-    claims.append(Claim("gap", f"at equal epochs, batch {arms['large']['batch_size']} ends below "
-                        f"batch {s['base_batch']} in test accuracy (the gap to close)", v, ev, rule))
-    for arm, text in CLAIMS.items():
-        if arm not in arms:
-            continue
-        ref, basis = ARMS[arm]
-        v, ev, rule = close_to(acc[arm], acc[ref], tol, f"test acc {arm} vs {ref} ({basis})")
-        ev["steps"] = _mean([r["steps"] for r in rows if r["arm"] == arm])
-        ev["steps_baseline"] = _mean([r["steps"] for r in rows if r["arm"] == ref])
-        claims.append(Claim(f"{arm}-closes-gap", f"{text} ({basis})", v, ev, rule))
+    acc = {a: [r["test_acc"] for r in rows if r["arm"] == a] for a in arms}
+    steps = {a: [r["steps"] for r in rows if r["arm"] == a] for a in arms}
+    claims = schedule_claims(acc, steps, arms, float(s["tolerance"]), ctx.test_size(),
+                             s["base_batch"])
     table = []
     for a in arms:
         rs = [r for r in rows if r["arm"] == a]
@@ -125,6 +115,40 @@ def run(ctx: Context) -> Output:
                                   "test_acc", "train_loss"]))
     return Output(rows=rows, summary=summary, claims=claims,
                   figures={"schedules.png": figure(curves)})
+
+
+def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str, Any],
+                    tol: float, n_test: int, base_batch: int) -> list[Claim]:
+    """R1-R3 as equivalence tests on the test-accuracy difference (arm - its baseline) in
+    [-tol, tol], plus R1's "fewer updates" and the gap the recipes must close."""
+    big = arms["large"]["batch_size"]
+    out = [Claim(
+        "gap", "S1,K1", f"at equal epochs batch {big} ends below batch {base_batch} in test "
+        "accuracy (the gap the recipes must close)",
+        V.difference(acc["small"], acc["large"], n_test), V.above(0.0),
+        "test accuracy small - large batch", {"small": acc["small"], "large": acc["large"]},
+        reading="the gap the recipes are meant to close, at this experiment's settings",
+        primary=False)]
+    finding = {"goyal": "R3", "smith": "R1", "hoffer": "R2", "hoffer-gbn": "R2"}
+    for arm, text in CLAIMS.items():
+        if arm not in arms:
+            continue
+        ref, basis = ARMS[arm]
+        out.append(Claim(
+            f"{arm}-closes-gap", finding[arm], f"{text} ({basis})",
+            V.difference(acc[arm], acc[ref], n_test), V.within(tol),
+            f"test accuracy {arm} - {ref}", {arm: acc[arm], ref: acc[ref], "tolerance": tol},
+            reading=("with Ghost BatchNorm, the paper's full recipe" if arm == "hoffer-gbn" else
+                     "without BatchNorm (regime adaptation + sqrt scaling only)"
+                     if arm == "hoffer" else None),
+            primary=(arm != "hoffer") if arm.startswith("hoffer") else None))
+    if "smith" in arms:
+        out.append(Claim(
+            "smith-fewer-updates", "R1", "increasing the batch instead of decaying the lr needs "
+            "fewer parameter updates than the small-batch recipe",
+            V.ratio(steps["smith"], steps["small"]), V.below(1.0),
+            "updates of smith / updates of small", {"smith": steps["smith"], "small": steps["small"]}))
+    return out
 
 
 def _mean(xs: list) -> float | None:

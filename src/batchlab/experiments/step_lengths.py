@@ -3,7 +3,9 @@ the gradient norm, the parameter-update length and the loss-update length, avera
 and the top Hessian eigenvalue of each layer's block over training (probe `steplengths`).
 
 Plain SGD at one lr for every batch size (the study's setting: only the batch size changes).
-Options (--set): batch_sizes (comma list), epochs, lr.
+Also, at each run's final weights: minibatch-gradient direction and spread vs the full
+gradient (P4, K6), LARS's secant curvature vs the Hessian's per layer (C6), and what batch
+normalization keeps at batch size 1 (P6). Options: `batchlab experiment options step-lengths`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.experiments import Claim, Context, Experiment, Output
+from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 
 METRICS = ("step_grad_norm", "step_update_norm", "step_loss_update")
@@ -21,12 +24,11 @@ METRICS = ("step_grad_norm", "step_update_norm", "step_loss_update")
 
 def run(ctx: Context) -> Output:
     o = ctx.options
-    default = "64,256,1024,4096" if ctx.paper else "64,256,1024"
-    sizes = [int(b) for b in str(o.get("batch_sizes", default)).split(",")]
+    sizes = list(o.get("batch_sizes", [64, 256, 1024, 4096] if ctx.paper else [64, 256, 1024]))
     epochs = int(o.get("epochs", 20 if ctx.paper else 4))
     lr = float(o.get("lr", 0.01))
     seeds = ctx.seed_list
-    configs = [ctx.config(batch_size=b, epochs=epochs, lr=lr, seed=s,
+    configs = [ctx.config(batch_size=b, epochs=epochs, lr=lr, seed=s, checkpoint_epochs=[epochs],
                           probes=["geometry", "steplengths"]) for b in sizes for s in seeds]
     results = ctx.run_many(configs, label="step-lengths")
     rows: list[dict[str, Any]] = []
@@ -36,27 +38,101 @@ def run(ctx: Context) -> Output:
                          "test_acc": e.get("test_acc"),
                          **{k: v for k, v in e.items()
                             if k in METRICS or k.startswith("curv_layer")}})
-
-    means = []
-    for b in sizes:
-        sel = [r for r in rows if r["batch_size"] == b]
-        means.append({"batch_size": b, **{m: float(np.nanmean([r.get(m, np.nan) for r in sel]))
-                                          for m in METRICS}})
-    v, ev, rule = V.monotone([m["batch_size"] for m in means],
-                             [m["step_grad_norm"] for m in means], increasing=False,
-                             min_effect=0.0, what="mean per-step gradient norm vs batch size")
-    claims = [Claim("grad-norm-decreases", "the per-step gradient norm shrinks as the batch "
-                    "grows (less gradient noise)", v, ev, rule)]
-    v, ev, rule = V.monotone([m["batch_size"] for m in means],
-                             [m["step_update_norm"] for m in means], increasing=False,
-                             min_effect=0.0, what="mean parameter-update length vs batch size")
-    claims.append(Claim("update-length-decreases", "at a fixed lr the parameter-update length "
-                        "per step shrinks as the batch grows", v, ev, rule))
+    per_run = [{"batch_size": c.batch_size, "seed": c.seed,
+                **{m: float(np.nanmean([r.get(m, np.nan) for r in rows
+                                        if r["batch_size"] == c.batch_size and r["seed"] == c.seed]))
+                   for m in METRICS}} for c in configs]
+    means = [{"batch_size": b, **{m: float(np.nanmean([r[m] for r in per_run if r["batch_size"] == b]))
+                                  for m in METRICS}} for b in sizes]
+    quality = _gradient_quality(ctx, configs, results, epochs)
+    claims = step_claims(per_run, quality)
     summary = (f"Plain SGD, lr {lr}, {epochs} epochs, batch sizes {sizes}, seeds {seeds}. "
-               "Means over all recorded steps (every 5th step):\n\n"
-               + md_table(means, ["batch_size", *METRICS]))
-    return Output(rows=rows, summary=summary, claims=claims, figures={
+               "Means over all recorded steps (every 5th step). Under plain SGD the update "
+               "length is lr x the gradient norm, so it is shown but not counted as a separate "
+               "finding.\n\n" + md_table(means, ["batch_size", *METRICS])
+               + "\n## Minibatch gradients at the final weights\n\n"
+               + md_table(quality["table"], ["batch_size", "cosine_to_full", "deviation_norm"])
+               + f"\nBatchNorm signal kept at batch 1: {quality['bn_signal_1']:.3g}; at batch "
+               f"64: {quality['bn_signal_64']:.3g} (fraction of the input variance).\n")
+    return Output(rows=rows + quality["rows"], summary=summary, claims=claims, figures={
         "step_lengths.png": _figure(rows, sizes)})
+
+
+def _gradient_quality(ctx: Context, configs: list, results: list, epochs: int) -> dict[str, Any]:
+    """Minibatch-gradient direction and spread, LARS's secant vs Hessian curvature per layer,
+    and batch normalization's signal: measured at each run's final weights."""
+    from batchlab.engine.train import get_data, resolve_device
+    from batchlab.experiments.base import load_model
+    from batchlab.measure import minibatch
+    from batchlab.measure.curvature import hessian_eigenvalues
+
+    probe_sizes = [1, 4, 16, 64, 256]
+    out: dict[str, Any] = {"rows": [], "cos": {}, "dev": {}, "secant": [], "lam": []}
+    for cfg, res in zip(configs, results):
+        if res.status != "completed" or cfg.batch_size != configs[0].batch_size:
+            continue  # the runs of the smallest batch size are enough for the point measures
+        model = load_model(res, epochs)
+        td = get_data(cfg, resolve_device(cfg.device))
+        x, y = td.x_train[:2048], td.y_train[:2048]
+        sizes = [b for b in probe_sizes if b <= len(y) // 2]
+        for q in minibatch.gradient_quality(model, x, y, sizes, draws=16, seed=cfg.seed):
+            out["cos"].setdefault(q.batch_size, []).extend(q.cosines)
+            out["dev"].setdefault(q.batch_size, []).extend(q.deviations)
+            out["rows"].append({"kind": "gradient_quality", "seed": cfg.seed, "batch_size": q.batch_size,
+                                "cosine_to_full": float(np.mean(q.cosines)),
+                                "deviation_norm": float(np.mean(q.deviations))})
+        out["secant"] += minibatch.layer_secant_curvature(model, x[:512], y[:512])
+        lam = hessian_eigenvalues(model, (x[:512], y[:512]), per_layer=True, tol=1e-2, max_iter=10,
+                                  seed=cfg.seed, on_fail="ignore")
+        out["lam"] += [r.top for r in lam.values()][: len(out["secant"]) - len(out["lam"])]
+    td = get_data(configs[0], resolve_device(configs[0].device))
+    out["bn_signal_1"] = minibatch.batchnorm_signal(td.x_train[:2048], 1)
+    out["bn_signal_64"] = minibatch.batchnorm_signal(td.x_train[:2048], 64)
+    out["table"] = [{"batch_size": b, "cosine_to_full": float(np.mean(out["cos"][b])),
+                     "deviation_norm": float(np.mean(out["dev"][b]))} for b in sorted(out["cos"])]
+    return out
+
+
+def step_claims(per_run: list[dict[str, Any]], q: dict[str, Any]) -> list[Claim]:
+    b = [r["batch_size"] for r in per_run]
+    claims = [
+        Claim("grad-norm-decreases", "C1", "the per-step gradient norm shrinks as the batch grows",
+              V.correlation(b, [r["step_grad_norm"] for r in per_run]), V.below(-0.5),
+              "Spearman rho(batch size, mean per-step gradient norm) over runs",
+              {"per_run": per_run}, primary=True),
+        Claim("loss-update-grows", "C1", "the per-step loss update (decrease on the step's own "
+              "batch) grows in size with the batch", V.correlation(
+                  b, [-r["step_loss_update"] for r in per_run]), V.above(0.5),
+              "Spearman rho(batch size, -mean per-step loss update) over runs", {"per_run": per_run}),
+    ]
+    cos, dev = q["cos"], q["dev"]
+    xs = [k for k in sorted(cos) for _ in cos[k]]
+    claims.append(Claim(
+        "direction-improves", "P4", "a larger batch gives a gradient direction closer to the "
+        "full-data gradient", V.correlation(xs, [c for k in sorted(cos) for c in cos[k]]),
+        V.above(0.5), "Spearman rho(batch size, cosine(minibatch gradient, full gradient))",
+        {k: float(np.mean(v)) for k, v in cos.items()}))
+    logb = [np.log(k) for k in sorted(dev) for _ in dev[k]]
+    claims.append(Claim(
+        "error-sqrt-m", "K6", "the minibatch gradient's error shrinks only like 1/sqrt(m)",
+        V.slope(logb, [np.log(d) for k in sorted(dev) for d in dev[k]]), V.within(0.1, -0.5),
+        "slope of log |g_B - G| on log B (sampling theory: -0.5)",
+        {k: float(np.mean(v)) for k, v in dev.items()},
+        reading="the standard-error half of K6; the O(m) cost half is in throughput"))
+    if len(q["secant"]) != len(q["lam"]):
+        q["secant"], q["lam"] = [], []
+    claims.append(Claim(
+        "lars-secant-tracks-curvature", "C6", "LARS's secant curvature ||g_l||/||w_l|| ranks "
+        "layers like CBLR's Hessian curvature (LARS as an instance of CBLR)",
+        V.correlation(q["secant"], q["lam"]), V.above(0.5),
+        "Spearman rho(secant curvature, top eigenvalue of the layer's Hessian block) over "
+        "layers x seeds", {"secant": q["secant"], "lambda": q["lam"]}))
+    claims.append(Claim(
+        "batchnorm-batch-1", "P6", "batch normalization at batch size 1 keeps none of the input",
+        V.Interval(q["bn_signal_1"], q["bn_signal_1"], q["bn_signal_1"], 64, "exact, 64 batches"),
+        V.below(0.01), "fraction of the input variance kept by training-mode batch normalization "
+        "at batch size 1", {"batch_1": q["bn_signal_1"], "batch_64": q["bn_signal_64"]}))
+    return claims
 
 
 def _figure(rows: list[dict[str, Any]], sizes: list[int]) -> Any:

@@ -26,7 +26,7 @@ from batchlab.experiments.study import (
     run_rows,
     zoom_floor,
 )
-from batchlab.experiments.verdicts import close_to, combine, greater
+from batchlab.experiments.verdicts_legacy import close_to, combine, greater
 
 NAME = "switch"
 TOLERANCE = 0.005

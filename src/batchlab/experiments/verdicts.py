@@ -1,169 +1,284 @@
-"""Verdict rules: a claim's verdict is a function of measured numbers only.
+"""One decision rule for every claim: a 95% confidence interval against a region.
 
-Each rule returns (verdict, evidence, rule text); the rule text goes into summary.md so a reader
-can check the verdict by hand. With several seeds the noise margin is twice the standard error
-of the difference of means (about a 95% two-sided band); with one seed it is the stated
-minimum effect alone, and the rule text says so.
+A claim names a quantity (a difference of accuracies, a correlation, a fitted exponent, ...)
+and the region the claim puts it in: `above(t)`, `below(t)` or `between(lo, hi)` (closed
+sets). From the measurements we compute a point estimate and a 95% interval [lo, hi]. Then
+
+    reproduced      iff the whole interval lies in the region      (lo >= lower and hi <= upper)
+    not_reproduced  iff the whole interval lies outside the region (hi < lower or lo > upper)
+    inconclusive    otherwise.
+
+Why this rule: noise only widens the interval, and a wider interval can only leave "reproduced"
+or "not_reproduced" for "inconclusive" - never the other way round. Equivalence claims
+("reaches", "about the same") are `between(-tol, tol)` regions on the difference (an
+equivalence test, not a widened band); trend claims put a rank correlation in a region such as
+`below(-0.5)`. `decide` is all a reader needs to recheck a verdict from `claims.json`.
+
+Interval methods (each `Interval` records which one it used):
+- `mean_interval`: seed-to-seed Student t interval, plus, for accuracies, the test set's
+  binomial sampling error (so one seed still gets a non-degenerate interval); with one seed
+  and no sampling model the interval is unbounded (the verdict is then inconclusive);
+- `difference`: Welch interval for mean(a) - mean(b) with the same optional sampling error;
+- `log_ratio`: the difference of mean logs (a ratio claim, e.g. "2x more") as a Welch interval;
+- `correlation`: Spearman's rho with the Fisher-z interval (se = sqrt(1.06 / (n - 3)));
+- `slope`: least-squares slope with its t interval (e.g. an exponent on log-log axes);
+- `bootstrap`: percentile bootstrap of any statistic over trials (seeded, reproducible);
+- `proportion`: Wilson score interval for a fraction.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from scipy import stats
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not_reproduced", "inconclusive"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+LEVEL = 0.95
+INF = math.inf
 
 
-def _stats(x: Sequence[float]) -> tuple[float, float, int]:
-    a = np.asarray([v for v in x if v is not None and math.isfinite(v)], dtype=float)
-    if a.size == 0:
-        return float("nan"), float("nan"), 0
-    sd = float(a.std(ddof=1)) if a.size > 1 else 0.0
-    return float(a.mean()), sd, int(a.size)
+# -- regions ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Region:
+    """A closed set [lower, upper] on the real line; one of the bounds may be infinite."""
+
+    lower: float = -INF
+    upper: float = INF
+
+    def to_json(self) -> dict[str, Any]:
+        if self.lower == -INF:
+            return {"below": self.upper}
+        if self.upper == INF:
+            return {"above": self.lower}
+        return {"between": [self.lower, self.upper]}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Region:
+        if "above" in d:
+            return above(d["above"])
+        if "below" in d:
+            return below(d["below"])
+        lo, hi = d["between"]
+        return between(lo, hi)
+
+    def describe(self) -> str:
+        if self.lower == -INF:
+            return f"<= {self.upper:g}"
+        if self.upper == INF:
+            return f">= {self.lower:g}"
+        return f"in [{self.lower:g}, {self.upper:g}]"
 
 
-def noise_margin(a: Sequence[float], b: Sequence[float]) -> float:
-    ma, sa, na = _stats(a)
-    mb, sb, nb = _stats(b)
-    if na < 2 or nb < 2:
-        return 0.0
-    return 2.0 * math.sqrt(sa**2 / na + sb**2 / nb)
+def above(t: float) -> Region:
+    return Region(lower=float(t))
 
 
-def greater(a: Sequence[float], b: Sequence[float], min_effect: float,
-            what: str = "a > b") -> tuple[str, dict, str]:
-    """Claim: mean(a) > mean(b). Reproduced if the difference exceeds the margin
-    max(min_effect, 2 x SE of the difference); not reproduced if it is below -margin;
-    inconclusive in between."""
-    ma, sa, na = _stats(a)
-    mb, sb, nb = _stats(b)
-    margin = max(min_effect, noise_margin(a, b))
-    diff = ma - mb
-    if not (math.isfinite(ma) and math.isfinite(mb)):
-        v = INCONCLUSIVE
-    elif diff > margin:
-        v = REPRODUCED
-    elif diff < -margin:
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
-    ev = {"mean_a": ma, "sd_a": sa, "n_a": na, "mean_b": mb, "sd_b": sb, "n_b": nb,
-          "difference": diff, "margin": margin}
-    rule = (f"{what}: reproduced if mean difference > margin = max({min_effect:g}, "
-            f"2 x standard error over seeds); not reproduced if < -margin; else inconclusive")
-    return v, ev, rule
+def below(t: float) -> Region:
+    return Region(upper=float(t))
 
 
-def _band(deviation: float, limit: float) -> str:
-    """Reproduced within `limit`, not reproduced beyond twice it, inconclusive in between
-    (the gap keeps a verdict from flipping on noise at the boundary)."""
-    if deviation <= limit:
+def between(lo: float, hi: float) -> Region:
+    if not lo < hi:
+        raise ValueError(f"between({lo}, {hi}) needs lo < hi")
+    return Region(lower=float(lo), upper=float(hi))
+
+
+def within(tolerance: float, center: float = 0.0) -> Region:
+    """The equivalence region center +- tolerance."""
+    return between(center - tolerance, center + tolerance)
+
+
+# -- intervals -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its 95% interval; `n` = seeds or trials behind it."""
+
+    estimate: float
+    lo: float
+    hi: float
+    n: int
+    method: str
+
+    @property
+    def finite_estimate(self) -> bool:
+        return math.isfinite(self.estimate)
+
+    def map(self, f: Callable[[float], float], method: str | None = None) -> Interval:
+        """Push the interval through a monotone increasing function (e.g. exp of a log ratio)."""
+        return Interval(f(self.estimate), f(self.lo), f(self.hi), self.n, method or self.method)
+
+
+def decide(lo: float, hi: float, region: Region, estimate: float = 0.0) -> str:
+    """The verdict of an interval [lo, hi] against a region (see the module docstring)."""
+    if any(isinstance(v, float) and math.isnan(v) for v in (lo, hi, estimate)):
+        return INCONCLUSIVE
+    if lo >= region.lower and hi <= region.upper:
         return REPRODUCED
-    return NOT_REPRODUCED if deviation > 2 * limit else INCONCLUSIVE
-
-
-def close_to(a: Sequence[float], b: Sequence[float], tolerance: float,
-             what: str = "a ~ b") -> tuple[str, dict, str]:
-    """Claim: a reaches b (a >= b - tolerance, within noise). Reproduced if
-    mean(a) >= mean(b) - tolerance - noise; not reproduced if mean(a) < mean(b) - 2 x
-    (tolerance + noise); inconclusive in between."""
-    ma, sa, na = _stats(a)
-    mb, sb, nb = _stats(b)
-    noise = noise_margin(a, b)
-    gap = mb - ma
-    v = _band(gap, tolerance + noise) if math.isfinite(ma) and math.isfinite(mb) else INCONCLUSIVE
-    ev = {"mean_a": ma, "sd_a": sa, "n_a": na, "mean_b": mb, "sd_b": sb, "n_b": nb,
-          "shortfall": gap, "tolerance": tolerance, "noise": noise}
-    rule = (f"{what}: reproduced if mean(a) falls short of mean(b) by at most "
-            f"{tolerance:g} + 2 x SE; not reproduced if by more than twice that; else inconclusive")
-    return v, ev, rule
-
-
-def monotone(xs: Sequence[float], ys: Sequence[float], increasing: bool, min_effect: float,
-             what: str = "trend") -> tuple[str, dict, str]:
-    """Claim: y changes monotonically with x. Uses Spearman's rank correlation and the
-    end-to-end change: reproduced if rho has the claimed sign with |rho| >= 0.8 and the change
-    from the first to the last point exceeds min_effect in that direction; not reproduced if
-    the end-to-end change exceeds min_effect in the other direction; else inconclusive."""
-    from scipy.stats import spearmanr
-
-    x = np.asarray(xs, dtype=float)
-    y = np.asarray(ys, dtype=float)
-    order = np.argsort(x)
-    x, y = x[order], y[order]
-    rho = float(spearmanr(x, y).statistic) if len(x) > 2 else float(np.sign(y[-1] - y[0]))
-    change = float(y[-1] - y[0])
-    sign = 1 if increasing else -1
-    if sign * rho >= 0.8 and sign * change > min_effect:
-        v = REPRODUCED
-    elif -sign * change > min_effect:
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
-    ev = {"spearman_rho": rho, "change_first_to_last": change, "x": x.tolist(), "y": y.tolist()}
-    direction = "increasing" if increasing else "decreasing"
-    rule = (f"{what} {direction}: reproduced if Spearman rho has that sign with |rho| >= 0.8 and "
-            f"the first-to-last change exceeds {min_effect:g}; not reproduced if it changes by "
-            f"more than {min_effect:g} the other way; else inconclusive")
-    return v, ev, rule
-
-
-def within(a: Sequence[float], target: float, tolerance: float,
-           what: str = "a ~ target") -> tuple[str, dict, str]:
-    """Claim: a equals `target` up to `tolerance` (two-sided). Reproduced if
-    |mean(a) - target| <= tolerance + noise (noise = 2 x standard error of the mean); not
-    reproduced if it exceeds twice that; inconclusive in between."""
-    ma, sa, na = _stats(a)
-    noise = 2.0 * sa / math.sqrt(na) if na > 1 else 0.0
-    dev = abs(ma - target)
-    v = _band(dev, tolerance + noise) if math.isfinite(ma) else INCONCLUSIVE
-    ev = {"mean": ma, "sd": sa, "n": na, "target": target, "deviation": dev,
-          "tolerance": tolerance, "noise": noise}
-    rule = (f"{what}: reproduced if the mean is within {tolerance:g} + 2 x SE of {target:g}; "
-            f"not reproduced if it is off by more than twice that; else inconclusive")
-    return v, ev, rule
-
-
-def correlated(xs: Sequence[float], ys: Sequence[float], positive: bool = True,
-               min_rho: float = 0.5, what: str = "x and y") -> tuple[str, dict, str]:
-    """Claim: y rises (or falls) with x across many points. Spearman's rank correlation over
-    the finite pairs: reproduced if rho has the claimed sign, |rho| >= min_rho and p < 0.05;
-    not reproduced if rho has the wrong sign (or is zero) ; else inconclusive."""
-    from scipy.stats import spearmanr
-
-    x = np.asarray(xs, dtype=float)
-    y = np.asarray(ys, dtype=float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    sign = 1 if positive else -1
-    if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
-        res = spearmanr(x, y)
-        rho, p = float(res.statistic), float(res.pvalue)
-    else:
-        rho, p = float("nan"), float("nan")
-    if not math.isfinite(rho):
-        v = INCONCLUSIVE
-    elif sign * rho >= min_rho and p < 0.05:
-        v = REPRODUCED
-    elif sign * rho <= 0:
-        v = NOT_REPRODUCED
-    else:
-        v = INCONCLUSIVE
-    ev = {"spearman_rho": rho, "p_value": p, "n_points": int(len(x))}
-    direction = "positive" if positive else "negative"
-    rule = (f"{what}: Spearman rank correlation over the {len(x)} finite points; reproduced if "
-            f"rho is {direction} with |rho| >= {min_rho:g} and p < 0.05; not reproduced if rho "
-            f"has the other sign or is zero; else inconclusive")
-    return v, ev, rule
-
-
-def combine(verdicts: Sequence[str]) -> str:
-    """A claim made of parts: reproduced if every part is, not reproduced if any part is not,
-    else inconclusive."""
-    if verdicts and all(v == REPRODUCED for v in verdicts):
-        return REPRODUCED
-    if any(v == NOT_REPRODUCED for v in verdicts):
+    if hi < region.lower or lo > region.upper:
         return NOT_REPRODUCED
     return INCONCLUSIVE
+
+
+def finite(values: Sequence[float | None]) -> np.ndarray:
+    return np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))],
+                      dtype=float)
+
+
+def _t(df: float) -> float:
+    return float(stats.t.ppf(0.5 + LEVEL / 2, df)) if df > 0 else INF
+
+
+Z = float(stats.norm.ppf(0.5 + LEVEL / 2))
+
+
+def nan_interval(method: str, n: int = 0) -> Interval:
+    return Interval(math.nan, math.nan, math.nan, n, method)
+
+
+def accuracy_var(p: float, n_test: int | None) -> float:
+    """Binomial sampling variance of an accuracy measured on `n_test` examples."""
+    if not n_test or not math.isfinite(p):
+        return 0.0
+    p = min(max(p, 0.0), 1.0)
+    # never zero: a perfect score on n examples still has a 1/n-sized uncertainty (rule of 3)
+    return max(p * (1 - p), 1.0 / n_test) / n_test
+
+
+def _mean_se(a: np.ndarray, n_test: int | None) -> tuple[float, float, float]:
+    """(mean, squared standard error, degrees of freedom) with the sampling term."""
+    m = float(a.mean())
+    seed_var = float(a.var(ddof=1)) / a.size if a.size > 1 else 0.0
+    samp = accuracy_var(m, n_test)
+    return m, seed_var + samp, float(a.size - 1)
+
+
+def mean_interval(values: Sequence[float | None], n_test: int | None = None) -> Interval:
+    """Mean over seeds with a t interval; `n_test` adds the test-set sampling error."""
+    a = finite(values)
+    method = "t interval over seeds" + (f" + binomial error of {n_test} test examples" if n_test else "")
+    if a.size == 0:
+        return nan_interval(method)
+    m, se2, df = _mean_se(a, n_test)
+    if a.size < 2 and not n_test:
+        return Interval(m, -INF, INF, 1, method + " (one seed: unbounded)")
+    q = _t(df) if a.size >= 2 else Z
+    h = q * math.sqrt(se2)
+    return Interval(m, m - h, m + h, int(a.size), method)
+
+
+def difference(a: Sequence[float | None], b: Sequence[float | None],
+               n_test: int | None = None) -> Interval:
+    """mean(a) - mean(b) with a Welch interval (plus both test-set sampling errors)."""
+    x, y = finite(a), finite(b)
+    method = "Welch t interval over seeds" + (f" + binomial error of {n_test} test examples"
+                                               if n_test else "")
+    if x.size == 0 or y.size == 0:
+        return nan_interval(method)
+    mx, vx, _ = _mean_se(x, n_test)
+    my, vy, _ = _mean_se(y, n_test)
+    d = mx - my
+    se2 = vx + vy
+    if (x.size < 2 or y.size < 2) and not n_test:
+        return Interval(d, -INF, INF, int(min(x.size, y.size)), method + " (one seed: unbounded)")
+    sx = float(x.var(ddof=1)) / x.size if x.size > 1 else 0.0
+    sy = float(y.var(ddof=1)) / y.size if y.size > 1 else 0.0
+    if x.size >= 2 and y.size >= 2 and (sx + sy) > 0:
+        # Welch-Satterthwaite degrees of freedom of the seed part
+        df = (sx + sy) ** 2 / ((sx**2 / (x.size - 1) if x.size > 1 else 0)
+                               + (sy**2 / (y.size - 1) if y.size > 1 else 0) or 1e-300)
+        q = _t(df)
+    else:
+        q = Z
+    h = q * math.sqrt(se2)
+    return Interval(d, d - h, d + h, int(min(x.size, y.size)), method)
+
+
+def log_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> Interval:
+    """log(mean-ish a / b) as the difference of mean logs, Welch interval (positive values)."""
+    x = [math.log(v) for v in finite(a) if v > 0]
+    y = [math.log(v) for v in finite(b) if v > 0]
+    iv = difference(x, y)
+    return Interval(iv.estimate, iv.lo, iv.hi, iv.n, "log ratio, " + iv.method)
+
+
+def ratio(a: Sequence[float | None], b: Sequence[float | None]) -> Interval:
+    """mean(a)/mean(b) as exp of the `log_ratio` interval."""
+    return log_ratio(a, b).map(math.exp, "ratio = exp(difference of mean logs), Welch t interval")
+
+
+def correlation(x: Sequence[float], y: Sequence[float]) -> Interval:
+    """Spearman's rho over finite pairs with the Fisher-z interval (Fieller et al.)."""
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    n = int(xa.size)
+    method = "Spearman rho, Fisher-z interval (se = sqrt(1.06/(n-3)))"
+    if n < 3 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return nan_interval(method, n)
+    rho = float(stats.spearmanr(xa, ya).statistic)
+    if n <= 3:
+        return Interval(rho, -1.0, 1.0, n, method + " (n <= 3: no information)")
+    z = math.atanh(max(min(rho, 1 - 1e-12), -1 + 1e-12))
+    h = Z * math.sqrt(1.06 / (n - 3))
+    return Interval(rho, math.tanh(z - h), math.tanh(z + h), n, method)
+
+
+def slope(x: Sequence[float], y: Sequence[float]) -> Interval:
+    """Least-squares slope of y on x with its t interval (n - 2 degrees of freedom)."""
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(xa) & np.isfinite(ya)
+    xa, ya = xa[ok], ya[ok]
+    method = "least-squares slope, t interval"
+    if xa.size < 2 or np.ptp(xa) == 0:
+        return nan_interval(method, int(xa.size))
+    res = stats.linregress(xa, ya)
+    if xa.size < 3:
+        return Interval(float(res.slope), -INF, INF, int(xa.size), method + " (2 points: unbounded)")
+    h = _t(xa.size - 2) * float(res.stderr)
+    return Interval(float(res.slope), float(res.slope) - h, float(res.slope) + h, int(xa.size), method)
+
+
+def bootstrap(samples: Sequence[Any], statistic: Callable[[np.ndarray], float],
+              n_boot: int = 2000, seed: int = 0) -> Interval:
+    """Percentile bootstrap of `statistic` over the first axis of `samples` (trials)."""
+    arr = np.asarray(samples)
+    method = f"percentile bootstrap over trials ({n_boot} resamples, seed {seed})"
+    if len(arr) < 2:
+        return nan_interval(method, len(arr))
+    est = float(statistic(arr))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(arr), size=(n_boot, len(arr)))
+    reps = np.asarray([statistic(arr[i]) for i in idx], dtype=float)
+    reps = reps[np.isfinite(reps)]
+    if reps.size < n_boot // 2:
+        return nan_interval(method, len(arr))
+    lo, hi = np.quantile(reps, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    return Interval(est, float(lo), float(hi), len(arr), method)
+
+
+def proportion(k: int, n: int) -> Interval:
+    """Wilson score interval for k successes out of n."""
+    method = "Wilson score interval"
+    if n <= 0:
+        return nan_interval(method)
+    p = k / n
+    den = 1 + Z**2 / n
+    c = (p + Z**2 / (2 * n)) / den
+    h = Z * math.sqrt(p * (1 - p) / n + Z**2 / (4 * n * n)) / den
+    return Interval(p, max(0.0, c - h), min(1.0, c + h), n, method)
+
+
+def all_of(parts: Sequence[Interval]) -> Interval:
+    """A claim that needs several quantities in the same region: the weakest part decides.
+    Returns the part whose interval reaches lowest (use with an `above` region)."""
+    finite_parts = [p for p in parts if not math.isnan(p.lo)]
+    if len(finite_parts) < len(parts) or not parts:
+        return nan_interval("minimum over parts", 0)
+    worst = min(parts, key=lambda p: p.lo)
+    return Interval(worst.estimate, worst.lo, min(p.hi for p in parts), worst.n,
+                    "minimum over parts: " + worst.method)

@@ -22,11 +22,28 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None =
         save_file(flat, str(tmp), metadata={"batchlab": json.dumps(meta or {})})
 
 
-def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state(path: Path, device: str | torch.device = "cpu", *, sha256: str | None = None,
+               allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint. With `sha256` (the digest the store recorded when the file was
+    written) the bytes are verified first: a replaced or corrupted file is an error, never
+    used. NaN/inf weights are refused too (`allow_nonfinite` for diverged runs on purpose)."""
+    from batchlab.data.idx import sha256_file
+
+    path = Path(path)
     try:
-        return load_file(str(path), device=str(device))
+        if sha256 is not None and sha256_file(path) != sha256:
+            raise BatchlabError(f"checkpoint {path} does not match the sha256 recorded in the store "
+                                f"(changed or corrupted since it was written); delete the run to "
+                                f"recompute it")
+        state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise BatchlabError(f"cannot load checkpoint {path}: {e}") from None
+    if not allow_nonfinite:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise BatchlabError(f"checkpoint {path} holds NaN or infinite weights ({', '.join(bad[:3])}); "
+                                f"it cannot be used")
+    return state
 
 
 def read_meta(path: Path) -> dict:
@@ -43,9 +60,9 @@ def save_model(path: Path, model: nn.Module, meta: dict | None = None) -> None:
     save_state(path, model.state_dict(), meta)
 
 
-def load_into(model: nn.Module, path: Path) -> nn.Module:
+def load_into(model: nn.Module, path: Path, sha256: str | None = None) -> nn.Module:
     """Load weights into `model`, with a clear error when the shapes do not fit."""
-    state = load_state(path, next(model.parameters()).device)
+    state = load_state(path, next(model.parameters()).device, sha256=sha256)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))

@@ -112,9 +112,10 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
                       device=str(device))
     init_model = copy.deepcopy(model)
     res = train(cfg, model=model, data=td, probes=[probe], reporter=_RunProgress(say))
-    if res.status != "completed":
-        raise BatchlabError(f"the measurement run at batch {b0}, lr {base_lr:g} {res.status} "
-                            f"(non-finite loss); try a smaller --lr")
+    if res.status != "completed":  # no lr trains weights that are NaN from the start
+        nan0 = not all(bool(p.isfinite().all()) for p in init_model.parameters())
+        raise BatchlabError(f"the measurement run at batch {b0}, lr {base_lr:g} {res.status}; "
+                            f"{'the model holds NaN or inf weights' if nan0 else 'try a smaller --lr'}")
     net, last = res.model, res.final
     s0 = int(last["steps"])
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 
 import markdown
 
-from batchlab.experiments.outputs import atomic_write
+from batchlab.atomic import atomic_write
+from batchlab.experiments.outputs import load_claims
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -32,7 +32,7 @@ def write_report(out: Path, names: list[str], timings: dict[str, float] | None =
         d = out / n
         if not d.exists():
             continue
-        claims = json.loads((d / "claims.json").read_text()) if (d / "claims.json").exists() else []
+        claims = load_claims(d / "claims.json") if (d / "claims.json").exists() else []
         for c in claims:
             overview.append(
                 f"<tr><td><a href='#{n}'>{n}</a></td><td>{html.escape(c['claim'])}</td>"

@@ -31,22 +31,52 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def load_grid(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+MAX_CELLS = 100_000
+
+
+def read_toml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A TOML file as a dict; any unreadable file (missing, a folder, not UTF-8, bad TOML) is
+    one ConfigError naming the file."""
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+        return tomllib.loads(text)
     except FileNotFoundError:
-        raise ConfigError(f"sweep file {path} not found") from None
+        raise ConfigError(f"{what} file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} file {path} is a directory; give a TOML file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} file {path} is not UTF-8 text (byte {e.start}); save it as "
+                          f"UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"malformed TOML in {path}: {e}") from None
+
+
+def load_grid(path: str | Path) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The `[base]` table and the `[grid]` table of lists of a sweep file, checked."""
+    doc = read_toml(path, "sweep")
     unknown = set(doc) - {"base", "grid"}
     if unknown:
-        raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; use [base] and [grid]")
+        raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; put train fields in a "
+                          f"'base' table and lists in a 'grid' table")
     base = doc.get("base", {})
     grid = doc.get("grid", {})
+    for name, table in (("base", base), ("grid", grid)):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: '{name}' must be a table ([{name}] with key = value "
+                              f"lines), not {type(table).__name__} {table!r}"[:300])
+    if not base and not grid:
+        raise ConfigError(f"{path} defines no runs: give a 'base' table of train fields and/or "
+                          f"a 'grid' table of lists")
+    cells = 1
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{path}: grid.{k} must be a non-empty list")
+        cells *= len(v)
+    if cells > MAX_CELLS:
+        raise ConfigError(f"{path}: the grid has {cells} cells; at most {MAX_CELLS} per sweep")
     return base, grid
 
 

@@ -1,0 +1,132 @@
+"""The CLI's one error boundary: what any failure looks like on the terminal.
+
+- A user error (`BatchlabError`, a pydantic `ValidationError`, a click usage error, an OS error
+  on a path the user gave) is ONE line on stderr and exit code 2.
+- Ctrl-C is one line and exit 130.
+- Anything else is a bug: one "internal error" line naming a log file that holds the traceback,
+  and exit 1. A raw traceback never reaches the terminal.
+
+Messages are printed as plain text (never through rich markup), so `[base]` or
+`batchlab[ray]` in a message reach the user whole.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from batchlab.errors import BatchlabError
+
+USER_ERROR = 2
+INTERNAL_ERROR = 1
+INTERRUPTED = 130
+
+
+def one_line(msg: str) -> str:
+    """Collapse a message onto one line (multi-line library messages included)."""
+    return " ".join(str(msg).split())
+
+
+def say_error(msg: str) -> None:
+    """`error: MSG` on stderr as one plain line (red on a terminal; never markup-parsed)."""
+    text = one_line(msg)
+    if sys.stderr.isatty() and not os.environ.get("NO_COLOR"):
+        sys.stderr.write(f"\x1b[31merror:\x1b[0m {text}\n")
+    else:
+        sys.stderr.write(f"error: {text}\n")
+    sys.stderr.flush()
+
+
+def say_warning(msg: str) -> None:
+    sys.stderr.write(f"warning: {one_line(msg)}\n")
+    sys.stderr.flush()
+
+
+def log_dir() -> Path:
+    """`$BATCHLAB_LOG_DIR`, else the platform's user log folder for batchlab."""
+    env = os.environ.get("BATCHLAB_LOG_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_log_dir("batchlab"))
+
+
+def write_crash_log(exc: BaseException) -> Path | None:
+    """The traceback (plus the command line) in a new file of the log folder, or of the temp
+    folder when that cannot be written; None if nowhere can."""
+    import tempfile
+
+    text = (f"batchlab internal error at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+            f"command: {' '.join(sys.argv)}\n\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (log_dir(), Path(tempfile.gettempdir()) / "batchlab-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _usage_error(e: BaseException) -> str | None:
+    """The message of a click usage error (typer vendors click: matched by duck type)."""
+    if hasattr(e, "format_message") and hasattr(e, "exit_code"):
+        return str(e.format_message())
+    return None
+
+
+def _os_error(e: OSError) -> str:
+    """An OS error on a path: `cannot write PATH: Permission denied`-style."""
+    where = f" {e.filename}" if e.filename else ""
+    return f"file system error on{where}: {e.strerror or e}"
+
+
+def run_guarded(entry: Callable[[], Any]) -> None:
+    """Run the CLI `entry` (a click/typer app called with standalone_mode=False) and turn every
+    outcome into an exit code; see the module docstring."""
+    from pydantic import ValidationError
+
+    from batchlab.config import format_validation_error
+
+    try:
+        rc = entry()
+        if rc == INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 without standalone mode
+            raise KeyboardInterrupt
+    except BatchlabError as e:
+        say_error(str(e))
+        sys.exit(USER_ERROR)
+    except ValidationError as e:
+        say_error(format_validation_error(e))
+        sys.exit(USER_ERROR)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; finished runs are stored, re-run to resume\n")
+        sys.exit(INTERRUPTED)
+    except SystemExit:
+        raise
+    except OSError as e:  # a path the user gave: missing, read-only, a folder, disk full...
+        say_error(_os_error(e))
+        sys.exit(USER_ERROR)
+    except Exception as e:
+        name = type(e).__name__
+        msg = _usage_error(e)
+        if msg is not None:
+            say_error(msg)
+            sys.exit(USER_ERROR)
+        if name == "Exit":
+            sys.exit(getattr(e, "exit_code", 0))
+        if name == "Abort":
+            sys.exit(INTERRUPTED)
+        log = write_crash_log(e)
+        where = f"traceback in {log}" if log else "no log could be written"
+        say_error(f"internal error: {name}: {one_line(str(e))[:300]} ({where}); "
+                  f"please report it")
+        sys.exit(INTERNAL_ERROR)

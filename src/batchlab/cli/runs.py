@@ -1,0 +1,148 @@
+"""`batchlab runs list | show | export | check`: read the results store.
+
+These commands never write the store (it is opened read-only, so a shared or archived store can
+be read too), and a damaged row is passed over with a warning."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from batchlab.cli.boundary import say_warning
+from batchlab.errors import BatchlabError
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect, check and export stored runs.")
+out = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite results store.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def open_existing(store: Path) -> Any:
+    """The store at `store`, opened read-only (reading never changes a store, and works on a
+    read-only file); one line if it is not there."""
+    from batchlab.runs.store import Store
+
+    if not store.exists():
+        raise BatchlabError(f"no results store at {store}")
+    return Store(store, readonly=True)
+
+
+def warn_skipped(st: Any) -> None:
+    for run_id, why in st.skipped:
+        say_warning(f"skipped damaged run {run_id} ({why}); see `batchlab runs check --store {st.path}`")
+
+
+def cell(v: Any) -> Text:
+    """A table cell as plain text (rich markup in a label must not be interpreted)."""
+    return Text(f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def col(name: str) -> dict[str, Any]:
+    """Keep run ids whole in narrow terminals, so they can be copied into `runs show`."""
+    return {"no_wrap": True, "min_width": 12} if name == "run_id" else {}
+
+
+def print_table(t: Table) -> None:
+    """Pipes get the table's natural width (rich would assume 80 columns and cut cells)."""
+    (out if out.is_terminal else Console(width=1000)).print(t)
+
+
+@runs_app.command("list")
+def runs_list(
+    store: StoreOpt = Path("batchlab.db"),
+    label: Annotated[Optional[str], typer.Option(help="Only runs stored under this label.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List stored runs."""
+    with open_existing(store) as st:
+        recs = st.runs(label=label)
+        warn_skipped(st)
+    rows = [{"run_id": r.run_id, "status": r.status, "label": r.label, "dataset": r.config.get("dataset"),
+             "optimizer": r.config.get("optimizer"), "batch_size": r.config.get("batch_size"),
+             "lr": r.config.get("lr"), "epochs": r.config.get("epochs"), "seed": r.seed,
+             "test_acc": r.final.get("test_acc"), "seconds": r.wall_seconds} for r in recs]
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    t = Table(title=Text(f"{len(rows)} runs in {store}"))
+    for c in rows[0] if rows else ["run_id"]:
+        t.add_column(c, **col(c))
+    for r in rows:
+        t.add_row(*[cell(v) for v in r.values()])
+    print_table(t)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id or config hash, or a unique prefix (4+ characters).")],
+    store: StoreOpt = Path("batchlab.db"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one run's config and per-epoch metrics."""
+    with open_existing(store) as st:
+        rec = st.get(run_id)
+    if rec is None:
+        raise BatchlabError(f"no run {run_id!r} in {store}")
+    doc = {"run_id": rec.run_id, "status": rec.status, "error": rec.error, "label": rec.label,
+           "config": rec.config, "final": rec.final, "env": rec.env, "epochs": rec.epochs,
+           "artifacts": rec.artifacts}
+    if as_json:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return
+    out.print_json(json.dumps({k: v for k, v in doc.items() if k != "epochs"}))
+    t = Table(title="epochs")
+    cols = ["epoch", "batch_size", "lr", "steps", "train_loss", "train_acc", "test_loss", "test_acc", "dist_init_w", "seconds"]
+    for c in cols:
+        t.add_column(c)
+    for e in rec.epochs:
+        t.add_row(*[Text(f"{e[c]:.4g}") if isinstance(e.get(c), float) else cell(e.get(c, "")) for c in cols])
+    out.print(t)
+
+
+@runs_app.command("export")
+def runs_export(
+    store: StoreOpt = Path("batchlab.db"),
+    fmt: Annotated[Literal["csv", "parquet"], typer.Option("--format", help="File format (parquet needs pyarrow).")] = "csv",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default runs.FORMAT); missing folders are created.")] = None,
+) -> None:
+    """Export every (run, epoch) row as CSV or Parquet."""
+    from batchlab.atomic import check_writable
+
+    output = output or Path(f"runs.{fmt}")
+    check_writable(output, "--output")  # before reading anything
+    with open_existing(store) as st:
+        n = st.export(output, fmt)
+        warn_skipped(st)
+    sys.stderr.write(f"wrote {n} rows to {output}\n")
+
+
+@runs_app.command("check")
+def runs_check(store: StoreOpt = Path("batchlab.db"), as_json: JsonOpt = False) -> None:
+    """Check a store: SQLite's integrity check, every row readable, every checkpoint file
+    present with its recorded sha256. Exit 0 when all is well, 2 when something is damaged."""
+    from batchlab.runs.store import Store
+
+    if not store.exists():
+        raise BatchlabError(f"no results store at {store}")
+    with Store(store, readonly=True) as st:
+        problems = st.check()
+        n = st.count()
+    if as_json:
+        sys.stdout.write(json.dumps({"store": str(store), "runs": n, "problems": problems}) + "\n")
+    else:
+        for p in problems:
+            out.print(Text(p))
+    if problems:
+        raise BatchlabError(f"{store}: {len(problems)} problem(s) among {n} runs; damaged runs are "
+                            f"recomputed when their config is run again")
+    if not as_json:
+        out.print(Text(f"{store}: {n} runs, no problems"))

@@ -1,0 +1,128 @@
+"""What an experiment is: a `Context` in (preset, seeds, options, store, executor), an
+`Output` out (rows, summary, claims, figures, study numbers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from batchlab.config import TrainConfig, make_config
+from batchlab.engine.train import TrainResult
+from batchlab.errors import ConfigError
+from batchlab.runs.store import Store
+
+PRESETS = ("quick", "paper")
+
+
+@dataclass
+class Claim:
+    id: str
+    claim: str
+    verdict: str  # reproduced | not_reproduced | inconclusive
+    evidence: dict[str, Any]
+    rule: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "claim": self.claim, "verdict": self.verdict,
+                "evidence": self.evidence, "rule": self.rule}
+
+
+@dataclass
+class Output:
+    """What an experiment produces. `figures` maps file names to matplotlib Figures."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: str = ""
+    claims: list[Claim] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    extra_files: dict[str, str] = field(default_factory=dict)
+    study_numbers: list[Any] = field(default_factory=list)  # findings.StudyNumber, measured
+
+
+@dataclass
+class Context:
+    """Everything an experiment may use: preset, seeds, data location, store, executor."""
+
+    preset: str = "quick"
+    seeds: int = 3
+    data_dir: str | None = None
+    out_dir: Path = Path("out")
+    store: Store | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+    device: str = "auto"
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    options: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None  # "module:factory" of a user model (default: the built-in MLP)
+    data: str | None = None  # "module:loader" of user data
+    opts: Any = None  # the typed options (set by run_experiment from `options`)
+
+    @property
+    def paper(self) -> bool:
+        return self.preset == "paper"
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds))
+
+    def dataset_fields(self) -> dict[str, Any]:
+        """The quick preset trains on the embedded mnist-5k unless a --data-dir is given;
+        the paper preset uses MNIST (downloaded, or from --data-dir)."""
+        if self.data_dir is not None or self.paper:
+            return {"dataset": "mnist", "data_dir": self.data_dir}
+        return {"dataset": "mnist-5k"}
+
+    def generic_fields(self) -> dict[str, Any]:
+        """The options that apply to every config (hidden widths, dataset, max_train)."""
+        from batchlab.experiments.options import GENERIC
+
+        return {k: self.options[k] for k in GENERIC if self.options.get(k) is not None}
+
+    def config(self, **fields: Any) -> TrainConfig:
+        user = {k: v for k, v in (("model", self.model), ("data", self.data)) if v is not None}
+        return make_config(**{**self.dataset_fields(), "device": self.device,
+                              **self.generic_fields(), **user, **fields})
+
+    def test_size(self, **fields: Any) -> int:
+        """Examples in the test set the configs are scored on (for accuracies' binomial error)."""
+        from batchlab.engine.train import get_data, resolve_device
+
+        cfg = self.config(**fields)
+        return len(get_data(cfg, resolve_device(cfg.device)).eval_sets["test"][1])
+
+    def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
+        """Train (or fetch from the store) every config; results in the same order."""
+        from batchlab.runs.executors import run_configs
+
+        if self.store is None:
+            raise ConfigError("experiments need a results store")
+        return run_configs(list(configs), self.store, executor=self.executor,
+                           ray_address=self.ray_address, label=label, console=self.console)
+
+    def out(self, name: str) -> Path:
+        d = self.out_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    run: Callable[[Context], Output]
+    description: str = ""
+
+
+def load_model(res: TrainResult, epoch: int) -> Any:
+    """The model of a (possibly cached) run with its stored weights at `epoch`."""
+    from batchlab.engine.train import build_model, get_data, resolve_device
+
+    cfg = res.config
+    td = get_data(cfg, resolve_device(cfg.device))
+    model = build_model(cfg, td).to(td.x_train.device)
+    model.load_state_dict(res.checkpoint(epoch))
+    return model
