@@ -334,7 +334,7 @@ def test_enumerated_options_are_choices_in_help_and_match_the_library(
     assert run_main("train", "--help") == 0
     text = squeezed()
     assert "sgd|adam|adamw|lars|cblr|mclr" in text and "glorot|torch|kaiming" in text
-    assert "mnist|fashion-mnist|mnist-5k|digits" in text
+    assert "mnist|fashion-mnist|cifar10|mnist-5k|digits" in text
     assert run_main("sweep", "--help") == 0
     assert "local|ray" in squeezed()
     assert run_main("runs", "export", "--help") == 0

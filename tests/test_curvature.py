@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -25,7 +26,7 @@ def tiny():
     obj = C.Objective(model, (X, y), batch_size=16)  # chunked: 4 chunks
 
     def f(theta: torch.Tensor) -> torch.Tensor:
-        return obj._chunk_loss(theta, X, y) / len(y)
+        return obj.batch_loss(theta, X, y) / len(y)
 
     H = torch.autograd.functional.hessian(f, obj.theta)
     return model, (X, y), obj, H
@@ -141,3 +142,92 @@ def test_nonconvergence_is_reported(tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         C.hessian_eigenvalues(model, data, tol=1e-6, max_iter=200)  # converges: no warning
+
+
+def test_cached_graph_hvp_equals_recomputed(tiny):
+    model, data, _, H = tiny
+    graph = C.Objective(model, data, mode="graph", probes_per_pass=8)
+    chunked = C.Objective(model, data, batch_size=16, mode="chunked", probes_per_pass=8)
+    assert graph.mode == "graph" and chunked.mode == "chunked"
+    V = torch.randn(5, graph.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for obj in (graph, chunked):
+        many = obj.hvp_many(V)  # batched probes (is_grads_batched)
+        one = torch.stack([obj.hvp(v) for v in V])  # one product at a time, graph reused
+        torch.testing.assert_close(many, one, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(many, V @ H, atol=1e-12, rtol=1e-10)
+
+
+def test_memory_rule_picks_the_mode(tiny):
+    model, data, _, _ = tiny
+    roomy = C.Objective(model, data)
+    assert roomy.mode == "graph" and roomy.per_sample > 0
+    tight = C.Objective(model, data, memory_budget=math.ceil(roomy.per_sample * 2 * 10))
+    assert tight.mode == "chunked" and tight.chunk == 10
+    assert tight.max_probes() == 1  # a second probe would not fit beside a chunk's graph
+    v = torch.randn(roomy.dim, dtype=torch.float64)
+    torch.testing.assert_close(tight.hvp(v), roomy.hvp(v), atol=1e-12, rtol=1e-10)
+
+
+def test_logits_with_cross_entropy_equal_log_softmax_with_nll(tiny):
+    model, data, _, _ = tiny
+    assert isinstance(model[-1], nn.LogSoftmax)
+    logits = nn.Sequential(*list(model)[:-1])  # the same parameters, without the LogSoftmax
+    ce = nn.CrossEntropyLoss()
+    a = C.hessian_eigenvalues(model, data, k=2, tol=1e-8, max_iter=200)
+    b = C.hessian_eigenvalues(logits, data, k=2, tol=1e-8, max_iter=200, criterion=ce)
+    np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-9)
+    ta = C.hessian_trace(model, data, n_samples=16, seed=1)
+    tb = C.hessian_trace(logits, data, n_samples=16, seed=1, criterion=ce)
+    assert ta.estimate == pytest.approx(tb.estimate, rel=1e-10)
+    with pytest.raises(ConfigError, match="CrossEntropyLoss"):
+        C.hessian_trace(logits, data, n_samples=4)  # logits need the criterion
+    with pytest.raises(ConfigError, match="reduction"):
+        C.hessian_trace(logits, data, criterion=nn.CrossEntropyLoss(reduction="sum"))
+
+
+def test_dataloader_equals_tensors(tiny):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, (X, y), _, _ = tiny
+    loader = DataLoader(TensorDataset(X, y), batch_size=24)  # uneven batches: 24, 24, 16
+    v = torch.randn(X.shape[1] * 4 + 4 + 4 * 3 + 3, dtype=torch.float64)
+    want = C.Objective(model, (X, y)).hvp(v)
+    gathered = C.Objective(model, loader)  # fits: gathered once, graph kept
+    streamed = C.Objective(model, loader, memory_budget=1)  # streamed batch by batch
+    assert gathered.mode == "graph" and streamed.mode == "chunked" and streamed.n == 64
+    for obj in (gathered, streamed):
+        torch.testing.assert_close(obj.hvp(v), want, atol=1e-12, rtol=1e-10)
+    a = C.hessian_eigenvalues(model, (X, y), k=2, tol=1e-8, max_iter=200)
+    b = C.hessian_eigenvalues(model, loader, k=2, tol=1e-8, max_iter=200, memory_budget=1)
+    np.testing.assert_allclose(a.eigenvalues, b.eigenvalues, rtol=1e-9)
+    with pytest.raises(ConfigError, match="pair"):
+        C.hessian_trace(model, [X])
+
+
+def test_lock_step_lanczos_equals_single_runs(tiny):
+    _, _, obj, _ = tiny
+    gen = torch.Generator().manual_seed(4)
+    V0 = torch.randn(3, obj.dim, dtype=torch.float64, generator=gen)
+    runs = C.lanczos_many(obj.hvp_many, V0, 12)
+    for v0, (alpha, beta) in zip(V0, runs):
+        a1, b1, _, _, _ = C.lanczos(obj.hvp, v0, 12)
+        np.testing.assert_allclose(alpha, a1, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(beta, b1, rtol=1e-9, atol=1e-12)
+
+
+def test_pyhessian_interface(tiny):
+    model, data, _, H = tiny
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    h = C.Hessian(model, nn.NLLLoss(), data=data)
+    vals, vecs = h.eigenvalues(maxIter=200, tol=1e-10, top_n=3)
+    np.testing.assert_allclose(vals, exact[:3].numpy(), rtol=1e-6)
+    assert [v.shape for v in vecs[0]] == [p.shape for p in model.parameters()]
+    samples = h.trace(maxIter=50, tol=1e-3)
+    means = np.cumsum(samples) / np.arange(1, len(samples) + 1)
+    assert len(samples) == 50 or abs(means[-1] - means[-2]) < 1e-3 * (abs(means[-2]) + 1e-6)
+    assert all(abs(b - a) >= 1e-3 * (abs(a) + 1e-6) for a, b in zip(means[:-2], means[1:-1]))
+    eig, w = h.density(iter=10, n_v=2)
+    assert len(eig) == len(w) == 2 and len(eig[0]) == 10
+    np.testing.assert_allclose([sum(r) for r in w], 1.0, atol=1e-8)
+    with pytest.raises(ConfigError, match="exactly one"):
+        C.Hessian(model, nn.NLLLoss())

@@ -10,7 +10,7 @@ import torch
 from batchlab.config import make_config
 from batchlab.engine.train import train
 from batchlab.nn.models import MLP
-from batchlab.probes.geometry import geometry, linear_layers, snapshot
+from batchlab.probes.geometry import geometry, snapshot, weight_layers
 
 
 def _set(model: MLP, w1, b1, w2, b2) -> None:
@@ -60,9 +60,9 @@ def test_geometry_at_init_is_zero_distance_and_unit_cosine(moved):
     assert g["norm"] == pytest.approx(6.0)
 
 
-def test_linear_layers_are_named_in_forward_order():
+def test_weight_layers_are_the_linears_in_forward_order():
     model = MLP(input_dim=3, hidden=[4, 5], n_classes=2, batchnorm=True)
-    names = [(n, m.out_features) for n, m in linear_layers(model)]
+    names = [(n, m.out_features) for n, m in weight_layers(model)]
     assert names == [("layer1", 4), ("layer2", 5), ("layer3", 2)]
 
 

@@ -304,8 +304,9 @@ def test_recommend_reports_progress_through_a_callback(tmp_path):
     import torch
     from sklearn.datasets import load_digits
 
+    from batchlab.data.tensors import tensor_data
     from batchlab.nn.models import build_mlp
-    from batchlab.recommend import recommend, tensor_data
+    from batchlab.recommend import recommend
 
     d = load_digits()
     x, y = torch.tensor(d.data[:300], dtype=torch.float32) / 16, torch.tensor(d.target[:300])

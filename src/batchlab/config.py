@@ -16,13 +16,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from batchlab.errors import ConfigError
+from batchlab.usercode import BUILTIN_MODELS, is_spec
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "lars", "cblr", "mclr")
 INITS = ("glorot", "torch", "kaiming")
 # Edges of what a run can mean. A config beyond them is a typo or an attack, not an experiment:
 # it is refused with one line instead of running for ever or overflowing.
 MAX_EPOCHS = 100_000
-MAX_LR = 1e6
+MAX_LR = 1e32  # lr 1e30 is how the tests force a NaN (1e3..1e6 stay finite: dead ReLUs)
 MAX_WIDTH = 1 << 20
 MAX_SEED = (1 << 63) - 1  # SQLite's INTEGER (the store's seed column); torch takes < 2**64
 
@@ -43,15 +44,18 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    # data
+    # data: a built-in dataset, or `data = "module:loader"` (a user's tensors; see
+    # batchlab.usercode), which then replaces `dataset`/`data_dir`
     dataset: str = "mnist-5k"
+    data: str | None = None
     data_dir: str | None = None
     normalize: Literal["unit", "standardize"] = "unit"
     val_fraction: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
-    # model
-    model: Literal["mlp"] = "mlp"
+    # model: "mlp" (the study's), "cnn" (LeNet-sized) or "module:factory" (a user's nn.Module;
+    # `hidden`, `init` and `batchnorm` describe the built-in models only)
+    model: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [1024, 1024])
     init: Literal["glorot", "torch", "kaiming"] = "glorot"
     batchnorm: bool = False
@@ -111,6 +115,20 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown device {v!r}; use auto, cpu, mps, cuda or cuda:N")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v: str) -> str:
+        if v not in BUILTIN_MODELS and not is_spec(v):
+            raise ValueError(f"model must be {', '.join(BUILTIN_MODELS)} or module:factory, got {v!r}")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data_spec(cls, v: str | None) -> str | None:
+        if v is not None and not is_spec(v):
+            raise ValueError(f"data must be module:loader, got {v!r}")
+        return v
+
     @field_validator("batch_size")
     @classmethod
     def _bs_positive(cls, v: int) -> int:
@@ -154,10 +172,15 @@ class TrainConfig(BaseModel):
         if g is not None and any(b % g for b in self.batch_sizes()):
             raise ValueError(f"ghost_batch_size {g} must divide the batch size "
                              f"({', '.join(map(str, sorted(set(self.batch_sizes()))))})")
+        if self.model != "mlp" and (self.batchnorm or self.ghost_batch_size is not None):
+            raise ValueError("batchnorm and ghost_batch_size apply to the built-in mlp only")
         return self
 
     # -- identity -------------------------------------------------------------------------
     _NON_SEMANTIC = ("data_dir", "device")
+    # fields added after stores existed: left out of the key while at their default, so every
+    # key computed before they existed is still found
+    _NEW_DEFAULTS: dict[str, Any] = {"data": None}
 
     def semantic_dict(self) -> dict[str, Any]:
         """Fields that change the result (paths and device choice do not: the dataset enters
@@ -165,7 +188,15 @@ class TrainConfig(BaseModel):
         d = self.model_dump(mode="json")
         for k in self._NON_SEMANTIC:
             d.pop(k, None)
+        for k, default in self._NEW_DEFAULTS.items():
+            if d.get(k) == default:
+                d.pop(k, None)
         return d
+
+    @property
+    def builtin_model(self) -> bool:
+        """The study's MLP or the built-in CNN (not a user's factory)."""
+        return self.model in BUILTIN_MODELS
 
     def key(self, data_fingerprint: str = "") -> str:
         payload = json.dumps(

@@ -48,7 +48,7 @@ StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite results store (r
 ExecutorOpt = Annotated[Executor, typer.Option(help="Where runs execute: here, or on a Ray cluster.")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray-address", help="auto or HOST:PORT; none starts a local Ray.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="module:factory returning your nn.Module (default: the built-in MLP).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="mlp (default), cnn, or module:factory returning your nn.Module.")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or verdict lines on stderr.")]
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run every experiment; writes OUT/report.html, OUT/claims.json and OUT/study_numbers.csv."""
         from batchlab.atomic import atomic_write
-        from batchlab.experiments import available, findings, run_experiment
+        from batchlab.experiments import MLPOnly, available, findings, run_experiment
         from batchlab.experiments.options import parse_pairs, split_options
         from batchlab.experiments.outputs import claims_json
         from batchlab.report import write_report
@@ -199,7 +199,11 @@ def register(app: typer.Typer) -> None:
                 if not quiet:
                     err.print(f"[bold]== {n}[/]")
                 t0 = time.perf_counter()
-                output, _ = run_experiment(n, ctx)
+                try:
+                    output, _ = run_experiment(n, ctx)
+                except MLPOnly as e:  # with --model: run what applies, say what does not
+                    err.print(f"  skipped: {escape(str(e))}", highlight=False)
+                    continue
                 timings[n] = time.perf_counter() - t0
                 all_claims += [{"experiment": n, **c.to_json()} for c in output.claims]
                 numbers += output.study_numbers
@@ -208,7 +212,7 @@ def register(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "claims.json", claims_json(all_claims))
         atomic_write(out / "study_numbers.csv", findings.to_csv(findings.merge(numbers)))
-        report = write_report(out, names, timings, preset=preset.value)
+        report = write_report(out, [n for n in names if n in timings], timings, preset=preset.value)
         if not quiet:
             err.print(f"wrote {escape(str(report))} ({sum(timings.values()):.0f}s)", highlight=False)
         if as_json:

@@ -14,10 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
+from batchlab.data.tensors import tensor_data
 from batchlab.errors import BatchlabError, DataError
-from batchlab.recommend import _check_model_on_data, recommend, tensor_data, user_data, user_model
+from batchlab.recommend import recommend
 from batchlab.recommend.run import check_settings
 from batchlab.runs.store import DEFAULT_STORE, Store
+from batchlab.usercode import check_model_on_data, user_data, user_model
 
 
 class StageProgress:
@@ -81,15 +83,17 @@ def register(app: typer.Typer) -> None:
         widths = _widths(hidden)
         torch.manual_seed(seed)
         if data is not None:
-            x, y = user_data(data)
+            x, y, *test = user_data(data)  # test: [X_test, y_test] when the loader gives them
+        else:
+            test = []
         if model is not None:
             net = user_model(model)
             if data is None:
                 td0 = get_data(make_config(dataset=dataset, data_dir=data_dir), dev)
                 x, y = td0.x_train.cpu(), td0.y_train.cpu()
-            c = _check_model_on_data(net, x, y)
+            c = check_model_on_data(net, x, y)
             net = nn.Sequential(net, nn.LogSoftmax(dim=-1))  # logits or log-probs alike
-            td = tensor_data(x, y, c, dev, seed)
+            td = tensor_data(x, y, c, dev, seed, test=test)
             name = model
         elif data is not None:
             from batchlab.nn.models import build_mlp
@@ -98,7 +102,8 @@ def register(app: typer.Typer) -> None:
             if c < 2:
                 raise DataError("y must contain at least two classes")
             x = x.reshape(len(x), -1)
-            td = tensor_data(x, y, c, dev, seed)
+            test = [test[0].reshape(len(test[0]), -1), test[1]] if test else []
+            td = tensor_data(x, y, c, dev, seed, test=test)
             net = build_mlp(td.input_dim, widths or [1024, 1024], c, seed=seed)
             name = "mlp"
         else:

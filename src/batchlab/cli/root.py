@@ -30,7 +30,7 @@ out = Console()
 
 # Choices shown in --help and checked by the parser (exit 2 before any work); the tests check
 # they equal the library's lists (batchlab.data.DATASETS, batchlab.config.OPTIMIZERS/INITS).
-Dataset = Literal["mnist", "fashion-mnist", "mnist-5k", "digits"]
+Dataset = Literal["mnist", "fashion-mnist", "cifar10", "mnist-5k", "digits"]
 Optimizer = Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"]
 Init = Literal["glorot", "torch", "kaiming"]
 Executor = Literal["local", "ray"]
@@ -93,6 +93,8 @@ class RichReporter:
 def train(
     ctx: typer.Context,
     dataset: Annotated[Dataset, typer.Option(help="Data set.")] = "mnist-5k",
+    model: Annotated[str, typer.Option("--model", help="mlp, cnn or module:factory (your nn.Module).")] = "mlp",
+    data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test); replaces --dataset.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per SGD step (>= 1).")] = 64,
     lr: Annotated[float, typer.Option(help="Base learning rate (> 0).")] = 0.01,
     epochs: Annotated[int, typer.Option(help="Passes over the training set (0 evaluates the initial weights only).")] = 30,
@@ -118,7 +120,7 @@ def train(
     fields: dict[str, Any] = {}
     if config is not None:
         fields.update(read_toml(config, "config"))
-    flags = dict(dataset=dataset, batch_size=batch_size, lr=lr, epochs=epochs,
+    flags = dict(dataset=dataset, model=model, data=data, batch_size=batch_size, lr=lr, epochs=epochs,
                  optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, init=init,
                  seed=seed, device=device, data_dir=data_dir)
     for k, v in flags.items():

@@ -17,7 +17,7 @@ import torch
 from batchlab.data.sources import RawData, load_digits, load_mnist_5k, load_remote
 from batchlab.errors import DataError
 
-DATASETS = ("mnist", "fashion-mnist", "mnist-5k", "digits")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-5k", "digits")
 DEFAULT_DATASET = "mnist-5k"
 
 _CACHE: dict[tuple, RawData] = {}
@@ -31,6 +31,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     if key not in _CACHE:
         if name in ("mnist", "fashion-mnist"):
             _CACHE[key] = load_remote(name, data_dir, download=download)
+        elif name == "cifar10":
+            from batchlab.data.cifar import load_archive_dataset
+
+            _CACHE[key] = load_archive_dataset(name, data_dir, download_ok=download)
         elif name == "mnist-5k":
             _CACHE[key] = load_mnist_5k()
         else:
@@ -60,7 +64,9 @@ def stratified_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 @dataclass
 class TensorData:
-    """Float tensors resident on one device. `eval_sets` names what is evaluated each epoch."""
+    """Float tensors resident on one device. `eval_sets` names what is evaluated each epoch.
+    `input_shape` is one example's image shape (e.g. (28, 28), (3, 32, 32)) when known: the
+    built-in CNN views flat rows in it."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -68,6 +74,7 @@ class TensorData:
     input_dim: int
     n_classes: int
     fingerprint: str
+    input_shape: tuple[int, ...] | None = None
 
     @property
     def n_train(self) -> int:
@@ -86,7 +93,8 @@ def prepare(
 ) -> TensorData:
     """Scale, split and move to `device`.
 
-    `normalize="unit"` divides by 255 (the reproduction preset); "standardize" subtracts the
+    `normalize="unit"` divides uint8 images by 255 (the reproduction preset) and leaves float
+    data (a user's loader) as given; "standardize" subtracts the
     training mean and divides by its std (one scalar each, computed on the training part only).
     `val_fraction` holds out a seeded random part of the training set as "val".
     `max_train` / `max_test` keep a stratified subset (`stratified_subset`), never the first
@@ -116,7 +124,7 @@ def prepare(
 
     dev = torch.device(device)
     if normalize == "unit":
-        mean, std = 0.0, 255.0
+        mean, std = 0.0, (255.0 if x_tr.dtype == np.uint8 else 1.0)
     else:
         mean = float(x_tr.mean())
         std = float(x_tr.std()) or 1.0
@@ -131,9 +139,10 @@ def prepare(
         x_train=x_train_t,
         y_train=y_train_t,
         eval_sets=evals,
-        input_dim=int(x_train_t.shape[1]),
-        n_classes=10,
+        input_dim=int(np.prod(x_train_t.shape[1:])),
+        n_classes=raw.n_classes,
         fingerprint=raw.fingerprint,
+        input_shape=tuple(raw.image_shape),
     )
 
 

@@ -1,5 +1,6 @@
 """Where datasets come from: official downloads (cached, checksummed, atomic), a directory the
-user already has, Debian's Fashion-MNIST package, and two embedded datasets needing no network.
+user already has, Debian's Fashion-MNIST package, and two embedded datasets needing no network
+(CIFAR-10's binary archive: `batchlab.data.cifar`; a user's loader: `batchlab.data.tensors`).
 
 Every loader returns uint8 images flattened to (N, D) and int64 labels; scaling happens later
 in `batchlab.data.prepare`, so the cached bytes stay compact.
@@ -84,7 +85,9 @@ REMOTE = {"mnist": MNIST, "fashion-mnist": FASHION_MNIST}
 
 @dataclass
 class RawData:
-    """uint8 images (N, D), int64 labels, plus where they came from and a content fingerprint."""
+    """Images (N, D) (uint8 for the built-in datasets; float32, in the loader's own per-example
+    shape, for user data), int64 labels, where they came from and a content fingerprint.
+    `image_shape` is one example's shape (e.g. (28, 28) or (3, 32, 32))."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -93,6 +96,7 @@ class RawData:
     source: str
     fingerprint: str
     image_shape: tuple[int, ...]
+    n_classes: int = 10
 
 
 def cache_root() -> Path:

@@ -27,11 +27,13 @@ from torch import nn
 
 from batchlab.config import TrainConfig, make_config
 from batchlab.data import TensorData, load_dataset, prepare
+from batchlab.data.tensors import load_user
 from batchlab.engine import schedules
 from batchlab.engine.fused import FusedMLPSGD
 from batchlab.errors import ConfigError
+from batchlab.nn import factory
 from batchlab.nn.checkpoint import load_state, save_state
-from batchlab.nn.models import MLP, build_mlp
+from batchlab.nn.models import MLP
 from batchlab.nn.optim import build_optimizer
 from batchlab.probes import Probe, ProbeContext, make_probes
 from batchlab.probes.geometry import snapshot
@@ -124,9 +126,11 @@ _TD_CACHE: dict[tuple, TensorData] = {}
 
 
 def get_data(cfg: TrainConfig, device: torch.device) -> TensorData:
-    """Resident tensors for this config (memoized: a sweep prepares each variant once)."""
-    raw = load_dataset(cfg.dataset, cfg.data_dir)
-    k = (raw.fingerprint, cfg.normalize, cfg.val_fraction, cfg.max_train, cfg.max_test, str(device))
+    """Resident tensors for this config (memoized: a sweep prepares each variant once): the
+    named dataset, or the user's loader (`cfg.data`), flattened for the built-in MLP."""
+    raw = load_user(cfg.data, flat=cfg.model == "mlp") if cfg.data else load_dataset(cfg.dataset, cfg.data_dir)
+    k = (raw.fingerprint, raw.x_train.shape[1:], cfg.normalize, cfg.val_fraction, cfg.max_train,
+         cfg.max_test, str(device))
     if k not in _TD_CACHE:
         if len(_TD_CACHE) > 4:
             _TD_CACHE.clear()
@@ -136,8 +140,7 @@ def get_data(cfg: TrainConfig, device: torch.device) -> TensorData:
 
 
 def build_model(cfg: TrainConfig, data: TensorData) -> nn.Module:
-    return build_mlp(data.input_dim, cfg.hidden, data.n_classes, init=cfg.init, seed=cfg.seed,
-                     batchnorm=cfg.batchnorm, ghost_batch_size=cfg.ghost_batch_size)
+    return factory.build_model(cfg, data)
 
 
 @torch.no_grad()
@@ -203,15 +206,7 @@ def train(
     torch.manual_seed(cfg.seed)
     net = model if model is not None else build_model(cfg, td)
     net = net.to(device)
-    fingerprint = td.fingerprint
-    if model is not None:
-        import hashlib
-
-        h = hashlib.sha256(fingerprint.encode())
-        for k, v in net.state_dict().items():
-            h.update(k.encode() + v.detach().cpu().numpy().tobytes())
-        fingerprint = h.hexdigest()
-    key = cfg.key(fingerprint)
+    key = cfg.key(factory.run_fingerprint(cfg, td, None if model is None and cfg.builtin_model else net))
     run_id = key[:12]
 
     st = Store(store) if isinstance(store, (str, Path)) else store

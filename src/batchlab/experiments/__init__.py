@@ -18,7 +18,7 @@ import importlib
 from pathlib import Path
 
 from batchlab.errors import ConfigError
-from batchlab.experiments.base import PRESETS, Claim, Context, Experiment, Output
+from batchlab.experiments.base import PRESETS, Claim, Context, Experiment, MLPOnly, Output
 
 # name -> module under batchlab.experiments (imported lazily); order = report order
 REGISTRY: dict[str, str] = {
@@ -35,8 +35,8 @@ REGISTRY: dict[str, str] = {
     "throughput": "throughput",
     "schedules": "schedules_exp",
 }
-__all__ = ["PRESETS", "REGISTRY", "Claim", "Context", "Experiment", "Output", "available", "get",
-           "run_experiment"]
+__all__ = ["PRESETS", "REGISTRY", "Claim", "Context", "Experiment", "MLPOnly", "Output", "available",
+           "get", "run_experiment"]
 
 
 def get(name: str) -> Experiment:
@@ -70,6 +70,8 @@ def run_experiment(name: str, ctx: Context) -> tuple[Output, Path]:
     from batchlab.experiments.options import validate
 
     exp = get(name)
+    if exp.mlp_only:
+        ctx.require_mlp(exp.mlp_only)
     opts = validate(name, ctx.options)
     ctx = dataclasses.replace(ctx, opts=opts, options=opts.model_dump(exclude_none=True))
     output = exp.run(ctx)

@@ -4,84 +4,89 @@ Adam (lr 0.01, batch 64) beside SGD (lr 0.01, batch 64; the same run as batch-si
 reference): distance from init and from the origin (W and B), per-layer cosine similarity
 between initial and final weights, and the distance-from-init vs epoch curve.
 
-The curve's shape is summarised by the exponent alpha of a least-squares fit
-log d(t) = alpha log t + c over epochs 1..E (alpha = 1: linear, 0.5: square-root growth) and by
-d(E/2) / d(E) (0.5 for linear growth, 0.71 for square-root growth).
+Claims:
+- S12 (primary): Adam generalizes worse (SGD's test accuracy minus Adam's above 0) and finds
+  much larger weights (Adam's weight norm over SGD's above 2; the study: 258 / 44.9 = 5.7);
+  secondary: it travels much farther from init (ratio above 2) and its distance grows almost
+  linearly with epochs (growth exponent in [0.8, 1.2]).
+- S13 (primary): SGD stays near the sphere of its initial radius (relative change of the weight
+  norm within +-0.1, an equivalence) and Adam ignores the initialization (its mean per-layer
+  cosine(init, final) below 0.5; the study: 0.12-0.36); secondary: SGD's cosine stays above 0.9.
+- S14 (primary): under SGD the second layer changes least: its cosine(init, final) exceeds every
+  other layer's (each difference above 0; the weakest decides).
+
+The growth exponent alpha is the least-squares slope of log d(t) on log t over epochs 1..E of
+every seed (alpha = 1: linear, 0.5: square-root growth).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
 
 from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.experiments.study import (
     ACC_METRICS,
     BASE_LR,
+    SET_64,
+    SET_ADAM,
     Group,
     Study,
+    acc_difference,
+    acc_interval,
     accuracy_figure,
-    claim,
     curves_csv,
     mean,
-    nan_float,
+    per_seed,
     plot_curves,
     pm,
     run_rows,
 )
-from batchlab.experiments.verdicts_legacy import combine, greater, within
+from batchlab.experiments.study_geometry import (
+    geometry_numbers,
+    growth_slope,
+    layers,
+    mean_layer_cos,
+    norm_change,
+)
+from batchlab.experiments.verdicts import (
+    Interval,
+    above,
+    all_of,
+    below,
+    between,
+    difference,
+    mean_interval,
+    nan_interval,
+    ratio,
+    within,
+)
 
 NAME = "adam-vs-sgd"
-NORM_RATIO_EFFECT = 1.0  # "far larger": Adam's final/init norm ratio exceeds SGD's by >= 1
-COS_EFFECT = 0.2  # "ignores the init": Adam's mean layer cosine below SGD's by >= 0.2
-SPHERE_TOL = 0.1  # "near its initial sphere": norm ratio within 1 +- 0.1, cosine >= 0.9
-ALPHA_EFFECT = 0.2  # "near-linear vs sublinear": alpha(Adam) - alpha(SGD) >= 0.2
+MUCH_LARGER = 2.0  # "much larger": at least twice SGD's
+SPHERE_TOL = 0.1  # "near the sphere": final norm within 10% of the initial norm
+IGNORES_COS = 0.5  # "ignores the init": mean layer cosine(init, final) below 0.5
+KEEPS_COS = 0.9
+LINEAR = (0.8, 1.2)  # "almost linearly": growth exponent in [0.8, 1.2]
 METRICS = ("test_acc", "train_acc", "dist_init_w", "dist_init_b", "norm_w", "norm_b")
 
 
-def layers(g: Group) -> list[str]:
-    """Layer names (layer1..layerN) present in the geometry probe's metrics."""
-    keys = g.runs[0].epochs[0] if g.runs and g.runs[0].epochs else {}
-    found = sorted({m.group(1) for k in keys if (m := re.fullmatch(r"cos_init_(layer\d+)", k))},
-                   key=lambda s: int(s[5:]))
-    return found
-
-
-def norm_ratio(g: Group, key: str = "norm_w") -> list[float]:
-    """Final norm / initial norm, per seed."""
-    return [f / i if i > 0 else float("nan") for f, i in zip(g.final(key), g.at_epoch(key, 0))]
-
-
-def mean_layer_cos(g: Group) -> list[float]:
-    """Mean over Linear layers of cos(initial, final weights), per seed."""
-    per_layer = np.array([g.final(f"cos_init_{ln}") for ln in layers(g)])
-    return per_layer.mean(axis=0).tolist() if per_layer.size else [float("nan")] * len(g.runs)
-
-
-def growth(g: Group) -> tuple[list[float], list[float]]:
-    """(alpha, d(E/2)/d(E)) per seed from the distance-from-init curve (see module doc)."""
-    alphas, halves = [], []
-    for r in g.runs:
-        ep = np.array([nan_float(e.get("epoch")) for e in r.epochs[1:]])
-        d = np.array([nan_float(e.get("dist_init")) for e in r.epochs[1:]])
-        ok = np.isfinite(d) & (d > 0)
-        if ok.sum() >= 2 and r.status == "completed":
-            alphas.append(float(np.polyfit(np.log(ep[ok]), np.log(d[ok]), 1)[0]))
-            e_end = int(ep[-1])
-            half = next((dv for ev, dv in zip(ep, d) if ev == max(1, e_end // 2)), float("nan"))
-            halves.append(float(half / d[-1]))
-        else:
-            alphas.append(float("nan"))
-            halves.append(float("nan"))
-    return alphas, halves
+def second_layer_margin(g: Group) -> Interval:
+    """cos(init, final) of layer 2 minus each other layer's, the weakest difference (nan with
+    fewer than three layers: there is no "middle" layer to test)."""
+    ln = layers(g)
+    if len(ln) < 3:
+        return nan_interval("needs three or more Linear layers", len(g.runs))
+    mid = g.final(f"cos_init_{ln[1]}")
+    return all_of([difference(mid, g.final(f"cos_init_{o}")) for o in ln if o != ln[1]])
 
 
 def run(ctx: Context) -> Output:
-    st = Study(ctx, extra_options=("batch_size", "adam_lr"))
+    st = Study(ctx)
     bs = st.int_option("batch_size", 64)
     adam_lr = float(st.opts.get("adam_lr", BASE_LR))
     sgd_name, adam_name = f"SGD (lr {BASE_LR:g}, bs {bs})", f"Adam (lr {adam_lr:g}, bs {bs})"
@@ -90,9 +95,10 @@ def run(ctx: Context) -> Output:
     sgd, adam = groups[sgd_name], groups[adam_name]
     lnames = layers(sgd)
 
+    _, n_test = st.sizes([sgd])
     table, layer_tbl = [], []
     for g in (sgd, adam):
-        alpha, half = growth(g)
+        alpha = growth_slope(g)
         table.append({
             "optimizer": g.name, "test acc (%)": pm(g.final("test_acc"), 100),
             "W dist. from init": pm(g.final("dist_init_w"), 1, 2),
@@ -100,9 +106,9 @@ def run(ctx: Context) -> Output:
             "W norm init": pm(g.at_epoch("norm_w", 0), 1, 2),
             "W norm final": pm(g.final("norm_w"), 1, 2),
             "B norm final": pm(g.final("norm_b"), 1, 3),
-            "W norm ratio": pm(norm_ratio(g), 1, 3),
+            "W norm change": pm(norm_change(g), 1, 3),
             "mean layer cos": pm(mean_layer_cos(g), 1, 3),
-            "alpha": pm(alpha, 1, 2), "d(E/2)/d(E)": pm(half, 1, 3),
+            "alpha [95% interval]": f"{alpha.estimate:.2f} [{alpha.lo:.2f}, {alpha.hi:.2f}]",
         })
         for ln in lnames:
             layer_tbl.append({
@@ -113,43 +119,74 @@ def run(ctx: Context) -> Output:
                 "dist. from init": pm(g.final(f"dist_init_{ln}_w"), 1, 2),
             })
 
-    (a_alpha, _), (s_alpha, _) = growth(adam), growth(sgd)
-    ratio_v = within(norm_ratio(sgd), 1.0, SPHERE_TOL, "SGD final/initial W norm ratio")
-    cos_v = within(mean_layer_cos(sgd), 1.0, SPHERE_TOL, "SGD mean layer cosine(init, final)")
-    claims = [
-        claim("adam-larger-weights", "Adam finds far larger weights than SGD",
-              greater(norm_ratio(adam), norm_ratio(sgd), NORM_RATIO_EFFECT,
-                      "final/initial W norm ratio of Adam > SGD's")),
-        claim("adam-ignores-init", "Adam ignores the initialization (its final weights are "
-              "far less aligned with the initial ones than SGD's)",
-              greater(mean_layer_cos(sgd), mean_layer_cos(adam), COS_EFFECT,
-                      "mean per-layer cosine(init, final) of SGD > Adam's")),
-        claim("sgd-on-sphere", "SGD mostly moves the weights along the sphere of their initial "
-              "radius (final norm close to initial norm, cosine close to 1)",
-              (combine([ratio_v[0], cos_v[0]]),
-               {**{f"ratio_{k}": v for k, v in ratio_v[1].items()},
-                **{f"cos_{k}": v for k, v in cos_v[1].items()}},
-               f"both must hold — (1) {ratio_v[2]}; (2) {cos_v[2]}")),
-        claim("adam-linear-sgd-sublinear", "Adam's distance from init grows near-linearly with "
-              "epochs, SGD's sublinearly",
-              greater(a_alpha, s_alpha, ALPHA_EFFECT,
-                      "growth exponent alpha (fit of log distance on log epoch, epochs 1..E) "
-                      "of Adam > SGD's")),
+    claims = _claims(sgd, adam, n_test)
+    what = f"bs {bs}, {st.epochs} epochs (study: 30 on 60k)"
+    numbers = [
+        st.number("S13", "initial weight norm", "Glorot-uniform 784-1024-1024-10",
+                  mean_interval(sgd.at_epoch("norm_w", 0)), [sgd], "the runs' initial weights"),
+        st.number("S12", "weight distance from init W", SET_ADAM,
+                  mean_interval(adam.final("dist_init_w")), [adam], f"Adam lr {adam_lr:g}, {what}"),
+        st.number("S12", "bias distance from init B", SET_ADAM,
+                  mean_interval(adam.final("dist_init_b")), [adam], f"Adam lr {adam_lr:g}, {what}"),
+        st.number("S12", "test accuracy", SET_ADAM, acc_interval(adam, n_test), [adam],
+                  f"Adam lr {adam_lr:g}, {what}"),
+        *geometry_numbers(st, sgd, SET_64, n_test, f"SGD lr {BASE_LR:g}, {what}"),
+        *geometry_numbers(st, adam, SET_ADAM, n_test, f"Adam lr {adam_lr:g}, {what}"),
     ]
     summary = (f"Adam and SGD at lr {BASE_LR:g} (Adam: {adam_lr:g}), batch {bs}, E = "
                f"{st.epochs} epochs. Distances and norms are L2 over all weights (W) or all "
                f"biases (B).\n\n" + st.header([sgd, adam])
                + "\n## Geometry after epoch E\n\n" + md_table(table)
                + "\nalpha: exponent of the fit log d(t) = alpha log t + c over epochs 1..E "
-               "(1 = linear growth, 0.5 = square-root); d(E/2)/d(E): 0.5 for linear growth, "
-               "0.71 for square-root growth.\n\n## Per layer (weights)\n\n" + md_table(layer_tbl))
+               "of every seed (1 = linear growth, 0.5 = square-root).\n\n## Per layer "
+               "(weights)\n\n" + md_table(layer_tbl))
     figures = {"distance_curves.png": _distance_figure(sgd, adam),
                "layer_geometry.png": _layer_figure(sgd, adam, lnames),
                "accuracy_curves.png": accuracy_figure([sgd, adam], "Adam vs SGD")}
     rows = run_rows(groups, METRICS + tuple(f"cos_init_{ln}" for ln in lnames))
     return Output(rows=rows, summary=summary, claims=claims, figures=figures,
-                  extra_files={"curves.csv": curves_csv(groups, (*ACC_METRICS, "dist_init",
+                  study_numbers=numbers, extra_files={"curves.csv": curves_csv(groups, (*ACC_METRICS, "dist_init",
                                                                  "norm_w", "norm_b"))})
+
+
+def _claims(sgd: Group, adam: Group, n_test: int) -> list[Claim]:
+    ev = per_seed(**{f"{k} {g.name}": g.final(k) for g in (sgd, adam)
+                     for k in ("test_acc", "norm_w", "dist_init_w")})
+    cos_ev = per_seed(**{f"mean layer cos {g.name}": mean_layer_cos(g) for g in (sgd, adam)},
+                      **{f"cos {ln} {sgd.name}": sgd.final(f"cos_init_{ln}") for ln in layers(sgd)})
+    return [
+        Claim("adam-generalizes-worse", "S12", "Adam generalizes worse than SGD",
+              acc_difference(sgd, adam, n_test), above(0.0),
+              f"test accuracy of {sgd.name} minus {adam.name}", ev, primary=True),
+        Claim("adam-larger-weights", "S12", "Adam finds much larger weights than SGD",
+              ratio(adam.final("norm_w"), sgd.final("norm_w")), above(MUCH_LARGER),
+              f"weight norm of {adam.name} / {sgd.name}", ev,
+              reading=f"much larger = at least {MUCH_LARGER:g}x SGD's weight norm", primary=True),
+        Claim("adam-farther-from-init", "S12", "Adam travels much farther from init than SGD",
+              ratio(adam.final("dist_init_w"), sgd.final("dist_init_w")), above(MUCH_LARGER),
+              f"W distance from init of {adam.name} / {sgd.name}", ev,
+              reading="larger weights read as the distance from init (study: 254 vs 6.7)",
+              primary=False),
+        Claim("adam-linear-growth", "S12", "Adam's distance from init grows almost linearly "
+              "with epochs", growth_slope(adam), between(*LINEAR),
+              f"growth exponent of {adam.name}'s W distance from init", {"runs": len(adam.runs)},
+              primary=False),
+        Claim("sgd-on-sphere", "S13", "SGD stays near the sphere of its initial radius",
+              mean_interval(norm_change(sgd)), within(SPHERE_TOL),
+              f"relative change of {sgd.name}'s weight norm, final / initial - 1",
+              per_seed(**{"norm change": norm_change(sgd)}), primary=True),
+        Claim("adam-ignores-init", "S13", "Adam ignores the initialization: its final weights "
+              "are nearly unaligned with the initial ones",
+              mean_interval(mean_layer_cos(adam)), below(IGNORES_COS),
+              f"mean per-layer cosine(init, final) of {adam.name}", cos_ev, primary=True),
+        Claim("sgd-keeps-direction", "S13", "SGD's final weights stay aligned with the initial "
+              "ones", mean_interval(mean_layer_cos(sgd)), above(KEEPS_COS),
+              f"mean per-layer cosine(init, final) of {sgd.name}", cos_ev, primary=False),
+        Claim("middle-layer-changes-least", "S14", "under SGD the second (middle) layer changes "
+              "least (highest cosine to its init)", second_layer_margin(sgd), above(0.0),
+              f"cosine(init, final) of layer 2 minus each other layer's ({sgd.name}; the "
+              f"weakest difference decides)", cos_ev, primary=True),
+    ]
 
 
 def _distance_figure(sgd: Group, adam: Group) -> Any:
@@ -180,7 +217,7 @@ def _layer_figure(sgd: Group, adam: Group, lnames: list[str]) -> Any:
     x = np.arange(len(lnames))
     for i, g in enumerate((sgd, adam)):
         cos = [mean(g.final(f"cos_init_{ln}")) for ln in lnames]
-        ratio = [mean(norm_ratio(g, f"norm_{ln}_w")) for ln in lnames]
+        ratio = [mean(norm_change(g, f"norm_{ln}_w")) + 1 for ln in lnames]
         bars = ax.bar(x + (i - 0.5) * 0.38, cos, 0.38, label=g.name, color=f"C{i}")
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
         bars = bx.bar(x + (i - 0.5) * 0.38, ratio, 0.38, label=g.name, color=f"C{i}")

@@ -18,6 +18,10 @@ from batchlab.runs.store import Store
 PRESETS = ("quick", "paper")
 
 
+class MLPOnly(ConfigError):
+    """An experiment specific to the built-in MLP was asked to run on another model."""
+
+
 @dataclass
 class Claim:
     id: str
@@ -57,7 +61,7 @@ class Context:
     device: str = "auto"
     console: Console = field(default_factory=lambda: Console(stderr=True))
     options: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None  # "module:factory" of a user model (default: the built-in MLP)
+    model: str | None = None  # "cnn" or "module:factory" of a user model (default: the built-in MLP)
     data: str | None = None  # "module:loader" of user data
     opts: Any = None  # the typed options (set by run_experiment from `options`)
 
@@ -87,6 +91,12 @@ class Context:
         return make_config(**{**self.dataset_fields(), "device": self.device,
                               **self.generic_fields(), **user, **fields})
 
+    def require_mlp(self, reason: str) -> None:
+        """For experiments specific to the built-in MLP: a one-line error on any other model."""
+        if self.model not in (None, "mlp"):
+            raise MLPOnly(f"this experiment runs on the built-in MLP only ({reason}); "
+                          f"drop --model {self.model}")
+
     def test_size(self, **fields: Any) -> int:
         """Examples in the test set the configs are scored on (for accuracies' binomial error)."""
         from batchlab.engine.train import get_data, resolve_device
@@ -115,6 +125,7 @@ class Experiment:
     title: str
     run: Callable[[Context], Output]
     description: str = ""
+    mlp_only: str | None = None  # why it needs the built-in MLP (it then refuses other models)
 
 
 def load_model(res: TrainResult, epoch: int) -> Any:

@@ -5,9 +5,17 @@ weights (W) and biases (B), and test accuracy (A), per cell — the study's W/B/
 table and heatmaps. Plus the largest batch at lr 0.01 for (largest/smallest) x E epochs, the
 same number of steps as the smallest batch for E epochs, and the distance-vs-epoch curves.
 
-Claims (W = weight distance, the dominant part): better solutions lie farther from the init;
-at equal epochs larger batches travel less; a larger lr or more epochs compensates; for a fixed
-number of steps the distance travelled is about the same whatever the batch size.
+Claims (W = weight distance, the dominant part):
+- S9 (primary both): better solutions lie farther from the init (Spearman rho of W vs test
+  accuracy over every run of the grid above 0.5); at equal epochs and the study's lr the largest
+  batch travels less than the smallest (ratio of W below 1).
+- S10 (primary: accuracy): a larger lr, or as many steps as the small batch (more epochs),
+  brings the large batch to the small batch's accuracy (difference within +-ACC_TOL);
+  secondary: it also travels farther than the large batch at equal epochs.
+- S11 (primary both): for a fixed number of steps the distance travelled is about the same
+  whatever the batch size (ratio of W at equal steps within [0.8, 1.25]); the distance grows
+  sublinearly with epochs under SGD (slope of log W on log epoch below 1; the long run's slope
+  is secondary).
 """
 
 from __future__ import annotations
@@ -18,29 +26,34 @@ from typing import Any
 import numpy as np
 
 from batchlab.errors import ConfigError
-from batchlab.experiments import Claim, Context, Experiment, Output
+from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.experiments.study import (
+    ACC_TOL,
     BASE_LR,
     Group,
     Study,
-    claim,
+    acc_difference,
     curves_csv,
     mean,
     nan_float,
+    per_seed,
     plot_curves,
     pm,
     run_rows,
 )
-from batchlab.experiments.verdicts_legacy import close_to, combine, correlated, greater, monotone, within
+from batchlab.experiments.study_geometry import distance_numbers, growth_slope
+from batchlab.experiments.verdicts import above, below, between, correlation, ratio
 
 NAME = "distance"
-QUICK_GRID = ((64, 128, 256, 512, 1024), (0.01, 0.03, 0.1, 0.3))
-TOLERANCE = 0.005  # accuracy: "reaches" = within half a point
-LESS_FACTOR = 1.25  # "travels less": at least 25% shorter from the smallest to the largest batch
-MIN_RHO = 0.5  # "farther is better": Spearman rho >= 0.5 (and p < 0.05) over the grid cells
-DIST_TOL = 0.25  # "bounded for fixed steps": distance ratio within 1 +- 0.25
-MORE_FACTOR = 0.10  # "travels farther": at least 10% more than the reference
+QUICK_GRID = ((64, 256), (0.01, 0.1))
+"""The quick preset's grid: batch 256 stands in for the study's 1024, because the steps-matched
+long run (large / small x E epochs) is most of the cost: at 1024 it would be 16 x E epochs per
+seed, 55% of the five study experiments' quick budget; at 256 it is 4 x E."""
+PAPER_GRID = ((64, 128, 256, 512, 1024), (0.01, 0.03, 0.1, 0.3))
+MIN_RHO = 0.5  # "farther is better": Spearman rho of W vs accuracy above 0.5
+SAME_BAND = (0.8, 1.25)  # "about the same distance": ratio within [0.8, 1.25]
 METRICS = ("test_acc", "train_acc", "dist_init", "dist_init_w", "dist_init_b", "norm_w")
 
 
@@ -49,9 +62,10 @@ def cell(bs: int, lr: float) -> str:
 
 
 def run(ctx: Context) -> Output:
-    st = Study(ctx, extra_options=("batch_sizes", "lrs", "long_epochs"))
-    bss = st.list_option("batch_sizes", QUICK_GRID[0], int)
-    lrs = st.list_option("lrs", QUICK_GRID[1], float)
+    st = Study(ctx)
+    grid0 = PAPER_GRID if ctx.paper else QUICK_GRID
+    bss = st.list_option("batch_sizes", grid0[0], int)
+    lrs = st.list_option("lrs", grid0[1], float)
     if len(bss) < 2 or len(lrs) < 2:
         raise ConfigError("distance needs at least two batch sizes and two learning rates")
     small, large = bss[0], bss[-1]
@@ -69,7 +83,12 @@ def run(ctx: Context) -> Output:
     ref = groups[cell(small, lr_ref)]
     same_e = groups[cell(large, lr_ref)]
     long = groups[long_name]
-    claims = _claims(groups, bss, lrs, W, A, ref, same_e, long, lr_ref)
+    big_lr = next((x for x in lrs if math.isclose(x, lr_ref * 10)), lrs[-1])
+    fast = groups[cell(large, big_lr)]
+    _, n_test = st.sizes(groups.values())
+    claims = _claims(groups, bss, lrs, ref, same_e, long, fast, n_test)
+    numbers = distance_numbers(st, groups, [cell(b, lr) for b in bss for lr in lrs], ref, same_e,
+                            fast, long, n_test)
 
     wba = [{"batch size": b, **{f"lr {lr:g}": _wba(W[i, j], B[i, j], A[i, j])
                                 for j, lr in enumerate(lrs)}} for i, b in enumerate(bss)]
@@ -80,7 +99,10 @@ def run(ctx: Context) -> Output:
     summary = (
         f"Grid of batch sizes {', '.join(map(str, bss))} x learning rates "
         f"{', '.join(f'{x:g}' for x in lrs)}, E = {st.epochs} epochs each; plus batch {large} "
-        f"at lr {lr_ref:g} for {long_e} epochs (about the steps of batch {small} x E).\n\n"
+        f"at lr {lr_ref:g} for {long_e} epochs (about the steps of batch {small} x E)."
+        + ("" if large == 1024 else f" Batch {large} stands in for the study's 1024 (the "
+           f"quick preset's grid keeps the steps-matched long run affordable); its rows of "
+           f"study_numbers.csv say so.") + "\n\n"
         + st.header(groups.values())
         + "\n## W/B/A per cell (rows: batch size, columns: lr)\n\n"
         "W = L2 distance of the weights from their init, B = same for the biases, "
@@ -94,7 +116,7 @@ def run(ctx: Context) -> Output:
     cols[long_name] = {"batch_size": large, "lr": lr_ref}
     rows = run_rows(groups, METRICS, **cols)
     return Output(rows=rows, summary=summary, claims=claims, figures=figures,
-                  extra_files={"curves.csv": curves_csv(groups, METRICS)})
+                  study_numbers=numbers, extra_files={"curves.csv": curves_csv(groups, METRICS)})
 
 
 def _wba(w: float, b: float, a: float) -> str:
@@ -103,80 +125,72 @@ def _wba(w: float, b: float, a: float) -> str:
     return f"{w:.1f}/{b:.2f}/{a * 100:.1f}"
 
 
-def _claims(groups: dict[str, Group], bss: list[int], lrs: list[float], W: np.ndarray,
-            A: np.ndarray, ref: Group, same_e: Group, long: Group, lr_ref: float) -> list[Claim]:
+def _claims(groups: dict[str, Group], bss: list[int], lrs: list[float], ref: Group,
+            same_e: Group, long: Group, fast: Group, n_test: int) -> list[Claim]:
     small, large = bss[0], bss[-1]
-    out = [claim("farther-is-better",
-                 "better solutions lie farther from the initial weights",
-                 correlated(W.ravel(), A.ravel(), positive=True, min_rho=MIN_RHO,
-                            what="W distance vs test accuracy across the grid cells"))]
+    grid = [groups[cell(b, lr)] for b in bss for lr in lrs]
+    w = [v for g in grid for v in g.final("dist_init_w")]
+    a = [v for g in grid for v in g.final("test_acc")]
+    w_small, w_large = ref.final("dist_init_w"), same_e.final("dist_init_w")
+    out = [
+        Claim("farther-is-better", "S9", "better solutions lie farther from the initial weights",
+              correlation(w, a), above(MIN_RHO),
+              "Spearman rho of W distance vs final test accuracy over every run of the grid",
+              {"W": w, "test_acc": a}, primary=True),
+        Claim("large-batch-travels-less", "S9",
+              f"at the same number of epochs (lr {ref.runs[0].config.lr:g}), batch {large} "
+              f"travels less far from the init than batch {small}",
+              ratio(w_large, w_small), below(1.0), f"W distance of {same_e.name} / {ref.name}",
+              per_seed(**{f"W {same_e.name}": w_large, f"W {ref.name}": w_small}), primary=True),
+    ]
+    for cid, g, how in (("lr-compensates", fast, f"a larger lr ({fast.runs[0].config.lr:g})"),
+                        ("epochs-compensate", long,
+                         f"more epochs ({len(long.runs[0].epochs) - 1}, the steps of batch "
+                         f"{small})")):
+        ev = per_seed(**{f"test_acc {g.name}": g.final("test_acc"),
+                         f"test_acc {ref.name}": ref.final("test_acc"),
+                         f"W {g.name}": g.final("dist_init_w"), f"W {same_e.name}": w_large})
+        out.append(Claim(cid, "S10", f"{how} brings batch {large} to the accuracy of batch {small}",
+                         acc_difference(g, ref, n_test), between(-ACC_TOL, ACC_TOL),
+                         f"test accuracy of {g.name} minus {ref.name}", ev,
+                         reading=f"compensates = the same accuracy within +-{ACC_TOL:g}",
+                         primary=True))
+        out.append(Claim(cid.replace("compensate", "travel") + "-farther", "S10",
+                         f"{how} makes batch {large} travel farther than at equal epochs",
+                         ratio(g.final("dist_init_w"), w_large), above(1.0),
+                         f"W distance of {g.name} / {same_e.name}", ev,
+                         reading="compensates = the distance it did not travel", primary=False))
 
-    # at equal epochs, distance falls with batch size, at every lr of the grid
-    parts, ev, rule = [], {}, ""
-    for j, lr in enumerate(lrs):
-        v, e, rule = monotone(bss, np.log(W[:, j]), increasing=False,
-                              min_effect=math.log(LESS_FACTOR),
-                              what="log W distance vs batch size at each lr")
-        parts.append(v)
-        ev[f"rho_lr{lr:g}"] = e["spearman_rho"]
-        ev[f"ratio_largest_to_smallest_lr{lr:g}"] = math.exp(e["change_first_to_last"]) \
-            if math.isfinite(e["change_first_to_last"]) else float("nan")
+    at_steps = [_distance_at_steps(lr_run, rr) for lr_run, rr in zip(long.runs, ref.runs)]
     out.append(Claim(
-        "large-batch-travels-less",
-        "at the same number of epochs, larger batches travel less far from the init",
-        combine(parts), ev,
-        rule + f" (min effect = log {LESS_FACTOR:g}: the largest batch at least "
-        f"{LESS_FACTOR:g}x shorter); the claim is reproduced if it is at every lr, not "
-        f"reproduced if at any lr it is not, else inconclusive"))
-
-    # a larger lr compensates: largest batch at 10x (or the largest) lr vs the small-batch ref
-    big_lr = next((x for x in lrs if math.isclose(x, lr_ref * 10)), lrs[-1])
-    fast = groups[cell(large, big_lr)]
-    out.append(_compensates("lr-compensates",
-                            f"a larger lr ({big_lr:g}) compensates at batch {large}",
-                            fast, same_e, ref))
-    out.append(_compensates("epochs-compensate",
-                            f"more epochs ({len(long.runs[0].epochs) - 1}) compensate at batch "
-                            f"{large}", long, same_e, ref))
-
-    # fixed steps: distance ratio long / ref (per seed) close to 1, the long run's curve read
-    # at exactly the reference's step count (epochs of different batch sizes do not align)
-    ratios = []
-    for lr_run, rr in zip(long.runs, ref.runs):
-        steps = np.array([nan_float(e.get("steps")) for e in lr_run.epochs])
-        dist = np.array([nan_float(e.get("dist_init_w")) for e in lr_run.epochs])
-        s_ref = nan_float(rr.epochs[-1].get("steps")) if rr.epochs else float("nan")
-        d_ref = nan_float(rr.epochs[-1].get("dist_init_w")) if rr.epochs else float("nan")
-        ok = np.isfinite(steps) & np.isfinite(dist)
-        if ok.sum() >= 2 and math.isfinite(s_ref) and s_ref <= steps[ok][-1] and d_ref > 0:
-            ratios.append(float(np.interp(s_ref, steps[ok], dist[ok])) / d_ref)
-        else:
-            ratios.append(float("nan"))
-    out.append(claim(
-        "steps-bound-distance",
+        "steps-bound-distance", "S11",
         f"for a fixed number of steps the distance travelled is about the same whatever the "
         f"batch size ({large} for {len(long.runs[0].epochs) - 1} epochs vs {small} for "
         f"{len(ref.runs[0].epochs) - 1})",
-        within(ratios, 1.0, DIST_TOL,
-               f"per-seed ratio of W distances {long.name} (read at the step count of "
-               f"{ref.name}, linear interpolation between epochs) / {ref.name}")))
+        ratio(at_steps, w_small), between(*SAME_BAND),
+        f"W distance of {long.name} read at the step count of {ref.name} (linear interpolation "
+        f"between epochs) / W of {ref.name}",
+        per_seed(**{"W long at equal steps": at_steps, f"W {ref.name}": w_small}), primary=True))
+    for g, prim in ((ref, True), (long, False)):
+        out.append(Claim(
+            "sgd-sublinear" + ("" if prim else "-long"), "S11",
+            f"under SGD the distance from init grows sublinearly with epochs ({g.name})",
+            growth_slope(g), below(1.0),
+            f"slope of log W distance on log epoch (epochs 1..end, every seed) of {g.name}",
+            {"runs": len(g.runs)}, primary=prim))
     return out
 
 
-def _compensates(cid: str, text: str, g: Group, same_e: Group, ref: Group) -> Claim:
-    """g reaches ref's accuracy AND travels farther than the same-epochs large-batch run."""
-    acc_v, acc_ev, acc_rule = close_to(g.final("test_acc"), ref.final("test_acc"), TOLERANCE,
-                                       f"final test accuracy of {g.name} reaches {ref.name}")
-    base = mean(same_e.final("dist_init_w"))
-    far_v, far_ev, far_rule = greater(g.final("dist_init_w"), same_e.final("dist_init_w"),
-                                      MORE_FACTOR * base if math.isfinite(base) else 0.0,
-                                      f"W distance of {g.name} > {same_e.name}")
-    ev: dict[str, Any] = {f"acc_{k}": v for k, v in acc_ev.items()}
-    ev.update({f"dist_{k}": v for k, v in far_ev.items()})
-    return Claim(cid, text + ": it travels farther and reaches the small-batch accuracy",
-                 combine([acc_v, far_v]), ev,
-                 f"both parts must hold — (1) {acc_rule}; (2) {far_rule} (min effect = "
-                 f"{MORE_FACTOR:.0%} of the same-epochs distance)")
+def _distance_at_steps(long_run: Any, ref_run: Any) -> float:
+    """W of the long run at exactly the reference's step count (epochs of different batch
+    sizes do not align; linear interpolation between epochs)."""
+    steps = np.array([nan_float(e.get("steps")) for e in long_run.epochs])
+    dist = np.array([nan_float(e.get("dist_init_w")) for e in long_run.epochs])
+    s_ref = nan_float(ref_run.epochs[-1].get("steps")) if ref_run.epochs else float("nan")
+    ok = np.isfinite(steps) & np.isfinite(dist)
+    if ok.sum() >= 2 and math.isfinite(s_ref) and s_ref <= steps[ok][-1]:
+        return float(np.interp(s_ref, steps[ok], dist[ok]))
+    return float("nan")
 
 
 def _heatmaps(bss: list[int], lrs: list[float], W: np.ndarray, B: np.ndarray,

@@ -532,4 +532,4 @@ def _summary(rows, fits, forms, dec_rows, o, cfg, T) -> str:
 
 
 EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", run,
-                        description=__doc__ or "")
+                        description=__doc__ or "", mlp_only="its trials run on the fused/deferred MLP engines")

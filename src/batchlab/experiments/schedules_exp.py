@@ -65,7 +65,7 @@ def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
         "smith": apply_preset("smith", base, max_batch=n_train),
         "hoffer": apply_preset("hoffer", base, batch_size=big),
     }
-    if s.get("gbn"):
+    if s.get("gbn") and s.get("model", "mlp") == "mlp":  # BatchNorm arms: the built-in MLP's
         bn = {**base, "batchnorm": True}
         arms["small-bn"] = bn
         arms["hoffer-gbn"] = apply_preset("hoffer", bn, batch_size=big)
@@ -75,7 +75,7 @@ def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
 def run(ctx: Context) -> Output:
     from batchlab.engine.train import get_data, resolve_device
 
-    s = settings(ctx)
+    s = {**settings(ctx), "model": ctx.model or "mlp"}
     probe = ctx.config()
     n_train = get_data(probe, resolve_device(probe.device)).n_train
     arms = arm_fields(s, n_train)

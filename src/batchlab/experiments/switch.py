@@ -4,8 +4,11 @@
 (c) 1024 for 1 epoch, then 64 for E; (d) 1024 for E, then 64 for E; (e) 1024 for 2E with the
 lr x10 from epoch E+1. The figure shows the last E epochs of each run, as in the study.
 
-Claim: switching to a smaller batch or a larger lr at any time reaches the small-batch accuracy
-(c, d, e each reach a within a tolerance), and it is the switch that does it (b stays below a).
+Claim S3: switching to a smaller batch or a larger lr at any time reaches the small-batch
+accuracy. Primary: c, d and e each reach a — the difference of test accuracies lies within
++-ACC_TOL (an equivalence; the study: all three reach 98%). Secondary: each is at least as good
+as a - ACC_TOL (non-inferiority), and the control b (no switch, as many epochs as d and e)
+stays below a, so it is the switch, not the extra epochs, that recovers the accuracy.
 """
 
 from __future__ import annotations
@@ -13,26 +16,31 @@ from __future__ import annotations
 from batchlab.config import Phase
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.study import (
     ACC_METRICS,
+    ACC_TOL,
     BASE_LR,
-    Group,
     Study,
+    acc_difference,
+    acc_interval,
     accuracy_figure,
-    claim,
     curves_csv,
+    per_seed,
     pm,
     run_rows,
     zoom_floor,
 )
-from batchlab.experiments.verdicts_legacy import close_to, combine, greater
+from batchlab.experiments.verdicts import above, within
 
 NAME = "switch"
-TOLERANCE = 0.005
-MIN_EFFECT = 0.005
 LR_FACTOR = 10.0
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "dist_init")
+# the registry's settings of the three switches (findings.STUDY_NUMBERS)
+STUDY_SETTINGS = ("bs 1024 for 1 epoch, then bs 64 for 30",
+                  "bs 1024 for 30 epochs, then bs 64 for 30",
+                  "bs 1024 for 30 epochs, then lr x10 for 30")
 
 
 def specs(st: Study, small: int, large: int) -> dict[str, dict]:
@@ -53,7 +61,7 @@ def specs(st: Study, small: int, large: int) -> dict[str, dict]:
 
 
 def run(ctx: Context) -> Output:
-    st = Study(ctx, extra_options=("batch_sizes",))
+    st = Study(ctx)
     batches = st.list_option("batch_sizes", (64, 1024), int)
     if len(batches) != 2:
         raise ConfigError("switch takes exactly two batch sizes (small, large)")
@@ -69,29 +77,31 @@ def run(ctx: Context) -> Output:
               "train acc (%)": pm(g.final("train_acc"), 100),
               "test loss": pm(g.final("test_loss"), 1, 4)} for g in gl]
 
-    def reaches(g: Group) -> tuple[str, dict, str]:
-        return close_to(g.final("test_acc"), a.final("test_acc"), TOLERANCE,
-                        f"final test accuracy of {g.name} reaches that of {a.name}")
-
-    parts = [reaches(g) for g in (c, d, e)]
-    claims = [
-        claim("switch-early", f"after 1 epoch at batch {large}, switching to {small} reaches "
-              "the small-batch accuracy", parts[0]),
-        claim("switch-late", f"after E epochs at batch {large}, switching to {small} reaches "
-              "the small-batch accuracy", parts[1]),
-        claim("switch-lr", f"after E epochs at batch {large}, raising the lr x{LR_FACTOR:g} "
-              "reaches the small-batch accuracy", parts[2]),
-        claim("switch-control", f"training at batch {large} for 2E epochs without a switch "
-              "stays below the small-batch accuracy (the switch, not extra epochs, recovers it)",
-              greater(a.final("test_acc"), b.final("test_acc"), MIN_EFFECT,
-                      f"final test accuracy of {a.name} > {b.name}")),
-    ]
-    overall = combine([p[0] for p in parts] + [claims[-1].verdict])
-    claims.append(claim(
-        "switch-not-trapped", "starting with a large batch does not trap the model",
-        (overall, {"parts": [cl.id for cl in claims]},
-         "reproduced if switch-early, switch-late, switch-lr and switch-control are all "
-         "reproduced; not reproduced if any is not; else inconclusive")))
+    _, n_test = st.sizes(gl)
+    ev = per_seed(**{f"test_acc {g.name}": g.final("test_acc") for g in gl})
+    cases = (("switch-early", c, f"after 1 epoch at batch {large}, switching to {small}"),
+             ("switch-late", d, f"after E epochs at batch {large}, switching to {small}"),
+             ("switch-lr", e, f"after E epochs at batch {large}, raising the lr x{LR_FACTOR:g}"))
+    claims: list[Claim] = []
+    for cid, g, text in cases:
+        iv = acc_difference(g, a, n_test)
+        what = f"test accuracy of {g.name} minus {a.name}"
+        claims.append(Claim(cid, "S3", f"{text} reaches the small-batch accuracy", iv,
+                            within(ACC_TOL), what, ev,
+                            reading=f"'reaches 98%': equivalence within +-{ACC_TOL:g}",
+                            primary=True))
+        claims.append(Claim(cid + "-at-least", "S3", f"{text} is at least as accurate as the "
+                            "small batch", iv, above(-ACC_TOL), what, ev,
+                            reading=f"non-inferiority: no worse than {ACC_TOL:g} below",
+                            primary=False))
+    claims.append(Claim(
+        "switch-control", "S3", f"training at batch {large} for 2E epochs without a switch "
+        "stays below the small-batch accuracy (the switch, not extra epochs, recovers it)",
+        acc_difference(a, b, n_test), above(0.0), f"test accuracy of {a.name} minus {b.name}",
+        ev, reading="the study's control: bs 1024 for 60 epochs", primary=False))
+    numbers = [st.number("S3", "test accuracy", setting, acc_interval(g, n_test), [g],
+                         f"{g.name} (study: E = 30 on 60k)")
+               for setting, g in zip(STUDY_SETTINGS, (c, d, e))]
     summary = (f"Batch {small} vs {large} at lr {BASE_LR:g}, E = {st.epochs}; the figure shows "
                f"the last E epochs of each run.\n\n" + st.header(gl)
                + "\n## Final metrics\n\n" + md_table(table))
@@ -103,7 +113,7 @@ def run(ctx: Context) -> Output:
     }
     rows = run_rows(groups, METRICS)
     return Output(rows=rows, summary=summary, claims=claims, figures=figures,
-                  extra_files={"curves.csv": curves_csv(groups, (*ACC_METRICS, "dist_init"))})
+                  study_numbers=numbers, extra_files={"curves.csv": curves_csv(groups, (*ACC_METRICS, "dist_init"))})
 
 
 EXPERIMENT = Experiment(NAME, "Switching batch size or lr mid-training", run,

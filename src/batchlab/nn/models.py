@@ -1,8 +1,9 @@
-"""Models: the MLP of the reproduced study, built so `torch.func.functional_call` works on it.
+"""Models: the MLP of the reproduced study and a LeNet-sized CNN, built so
+`torch.func.functional_call` works on them.
 
-The network ends in log-softmax; the loss is the mean negative log-likelihood, exactly the
-study's setting. Init `glorot` (Xavier-uniform weights, zero biases) gives the 784-1024-1024-10
-net a total weight norm of about 44, the study's starting point.
+Both end in log-softmax; the loss is the mean negative log-likelihood, exactly the study's
+setting. Init `glorot` (Xavier-uniform weights, zero biases) gives the 784-1024-1024-10 net a
+total weight norm of about 44, the study's starting point.
 """
 
 from __future__ import annotations
@@ -54,15 +55,51 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+class CNN(nn.Module):
+    """LeNet-5-sized convolutional net: conv5x5(6)-ReLU-maxpool2, conv5x5(16)-ReLU-maxpool2,
+    then 120-84-n_classes fully connected with ReLU, ending in log-softmax.
+
+    The convolutions are padded ("same"), so any image of at least 4x4 works (28x28 -> 16x7x7,
+    32x32 -> 16x8x8, 8x8 -> 16x2x2). Inputs may come flat ([N, C*H*W], as the built-in datasets
+    are stored) or shaped; they are viewed as [N, C, H, W] with `input_shape` = (C, H, W) or
+    (H, W) for one channel. About 107k parameters on MNIST."""
+
+    def __init__(self, input_shape: tuple[int, ...] = (1, 28, 28), n_classes: int = 10) -> None:
+        super().__init__()
+        shape = tuple(input_shape)
+        if len(shape) == 2:
+            shape = (1, *shape)
+        if len(shape) != 3 or min(shape[1:]) < 4:
+            raise ConfigError(f"the cnn model needs images of shape (C, H, W) or (H, W) with "
+                              f"H, W >= 4, got {tuple(input_shape)}")
+        self.input_shape = shape
+        c, h, w = shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        flat = 16 * (h // 4) * (w // 4)
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, n_classes), nn.LogSoftmax(dim=-1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], *self.input_shape)
+        return self.classifier(self.features(x).flatten(1))
+
+
 def init_weights(model: nn.Module, scheme: str, generator: torch.Generator) -> None:
-    """Initialize every Linear layer in place from `generator` (so init is seed-determined)."""
+    """Initialize every Linear and Conv2d layer in place from `generator` (so init is
+    seed-determined). Fans of a convolution count its kernel: fan_in = C_in*kh*kw."""
     if scheme not in ("glorot", "torch", "kaiming"):
         raise ConfigError(f"unknown init {scheme!r}; choose glorot, torch or kaiming")
     with torch.no_grad():
         for m in model.modules():
-            if not isinstance(m, nn.Linear):
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
                 continue
-            fan_out, fan_in = m.weight.shape
+            rf = m.weight[0, 0].numel() if m.weight.dim() > 2 else 1
+            fan_out, fan_in = m.weight.shape[0] * rf, m.weight.shape[1] * rf
             if scheme == "glorot":
                 a = math.sqrt(6.0 / (fan_in + fan_out))
                 m.weight.uniform_(-a, a, generator=generator)
@@ -91,6 +128,14 @@ def build_mlp(
     model = MLP(input_dim, hidden, n_classes, batchnorm, ghost_batch_size)
     g = torch.Generator().manual_seed(seed)
     init_weights(model, init, g)
+    return model
+
+
+def build_cnn(input_shape: tuple[int, ...], n_classes: int = 10, *, init: str = "glorot",
+              seed: int = 0) -> CNN:
+    """A freshly initialized CNN; the same arguments always give the same weights."""
+    model = CNN(input_shape, n_classes)
+    init_weights(model, init, torch.Generator().manual_seed(seed))
     return model
 
 

@@ -1,6 +1,6 @@
 """Optimizers for the autograd path, built from a TrainConfig.
 
-Parameters are grouped per Linear layer (group name `layerN`, with the layer's norm
+Parameters are grouped per weight layer (Linear, Conv, ...; group name `layerN`, with the layer's norm
 parameters beside it), so layer-wise methods (LARS, curvature-based lrs) and per-layer
 settings see one group per layer. Each group carries `lr_scale`; the engine sets
 `group["lr"] = scheduled_lr * group["lr_scale"]` every step. Further optimizers register
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from batchlab.errors import ConfigError
+from batchlab.measure.layers import layer_groups
 
 Builder = Callable[[Any, list[dict[str, Any]]], torch.optim.Optimizer]
 OPTIMIZERS: dict[str, Builder] = {}
@@ -27,22 +28,6 @@ def register(name: str) -> Callable[[Builder], Builder]:
         return fn
 
     return deco
-
-
-def layer_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """One param group per Linear layer; parameters of other modules (BatchNorm) join the
-    preceding Linear's group. Models without Linear layers get one group."""
-    groups: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for _, mod in model.named_modules():
-        own = [p for p in mod.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
-        if not own:
-            continue
-        if isinstance(mod, nn.Linear) or not groups:
-            groups.append({"params": [], "name": f"layer{len(groups) + 1}", "lr_scale": 1.0})
-        groups[-1]["params"].extend(own)
-        seen.update(id(p) for p in own)
-    return groups
 
 
 @register("sgd")

@@ -1,42 +1,101 @@
-"""`report.html`: one self-contained page (figures embedded as base64, no external assets)
-with a section per experiment: its summary tables, figures and verdicts."""
+"""`report.html`: one self-contained page (figures embedded as base64, no external assets).
+
+It leads with the answer: a table "finding -> verdict -> one-line evidence", grouped by source,
+every finding id of ../shared/study/FINDINGS.md listed (see `answers.RULE` for how a finding's
+verdict follows from its claims), linking to the experiments' sections; then the sources'
+numbers beside ours (`study_numbers.csv`); then every claim; then a section per experiment with
+its summary tables, figures and verdicts.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 from pathlib import Path
+from typing import Any
 
 import markdown
 
 from batchlab.atomic import atomic_write
+from batchlab.experiments import findings
 from batchlab.experiments.outputs import load_claims
+from batchlab.report.answers import RULE, finding_verdicts, one_line, read_numbers
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:3px 8px}
 th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 .reproduced{color:#1a7f37;font-weight:bold}.not_reproduced{color:#cf222e;font-weight:bold}
-.inconclusive{color:#9a6700;font-weight:bold}section{border-top:2px solid #ddd;margin-top:2em}
-code{background:#f6f8fa;padding:1px 4px}
+.inconclusive,.mixed{color:#9a6700;font-weight:bold}.not-run{color:#888}
+section{border-top:2px solid #ddd;margin-top:2em}th.source{text-align:left;background:#e8eef6}
+code{background:#f6f8fa;padding:1px 4px}.small{font-size:85%;color:#555}
 """
+E = html.escape
+
+
+def _verdict_cell(v: str) -> str:
+    return f"<td class='{v.replace(' ', '-')}'>{E(v)}</td>"
+
+
+def findings_table(claims: list[dict[str, Any]]) -> str:
+    """The top table: every finding, grouped by source, its verdict and one line of evidence."""
+    fvs = finding_verdicts(claims)
+    rows = ["<table id='findings'><tr><th>finding</th><th>claim of the source</th>"
+            "<th>verdict</th><th>evidence (claims it rests on: estimate [95% interval] vs "
+            "region)</th><th>where</th></tr>"]
+    for src, title in findings.SOURCES.items():
+        rows.append(f"<tr><th class='source' colspan='5'>{E(src)} — {E(title)}</th></tr>")
+        for fid, text in findings.FINDINGS.items():
+            if not fid.startswith(src) or not fid[len(src):].isdigit():
+                continue
+            fv = fvs[fid]
+            links = ", ".join(f"<a href='#{E(n)}'>{E(n)}</a>" for n in fv.experiments)
+            rows.append(f"<tr><td>{E(fid)}</td><td>{E(text)}</td>{_verdict_cell(fv.verdict)}"
+                        f"<td class='small'>{E(one_line(fv))}</td><td>{links}</td></tr>")
+    rows.append("</table>")
+    counts: dict[str, int] = {}
+    for fv in fvs.values():
+        counts[fv.verdict] = counts.get(fv.verdict, 0) + 1
+    tally = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    return (f"<h2>Findings and verdicts</h2><p>{E(tally)}.</p><p class='small'>{E(RULE)}</p>"
+            + "".join(rows))
+
+
+def numbers_table(rows: list[dict[str, str]]) -> str:
+    """The sources' numbers beside ours, measured at the closest setting this run has."""
+    if not rows:
+        return ""
+    out = ["<h2 id='study-numbers'>The sources' numbers beside ours</h2><p class='small'>Study "
+           "values are facts about the source's own setting (see each note for how close ours "
+           "is), never targets; nothing here feeds a verdict.</p><table><tr><th>finding</th>"
+           "<th>quantity</th><th>study setting</th><th>study</th><th>ours</th>"
+           "<th>95% interval</th><th>our setting</th></tr>"]
+    for r in rows:
+        iv = f"[{r['ci_lo']}, {r['ci_hi']}]" if r.get("ci_lo") or r.get("ci_hi") else ""
+        out.append("<tr>" + "".join(f"<td>{E(str(x))}</td>" for x in (
+            r["finding"], r["quantity"], r["setting"], r["study_value"], r.get("measured") or "—",
+            iv, r.get("match_note", ""))) + "</tr>")
+    out.append("</table>")
+    return "".join(out)
 
 
 def write_report(out: Path, names: list[str], timings: dict[str, float] | None = None,
                  preset: str = "quick") -> Path:
     timings = timings or {}
-    parts = [f"<h1>batchlab report ({html.escape(preset)} preset)</h1>"]
-    overview = ["<table><tr><th>experiment</th><th>claim</th><th>verdict</th></tr>"]
-    sections = []
+    overview = ["<table><tr><th>experiment</th><th>finding</th><th>claim</th><th>verdict</th>"
+                "</tr>"]
+    sections, all_claims = [], []
     for n in names:
         d = out / n
         if not d.exists():
             continue
         claims = load_claims(d / "claims.json") if (d / "claims.json").exists() else []
         for c in claims:
+            all_claims.append({"experiment": n, **c})
+            role = {True: " (primary)", False: " (secondary)"}.get(c.get("primary"), "")
             overview.append(
-                f"<tr><td><a href='#{n}'>{n}</a></td><td>{html.escape(c['claim'])}</td>"
-                f"<td class='{c['verdict']}'>{c['verdict']}</td></tr>")
+                f"<tr><td><a href='#{E(n)}'>{E(n)}</a></td><td>{E(c.get('finding', ''))}</td>"
+                f"<td>{E(c['claim'])}{role}</td>{_verdict_cell(c['verdict'])}</tr>")
         body = markdown.markdown((d / "summary.md").read_text(), extensions=["tables"]) \
             if (d / "summary.md").exists() else ""
         for v in ("not_reproduced", "reproduced", "inconclusive"):
@@ -46,10 +105,11 @@ def write_report(out: Path, names: list[str], timings: dict[str, float] | None =
             f"{base64.b64encode(p.read_bytes()).decode()}'><figcaption>{p.name}</figcaption></figure>"
             for p in sorted(d.glob("*.png")))
         t = f" — {timings[n]:.0f}s" if n in timings else ""
-        sections.append(f"<section id='{n}'><h2>{n}{t}</h2>{body}{imgs}</section>")
+        sections.append(f"<section id='{E(n)}'><h2>{E(n)}{t}</h2>{body}{imgs}</section>")
     overview.append("</table>")
-    parts.append("<h2>All claims</h2>" + "".join(overview))
-    parts.extend(sections)
+    parts = [f"<h1>batchlab report ({E(preset)} preset)</h1>", findings_table(all_claims),
+             numbers_table(read_numbers(out, names)), "<h2>All claims</h2>" + "".join(overview),
+             *sections]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>batchlab report</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     path = out / "report.html"

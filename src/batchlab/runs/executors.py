@@ -22,6 +22,9 @@ def run_configs(configs: Sequence[TrainConfig], store: Store, *, executor: str =
     if executor == "local":
         return run_local(configs, store, label=label, console=console)
     if executor == "ray":
+        if any(c.data is not None or not c.builtin_model for c in configs):
+            raise ConfigError("--executor ray runs the built-in models on built-in datasets; "
+                              "use --executor local for a user's --model/--data")
         try:
             from batchlab.runs.ray_executor import run_ray
         except ImportError as e:
@@ -71,6 +74,7 @@ def _run_one(cfg: TrainConfig, store: Store, label: str | None) -> TrainResult:
 
 
 def _fingerprint(cfg: TrainConfig) -> str:
-    from batchlab.data import load_dataset
+    from batchlab.engine.train import get_data, resolve_device
+    from batchlab.nn.factory import run_fingerprint
 
-    return load_dataset(cfg.dataset, cfg.data_dir).fingerprint
+    return run_fingerprint(cfg, get_data(cfg, resolve_device(cfg.device)))

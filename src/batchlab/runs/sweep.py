@@ -98,14 +98,22 @@ def expand(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[TrainConfig
 
 
 def validate_against_data(configs: Iterable[TrainConfig]) -> None:
-    """Check dataset availability and batch sizes for every config before running any."""
+    """Check dataset availability and batch sizes for every config, and that a user's model
+    takes the data, before running any (so bad input fails before the store is touched)."""
     from batchlab.data import load_dataset
+    from batchlab.data.tensors import load_user
 
+    checked: set[tuple[str, str | None]] = set()
     for c in configs:
-        raw = load_dataset(c.dataset, c.data_dir)
+        raw = load_user(c.data) if c.data is not None else load_dataset(c.dataset, c.data_dir)
         n = len(raw.y_train) if c.max_train is None else min(c.max_train, len(raw.y_train))
         n = int(round(n * (1 - c.val_fraction)))
         for bs in c.batch_sizes():
             if bs > n:
-                raise ConfigError(f"batch size {bs} is larger than the {c.dataset} training "
+                raise ConfigError(f"batch size {bs} is larger than the {c.data or c.dataset} training "
                                   f"set ({n})")
+        if not c.builtin_model and (c.model, c.data) not in checked:
+            from batchlab.engine.train import build_model, get_data, resolve_device
+
+            build_model(c, get_data(c, resolve_device(c.device)))
+            checked.add((c.model, c.data))

@@ -1,0 +1,271 @@
+"""Hessian queries on a model and a data set: top eigenvalues (Lanczos or power iteration),
+Hutchinson's trace and the stochastic-Lanczos-quadrature spectral density.
+
+Determinism: random vectors come from a `torch.Generator` seeded by `seed`, drawn in the same
+order however many probes share a pass, so batching changes nothing but rounding.
+Non-convergence is never returned as a bare number: results carry `converged` and the
+residuals, and `on_fail="raise"` turns it into `ConvergenceError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchlab.errors import BatchlabError, ConfigError
+from batchlab.measure.curvature.krylov import (
+    error_bounds,
+    lanczos,
+    lanczos_many,
+    power_iteration,
+    rademacher,
+    ritz,
+)
+from batchlab.measure.curvature.objective import DEFAULT_MEMORY, Criterion, Data, Objective
+from batchlab.measure.layers import parameter_blocks
+
+DataArg = Data | Iterable[Data]
+
+
+class ConvergenceError(BatchlabError):
+    """An iterative method did not reach its tolerance within its iteration budget."""
+
+
+def in_eval_mode(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Curvature is that of the deterministic function the model computes at evaluation
+    (BatchNorm with running statistics, no dropout); the model's mode is restored after."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args: Any, **kw: Any) -> Any:
+        was = model.training
+        model.eval()
+        try:
+            return fn(model, *args, **kw)
+        finally:
+            model.train(was)
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- eigenvalues
+@dataclass
+class EigenResult:
+    """Top eigenvalues (descending) with their residual norms ||H v - lambda v||."""
+
+    eigenvalues: list[float]
+    residuals: list[float]
+    converged: bool
+    n_hvp: int
+    iterations: int
+    method: str
+    eigenvectors: list[torch.Tensor] | None = None
+    error_bounds: list[float] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)  # top estimate after each iteration
+
+    @property
+    def top(self) -> float:
+        return self.eigenvalues[0]
+
+
+def top_eigenvalues(obj: Objective, k: int, method: str = "lanczos", tol: float = 1e-3,
+                    max_iter: int = 100, seed: int = 0, return_vectors: bool = False,
+                    on_fail: str = "warn", rule: str = "bound") -> EigenResult:
+    """Top-k eigenvalues of `obj`'s Hessian (see `hessian_eigenvalues`); `rule` is Lanczos's
+    stopping rule ("bound" or PyHessian's "change", see `krylov`)."""
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    if k > obj.dim:
+        raise ConfigError(f"k={k} is larger than the number of parameters ({obj.dim})")
+    if tol <= 0 or max_iter < 1:
+        raise ConfigError("tol must be > 0 and max_iter >= 1")
+    if on_fail not in ("warn", "raise", "ignore"):
+        raise ConfigError("on_fail must be warn, raise or ignore")
+    gen = torch.Generator().manual_seed(seed)
+    v0 = rademacher(obj.dim, gen, obj.theta)
+    start = obj.n_hvp
+    if method == "lanczos":
+        steps = max(max_iter, k + 1)
+        alpha, beta, Q, hist, b_next = lanczos(obj.hvp, v0, steps, k=k, tol=tol, rule=rule)
+        values, s = ritz(alpha, beta)
+        m = len(alpha)
+        order = np.argsort(values)[::-1][:k]
+        vals = [float(values[i]) for i in order]
+        res = [float(abs(b_next * s[-1, i])) for i in order]
+        bounds = [float(b) for b in error_bounds(values, s, b_next, k)]
+        converged = all(bd <= tol * max(abs(v), 1e-30) for bd, v in zip(bounds, vals)) or (
+            m == obj.dim)
+        if rule == "change":  # PyHessian's meaning: it stopped on the change of the estimates
+            converged = converged or m < steps
+        vecs = ([(Q.T @ torch.as_tensor(s[:, i], dtype=Q.dtype)) for i in order]
+                if return_vectors else None)
+        result = EigenResult(vals, res, converged, obj.n_hvp - start, m, method, vecs, bounds,
+                             hist)
+    elif method == "power":
+        starts = [v0] + [rademacher(obj.dim, gen, obj.theta) for _ in range(k - 1)]
+        vals, res, vecs, ok, its, hist = power_iteration(obj.hvp, starts, k, tol, max_iter)
+        order = np.argsort(vals)[::-1]
+        result = EigenResult([vals[i] for i in order], [res[i] for i in order], ok,
+                             obj.n_hvp - start, its, method,
+                             [vecs[i] for i in order] if return_vectors else None,
+                             [res[i] for i in order], hist)
+    else:
+        raise ConfigError(f"unknown method {method!r}; use lanczos or power")
+    if not result.converged:
+        msg = (f"{method} did not converge in {result.iterations} iterations: residuals "
+               f"{', '.join(f'{r:.3g}' for r in result.residuals)} for eigenvalues "
+               f"{', '.join(f'{v:.6g}' for v in result.eigenvalues)} (tol {tol:g})")
+        if on_fail == "raise":
+            raise ConvergenceError(msg)
+        if on_fail == "warn":
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return result
+
+
+@in_eval_mode
+def hessian_eigenvalues(model: nn.Module, data: DataArg, k: int = 1, *, method: str = "lanczos",
+                        tol: float = 1e-3, max_iter: int = 100, batch_size: int | None = None,
+                        per_layer: bool = False, return_vectors: bool = False, seed: int = 0,
+                        on_fail: str = "warn", criterion: Criterion | None = None,
+                        memory_budget: int = DEFAULT_MEMORY) -> EigenResult | dict[str, EigenResult]:
+    """Top-k (largest algebraic) Hessian eigenvalues of the mean loss over `data`.
+
+    method: "lanczos" (default; full reorthogonalization, stops when the error bound is below
+    `tol` relative) or "power" (with deflation; stops when the residual is below `tol` relative;
+    converges to the largest-magnitude eigenvalue). `max_iter` bounds the iterations (= Hessian-
+    vector products). `batch_size` = samples per chunk of the product (default: the memory rule
+    of `objective`). `per_layer=True` returns {layer name: result} for each diagonal block (the
+    Hessian of the loss in that layer's parameters with the others fixed). `on_fail`: "warn"
+    (default), "raise" (ConvergenceError) or "ignore"; the result always carries `converged`
+    and residuals. `criterion`: the loss (default NLL of log-probabilities).
+    """
+    if per_layer:
+        out = {}
+        for name, names in parameter_blocks(model).items():
+            obj = Objective(model, data, criterion=criterion, names=names, batch_size=batch_size,
+                            memory_budget=memory_budget)
+            out[name] = top_eigenvalues(obj, k, method, tol, max_iter, seed, return_vectors,
+                                        on_fail)
+        return out
+    obj = Objective(model, data, criterion=criterion, batch_size=batch_size,
+                    memory_budget=memory_budget)
+    return top_eigenvalues(obj, k, method, tol, max_iter, seed, return_vectors, on_fail)
+
+
+# ----------------------------------------------------------------------------- trace
+@dataclass
+class TraceResult:
+    estimate: float
+    stderr: float
+    n_samples: int
+    samples: list[float]
+
+
+def hutchinson(obj: Objective, n_samples: int, seed: int = 0, tol: float | None = None,
+               draw: int = 16) -> list[float]:
+    """z^T H z for up to `n_samples` Rademacher probes, drawn `draw` at a time and multiplied
+    by `obj.hvp_many` (which batches them as its `probes_per_pass` says). With `tol`
+    (PyHessian's meaning) it stops at the first probe where the running mean changed by less
+    than tol (|previous mean| + 1e-6); the probes are the same either way."""
+    gen = torch.Generator().manual_seed(seed)
+    vals: list[float] = []
+    mean = 0.0
+    while len(vals) < n_samples:
+        b = min(max(1, draw), n_samples - len(vals))
+        Z = torch.stack([rademacher(obj.dim, gen, obj.theta) for _ in range(b)])
+        for q in (Z * obj.hvp_many(Z)).sum(1).tolist():
+            vals.append(q)
+            new = float(np.mean(vals))
+            if tol is not None and abs(new - mean) / (abs(mean) + 1e-6) < tol:
+                return vals
+            mean = new
+    return vals
+
+
+@in_eval_mode
+def hessian_trace(model: nn.Module, data: DataArg, *, n_samples: int = 100, seed: int = 0,
+                  batch_size: int | None = None, probes_per_pass: int | None = None,
+                  tol: float | None = None, criterion: Criterion | None = None,
+                  memory_budget: int = DEFAULT_MEMORY) -> TraceResult:
+    """Hutchinson's estimator tr(H) = E[z^T H z], z Rademacher; returns the mean over
+    `n_samples` probes (fewer if `tol` stops it, PyHessian's rule) and its standard error
+    (sd / sqrt(n)). `probes_per_pass` probes share one double backward (default: the
+    measured choice of `objective`); the probes, hence the estimate, do not depend on it."""
+    if n_samples < 2:
+        raise ConfigError("n_samples must be at least 2 (the standard error needs two)")
+    obj = Objective(model, data, criterion=criterion, batch_size=batch_size,
+                    memory_budget=memory_budget, probes_per_pass=probes_per_pass)
+    vals = hutchinson(obj, n_samples, seed, tol)
+    a = np.asarray(vals)
+    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else math.nan
+    return TraceResult(float(a.mean()), se, len(a), vals)
+
+
+# ----------------------------------------------------------------------------- density
+@dataclass
+class SpectralDensity:
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray  # Ritz values, one row per probe vector
+    weights: np.ndarray  # quadrature weights (each row sums to 1)
+    sigma: float
+
+
+def slq_nodes(obj: Objective, n_vectors: int, n_steps: int, seed: int = 0
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(Ritz values, weights) of `n_vectors` Lanczos runs from Rademacher starts, run in lock
+    step (their products batched) in groups whose bases fit the memory budget."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.stack([rademacher(obj.dim, gen, obj.theta) for _ in range(n_vectors)])
+    basis_bytes = min(n_steps, obj.dim) * obj.dim * obj.theta.element_size()
+    per_group = max(1, int(obj.budget // max(basis_bytes, 1)))
+    out = []
+    for group in starts.split(per_group):
+        for alpha, beta in lanczos_many(obj.hvp_many, group, n_steps):
+            values, s = ritz(alpha, beta)
+            out.append((values, s[0, :] ** 2))
+    return out
+
+
+@in_eval_mode
+def spectral_density(model: nn.Module, data: DataArg, *, n_vectors: int = 1, n_steps: int = 80,
+                     n_grid: int = 1000, sigma: float | None = None, seed: int = 0,
+                     batch_size: int | None = None, criterion: Criterion | None = None,
+                     memory_budget: int = DEFAULT_MEMORY) -> SpectralDensity:
+    """Eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al., PyHessian): for
+    each Rademacher probe, `n_steps` Lanczos steps give nodes (Ritz values) and weights (squared
+    first components of the Ritz vectors); the density is their Gaussian-smoothed average.
+    `sigma` defaults to 1% of the spectral range. The density integrates to 1 over the grid,
+    which spans the nodes +- 5 sigma."""
+    if n_vectors < 1 or n_steps < 1:
+        raise ConfigError("n_vectors and n_steps must be at least 1")
+    obj = Objective(model, data, criterion=criterion, batch_size=batch_size,
+                    memory_budget=memory_budget)
+    runs = slq_nodes(obj, n_vectors, n_steps, seed)
+    return smooth_density([r for r, _ in runs], [w for _, w in runs], n_grid, sigma)
+
+
+def smooth_density(nodes: Sequence[np.ndarray], weights: Sequence[np.ndarray], n_grid: int,
+                   sigma: float | None) -> SpectralDensity:
+    """The Gaussian-smoothed average of the runs' quadrature rules on a grid."""
+    n_vectors = len(nodes)
+    m = max(len(r) for r in nodes)
+    N = np.full((n_vectors, m), np.nan)
+    W = np.zeros((n_vectors, m))
+    for i, (r, w) in enumerate(zip(nodes, weights)):
+        N[i, : len(r)], W[i, : len(w)] = r, w
+    lo, hi = float(np.nanmin(N)), float(np.nanmax(N))
+    sig = sigma if sigma is not None else max(0.01 * (hi - lo), 1e-12)
+    grid = np.linspace(lo - 5 * sig, hi + 5 * sig, n_grid)
+    dens = np.zeros_like(grid)
+    for r, w in zip(nodes, weights):
+        dens += (w[None, :] * np.exp(-((grid[:, None] - r[None, :]) ** 2) / (2 * sig**2))).sum(1)
+    dens /= n_vectors * sig * math.sqrt(2 * math.pi)
+    return SpectralDensity(grid, dens, N, W, sig)

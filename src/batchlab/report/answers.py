@@ -1,0 +1,108 @@
+"""The answer first: one verdict per finding of ../shared/study/FINDINGS.md, computed from the
+claims of a run, and the sources' numbers beside ours.
+
+The rule (also printed in the report): a finding's verdict rests on its primary claims, or on
+all of its claims when none is marked primary. It is reproduced if every one of them is,
+not_reproduced if every one of them is not, "mixed" if some are reproduced and some are not,
+and inconclusive otherwise (at least one inconclusive and no conflict). A finding no claim of
+this run names is "not run".
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchlab.experiments import findings
+
+NOT_RUN, MIXED = "not run", "mixed"
+RULE = ("A finding's verdict rests on its primary claims (all of its claims when none is marked "
+        "primary): reproduced if every one is reproduced, not_reproduced if every one is "
+        "not_reproduced, mixed if some are reproduced and some not, inconclusive otherwise; "
+        "not run if no claim of this run tests it. Each claim's own verdict: reproduced iff its "
+        "whole 95% interval lies in the claimed region, not_reproduced iff wholly outside, "
+        "else inconclusive.")
+
+
+@dataclass
+class FindingVerdict:
+    finding: str
+    verdict: str
+    basis: list[dict[str, Any]] = field(default_factory=list)  # the claims it rests on
+    others: int = 0  # claims naming the finding that it does not rest on
+
+    @property
+    def experiments(self) -> list[str]:
+        return sorted({c.get("experiment", "") for c in self.basis} - {""})
+
+
+def ids_of(claim: dict[str, Any]) -> list[str]:
+    return [f.strip() for f in str(claim.get("finding", "")).split(",") if f.strip()]
+
+
+def combine(verdicts: list[str]) -> str:
+    """The finding-level rule on the verdicts of the claims it rests on."""
+    if not verdicts:
+        return NOT_RUN
+    kinds = set(verdicts)
+    if kinds == {"reproduced"}:
+        return "reproduced"
+    if kinds == {"not_reproduced"}:
+        return "not_reproduced"
+    if {"reproduced", "not_reproduced"} <= kinds:
+        return MIXED
+    return "inconclusive"
+
+
+def finding_verdicts(claims: list[dict[str, Any]]) -> dict[str, FindingVerdict]:
+    """Every finding id of the registry (in its order) with its verdict under the rule."""
+    out: dict[str, FindingVerdict] = {}
+    for fid in findings.FINDINGS:
+        named = [c for c in claims if fid in ids_of(c)]
+        primary = [c for c in named if c.get("primary") is True]
+        basis = primary or named
+        out[fid] = FindingVerdict(fid, combine([c["verdict"] for c in basis]), basis,
+                                  len(named) - len(basis))
+    return out
+
+
+def _num(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "?"
+    return f"{v:.3g}" if isinstance(v, (int, float)) else str(v)
+
+
+def one_line(fv: FindingVerdict) -> str:
+    """A one-line summary of the claims a verdict rests on (estimate, interval, region)."""
+    parts = []
+    for c in fv.basis[:2]:
+        lo, hi = c["ci"]
+        region = next(iter(c["region"].items()))
+        where = (f"in [{_num(region[1][0])}, {_num(region[1][1])}]" if region[0] == "between"
+                 else f"{'>=' if region[0] == 'above' else '<='} {_num(region[1])}")
+        parts.append(f"{c['id']}: {_num(c['estimate'])} [{_num(lo)}, {_num(hi)}] {where} "
+                     f"({c['verdict']})")
+    more = len(fv.basis) - len(parts)
+    if more > 0:
+        parts.append(f"+{more} more")
+    if fv.others:
+        parts.append(f"{fv.others} secondary")
+    return "; ".join(parts)
+
+
+def read_numbers(out: Path, names: list[str]) -> list[dict[str, str]]:
+    """The study-numbers rows: OUT/study_numbers.csv (written by `reproduce`), else the union of
+    the experiments' own files (a measured row wins over an unmeasured one)."""
+    files = [out / "study_numbers.csv"] if (out / "study_numbers.csv").exists() else \
+        [out / n / "study_numbers.csv" for n in names if (out / n / "study_numbers.csv").exists()]
+    rows: dict[tuple[str, str, str], dict[str, str]] = {}
+    for f in files:
+        for r in csv.DictReader(io.StringIO(f.read_text())):
+            k = (r["finding"], r["quantity"], r["setting"])
+            if k not in rows or (not rows[k].get("measured") and r.get("measured")):
+                rows[k] = r
+    return list(rows.values())

@@ -1,0 +1,163 @@
+"""User code: a model factory and a data loader named `module:function`, loaded and checked.
+
+The contract (the same for `train`, `sweep`, `experiment`, `reproduce` and `recommend`):
+- `--model module:factory`: `factory()` returns a `torch.nn.Module` mapping a batch of inputs to
+  `[batch, n_classes]` logits or log-probabilities;
+- `--data module:loader`: `loader()` returns `(X, y)` or `(X_train, y_train, X_test, y_test)`,
+  tensors or arrays, `y` integer class labels.
+The module is imported from `sys.path` (PYTHONPATH) or the current directory. Every failure in
+user code becomes one line naming the spec, never a traceback: it is the user's to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from batchlab.errors import BatchlabError, DataError
+
+BUILTIN_MODELS = ("mlp", "cnn")
+MIN_EXAMPLES = 64
+
+
+def is_spec(value: str) -> bool:
+    """`module:attribute` with both parts non-empty."""
+    mod, sep, attr = value.partition(":")
+    return bool(sep and mod.strip() and attr.strip())
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e)
+    return s.splitlines()[0] if s else ""
+
+
+def load_object(spec: str, what: str) -> Any:
+    """Import `module:attribute` (the module from sys.path / PYTHONPATH or the current dir)."""
+    if not is_spec(spec):
+        raise BatchlabError(f"--{what} expects module:function, got {spec!r}")
+    mod_name, attr = spec.split(":", 1)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # any failure while importing user code is the user's to fix
+        raise BatchlabError(f"cannot import {mod_name!r} for --{what}: {type(e).__name__}: "
+                            f"{_first_line(e)}") from None
+    if not hasattr(mod, attr):
+        raise BatchlabError(f"module {mod_name!r} has no attribute {attr!r} (--{what})")
+    obj = getattr(mod, attr)
+    if not callable(obj):
+        raise BatchlabError(f"{spec} is not callable (--{what})")
+    return obj
+
+
+def call_user(fn: Any, spec: str, what: str) -> Any:
+    """Call a user function with no arguments; its exceptions become one-line errors."""
+    try:
+        return fn()
+    except Exception as e:
+        raise BatchlabError(f"{spec} raised {type(e).__name__}: {_first_line(e)} (--{what})") from None
+
+
+def user_model(spec: str) -> nn.Module:
+    """The module `spec` builds (its weights are drawn from torch's global RNG: seed it first)."""
+    m = call_user(load_object(spec, "model"), spec, "model")
+    if not isinstance(m, nn.Module):
+        raise BatchlabError(f"{spec} returned {type(m).__name__}, not a torch.nn.Module (--model)")
+    if not any(p.requires_grad for p in m.parameters()):
+        raise BatchlabError(f"{spec} returned a module without trainable parameters (--model)")
+    return m
+
+
+def _as_tensor(v: Any, spec: str) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    try:
+        return torch.as_tensor(np.asarray(v))
+    except Exception:
+        raise DataError(f"{spec} must return tensors or arrays (--data)") from None
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dim() < 2:
+        raise DataError(f"{part} X must have a batch dimension and features, got shape {tuple(x.shape)}")
+    if y.dim() != 1:
+        raise DataError(f"{part} y must be 1-d class labels, got shape {tuple(y.shape)}")
+    if len(x) != len(y):
+        raise DataError(f"{part} X has {len(x)} rows but y has {len(y)} labels")
+    if y.dtype == torch.bool or y.dtype.is_complex or (
+            y.dtype.is_floating_point and not torch.equal(y, y.round())):
+        raise DataError(f"{part} y must hold integer class labels, got dtype {y.dtype}")
+    if len(y) and int(y.min()) < 0:
+        raise DataError(f"{part} y must hold class labels >= 0, found {int(y.min())}")
+    if not x.dtype.is_floating_point:
+        x = x.float()
+    if not torch.isfinite(x).all():
+        raise DataError(f"{part} X contains NaN or infinite values")
+    return x.float().contiguous(), y.long().contiguous()
+
+
+def user_data(spec: str) -> tuple[torch.Tensor, ...]:
+    """`(X, y)` or `(X_train, y_train, X_test, y_test)` from the loader, as float32 X and int64
+    y on the CPU, validated (shapes, labels, finiteness) with one-line errors."""
+    out = call_user(load_object(spec, "data"), spec, "data")
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 4):
+        raise DataError(f"{spec} must return a pair (X, y) or (X_train, y_train, X_test, y_test), got "
+                        f"{type(out).__name__}{f' of {len(out)}' if isinstance(out, (tuple, list)) else ''}"
+                        f" (--data)")
+    ts = [_as_tensor(v, spec) for v in out]
+    pairs = [_check_pair(ts[0], ts[1], "train" if len(ts) == 4 else "the")]
+    if len(ts) == 4:
+        pairs.append(_check_pair(ts[2], ts[3], "test"))
+        if pairs[0][0].shape[1:] != pairs[1][0].shape[1:]:
+            raise DataError(f"train X has examples of shape {tuple(pairs[0][0].shape[1:])} but test X "
+                            f"of shape {tuple(pairs[1][0].shape[1:])}")
+        if len(pairs[1][1]) == 0:
+            raise DataError("the test part is empty")
+    if len(pairs[0][1]) < MIN_EXAMPLES:
+        raise DataError(f"need at least {MIN_EXAMPLES} training examples, got {len(pairs[0][1])}")
+    labels = torch.cat([p[1] for p in pairs])
+    if int(labels.max()) < 1:
+        raise DataError("y must contain at least two classes")
+    return tuple(t for p in pairs for t in p)
+
+
+def fingerprint_tensors(*tensors: torch.Tensor) -> str:
+    """sha256 over each tensor's dtype, shape and bytes: the content identity of user data."""
+    h = hashlib.sha256()
+    for t in tensors:
+        a = t.detach().cpu().contiguous()
+        h.update(f"{a.dtype}{tuple(a.shape)}".encode())
+        h.update(a.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_model_on_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Run the model on two examples; returns the number of classes. Shape and label errors
+    here are the user's, reported in one line."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x[:2])
+    except Exception as e:
+        raise DataError(f"the model cannot take X of shape {tuple(x.shape[1:])} per example: "
+                        f"{type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"the model must map a batch of 2 examples to [2, n_classes] scores, "
+                        f"got {shape}")
+    c = int(out.shape[1])
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= c:
+        raise DataError(f"labels must lie in [0, {c - 1}] for a model with {c} outputs, found "
+                        f"[{lo}, {hi}]")
+    return c
