@@ -42,10 +42,8 @@ MAX_LINES = 400
 KNOWN: set[str] = {
     'size: batchlab.measure.noise has 481 lines',
     'ui: batchlab.experiments.base imports rich',
-    'ui: batchlab.recommend imports rich',
     'ui: batchlab.runs.executors imports rich',
     'ui: batchlab.runs.ray_executor imports rich',
-    'upward: batchlab.recommend (recommend) imports batchlab.cli (cli)',
 }
 
 

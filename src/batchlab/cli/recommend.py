@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -11,13 +10,43 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
 from batchlab.data.tensors import tensor_data
 from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import recommend
+from batchlab.recommend.run import check_settings
+from batchlab.runs.store import DEFAULT_STORE, Store
 from batchlab.usercode import check_model_on_data, user_data, user_model
+
+
+class StageProgress:
+    """Renders `recommend`'s progress(stage, done, total) callbacks: one transient line per
+    stage on stderr, a bar where the stage has a count."""
+
+    def __init__(self) -> None:
+        self.prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                             MofNCompleteColumn(), TimeElapsedColumn(),
+                             console=Console(stderr=True), transient=True)
+        self.stage: str | None = None
+        self.task: Any = None
+
+    def __call__(self, stage: str, done: int | None, total: int | None) -> None:
+        if stage != self.stage:
+            if self.task is not None:
+                self.prog.remove_task(self.task)
+            self.stage = stage
+            self.task = self.prog.add_task(stage, total=total)
+        self.prog.update(self.task, completed=done or 0, total=total)
+
+    def __enter__(self) -> StageProgress:
+        self.prog.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.prog.stop()
 
 
 def register(app: typer.Typer) -> None:
@@ -29,21 +58,27 @@ def register(app: typer.Typer) -> None:
         data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y).")] = None,
         hidden: Annotated[Optional[str], typer.Option(help="Built-in MLP widths, e.g. 1024,1024.")] = None,
         batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measurement run.")] = 128,
-        lr: Annotated[float, typer.Option(help="lr of the measurement run.")] = 0.1,
+        lr: Annotated[float, typer.Option(help="lr of the measurement run (the lr search starts there).")] = 0.1,
+        lr_search: Annotated[bool, typer.Option("--lr-search/--no-lr-search", help="Search the lr at --batch-size in factors of 2 (fewest steps to the measurement run's loss).")] = True,
         epochs: Annotated[Optional[int], typer.Option(help="Measurement-run epochs (default ~50k examples).")] = None,
         thorough: Annotated[bool, typer.Option("--thorough", help="Also run a small steps-to-target sweep.")] = False,
         max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch size to time.")] = 8192,
         out: Annotated[Path, typer.Option("--out", help="Directory for the figure and JSON.")] = Path("out/recommend"),
         device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-        seed: Annotated[int, typer.Option()] = 0,
+        store: Annotated[Path, typer.Option("--store", help="Results store: keeps the throughput points, timed once per device, model shape and batch size.")] = Path(DEFAULT_STORE),
+        seed: Annotated[int, typer.Option(help="Seed of the measurement run and estimators (0..2**32-1).")] = 0,
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
     ) -> None:
         """Measure the gradient noise scale and throughput; recommend a batch size and lr."""
         from batchlab.config import make_config
         from batchlab.engine.setup import build_model, get_data, resolve_device
 
-        if batch_size < 1 or max_batch < 1 or not (math.isfinite(lr) and lr > 0):
-            raise BatchlabError("--batch-size, --max-batch and --lr must be positive")
+        # settings no measurement can come from are refused before any data is loaded
+        check_settings(base_batch=batch_size, base_lr=lr, epochs=epochs, max_batch=max_batch,
+                       seed=seed, n=max(batch_size, 4))
+        if out.exists() and not out.is_dir():
+            raise BatchlabError(f"--out {out} is a file; give a directory for the figure and JSON")
         dev = resolve_device(device)
         widths = _widths(hidden)
         torch.manual_seed(seed)
@@ -78,10 +113,17 @@ def register(app: typer.Typer) -> None:
             net = build_model(cfg, td)
             name = f"mlp {cfg.hidden} on {dataset}"
         if batch_size > td.n_train:
-            raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training examples")
-        rep = recommend(net, td, device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
-                        thorough=thorough, seed=seed, out_dir=out, model_name=name,
-                        max_batch=max_batch)
+            raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training "
+                                f"examples (--data keeps 10% as the test set)")
+        kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
+                                  thorough=thorough, seed=seed, out_dir=out, model_name=name,
+                                  max_batch=max_batch, tune_lr=lr_search)
+        with Store(store) as st:
+            if quiet:
+                rep = recommend(net, td, store=st, **kw)
+            else:
+                with StageProgress() as show:
+                    rep = recommend(net, td, store=st, progress=show, **kw)
         if as_json:
             sys.stdout.write(json.dumps(rep) + "\n")
         else:
@@ -97,6 +139,11 @@ def _print(rep: dict[str, Any]) -> None:
     t.add_row("batch size (time on this device)", str(rep["recommended_batch_size"]))
     t.add_row("batch size (compute, <=10% extra examples)", str(rep["recommended_batch_size_compute"]))
     t.add_row("learning rate", f"{rep['recommended_lr']:.4g}  [{rep['lr_rule']}]")
+    if rep.get("lr_search"):
+        ls = rep["lr_search"]
+        t.add_row(f"lr at batch {rep['evidence']['measurement_run']['batch_size']} (line search)",
+                  f"{ls['lr']:.4g}: {ls['steps']:.0f} steps to the measurement run's loss "
+                  f"({len(ls['runs'])} lrs tried)")
     t.add_row("critical batch size", f"{rep['critical_batch_size']:.4g}  ({rep['critical_batch_size_source']})")
     t.add_row("B_simple (late measurement run, averaged)",
               f"{ns['b_simple']:.4g}  95% CI [{_f(ci[0])}, {_f(ci[1])}] over {ns['n']} iterates")
@@ -109,6 +156,9 @@ def _print(rep: dict[str, Any]) -> None:
         t.add_row("B_noise (Hessian)", _f(ns["b_noise"]["b_noise"]))
     t.add_row("predicted steps / time", f"{rep['predicted_steps']:.0f} steps, {rep['predicted_seconds']:.3g} s "
               f"to {rep['target']}")
+    if rep.get("measured_steps") is not None:
+        t.add_row("measured steps at the recommendation", f"{rep['measured_steps']:.0f} (lr search "
+                  f"at batch {rep['recommended_batch_size']})")
     if rep["evidence"].get("figure"):
         t.add_row("figure", rep["evidence"]["figure"])
     out.print(t)

@@ -19,11 +19,18 @@ ends, coarser) and lets the lr grid be vectorized.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from batchlab.analysis.scaling import (
+    Outcome,
+    best_per_batch,
+    fit_scaling,
+    outcome,
+    predicted_steps,
+    scaling_efficiency,
+)
 from batchlab.engine.result import TrainResult
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
@@ -35,60 +42,6 @@ QUICK = dict(batch_sizes=[16, 64, 256, 1024], lrs=[0.03, 0.1, 0.3, 1.0], max_epo
 PAPER = dict(batch_sizes=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
              lrs=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], max_epochs=60,
              target_metric="test_acc", target_value=0.97)
-
-
-@dataclass
-class Outcome:
-    """Steps to target of one run, or (not reached) its budget and best value."""
-
-    reached: bool
-    steps: int | None
-    examples: int | None
-    best: float | None
-    budget_steps: int
-
-
-def outcome(res: TrainResult) -> Outcome:
-    cfg = res.config
-    lower = (cfg.target_metric or "").endswith("loss")
-    probe_steps = [e.get("target_step") for e in res.epochs]
-    probe_steps = [int(s) for s in probe_steps if isinstance(s, (int, float)) and math.isfinite(s)]
-    candidates = probe_steps[:1]
-    if res.final.get("target_steps") is not None:
-        candidates.append(int(res.final["target_steps"]))
-    vals = [e.get(cfg.target_metric) for e in res.epochs] + [e.get("target_best") for e in res.epochs]
-    vals = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-    best = (min(vals) if lower else max(vals)) if vals else None
-    budget = int(res.epochs[-1].get("steps", 0)) if res.epochs else 0
-    if res.status != "completed" or not candidates:
-        return Outcome(False, None, None, best, budget)
-    s = min(candidates)
-    return Outcome(True, s, s * cfg.batch_size, best, budget)
-
-
-def fit_scaling(batch_sizes: list[float], steps: list[float]) -> dict[str, float]:
-    """Fit S(B) = S_min + E_min / B to (B, S) points by least squares on log S.
-
-    Returns s_min, e_min, b_crit = E_min/S_min and the rms log residual. Needs 2+ points."""
-    from scipy.optimize import least_squares
-
-    b = np.asarray(batch_sizes, dtype=float)
-    s = np.asarray(steps, dtype=float)
-    if b.size < 2:
-        raise ValueError("fitting S_min and E_min needs at least two batch sizes")
-
-    def resid(theta: np.ndarray) -> np.ndarray:
-        return np.log(np.exp(theta[0]) + np.exp(theta[1]) / b) - np.log(s)
-
-    x0 = np.log([max(s.min() / 2, 1e-9), max((b * s).min() / 2, 1e-9)])
-    sol = least_squares(resid, x0, method="lm" if b.size >= 2 else "trf")
-    s_min, e_min = float(np.exp(sol.x[0])), float(np.exp(sol.x[1]))
-    return {"s_min": s_min, "e_min": e_min, "b_crit": e_min / s_min,
-            "rms_log_residual": float(np.sqrt(np.mean(sol.fun**2)))}
-
-
-def predicted_steps(fit: dict[str, float], batch_size: float) -> float:
-    return fit["s_min"] + fit["e_min"] / batch_size
 
 
 def settings(ctx: Context) -> dict[str, Any]:
@@ -134,47 +87,14 @@ def measure(ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], d
     return rows, best_per_batch(rows), s
 
 
+__all__ = ["Outcome", "best_per_batch", "fit_scaling", "outcome", "predicted_steps",
+           "scaling_efficiency"]
+
+
 def _sec_per_step(res: TrainResult) -> float | None:
     steps = res.final.get("steps")
     secs = res.final.get("train_seconds")
     return secs / steps if steps and secs else None
-
-
-def best_per_batch(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per batch size: the lr with the fewest mean steps to target over seeds (all seeds must
-    reach it); if no lr reaches it, the lr with the best value, marked not reached."""
-    by: dict[tuple[int, float], list[dict]] = {}
-    for r in rows:
-        by.setdefault((r["batch_size"], r["lr"]), []).append(r)
-    best: dict[int, dict[str, Any]] = {}
-    for (bs, lr), rs in sorted(by.items()):
-        reached = all(r["reached"] for r in rs)
-        steps = float(np.mean([r["steps_to_target"] for r in rs])) if reached else math.inf
-        vals = [r["best_value"] for r in rs if r["best_value"] is not None]
-        cand = {"batch_size": bs, "lr": lr, "reached": reached,
-                "steps_to_target": steps if reached else None,
-                "examples_to_target": steps * bs if reached else None,
-                "best_value": float(np.mean(vals)) if vals else None,
-                "budget_steps": max(r["budget_steps"] for r in rs), "seeds": len(rs)}
-        cur = best.get(bs)
-        if cur is None or _better(cand, cur):
-            best[bs] = cand
-    return [best[b] for b in sorted(best)]
-
-
-def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    if a["reached"] != b["reached"]:
-        return a["reached"]
-    if a["reached"]:
-        return a["steps_to_target"] < b["steps_to_target"]
-    return (a["best_value"] or -math.inf) > (b["best_value"] or -math.inf)
-
-
-def scaling_efficiency(best: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Between consecutive reached batch sizes: (S1/S2) / (B2/B1); 1 = perfect scaling."""
-    pts = [(r["batch_size"], r["steps_to_target"]) for r in best if r["reached"]]
-    return [{"from": b1, "to": b2, "efficiency": (s1 / s2) / (b2 / b1)}
-            for (b1, s1), (b2, s2) in zip(pts, pts[1:])]
 
 
 def figure(best: list[dict[str, Any]], fit: dict[str, float] | None, title: str = ""):

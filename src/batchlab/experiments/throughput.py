@@ -17,162 +17,22 @@ S(B) = S_min + E_min/B elsewhere.
 from __future__ import annotations
 
 import math
-import resource
-import sys
-import time
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from batchlab.analysis.throughput import (
+    best_for_time,
+    is_oom,
+    measure,
+    measure_stored,
+    time_to_target,
+)
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
-
-
-def _proc_status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM), so each batch
-    size gets its own peak. Elsewhere the lifetime peak (ru_maxrss) is all there is."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_mb() -> float:
-    cur = _proc_status_mb("VmRSS")
-    return cur if cur is not None else _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1 << 20) if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB else
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    msg = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
-def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int], *,
-            lr: float = 0.01, min_seconds: float = 0.3, max_steps: int = 200, warmup: int = 2,
-            progress: Any = None) -> list[dict[str, Any]]:
-    """Samples/s, s/step and peak memory per batch size for SGD steps on `model` (trained on a
-    copy: the caller's weights are untouched). `progress(i, n)` is called after each size."""
-    import copy
-
-    from batchlab.engine.fused import FusedMLPSGD
-    from batchlab.nn.models import MLP
-
-    dev = x.device
-    rows = []
-    gen = torch.Generator().manual_seed(0)
-    for i, bs in enumerate(sorted(batch_sizes)):
-        net = copy.deepcopy(model).to(dev).train()
-        fused = isinstance(net, MLP) and not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-        row: dict[str, Any] = {"batch_size": bs, "engine": "fused" if fused else "autograd"}
-        rss0 = _rss_mb() if _reset_peak_rss() else _peak_rss_mb()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(dev)
-        try:
-            if fused:
-                stepper = FusedMLPSGD.from_mlps([net])
-
-                def step(xb: torch.Tensor, yb: torch.Tensor, stepper=stepper) -> None:
-                    stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), lr)
-            else:
-                opt = torch.optim.SGD(net.parameters(), lr=lr)
-
-                def step(xb: torch.Tensor, yb: torch.Tensor, net=net, opt=opt) -> None:
-                    loss = F.cross_entropy(net(xb), yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-            n = len(y)
-            steps, t = 0, 0.0
-            for s in range(warmup + max_steps):
-                idx = torch.randint(0, n, (bs,), generator=gen).to(dev)
-                if s == warmup:
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    t0 = time.perf_counter()
-                step(x.index_select(0, idx), y.index_select(0, idx))
-                if s >= warmup:
-                    steps += 1
-                    if dev.type == "cuda" and steps % 10 == 0:
-                        torch.cuda.synchronize(dev)
-                    t = time.perf_counter() - t0
-                    if t >= min_seconds and steps >= 3:
-                        break
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-                t = time.perf_counter() - t0
-            row.update(status="ok", steps=steps, seconds_per_step=t / steps,
-                       samples_per_s=bs * steps / t)
-            if dev.type == "cuda":
-                row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            else:
-                row["peak_rss_mb"] = _peak_rss_mb()
-                row["peak_memory_mb"] = max(0.0, row["peak_rss_mb"] - rss0)  # this size's need
-        except Exception as e:  # OOM is a result to record; anything else is re-raised
-            if not is_oom(e):
-                raise
-            row.update(status="oom", error=str(e).splitlines()[0][:200])
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        finally:
-            del net
-        rows.append(row)
-        if progress:
-            progress(i + 1, len(batch_sizes))
-    return rows
-
-
-def time_to_target(tp: list[dict[str, Any]], steps: dict[int, float],
-                   fit: dict[str, float] | None) -> list[dict[str, Any]]:
-    """Attach steps (measured, else fitted) and predicted seconds to each throughput row."""
-    from batchlab.experiments.steps_to_target import predicted_steps
-
-    out = []
-    for r in tp:
-        r = dict(r)
-        b = r["batch_size"]
-        if b in steps:
-            r["steps_to_target"], r["steps_source"] = steps[b], "measured"
-        elif fit:
-            r["steps_to_target"], r["steps_source"] = predicted_steps(fit, b), "fit"
-        if r.get("status") == "ok" and r.get("steps_to_target") is not None:
-            r["time_to_target_s"] = r["steps_to_target"] * r["seconds_per_step"]
-        out.append(r)
-    return out
-
-
-def best_for_time(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [r for r in rows if r.get("time_to_target_s") is not None]
-    return min(ok, key=lambda r: r["time_to_target_s"]) if ok else None
 
 
 def figure(rows: list[dict[str, Any]]):
@@ -263,7 +123,8 @@ def run(ctx: Context) -> Output:
     grid = ctx.options.get("batch_sizes") or [2**k for k in range(4, 14)]
     grid = [b for b in grid if b <= td.n_train]
     model = build_model(cfg, td)
-    tp = measure(model, td.x_train, td.y_train, grid)
+    # through the store: timed once per device, model shape, batch size and engine
+    tp = measure_stored(model, td.x_train, td.y_train, grid, ctx.store)
     stt_rows, best, _ = stt.measure(ctx)
     reached = [r for r in best if r["reached"]]
     steps = {r["batch_size"]: r["steps_to_target"] for r in reached}
@@ -288,5 +149,7 @@ def run(ctx: Context) -> Output:
     return Output(rows=rows, summary="\n".join(summary), claims=claims,
                   figures={"throughput.png": figure(rows)})
 
+
+__all__ = ["best_for_time", "is_oom", "measure", "time_to_target"]
 
 EXPERIMENT = Experiment("throughput", "Throughput, memory and time to target vs batch size", run)

@@ -1,0 +1,259 @@
+"""Throughput and memory vs batch size on the current device, stored so it is measured once.
+
+A larger batch is cheaper per example only until the device saturates; past that, steps cost
+proportionally more and only the steps saved (steps-to-target) still help. Samples/s is timed
+on the engine `train()` uses (the fused SGD path for batchlab's MLPs, autograd + SGD for other
+models) with resident data and `index_select` batches, after warm-up steps. Peak memory: on
+CUDA `torch.cuda.max_memory_allocated`; on the CPU the growth of the process's peak RSS
+(`ru_maxrss`) while that batch size ran, plus the peak itself (a peak only grows, so batch
+sizes run in increasing order). An out-of-memory error at one batch size is recorded and the
+grid goes on.
+
+`measure_stored` keeps every point in the results store, keyed by what changes it: the device
+(its name and thread count), the model's shape (its module tree and parameter shapes; not its
+weights), the batch size, the engine and the torch version. `recommend`, the throughput
+experiment and the recommend-accuracy benchmark share those points instead of re-timing.
+
+time-to-target(B) = steps-to-target(B) x seconds/step(B), with steps measured where there are
+measurements and from a fitted S(B) = S_min + E_min/B elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchlab.analysis.scaling import predicted_steps
+from batchlab.engine.fused import FusedMLPSGD
+from batchlab.nn.models import MLP
+from batchlab.runs.store import Store
+
+Progress = Callable[[int, int], None]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS throughput (
+    key TEXT PRIMARY KEY,
+    device TEXT NOT NULL,
+    model_sig TEXT NOT NULL,
+    batch_size INTEGER NOT NULL,
+    engine TEXT NOT NULL,
+    row_json TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def engine_for(model: nn.Module) -> str:
+    """The engine `train()` would use for plain SGD on this model."""
+    fused = isinstance(model, MLP) and not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return "fused" if fused else "autograd"
+
+
+def device_signature(device: torch.device) -> str:
+    """What makes a timing on this device comparable: the processor and the threads used."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"cpu:{cpu}:threads={torch.get_num_threads()}"
+
+
+def model_signature(model: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """A hash of the module tree, parameter shapes and per-example input shape (not weights:
+    the time of a step does not depend on their values)."""
+    h = hashlib.sha256(repr(model).encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+    h.update(repr(tuple(input_shape)).encode())
+    return h.hexdigest()[:24]
+
+
+def measure_stored(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int],
+                   store: Store | None, *, progress: Progress | None = None,
+                   **kw: Any) -> list[dict[str, Any]]:
+    """`measure`, but each (device, model shape, batch size, engine) point is read from the
+    store when it is there and written to it when it is measured. Rows carry `cached`."""
+    if store is None:
+        return measure(model, x, y, batch_sizes, progress=progress, **kw)
+    store.ensure_schema(SCHEMA)
+    dev_sig = device_signature(x.device)
+    m_sig = model_signature(model, tuple(x.shape[1:]))
+    engine = engine_for(model)
+    sizes = sorted(batch_sizes)
+
+    def key(bs: int) -> str:
+        payload = json.dumps([dev_sig, m_sig, bs, engine, torch.__version__])
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    have: dict[int, dict[str, Any]] = {}
+    for bs in sizes:
+        row = store.conn.execute("SELECT row_json FROM throughput WHERE key = ?",
+                                 (key(bs),)).fetchone()
+        if row is not None:
+            have[bs] = {**json.loads(row[0]), "cached": True}
+    todo = [b for b in sizes if b not in have]
+    done = len(have)
+
+    def prog(i: int, n: int) -> None:
+        if progress:
+            progress(done + i, len(sizes))
+
+    if progress:
+        progress(done, len(sizes))
+    for r in measure(model, x, y, todo, progress=prog, **kw) if todo else []:
+        with store.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO throughput VALUES (?,?,?,?,?,?,?)",
+                      (key(r["batch_size"]), dev_sig, m_sig, r["batch_size"], engine,
+                       json.dumps(r), time.time()))
+        have[r["batch_size"]] = {**r, "cached": False}
+    return [have[b] for b in sizes]
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to /proc/self/clear_refs resets the peak RSS (VmHWM), so each batch
+    size gets its own peak. Elsewhere the lifetime peak (ru_maxrss) is all there is."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mb() -> float:
+    cur = _proc_status_mb("VmRSS")
+    return cur if cur is not None else _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1 << 20) if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB else
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int], *,
+            lr: float = 0.01, min_seconds: float = 0.3, max_steps: int = 200, warmup: int = 2,
+            progress: Any = None) -> list[dict[str, Any]]:
+    """Samples/s, s/step and peak memory per batch size for SGD steps on `model` (trained on a
+    copy: the caller's weights are untouched). `progress(i, n)` is called after each size."""
+    dev = x.device
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for i, bs in enumerate(sorted(batch_sizes)):
+        net = copy.deepcopy(model).to(dev).train()
+        fused = engine_for(net) == "fused"
+        row: dict[str, Any] = {"batch_size": bs, "engine": "fused" if fused else "autograd"}
+        rss0 = _rss_mb() if _reset_peak_rss() else _peak_rss_mb()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            if fused:
+                stepper = FusedMLPSGD.from_mlps([net])
+
+                def step(xb: torch.Tensor, yb: torch.Tensor, stepper=stepper) -> None:
+                    stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), lr)
+            else:
+                opt = torch.optim.SGD(net.parameters(), lr=lr)
+
+                def step(xb: torch.Tensor, yb: torch.Tensor, net=net, opt=opt) -> None:
+                    loss = F.cross_entropy(net(xb), yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            n = len(y)
+            steps, t = 0, 0.0
+            for s in range(warmup + max_steps):
+                idx = torch.randint(0, n, (bs,), generator=gen).to(dev)
+                if s == warmup:
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    t0 = time.perf_counter()
+                step(x.index_select(0, idx), y.index_select(0, idx))
+                if s >= warmup:
+                    steps += 1
+                    if dev.type == "cuda" and steps % 10 == 0:
+                        torch.cuda.synchronize(dev)
+                    t = time.perf_counter() - t0
+                    if t >= min_seconds and steps >= 3:
+                        break
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                t = time.perf_counter() - t0
+            row.update(status="ok", steps=steps, seconds_per_step=t / steps,
+                       samples_per_s=bs * steps / t)
+            if dev.type == "cuda":
+                row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            else:
+                row["peak_rss_mb"] = _peak_rss_mb()
+                row["peak_memory_mb"] = max(0.0, row["peak_rss_mb"] - rss0)  # this size's need
+        except Exception as e:  # OOM is a result to record; anything else is re-raised
+            if not is_oom(e):
+                raise
+            row.update(status="oom", error=str(e).splitlines()[0][:200])
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        finally:
+            del net
+        rows.append(row)
+        if progress:
+            progress(i + 1, len(batch_sizes))
+    return rows
+
+
+def time_to_target(tp: list[dict[str, Any]], steps: dict[int, float],
+                   fit: dict[str, float] | None) -> list[dict[str, Any]]:
+    """Attach steps (measured, else fitted) and predicted seconds to each throughput row."""
+    out = []
+    for r in tp:
+        r = dict(r)
+        b = r["batch_size"]
+        if b in steps:
+            r["steps_to_target"], r["steps_source"] = steps[b], "measured"
+        elif fit:
+            r["steps_to_target"], r["steps_source"] = predicted_steps(fit, b), "fit"
+        if r.get("status") == "ok" and r.get("steps_to_target") is not None:
+            r["time_to_target_s"] = r["steps_to_target"] * r["seconds_per_step"]
+        out.append(r)
+    return out
+
+
+def best_for_time(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in rows if r.get("time_to_target_s") is not None]
+    return min(ok, key=lambda r: r["time_to_target_s"]) if ok else None
