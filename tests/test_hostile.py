@@ -63,14 +63,18 @@ def test_keys_of_configs_valid_before_the_edge_checks_are_unchanged() -> None:
     complex_ = dict(optimizer="lars", batchnorm=True, ghost_batch_size=32, batch_size=256,
                     warmup_epochs=2.5, decay="step", decay_epochs=[5, 8], decay_factor=0.2,
                     target_metric="test_acc", target_value=0.97, seed=12345,
-                    checkpoint_epochs=[0, 3], lr_multipliers={2: 0.5}, max_train=600,
+                    checkpoint_epochs=[0, 3], lr_multipliers={2: 0.5},
                     schedule=[{"epochs": 3, "batch_size": 128}, {"epochs": 7, "lr": 0.2}],
                     momentum=0.9, weight_decay=5e-4)
     assert [TrainConfig(**f).key("fp") for f in (
         {}, dict(dataset="digits", hidden=[32], epochs=2, batch_size=32, lr=0.1), complex_)] == [
         "aea1047426aa8db2e8f852bdbdd1f5c1492feaaa6c4d71962ad999133f1ad699",
         "3e537215b6f599fc3442aa48270356644f239d2f972703b4a937840e00eaa91b",
-        "34b09201289582a5128ea29a76847a77fa0c44c17fbf43b7be27eb180c97378f"]
+        "93a87ea7d7598ff1dcf9dd332b34e5b0eafe632a7e18d292fd036b231fb4a25b"]
+    # ... except on purpose where the data changed: `max_train` subsets are stratified now (they
+    # were the first rows), so such runs must not be found under their old key
+    assert TrainConfig(**complex_, max_train=600).key("fp") != \
+        "34b09201289582a5128ea29a76847a77fa0c44c17fbf43b7be27eb180c97378f"
 
 
 # -- the CLI under random input ---------------------------------------------------------------------
