@@ -30,6 +30,7 @@ import torch
 
 from batchlab.data import load_dataset, prepare
 from batchlab.measure import noise
+from batchlab.measure.noise_two_batch import b_simple_two_batch
 from batchlab.nn.models import build_mlp
 
 
@@ -63,7 +64,7 @@ def main() -> None:
                                                             method="vmap")),
         "linear": (n_lin, lambda: noise.per_example_sq_norms(model, x[:n_lin], y[:n_lin],
                                                              method="linear")),
-        "two-batch": (4 * 1024, lambda: noise.b_simple_two_batch(
+        "two-batch": (4 * 1024, lambda: b_simple_two_batch(
             model, x, y, b_small=64, b_big=1024, n_batches=4, n_boot=0)),
     }
     # correctness first: the three per-example methods agree on the same examples

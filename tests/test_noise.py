@@ -11,6 +11,8 @@ from torch import nn
 
 from batchlab.config import make_config
 from batchlab.measure import noise
+from batchlab.measure.noise_curvature import b_noise
+from batchlab.measure.noise_two_batch import b_simple_two_batch
 from batchlab.nn.models import build_mlp
 from batchlab.runs.training import train
 
@@ -82,7 +84,7 @@ def regression():
 def test_estimators_agree_with_closed_form(regression):
     model, x, y, true = regression
     per = noise.b_simple(model, x[:4000], y[:4000], loss_fn=_mse, n_boot=500, seed=1)
-    two = noise.b_simple_two_batch(model, x[4000:], y[4000:], b_small=16, b_big=256,
+    two = b_simple_two_batch(model, x[4000:], y[4000:], b_small=16, b_big=256,
                                    n_batches=200, loss_fn=_mse, seed=2)
     assert per.ci[0] <= true <= per.ci[1]
     assert two.ci[0] <= true <= two.ci[1]
@@ -96,7 +98,7 @@ def test_estimators_agree_with_closed_form(regression):
 
 def test_b_noise_equals_b_simple_when_hessian_is_identity(regression):
     model, x, y, true = regression
-    cn = noise.b_noise(model, x[:400], y[:400], x[-20_000:], y[-20_000:], loss_fn=_mse)
+    cn = b_noise(model, x[:400], y[:400], x[-20_000:], y[-20_000:], loss_fn=_mse)
     assert cn.b_noise == pytest.approx(true, rel=0.3)
     assert cn.eps_max == pytest.approx(1.0, rel=0.3)  # |G|^2 / G^T H G with H ~ I
     assert cn.eps_opt(1e9) == pytest.approx(cn.eps_max, rel=1e-6)  # saturates at eps_max
@@ -106,7 +108,7 @@ def test_b_noise_equals_b_simple_when_hessian_is_identity(regression):
 def test_two_batch_rejects_bad_sizes(regression):
     model, x, y, _ = regression
     with pytest.raises(ValueError):
-        noise.b_simple_two_batch(model, x, y, b_small=10, b_big=25, n_batches=2, loss_fn=_mse)
+        b_simple_two_batch(model, x, y, b_small=10, b_big=25, n_batches=2, loss_fn=_mse)
 
 
 # -- probes ---------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, vmap
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(model outputs for a batch, targets) -> mean loss (a 0-d tensor)."""
@@ -83,24 +83,24 @@ class NoiseEstimate:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["ci"] = [_finite_or_none(c) for c in self.ci]
+        d["ci"] = [finite_or_none(c) for c in self.ci]
         for k in ("b_simple", "grad_sq", "trace_sigma"):
-            d[k] = _finite_or_none(d[k])
+            d[k] = finite_or_none(d[k])
         return d
 
 
-def _finite_or_none(v: float) -> float | None:
+def finite_or_none(v: float) -> float | None:
     return float(v) if v is not None and math.isfinite(v) else None
 
 
-def _ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
+def safe_ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
     """tr(Sigma)/|G|^2 where an estimated |G|^2 <= 0 means "noise dominates": +inf."""
     num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.inf)
 
 
-def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
     """Order-statistic percentile interval (works with +inf entries, unlike interpolation)."""
     v = np.sort(values)
     if v.size == 0:
@@ -111,7 +111,7 @@ def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
 
 
 # -- per-example gradients ------------------------------------------------------------------
-def _state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     return params, buffers
@@ -126,7 +126,7 @@ def auto_chunk(model: nn.Module, budget_bytes: int = 64 << 20) -> int:
     return int(max(1, min(256, budget_bytes // (4 * max(n_params(model), 1)))))
 
 
-class _EvalMode:
+class EvalMode:
     """Put a model in eval mode for the duration (per-example BatchNorm has no batch stats)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -144,7 +144,7 @@ def _per_example_grad_fn(model: nn.Module, loss_fn: LossFn
                          ) -> tuple[Callable[..., dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """(g_fn, params): g_fn(params, xs, ys) gives every example's gradient as a dict of
     [c, *shape] tensors, by `vmap(grad(loss of one example))` over `functional_call`."""
-    params, buffers = _state(model)
+    params, buffers = model_state(model)
 
     def loss_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
@@ -163,7 +163,7 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     """
     g_fn, params = _per_example_grad_fn(model, loss_fn)
     chunk = chunk or auto_chunk(model)
-    with _EvalMode(model):
+    with EvalMode(model):
         for xs, ys in zip(x.split(chunk), y.split(chunk)):
             gs = g_fn(params, xs, ys)
             yield torch.cat([g.reshape(len(xs), -1) for g in gs.values()], dim=1)
@@ -175,7 +175,7 @@ def per_example_grads_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     and the benchmark."""
     params = [p for p in model.parameters() if p.requires_grad]
     rows = []
-    with _EvalMode(model):
+    with EvalMode(model):
         for i in range(len(x)):
             loss = loss_fn(model(x[i : i + 1]), y[i : i + 1])
             gs = torch.autograd.grad(loss, params)
@@ -214,7 +214,7 @@ def per_example_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     g_fn, params = _per_example_grad_fn(model, loss_fn)
     chunk = chunk or auto_chunk(model)
     out = []
-    with _EvalMode(model):
+    with EvalMode(model):
         for xs, ys in zip(x.split(chunk), y.split(chunk)):
             gs = g_fn(params, xs, ys)
             sq = sum(torch.linalg.vector_norm(g.reshape(len(xs), -1), dim=1).double() ** 2
@@ -243,7 +243,7 @@ def _sq_norms_linear(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss
             lambda m, gi, go, i=i: out_grads.__setitem__(i, go[0].detach())))
     res = []
     try:
-        with _EvalMode(model):
+        with EvalMode(model):
             for xs, ys in zip(x.split(chunk), y.split(chunk)):
                 xs = xs.clone().requires_grad_(True)  # full backward hooks need a grad input
                 loss = loss_fn(model(xs), ys) * len(xs)  # sum of per-example losses
@@ -296,7 +296,7 @@ def group_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sq_norms: to
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     groups = [g.to(x.device) for g in perm.tensor_split(m)]
-    with _EvalMode(model):
+    with EvalMode(model):
         sums = torch.stack([full_grad(model, x.index_select(0, g), y.index_select(0, g),
                                       loss_fn=loss_fn) * len(g) for g in groups])
     gram = torch.zeros(m, m, dtype=torch.float64, device=sums.device)
@@ -312,13 +312,13 @@ def estimate_from_stats(stats: _GroupStats, *, n_boot: int = 1000, level: float 
                         seed: int = 0, method: str = "per-example") -> NoiseEstimate:
     m = len(stats.size)
     tr, g2 = _estimate(stats, np.ones((1, m)))
-    b = float(_ratio(tr, g2)[0])
+    b = float(safe_ratio(tr, g2)[0])
     ci = (math.nan, math.nan)
     if n_boot > 0 and m > 1:
         rng = np.random.default_rng(seed)
         w = rng.multinomial(m, np.full(m, 1.0 / m), size=n_boot).astype(float)
         trb, g2b = _estimate(stats, w)
-        ci = _percentile_ci(_ratio(trb, g2b), level)
+        ci = percentile_ci(safe_ratio(trb, g2b), level)
     return NoiseEstimate(b_simple=b, grad_sq=float(g2[0]), trace_sigma=float(tr[0]),
                          n=int(stats.size.sum()), ci=ci, method=method, level=level)
 
@@ -347,116 +347,6 @@ def b_simple(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                                method=f"per-example ({used})")
 
 
-# -- the two-batch-size estimator -----------------------------------------------------------
-def b_simple_two_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                       b_small: int, b_big: int, n_batches: int,
-                       loss_fn: LossFn = default_loss, n_boot: int = 1000, level: float = 0.95,
-                       seed: int = 0) -> NoiseEstimate:
-    """McCandlish's unbiased two-batch-size estimator (appendix A) from `n_batches` big batches
-    drawn without replacement from (x, y), each split into B_big/B_small small batches.
-
-    Needs only ordinary mini-batch gradients (the model's own mode: a BatchNorm model sees its
-    batch statistics), so it works for any model."""
-    if b_small < 1 or b_big <= b_small or b_big % b_small:
-        raise ValueError("need 1 <= b_small < b_big with b_big a multiple of b_small")
-    if b_big > len(x):
-        raise ValueError(f"b_big={b_big} exceeds the {len(x)} examples available")
-    gen = torch.Generator().manual_seed(seed)
-    small_sq, big_sq = [], []
-    for _ in range(n_batches):
-        idx = torch.randperm(len(x), generator=gen)[:b_big].to(x.device)
-        gsum: torch.Tensor | None = None
-        s2 = 0.0
-        for part in idx.split(b_small):
-            g = full_grad(model, x.index_select(0, part), y.index_select(0, part), loss_fn=loss_fn)
-            s2 += float(g.double().pow(2).sum())
-            gsum = g.double() if gsum is None else gsum + g.double()
-        k = b_big // b_small
-        small_sq.append(s2 / k)
-        big_sq.append(float((gsum / k).pow(2).sum()))
-    gs, gb = np.asarray(small_sq), np.asarray(big_sq)
-
-    def est(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ms, mb = (w @ gs) / w.sum(1), (w @ gb) / w.sum(1)
-        g2 = (b_big * mb - b_small * ms) / (b_big - b_small)
-        tr = (ms - mb) / (1.0 / b_small - 1.0 / b_big)
-        return tr, g2
-
-    tr, g2 = est(np.ones((1, n_batches)))
-    ci = (math.nan, math.nan)
-    if n_boot > 0 and n_batches > 1:
-        rng = np.random.default_rng(seed)
-        w = rng.multinomial(n_batches, np.full(n_batches, 1.0 / n_batches), size=n_boot)
-        ci = _percentile_ci(_ratio(*est(w.astype(float))), level)
-    return NoiseEstimate(b_simple=float(_ratio(tr, g2)[0]), grad_sq=float(g2[0]),
-                         trace_sigma=float(tr[0]), n=n_batches, ci=ci,
-                         method=f"two-batch ({b_small}/{b_big})", level=level)
-
-
-# -- B_noise with Hessian-vector products ---------------------------------------------------
-@dataclass
-class CurvatureNoise:
-    b_noise: float
-    trace_h_sigma: float  # tr(H Sigma)
-    g_h_g: float  # G^T H G
-    grad_sq: float  # |G|^2 from the same examples
-    eps_max: float  # |G|^2 / G^T H G: greedy optimal step for the noiseless gradient
-    n: int
-    hessian_batch: int
-
-    def eps_opt(self, batch_size: float) -> float:
-        """McCandlish eq. 2.7: optimal lr at batch B = eps_max / (1 + B_noise / B)."""
-        if not (math.isfinite(self.eps_max) and self.eps_max > 0 and self.b_noise > 0):
-            return math.nan
-        return self.eps_max / (1.0 + self.b_noise / batch_size)
-
-    def to_json(self) -> dict:
-        return {k: (_finite_or_none(v) if isinstance(v, float) else v)
-                for k, v in asdict(self).items()}
-
-
-def b_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_h: torch.Tensor,
-            y_h: torch.Tensor, *, loss_fn: LossFn = default_loss, chunk: int | None = None
-            ) -> CurvatureNoise:
-    """B_noise = tr(H Sigma)/(G^T H G) from per-example gradients of (x, y) and the Hessian of
-    the mean loss on the separate batch (x_h, y_h); estimator in the module docstring.
-    Cost: one HVP (about two gradient evaluations on the Hessian batch) per example."""
-    params, buffers = _state(model)
-    names = list(params)
-    shapes = [params[k].shape for k in names]
-    sizes = [params[k].numel() for k in names]
-
-    def loss_h(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_fn(functional_call(model, (p, buffers), (x_h,)), y_h)
-
-    def hvp_flat(v: torch.Tensor) -> torch.Tensor:
-        vd = {k: t.reshape(s) for k, t, s in zip(names, v.split(sizes), shapes)}
-        hv = jvp(grad(loss_h), (params,), (vd,))[1]
-        return torch.cat([hv[k].reshape(-1) for k in names])
-
-    chunk = chunk or max(1, auto_chunk(model) // 2)
-    n = len(x)
-    qs, gsum, sq = [], None, 0.0
-    with _EvalMode(model):
-        for g in per_example_grads(model, x, y, loss_fn=loss_fn, chunk=chunk):
-            hg = vmap(hvp_flat)(g)
-            qs.append((g.double() * hg.double()).sum(1))
-            gsum = g.double().sum(0) if gsum is None else gsum + g.double().sum(0)
-            sq += float(g.double().pow(2).sum())
-        gbar = gsum / n
-        hgbar = hvp_flat(gbar.to(x_h.dtype)).double()
-    q_mean = float(torch.cat(qs).mean())
-    gbhgb = float(gbar @ hgbar)
-    tr_hs = n / (n - 1) * (q_mean - gbhgb)
-    ghg = gbhgb - tr_hs / n
-    tr_s = (sq - n * float(gbar @ gbar)) / (n - 1)
-    g2 = float(gbar @ gbar) - tr_s / n
-    bn = tr_hs / ghg if ghg > 0 else math.inf
-    eps_max = g2 / ghg if ghg > 0 and g2 > 0 else math.nan
-    return CurvatureNoise(b_noise=bn, trace_h_sigma=tr_hs, g_h_g=ghg, grad_sq=g2,
-                          eps_max=eps_max, n=n, hessian_batch=len(x_h))
-
-
 # -- averaging over iterates ----------------------------------------------------------------
 def averaged(points: list[tuple[float, float]], *, n_boot: int = 1000, level: float = 0.95,
              seed: int = 0, method: str = "averaged over iterates") -> NoiseEstimate:
@@ -475,7 +365,7 @@ def averaged(points: list[tuple[float, float]], *, n_boot: int = 1000, level: fl
     if n_boot > 0 and len(a) > 1:
         rng = np.random.default_rng(seed)
         w = rng.multinomial(len(a), np.full(len(a), 1.0 / len(a)), size=n_boot).astype(float)
-        ci = _percentile_ci(_ratio(w @ tr, w @ g2), level)
-    return NoiseEstimate(b_simple=float(_ratio(tr.mean(), g2.mean())), grad_sq=float(g2.mean()),
+        ci = percentile_ci(safe_ratio(w @ tr, w @ g2), level)
+    return NoiseEstimate(b_simple=float(safe_ratio(tr.mean(), g2.mean())), grad_sq=float(g2.mean()),
                          trace_sigma=float(tr.mean()), n=len(a), ci=ci, method=method,
                          level=level)

@@ -36,7 +36,9 @@ from batchlab.atomic import atomic_path, atomic_write
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine.result import Reporter
 from batchlab.errors import BatchlabError, ConfigError
-from batchlab.measure.noise import averaged, b_noise, b_simple, b_simple_two_batch, n_params
+from batchlab.measure.noise import averaged, b_simple, n_params
+from batchlab.measure.noise_curvature import b_noise
+from batchlab.measure.noise_two_batch import b_simple_two_batch
 from batchlab.probes.noise_scale import NoiseScaleProbe
 from batchlab.recommend.decide import critical_batch, decide
 from batchlab.recommend.figure import figure
