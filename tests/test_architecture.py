@@ -39,11 +39,7 @@ RANK = {name: i for i, name in enumerate(LAYERS)}
 MAX_LINES = 400
 
 # Known violations still being removed (each entry: "rule: detail"). Must only shrink.
-KNOWN: set[str] = {
-    'ui: batchlab.experiments.base imports rich',
-    'ui: batchlab.runs.executors imports rich',
-    'ui: batchlab.runs.ray_executor imports rich',
-}
+KNOWN: set[str] = set()
 
 
 def module_name(path: Path) -> str:

@@ -7,13 +7,11 @@ options rejected, and the report leading with every finding's verdict."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, findings, run_experiment
@@ -55,7 +53,7 @@ FINDING_IDS = {"batch-size": {"S1"}, "learning-rate": {"S2"}, "switch": {"S3"},
 
 def _ctx(tmp_path: Path, store: Store, options: dict, seeds: int = SEEDS) -> Context:
     return Context(preset="quick", seeds=seeds, out_dir=tmp_path / "out", store=store,
-                   console=Console(file=io.StringIO()), options={**TINY, **options})
+                   options={**TINY, **options})
 
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,9 @@ def _context(preset: Preset, seeds: int, data_dir: str | None, out: Path, store:
     console = Console(stderr=True, quiet=quiet)
     return Context(preset=preset.value, seeds=seeds, data_dir=data_dir, out_dir=out, store=store,
                    executor=executor.value, ray_address=ray_address, device=device,
-                   console=console, options=options,
-                   model=model, data=data, progress=ProgressBars(console, enabled=not quiet))
+                   log_fn=lambda line: console.print(line, markup=False, highlight=False),
+                   options=options, model=model, data=data,
+                   progress=ProgressBars(console, enabled=not quiet))
 
 
 def _check_out(out: Path) -> None:

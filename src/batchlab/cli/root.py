@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from batchlab.cli.boundary import run_guarded
+from batchlab.cli.progress import ProgressBars
 from batchlab.cli.runs import JsonOpt, StoreOpt, cell, col, print_table, runs_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -169,7 +170,7 @@ def sweep(
     with Store(store) as st:
         results = run_configs(configs, st, executor=executor, ray_address=ray_address,
                               label=f"sweep:{grid.stem}",
-                              console=Console(stderr=True, quiet=quiet or as_json))
+                              progress=ProgressBars(err, enabled=not (quiet or as_json)))
     rows = [{"run_id": r.run_id, "status": r.status, "batch_size": r.config.batch_size,
              "lr": r.config.lr, "seed": r.config.seed, "test_acc": r.final.get("test_acc"),
              "train_acc": r.final.get("train_acc"), "cached": r.cached} for r in results]

@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
@@ -46,7 +44,8 @@ class Context:
     executor: str = "local"
     ray_address: str | None = None
     device: str = "auto"
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    # log(line): one line of running commentary (the CLI prints it to stderr; None: silent)
+    log_fn: Callable[[str], None] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # "cnn" or "module:factory" of a user model (default: the built-in MLP)
     data: str | None = None  # "module:loader" of user data
@@ -86,6 +85,10 @@ class Context:
             raise MLPOnly(f"this experiment runs on the built-in MLP only ({reason}); "
                           f"drop --model {self.model}")
 
+    def log(self, line: str) -> None:
+        if self.log_fn is not None:
+            self.log_fn(line)
+
     def test_size(self, **fields: Any) -> int:
         """Examples in the test set the configs are scored on (for accuracies' binomial error)."""
         from batchlab.engine.setup import get_data, resolve_device
@@ -100,7 +103,7 @@ class Context:
         if self.store is None:
             raise ConfigError("experiments need a results store")
         return run_configs(list(configs), self.store, executor=self.executor,
-                           ray_address=self.ray_address, label=label, console=self.console)
+                           ray_address=self.ray_address, label=label, progress=self.progress)
 
     def out(self, name: str) -> Path:
         d = self.out_dir / name

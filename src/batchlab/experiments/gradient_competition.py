@@ -161,7 +161,7 @@ def _trials(ctx: Context, run: TrialRun, model, data, o: dict[str, Any]) -> dict
             bar(label, done[0], total)
 
     def line(text: str) -> None:
-        ctx.console.print(text, markup=False, highlight=False)
+        ctx.log(text)
 
     return run_trials(run, model, data.x_train, data.y_train, ctx.store,
                       tensor_dir=tdir, keep_tensors=bool(o["keep_tensors"]),

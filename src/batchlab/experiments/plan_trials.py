@@ -87,7 +87,7 @@ def _stored_states(ctx: Context, cfg: TrainConfig, stored_run: Any, e: int, late
         return {}
     plain = Context(preset=ctx.preset, seeds=ctx.seeds, data_dir=ctx.data_dir,
                     out_dir=ctx.out_dir, store=ctx.store, executor="local",
-                    device=ctx.device, console=ctx.console, options=ctx.options)
+                    device=ctx.device, log_fn=ctx.log_fn, options=ctx.options)
     try:
         res = plain.run_many([cfg], label=G.NAME)[0]  # stored: fetched, not trained
         return {"early": res.checkpoint(e), "late": res.checkpoint(late)}

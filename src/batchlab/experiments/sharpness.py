@@ -44,7 +44,7 @@ class Stored:
     def __init__(self, ctx: Context) -> None:
         if ctx.store is None:
             raise ConfigError("sharpness needs a results store")
-        self.meas = Measurements(ctx.store, warn=lambda line: ctx.console.log(line))
+        self.meas = Measurements(ctx.store, warn=ctx.log)
 
     def __call__(self, what: str, models: list[torch.nn.Module], data: list[torch.Tensor],
                  settings: dict[str, Any], compute: Any) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def run(ctx: Context) -> Output:
                                "train_loss": res.final["train_loss"]}
         row.update(_curvature(stored, model, data, seed, p_sub, n_trace))
         rows.append(row)
-        ctx.console.log(f"sharpness seed {seed} {regime}: lambda_max {row['lambda_max']:.4g}, "
+        ctx.log(f"sharpness seed {seed} {regime}: lambda_max {row['lambda_max']:.4g}, "
                         f"sharpness(1e-3) {row['sharp_full_0.001']:.4g}")
 
     ok = [r for r in rows if r.get("status") == "completed"]

@@ -33,8 +33,6 @@ from typing import Any
 
 import ray
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -257,7 +255,7 @@ def _crash_outcome(key: str, error: Exception, max_retries: int) -> RunOutcome:
 
 
 def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None = None,
-            label: str | None = None, console: Console | None = None, max_retries: int = 3,
+            label: str | None = None, progress: Callable[[str, float, float], None] | None = None, max_retries: int = 3,
             num_cpus_per_task: int = 1, num_gpus_per_task: float = 1.0,
             num_cpus: int | None = None, task_hook: TaskHook | None = None
             ) -> list[TrainResult]:
@@ -292,7 +290,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
 
     if todo:
         ensure_ray(address, num_cpus)
-        _submit_and_collect(todo, results, store, label=label, console=console,
+        _submit_and_collect(todo, results, store, label=label, progress=progress,
                             max_retries=max_retries, num_cpus_per_task=num_cpus_per_task,
                             num_gpus_per_task=num_gpus_per_task, task_hook=task_hook,
                             n_cached=len(results))
@@ -300,7 +298,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
 
 
 def _submit_and_collect(todo: dict[str, TrainConfig], results: dict[str, TrainResult],
-                        store: Store, *, label: str | None, console: Console | None,
+                        store: Store, *, label: str | None, progress: Callable[[str, float, float], None] | None,
                         max_retries: int, num_cpus_per_task: int, num_gpus_per_task: float,
                         task_hook: TaskHook | None, n_cached: int) -> None:
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
@@ -316,35 +314,37 @@ def _submit_and_collect(todo: dict[str, TrainConfig], results: dict[str, TrainRe
 
     data_refs: dict[str, ray.ObjectRef] = {}  # one object-store copy per dataset
     pending: dict[ray.ObjectRef, list[str]] = {}  # task -> keys of its runs
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console or Console(stderr=True),
-                  transient=True) as prog:
-        bar = prog.add_task(f"{label or 'runs'} (ray)", total=n_cached + len(todo),
-                            completed=n_cached)
-        try:
-            for unit_keys, cfgs, opts in units:
-                raw = load_dataset(cfgs[0].dataset, cfgs[0].data_dir)
-                if raw.fingerprint not in data_refs:
-                    data_refs[raw.fingerprint] = ray.put(raw)
-                ref = _remote_unit.options(**opts).remote(cfgs, data_refs[raw.fingerprint],
-                                                          num_cpus_per_task, task_hook)
-                pending[ref] = unit_keys
-            while pending:
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                unit_keys = pending.pop(ready[0])
-                try:
-                    outs: list[RunOutcome] = ray.get(ready[0])
-                except ray.exceptions.RayError as e:  # retries exhausted, or escaped the task
-                    outs = [_crash_outcome(k, e, max_retries) for k in unit_keys]
-                for key, out in zip(unit_keys, outs, strict=True):
-                    if out.config_error is not None:
-                        raise ConfigError(out.config_error)
-                    res = _to_result(todo[key], out)
-                    save_result(store, res, label, time.perf_counter() - out.wall_seconds)
-                    results[key] = res
-                    prog.advance(bar)
-        except BaseException:
-            # Ctrl-C or an abort: stop the cluster's work; every stored run is whole
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            raise
+    name, total, done = f"{label or 'runs'} (ray)", n_cached + len(todo), [n_cached]
+
+    def advance() -> None:  # progress(description, done, total): the CLI draws a bar
+        done[0] += 1
+        if progress is not None:
+            progress(name, done[0], total)
+
+    try:
+        for unit_keys, cfgs, opts in units:
+            raw = load_dataset(cfgs[0].dataset, cfgs[0].data_dir)
+            if raw.fingerprint not in data_refs:
+                data_refs[raw.fingerprint] = ray.put(raw)
+            ref = _remote_unit.options(**opts).remote(cfgs, data_refs[raw.fingerprint],
+                                                      num_cpus_per_task, task_hook)
+            pending[ref] = unit_keys
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            unit_keys = pending.pop(ready[0])
+            try:
+                outs: list[RunOutcome] = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # retries exhausted, or escaped the task
+                outs = [_crash_outcome(k, e, max_retries) for k in unit_keys]
+            for key, out in zip(unit_keys, outs, strict=True):
+                if out.config_error is not None:
+                    raise ConfigError(out.config_error)
+                res = _to_result(todo[key], out)
+                save_result(store, res, label, time.perf_counter() - out.wall_seconds)
+                results[key] = res
+                advance()
+    except BaseException:
+        # Ctrl-C or an abort: stop the cluster's work; every stored run is whole
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise
