@@ -214,7 +214,7 @@ def test_two_batch_sizes_are_valid_for_every_small_n():
     assert two_batch_sizes(3) is None
     for n in range(4, 5000):
         b_small, b_big = two_batch_sizes(n)
-        assert 1 <= b_small < b_big <= max(2, n // 2) and b_big % b_small == 0
+        assert b_small >= 1 and b_small < b_big <= max(2, n // 2) and b_big % b_small == 0
     assert two_batch_sizes(461) == (8, 128)  # 512 rows minus the 10% test set: the #14 crash
     assert two_batch_sizes(100_000) == (64, 1024)
 
