@@ -1,13 +1,7 @@
 """Throughput and memory vs batch size on the current device, and time to target.
 
-A larger batch is cheaper per example only until the device saturates; past that, steps cost
-proportionally more and only the steps saved (steps-to-target) still help. Samples/s is timed
-on the engine `train()` uses (the fused SGD path for batchlab's MLPs, autograd + SGD for other
-models) with resident data and `index_select` batches, after warm-up steps. Peak memory: on
-CUDA `torch.cuda.max_memory_allocated`; on the CPU the growth of the process's peak RSS
-(`ru_maxrss`) while that batch size ran, plus the peak itself (a peak only grows, so batch
-sizes run in increasing order). An out-of-memory error at one batch size is recorded and the
-grid goes on.
+How samples/s and peak memory are measured (and stored) is `batchlab.analysis.throughput`'s
+job; see its docstring. This experiment turns the points into claims:
 
 time-to-target(B) = steps-to-target(B) x seconds/step(B), with steps from the steps-to-target
 sweep (through the store: run it first to reuse it) where measured and from its fitted
