@@ -238,3 +238,24 @@ def test_json_stdout_is_one_object_even_when_a_ray_worker_dies(tmp_path: Path) -
     rows = json.loads(proc.stdout)  # the whole of stdout is one JSON document
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert "died" in proc.stderr or "retried" in proc.stderr or "retries" in proc.stderr
+
+
+def test_group_crash_fails_every_run_and_retries_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash escaping a vectorized pass inside a task marks every run of the pass failed, as
+    `run_local` does; no run is then retried on its own (which would hide the crash)."""
+    import batchlab.runs.ray_executor as rx
+    from batchlab.data import load_dataset
+
+    calls: list[int] = []
+
+    def crash(cfgs, td):
+        calls.append(len(cfgs))
+        raise RuntimeError("boom in the pass")
+
+    monkeypatch.setattr(rx, "train_group", crash)
+    monkeypatch.setattr(rx, "_train_one", lambda *a: pytest.fail("retried a run alone"))
+    cfgs = _grid(seeds=(0, 1), batch_sizes=(16,))
+    outs = rx.train_unit(cfgs, load_dataset(cfgs[0].dataset, cfgs[0].data_dir), 1)
+    assert calls == [2]
+    assert [o.status for o in outs] == ["failed", "failed"]
+    assert all("boom in the pass" in o.error for o in outs)

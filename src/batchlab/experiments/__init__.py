@@ -72,7 +72,7 @@ def run_experiment(name: str, ctx: Context) -> tuple[Output, Path]:
     exp = get(name)
     if exp.mlp_only:
         ctx.require_mlp(exp.mlp_only)
-    opts = validate(name, ctx.options)
+    opts = validate(name, exp.options_for(ctx))
     ctx = dataclasses.replace(ctx, opts=opts, options=opts.model_dump(exclude_none=True))
     output = exp.run(ctx)
     path = write_outputs(exp, output, ctx.out(name))

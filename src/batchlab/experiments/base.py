@@ -14,6 +14,9 @@ from batchlab.errors import ConfigError
 from batchlab.runs.store import Store
 
 PRESETS = ("quick", "paper")
+QUICK_HIDDEN = [256, 256]
+"""Hidden widths of the quick preset's non-study experiments (the study's own five keep
+1024-1024): 7x fewer weights, so their whole runs, curvature included, fit the CPU budget."""
 
 
 class MLPOnly(ConfigError):
@@ -89,6 +92,13 @@ class Context:
         if self.log_fn is not None:
             self.log_fn(line)
 
+    def model_name(self, **fields: Any) -> str:
+        """What the configs train, in words, for summaries (presets differ in widths)."""
+        cfg = self.config(**fields)
+        if cfg.model != "mlp":
+            return f"model {cfg.model}"
+        return f"the built-in MLP, hidden widths {'-'.join(map(str, cfg.hidden))}"
+
     def test_size(self, **fields: Any) -> int:
         """Examples in the test set the configs are scored on (for accuracies' binomial error)."""
         from batchlab.engine.setup import get_data, resolve_device
@@ -118,6 +128,17 @@ class Experiment:
     run: Callable[[Context], Output]
     description: str = ""
     mlp_only: str | None = None  # why it needs the built-in MLP (it then refuses other models)
+    # defaults of the quick preset only (the user's --set wins; the paper preset ignores them)
+    quick_options: dict[str, Any] = field(default_factory=dict)
+
+    def options_for(self, ctx: Context) -> dict[str, Any]:
+        """The context's options with this experiment's quick-preset defaults under them.
+        Why: the non-study experiments (sharpness, steps-to-target, schedules, large-batch
+        fixes) train a smaller MLP in the quick preset so that `reproduce` fits its CPU budget;
+        a width only means something for the built-in MLP, so a user's model gets none."""
+        if ctx.paper or ctx.model not in (None, "mlp"):
+            return dict(ctx.options)
+        return {**self.quick_options, **ctx.options}
 
 
 def load_model(res: TrainResult, epoch: int) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 from batchlab.config import Phase
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 
@@ -101,7 +102,8 @@ def run(ctx: Context) -> Output:
     claims = fix_claims(accs, dists, ctx.test_size())
     B = meths["sgd"]["batch_size"]
     summary = (
-        f"Batch size {B}, {meths['sgd']['epochs']} epochs, seeds {seeds}, momentum 0.9. "
+        f"{ctx.model_name()}; batch size {B}, {meths['sgd']['epochs']} epochs, seeds {seeds}, "
+        "momentum 0.9. "
         "Test accuracy at the end of training (mean, sd, range over seeds) and wall time per "
         "run (seconds; timings on a shared CPU). Methods: see the module docstring of "
         "`batchlab.experiments.large_batch_fixes` and `batchlab.nn.layerwise`.\n\n"
@@ -167,4 +169,5 @@ EXPERIMENT = Experiment(
     title="Large-batch fixes: scaling, LARS, CBLR, MCLR, discarding, batch-size schedules",
     run=run,
     description="Seven ways to train at one large batch size, compared over seeds.",
+    quick_options={"hidden": QUICK_HIDDEN},
 )

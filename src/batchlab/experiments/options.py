@@ -149,6 +149,8 @@ class StepsToTarget(Options):
     target_value: float | None = opt("value of the target (default 0.90 quick, 0.97 paper)", allow_inf_nan=False)
     momentum: float | None = opt("momentum (default 0)", ge=0, lt=1)
     fine_steps: bool | None = opt("resolve the step a target is hit within an epoch (default true)")
+    tiny_batch: PositiveInt | None = opt("the too-small batch of P3, run over the lr grid (default 1)")
+    tiny_epochs: PositiveInt | None = opt("epoch budget of the tiny batch (default 2 quick, 5 paper)", le=100_000)
 
 
 class Throughput(StepsToTarget):

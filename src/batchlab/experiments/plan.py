@@ -128,7 +128,7 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
     plans = []
     for name, ctx in items:
-        opts = validate(name, ctx.options)
+        opts = validate(name, get(name).options_for(ctx))
         pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
         pctx = dataclasses.replace(pctx, opts=opts, options=opts.model_dump(exclude_none=True))
         plans.append(_plan_one(name, pctx, probe, workers, planned))

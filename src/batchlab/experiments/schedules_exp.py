@@ -17,6 +17,7 @@ import numpy as np
 from batchlab.engine.presets import apply_preset
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
 
@@ -108,7 +109,7 @@ def run(ctx: Context) -> Output:
         table.append({"arm": a, "basis": ARMS[a][1], "batch_sizes": rs[0]["batch_sizes"],
                       "lr": rs[0]["lr"], "epochs": rs[0]["epochs"], "steps": _mean([r["steps"] for r in rs]),
                       "test_acc": _mean(acc[a]), "train_loss": _mean([r["train_loss"] for r in rs])})
-    summary = (f"Baseline: batch {s['base_batch']}, lr {s['lr']}, {s['epochs']} epochs, lr x "
+    summary = (f"{ctx.model_name()}. Baseline: batch {s['base_batch']}, lr {s['lr']}, {s['epochs']} epochs, lr x "
                f"{s['decay_factor']} at epochs {s['decay_epochs']}; large batch "
                f"{arms['large']['batch_size']}. Seeds: {ctx.seeds}.\n\n"
                + md_table(table, ["arm", "basis", "batch_sizes", "lr", "epochs", "steps",
@@ -177,4 +178,5 @@ def figure(curves: dict[str, list]):
     return fig
 
 
-EXPERIMENT = Experiment("schedules", "Large-batch schedule presets (Goyal, Smith, Hoffer)", run)
+EXPERIMENT = Experiment("schedules", "Large-batch schedule presets (Goyal, Smith, Hoffer)", run,
+                        quick_options={"hidden": QUICK_HIDDEN})

@@ -1,5 +1,6 @@
 """Sharp vs flat minimizers (Keskar et al.): small batch (64) vs large batch (10% of the training
-set) on the default MLP, several seeds, with the same optimizer settings and epoch budget.
+set) on the built-in MLP (hidden 256-256 in the quick preset, the study's 1024-1024 in paper),
+several seeds, with the same optimizer settings and epoch budget.
 
 For each final model: train/test accuracy, Keskar's eps-sharpness (eps 1e-3 and 5e-4, full
 space and a random 100-dim subspace), the top Hessian eigenvalue (Lanczos), the Hessian trace
@@ -27,6 +28,7 @@ from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.measure import curvature as C
@@ -134,7 +136,7 @@ def run(ctx: Context) -> Output:
             "sharp_full_0.0005", f"sharp_sub{p_sub}_0.001", f"sharp_sub{p_sub}_0.0005",
             "lambda_max", "trace", "trace_se"]
     summary = (
-        f"Small batch ({batches['small']}) vs large batch ({batches['large']}, 10% of the "
+        f"{ctx.model_name()}. Small batch ({batches['small']}) vs large batch ({batches['large']}, 10% of the "
         f"{n_train} training samples), SGD momentum 0.9, lr {lr}, {epochs} epochs (small) "
         f"and {large_epochs} epochs (large), "
         f"seeds {seeds}. Curvature on the first {n_curv} training samples: sharpness = "
@@ -321,4 +323,5 @@ EXPERIMENT = Experiment(
     title="Sharpness of small- vs large-batch minimizers",
     run=run,
     description="Keskar's eps-sharpness, Hessian spectrum and interpolation, SB vs LB.",
+    quick_options={"hidden": QUICK_HIDDEN},
 )

@@ -34,32 +34,36 @@ from batchlab.analysis.scaling import (
 from batchlab.engine.result import TrainResult
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
 
 QUICK = dict(batch_sizes=[16, 64, 256, 1024], lrs=[0.03, 0.1, 0.3, 1.0], max_epochs=15,
-             target_metric="test_acc", target_value=0.90)
+             target_metric="test_acc", target_value=0.90, tiny_batch=1, tiny_epochs=2)
 PAPER = dict(batch_sizes=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192],
              lrs=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], max_epochs=60,
-             target_metric="test_acc", target_value=0.97)
+             target_metric="test_acc", target_value=0.97, tiny_batch=1, tiny_epochs=5)
 
 
 def settings(ctx: Context) -> dict[str, Any]:
     s = dict(PAPER if ctx.paper else QUICK, fine_steps=True)
     s.update({k: v for k, v in ctx.options.items() if k in
               ("batch_sizes", "lrs", "max_epochs", "target_metric", "target_value", "momentum",
-               "hidden", "fine_steps")})
+               "hidden", "fine_steps", "tiny_batch", "tiny_epochs")})
     return s
 
 
-def configs(ctx: Context, s: dict[str, Any], n_train: int) -> list:
+def configs(ctx: Context, s: dict[str, Any], n_train: int, tiny: bool = False) -> list:
+    """The grid's configs, or (`tiny`) the tiny batch's: every lr of the grid, a short budget."""
     extra = {"hidden": s["hidden"]} if "hidden" in s else {}
+    batches = [int(s["tiny_batch"])] if tiny else [b for b in s["batch_sizes"] if b <= n_train]
+    epochs = int(s["tiny_epochs"] if tiny else s["max_epochs"])
     out = []
-    for bs in [b for b in s["batch_sizes"] if b <= n_train]:
+    for bs in batches:
         for lr in s["lrs"]:
             for seed in ctx.seed_list:
                 out.append(ctx.config(batch_size=bs, lr=lr, momentum=float(s.get("momentum", 0.0)),
-                                      epochs=int(s["max_epochs"]), seed=seed,
+                                      epochs=epochs, seed=seed,
                                       target_metric=s["target_metric"],
                                       target_value=float(s["target_value"]),
                                       probes=["target_step"] if s["fine_steps"] else [],
@@ -67,15 +71,21 @@ def configs(ctx: Context, s: dict[str, Any], n_train: int) -> list:
     return out
 
 
-def measure(ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Run (or fetch) the sweep. Returns (rows per run, best row per batch size, settings)."""
+Rows = list[dict[str, Any]]
+
+
+def measure(ctx: Context) -> tuple[Rows, Rows, dict[str, Any], Rows]:
+    """Run (or fetch) the sweep. Returns (rows per run of the grid, best row per batch size,
+    settings, rows of the tiny batch's runs). The tiny batch (P3: batch 1 trains poorly) is
+    kept out of the grid's fit: its budget is short because its epochs are slow."""
     from batchlab.engine.setup import get_data, resolve_device
 
     s = settings(ctx)
     probe_cfg = ctx.config()
     n_train = get_data(probe_cfg, resolve_device(probe_cfg.device)).n_train
     cfgs = configs(ctx, s, n_train)
-    results = ctx.run_many(cfgs, label="steps-to-target")
+    tiny = configs(ctx, s, n_train, tiny=True)
+    results = ctx.run_many(cfgs + tiny, label="steps-to-target")  # one call: one plan, one bar
     rows = []
     for res in results:
         o = outcome(res)
@@ -84,7 +94,8 @@ def measure(ctx: Context) -> tuple[list[dict[str, Any]], list[dict[str, Any]], d
                      "steps_to_target": o.steps, "examples_to_target": o.examples,
                      "best_value": o.best, "budget_steps": o.budget_steps,
                      "seconds_per_step": _sec_per_step(res)})
-    return rows, best_per_batch(rows), s
+    grid = rows[:len(cfgs)]
+    return grid, best_per_batch(grid), s, rows[len(cfgs):]
 
 
 __all__ = ["Outcome", "best_per_batch", "fit_scaling", "outcome", "predicted_steps",
@@ -130,25 +141,35 @@ def figure(best: list[dict[str, Any]], fit: dict[str, float] | None, title: str 
 
 
 def noise_check(ctx: Context, best: list[dict[str, Any]], s: dict[str, Any]) -> dict[str, Any] | None:
-    """B_simple at the target, on the model of the smallest reached batch size's best run
-    (retrained with the noise-scale probe; through the store, so once)."""
+    """B_simple along the smallest reached batch size's best run, retrained with the
+    noise-scale probe for the whole epoch budget (through the store, so once). It does not stop
+    at the target, so G3 sees the noise scale over the whole fall of the loss (a run stopped at
+    the target has two or three epochs); G2 reads B_simple at the first epoch past the target."""
     reached = [r for r in best if r["reached"]]
     if not reached:
         return None
     r0 = reached[0]
     extra = {"hidden": s["hidden"]} if "hidden" in s else {}
     cfg = ctx.config(batch_size=r0["batch_size"], lr=r0["lr"], epochs=int(s["max_epochs"]),
-                     momentum=float(s.get("momentum", 0.0)), target_metric=s["target_metric"],
-                     target_value=float(s["target_value"]), probes=["noise_scale"], seed=0,
+                     momentum=float(s.get("momentum", 0.0)), probes=["noise_scale"], seed=0,
                      **extra)
     res = ctx.run_many([cfg], label="steps-to-target:noise")[0]
     vals = [(e["epoch"], e.get("b_simple_avg", e.get("b_simple"))) for e in res.epochs
             if e.get("b_simple_avg", e.get("b_simple")) is not None]
     if not vals:
         return None
+    metric, target = s["target_metric"], float(s["target_value"])
+    lower = metric.endswith("loss")
+
+    def hit(e: dict[str, Any]) -> bool:
+        v = e.get(metric)
+        return isinstance(v, (int, float)) and (v <= target if lower else v >= target)
+
+    at = next((e["epoch"] for e in res.epochs if e["epoch"] >= 1 and hit(e)), None)
+    b_at = dict(vals).get(at) if at is not None else None
     loss = {e["epoch"]: e.get("train_loss") for e in res.epochs}
-    return {"b_simple_init": vals[0][1], "b_simple_at_target": vals[-1][1],
-            "epoch_at_target": vals[-1][0], "batch_size": r0["batch_size"], "lr": r0["lr"],
+    return {"b_simple_init": vals[0][1], "b_simple_at_target": b_at,
+            "epoch_at_target": at, "batch_size": r0["batch_size"], "lr": r0["lr"],
             "series": [(loss.get(ep), b) for ep, b in vals]}
 
 
@@ -210,15 +231,63 @@ def stt_claims(rows: list[dict[str, Any]], best: list[dict[str, Any]],
     return out
 
 
+def _seconds(r: dict[str, Any]) -> tuple[float, bool] | None:
+    """(wall seconds to the target, exact?) of one run: measured steps x its measured seconds
+    per step; a run that missed the target gives its whole budget, a lower bound."""
+    sps = r.get("seconds_per_step")
+    if not sps or r["status"] != "completed":
+        return None
+    if r["reached"]:
+        return float(r["steps_to_target"]) * sps, True
+    return float(r["budget_steps"]) * sps, False
+
+
+def tiny_batch_claims(rows: Rows, tiny: Rows) -> list[Claim]:
+    """P3 from the tiny batch's runs (every lr of the grid) and the grid's, paired by seed."""
+    ratios, bounded, reach = [], True, []
+    small = min((r["batch_size"] for r in rows), default=None)
+    for seed in sorted({r["seed"] for r in tiny}):
+        grid = [t for r in rows if r["seed"] == seed and r["reached"] and (t := _seconds(r))]
+        own = [t for r in tiny if r["seed"] == seed and (t := _seconds(r))]
+        if grid and own:
+            # the fastest tiny run: if its time is exact, every missed run's (true) time is
+            # above it, so the minimum is exact; if it is a missed run's bound, it is a bound
+            best_tiny = min(own)
+            ratios.append(math.log(best_tiny[0] / min(g[0] for g in grid)))
+            bounded = bounded and best_tiny[1]
+        frac = lambda rs: float(np.mean([r["reached"] for r in rs])) if rs else math.nan  # noqa: E731
+        reach.append(frac([r for r in rows if r["seed"] == seed and r["batch_size"] == small])
+                     - frac([r for r in tiny if r["seed"] == seed]))
+    iv = V.mean_interval(ratios).map(math.exp, "exp of a t interval of per-seed log ratios")
+    if not bounded:  # a missed target's time is a lower bound: nothing bounds the ratio above
+        iv = V.Interval(iv.estimate, iv.lo, math.inf, iv.n, iv.method + "; tiny batch missed "
+                        "the target in a seed, so its time is a lower bound and hi is open")
+    b1 = tiny[0]["batch_size"] if tiny else None
+    return [
+        Claim("tiny-batch-slow", "P3", f"batch {b1} is slow to converge: its wall time to the "
+              "target (best lr) exceeds the fastest batch size's", iv, V.above(1.0),
+              f"seconds to target at batch {b1} / at the fastest (batch, lr) of the grid, per seed "
+              "(measured steps x measured seconds per step)",
+              {"log_ratios": ratios, "tiny": [(r["lr"], r["seed"], r["reached"], _seconds(r))
+                                              for r in tiny]}, primary=True),
+        Claim("tiny-batch-unstable", "P3", f"batch {b1} is unstable: fewer lrs of the grid "
+              f"reach the target than at batch {small}", V.mean_interval(reach), V.above(0.0),
+              f"fraction of the lr grid reaching the target at batch {small} - at batch {b1} "
+              "(the tiny batch's budget is shorter: see the summary)", {"differences": reach},
+              reading="instability as a narrower range of workable lrs", primary=False),
+    ]
+
+
 def run(ctx: Context) -> Output:
-    rows, best, s = measure(ctx)
+    rows, best, s, tiny = measure(ctx)
     reached = [r for r in best if r["reached"]]
     fit = None
     if len(reached) >= 2:
         fit = fit_scaling([r["batch_size"] for r in reached], [r["steps_to_target"] for r in reached])
     ns = noise_check(ctx, best, s)
-    claims = stt_claims(rows, best, ns)
-    summary = [f"Target: {s['target_metric']} {'<=' if s['target_metric'].endswith('loss') else '>='} "
+    claims = stt_claims(rows, best, ns) + (tiny_batch_claims(rows, tiny) if tiny else [])
+    cmp = "<=" if s["target_metric"].endswith("loss") else ">="
+    summary = [f"{ctx.model_name()}. Target: {s['target_metric']} {cmp} "
                f"{s['target_value']}, budget {s['max_epochs']} epochs, lr grid {s['lrs']}, "
                f"momentum {s.get('momentum', 0.0)}.", "",
                md_table(best, ["batch_size", "lr", "reached", "steps_to_target",
@@ -229,7 +298,12 @@ def run(ctx: Context) -> Output:
                        f"{fit['rms_log_residual']:.3g}).")
     else:
         summary.append("Fewer than two batch sizes reached the target: no fit.")
-    if ns:
+    if tiny:
+        summary.append(f"\nP3: batch {s['tiny_batch']} over the same lr grid, {s['tiny_epochs']} "
+                       "epochs each (its steps are slow; a short budget):\n\n"
+                       + md_table(tiny, ["lr", "seed", "status", "reached", "steps_to_target",
+                                         "best_value", "seconds_per_step"]))
+    if ns and ns.get("b_simple_at_target") is not None:
         summary.append(f"\nB_simple (256 examples; in the target epoch the mean tr(Sigma) / mean "
                        f"|G|^2 of its probe points) at init {ns['b_simple_init']:.4g}, at the target "
                        f"(epoch {ns['epoch_at_target']}, batch {ns['batch_size']}, lr {ns['lr']}) "
@@ -246,4 +320,5 @@ def run(ctx: Context) -> Output:
                   figures={"steps_vs_batch.png": figure(best, fit)})
 
 
-EXPERIMENT = Experiment("steps-to-target", "Steps to target vs batch size (critical batch size)", run)
+EXPERIMENT = Experiment("steps-to-target", "Steps to target vs batch size (critical batch size)", run,
+                        quick_options={"hidden": QUICK_HIDDEN})

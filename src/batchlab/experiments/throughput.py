@@ -25,6 +25,7 @@ from batchlab.analysis.throughput import (
 )
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
 
@@ -119,7 +120,7 @@ def run(ctx: Context) -> Output:
     model = build_model(cfg, td)
     # through the store: timed once per device, model shape, batch size and engine
     tp = measure_stored(model, td.x_train, td.y_train, grid, ctx.store)
-    stt_rows, best, _ = stt.measure(ctx)
+    stt_rows, best, _, _ = stt.measure(ctx)
     reached = [r for r in best if r["reached"]]
     steps = {r["batch_size"]: r["steps_to_target"] for r in reached}
     fit = stt.fit_scaling(list(steps), list(steps.values())) if len(steps) >= 2 else None
@@ -146,4 +147,6 @@ def run(ctx: Context) -> Output:
 
 __all__ = ["best_for_time", "is_oom", "measure", "time_to_target"]
 
-EXPERIMENT = Experiment("throughput", "Throughput, memory and time to target vs batch size", run)
+# the same quick-preset MLP as steps-to-target, whose runs (through the store) it reuses
+EXPERIMENT = Experiment("throughput", "Throughput, memory and time to target vs batch size", run,
+                        quick_options={"hidden": QUICK_HIDDEN})

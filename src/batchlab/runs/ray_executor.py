@@ -146,8 +146,8 @@ def train_unit(configs: list[TrainConfig], raw: RawData, num_threads: int,
             return [_outcome(r, (time.perf_counter() - t0) / len(cfgs)) for r in group]
         except ConfigError as e:
             return [_failure(k, e) for k in keys]
-        except Exception:  # one by one below, which records the failing run (as run_local)
-            pass
+        except Exception as e:  # as run_local: every run of the pass failed, none is retried
+            return [_failure(k, e, seconds=time.perf_counter() - t0) for k in keys]
     return [_train_one(c, td, k, hook) for c, k in zip(cfgs, keys)]
 
 
