@@ -259,3 +259,27 @@ def test_group_crash_fails_every_run_and_retries_none(monkeypatch: pytest.Monkey
     assert calls == [2]
     assert [o.status for o in outs] == ["failed", "failed"]
     assert all("boom in the pass" in o.error for o in outs)
+
+
+def test_curvature_units_as_ray_tasks_match_local(cluster, tmp_path: Path) -> None:
+    """Sharpness's curvature measurements give the same stored numbers as Ray tasks and on
+    local worker threads (both compute with one intra-op thread)."""
+    from batchlab.engine.setup import build_model, get_data
+    from batchlab.experiments import Context
+    from batchlab.experiments import sharpness_units as U
+
+    cfg = make_config(**{**TINY, "seed": 3})
+    td = get_data(cfg, torch.device("cpu"))
+    a, b = build_model(cfg, td), build_model(make_config(**{**TINY, "seed": 4}), td)  # two inits
+    data = (td.x_train[:64], td.y_train[:64])
+    got = {}
+    for executor in ("local", "ray"):
+        batch = U.Batch()
+        for m in (a, b):
+            U.curvature_units(batch, m, data, 0, 4, 2, (1e-3,))
+        batch.add("interpolation", [a, b], [*data, *data], {"alphas": [0.0, 0.5]}, U.interpolation,
+                  [0.0, 0.5])
+        with Store(tmp_path / f"{executor}.db") as st:
+            got[executor] = batch.run(Context(store=st, executor=executor))
+            assert len(st.conn.execute("SELECT key FROM measurements").fetchall()) == len(batch.units)
+    assert got["ray"] == got["local"]

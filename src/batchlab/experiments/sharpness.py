@@ -25,36 +25,15 @@ import torch
 from batchlab.config import Phase
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import build_model, get_data, resolve_device
-from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments import sharpness_units as U
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.measure import curvature as C
-from batchlab.runs.measurements import Measurements, tensors_sha256, weights_sha256
 
 EPSILONS = (1e-3, 5e-4)
-FORMAT = 1  # bump when a stored measurement changes meaning: old rows are then not reused
-
-
-class Stored:
-    """Curvature measurements through the store (the persistence rule): each one a row keyed
-    by the sha256 of the weights and of the data it ran on, the device and its settings, so
-    an interrupted run resumes at the next measurement and nothing is wrongly reused."""
-
-    def __init__(self, ctx: Context) -> None:
-        if ctx.store is None:
-            raise ConfigError("sharpness needs a results store")
-        self.meas = Measurements(ctx.store, warn=ctx.log)
-
-    def __call__(self, what: str, models: list[torch.nn.Module], data: list[torch.Tensor],
-                 settings: dict[str, Any], compute: Any) -> dict[str, Any]:
-        spec = {"format": FORMAT, "weights": [weights_sha256(m) for m in models],
-                "data": tensors_sha256(*data), "device": str(data[0].device.type), **settings}
-        return self.meas.cached(f"sharpness/{what}", spec, compute)
-
-
 def final_model(res: TrainResult, epoch: int) -> torch.nn.Module:
     """The model of a (possibly cached) run with its stored weights at `epoch`."""
     cfg = res.config
@@ -93,9 +72,12 @@ def run(ctx: Context) -> Output:
             keys.append((seed, regime))
     results = ctx.run_many(configs, label="sharpness")
 
-    stored = Stored(ctx)
+    # every curvature measurement is a stored unit; the missing ones run as tasks (local
+    # worker threads or Ray), each stored as it comes back (`sharpness_units`)
+    batch = U.Batch()
     rows: list[dict[str, Any]] = []
     models: dict[tuple[int, str], torch.nn.Module] = {}
+    units: dict[tuple[int, str], dict[str, int]] = {}
     for (seed, regime), res in zip(keys, results):
         if res.status != "completed":
             rows.append({"seed": seed, "regime": regime, "status": res.status})
@@ -104,30 +86,34 @@ def run(ctx: Context) -> Output:
         models[(seed, regime)] = model
         td = get_data(res.config, resolve_device(res.config.device))
         data = (td.x_train[:n_curv], td.y_train[:n_curv])
-        row: dict[str, Any] = {"seed": seed, "regime": regime, "batch_size": batches[regime],
-                               "status": res.status, "train_acc": res.final["train_acc"],
-                               "test_acc": res.final["test_acc"],
-                               "train_loss": res.final["train_loss"]}
-        row.update(_curvature(stored, model, data, seed, p_sub, n_trace))
-        rows.append(row)
-        ctx.log(f"sharpness seed {seed} {regime}: lambda_max {row['lambda_max']:.4g}, "
-                        f"sharpness(1e-3) {row['sharp_full_0.001']:.4g}")
-
+        units[(seed, regime)] = U.curvature_units(batch, model, data, seed, p_sub, n_trace, EPSILONS)
+        rows.append({"seed": seed, "regime": regime, "batch_size": batches[regime],
+                     "status": res.status, "train_acc": res.final["train_acc"],
+                     "test_acc": res.final["test_acc"], "train_loss": res.final["train_loss"]})
+    td = get_data(configs[0], resolve_device(configs[0].device))
+    ev = [*td.eval_sets["train"], *td.eval_sets["test"]]
+    pairs = [sd for sd in seeds if (sd, "small") in models and (sd, "large") in models]
+    interp_at = {sd: batch.add("interpolation", [models[(sd, "small")], models[(sd, "large")]], ev,
+                               {"alphas": ALPHAS}, U.interpolation, ALPHAS) for sd in pairs}
+    s0 = seeds[0]
+    dens_at = {}
+    if s0 in pairs:
+        data = (td.x_train[:n_curv], td.y_train[:n_curv])
+        dens_at = {reg: batch.add("spectral-density", [models[(s0, reg)]], data,
+                                  {"n_vectors": 1, "n_steps": slq_steps, "seed": s0},
+                                  U.density, slq_steps, s0) for reg in ("small", "large")}
+    got = batch.run(ctx)
+    for row in rows:
+        if (row["seed"], row["regime"]) in units:
+            row.update(U.curvature_row(units[(row["seed"], row["regime"])], got))
+            ctx.log(f"sharpness seed {row['seed']} {row['regime']}: lambda_max "
+                    f"{row['lambda_max']:.4g}, sharpness(1e-3) {row['sharp_full_0.001']:.4g}")
     ok = [r for r in rows if r.get("status") == "completed"]
-    interp = {}
-    for seed in seeds:
-        if (seed, "small") in models and (seed, "large") in models:
-            td = get_data(configs[0], resolve_device(configs[0].device))
-            interp[seed] = _interpolation(stored, models[(seed, "small")],
-                                          models[(seed, "large")], td)
+    interp = {sd: got[i]["rows"] for sd, i in interp_at.items()}
     claims = sharpness_claims(ok, interp, p_sub, lr, ctx.test_size())
     figures = {"sharpness_bars.png": _bars(ok, p_sub)}
-    s0 = seeds[0]
-    if (s0, "small") in models and (s0, "large") in models:
-        td = get_data(configs[0], resolve_device(configs[0].device))
-        data = (td.x_train[:n_curv], td.y_train[:n_curv])
-        dens = {reg: _density(stored, models[(s0, reg)], data, slq_steps, s0)
-                for reg in ("small", "large")}
+    if dens_at:
+        dens = {reg: _spectral(got[i]) for reg, i in dens_at.items()}
         figures["spectral_density.png"] = _density_fig(dens, batches)
         figures["interpolation.png"] = _interp_fig(interp[s0], batches)
         rows.extend({"seed": s0, "regime": "interpolation", **r} for r in interp[s0])
@@ -151,60 +137,11 @@ def run(ctx: Context) -> Output:
 ALPHAS = [float(a) for a in np.linspace(-1, 2, 31)]
 
 
-def _curvature(stored: Stored, model: torch.nn.Module,
-               data: tuple[torch.Tensor, torch.Tensor], seed: int, p_sub: int,
-               n_trace: int) -> dict[str, Any]:
-    """One final model's curvature row entries, each measurement through the store."""
-    xs, row = list(data), {}
-    for eps in EPSILONS:
-        for dim in (None, p_sub):
-            def sharp(eps: float = eps, dim: int | None = dim) -> dict[str, Any]:
-                kw = {} if dim is None else {"subspace_dim": dim, "seed": seed}
-                return {"value": C.sharpness(model, data, epsilon=eps, **kw).sharpness}
-
-            name = "full" if dim is None else f"sub{p_sub}"
-            row[f"sharp_{name}_{eps:g}"] = stored(
-                "eps-sharpness", [model], xs,
-                {"epsilon": eps, "subspace_dim": dim, "seed": None if dim is None else seed},
-                sharp)["value"]
-
-    def top_eigenvalue() -> dict[str, Any]:
-        eig = C.hessian_eigenvalues(model, data, k=1, tol=1e-3, max_iter=100, seed=seed)
-        return dict(lambda_max=eig.top, lambda_converged=eig.converged,
-                    lambda_residual=eig.residuals[0], lambda_hvps=eig.n_hvp)
-
-    def trace() -> dict[str, Any]:
-        tr = C.hessian_trace(model, data, n_samples=n_trace, seed=seed)
-        return dict(trace=tr.estimate, trace_se=tr.stderr)
-
-    row.update(stored("lambda-max", [model], xs, {"tol": 1e-3, "max_iter": 100, "seed": seed},
-                      top_eigenvalue))
-    row.update(stored("trace", [model], xs, {"n_samples": n_trace, "seed": seed}, trace))
-    return row
-
-
-def _density(stored: Stored, model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor],
-             steps: int, seed: int) -> C.SpectralDensity:
-    """The SLQ spectral density through the store (arrays as lists in the row)."""
-    def compute() -> dict[str, Any]:
-        d = C.spectral_density(model, data, n_vectors=1, n_steps=steps, seed=seed)
-        return {"grid": d.grid.tolist(), "density": d.density.tolist(),
-                "nodes": d.nodes.tolist(), "weights": d.weights.tolist(), "sigma": d.sigma}
-
-    got = stored("spectral-density", [model], list(data),
-                 {"n_vectors": 1, "n_steps": steps, "seed": seed}, compute)
+def _spectral(got: dict[str, Any]) -> C.SpectralDensity:
+    """A stored SLQ spectral density (arrays as lists in the row) as the measure's type."""
     return C.SpectralDensity(grid=np.asarray(got["grid"]), density=np.asarray(got["density"]),
                              nodes=np.asarray(got["nodes"]), weights=np.asarray(got["weights"]),
                              sigma=float(got["sigma"]))
-
-
-def _interpolation(stored: Stored, small: torch.nn.Module, large: torch.nn.Module,
-                   td: Any) -> list[dict[str, float]]:
-    """Keskar's 1-D interpolation between two solutions, through the store."""
-    ev = [*td.eval_sets["train"], *td.eval_sets["test"]]
-    return stored("interpolation", [small, large], ev, {"alphas": ALPHAS}, lambda: {
-        "rows": C.interpolate(small, large, td.eval_sets["train"], td.eval_sets["test"],
-                              ALPHAS)})["rows"]
 
 
 def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, float]]],

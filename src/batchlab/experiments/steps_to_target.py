@@ -317,7 +317,25 @@ def run(ctx: Context) -> Output:
         summary.append(f"\nBatch {r['batch_size']}: target not reached within {r['budget_steps']} "
                        f"steps; best {s['target_metric']} {r['best_value']}.")
     return Output(rows=rows, summary="\n".join(summary), claims=claims,
-                  figures={"steps_vs_batch.png": figure(best, fit)})
+                  figures={"steps_vs_batch.png": figure(best, fit)},
+                  study_numbers=b_crit_number(ctx, rows, best, s))
+
+
+def b_crit_number(ctx: Context, rows: Rows, best: Rows, s: dict[str, Any]) -> list[Any]:
+    """McCandlish et al.'s MNIST B_crit (~1e3 late in training) beside ours: the fitted
+    B_crit of each seed's steps to target, geometric mean with a t interval over seeds."""
+    from batchlab.experiments import findings
+
+    logs = [math.log(f["b_crit"]) for st in per_seed_steps(rows, best).values()
+            if len(st) >= 3 and (f := fit_scaling(list(st), list(st.values())))["b_crit"] > 0]
+    if not logs:
+        return []
+    iv = V.mean_interval(logs).map(math.exp, "exp of a t interval of per-seed log B_crit")
+    cmp = "<=" if s["target_metric"].endswith("loss") else ">="
+    note = (f"{ctx.model_name()}, {ctx.config().dataset}, fit of steps to {s['target_metric']} "
+            f"{cmp} {s['target_value']} (the source's B_crit is for a loss late in training)")
+    return [findings.template("G3", "critical batch size B_crit late in training",
+                              "MNIST (McCandlish et al.)").with_measurement(iv, note)]
 
 
 EXPERIMENT = Experiment("steps-to-target", "Steps to target vs batch size (critical batch size)", run,

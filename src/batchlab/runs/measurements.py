@@ -13,11 +13,13 @@ fails either check is deleted and reported in one line through `warn`, so it is 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +178,75 @@ class Measurements:
             self.put(kind, spec, got)
             got = _restore(json.loads(canonical(got)))  # the same types a reload gives
         return got
+
+
+    def cached_many(self, units: Sequence[Unit], big: Mapping[str, Any] | None = None, *,
+                    executor: str = "local", ray_address: str | None = None,
+                    workers: int = 1, cpu: bool = True,
+                    on_done: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+        """The stored result of every unit, computing the missing ones as tasks of a pool
+        (`batchlab.runs.tasks`: worker threads here, or Ray tasks), each stored as soon as
+        it is back, so an interrupted driver or a lost worker loses only the units in
+        flight. Tasks run with one intra-op thread in both pools, so local and Ray give the
+        same numbers. `big[key]` is the value of each `Big(key)` argument, sent once per
+        worker. `on_done(i)` is called as unit i is ready (stored ones first)."""
+        from batchlab.runs.tasks import make_pool
+
+        out: list[dict[str, Any] | None] = [self.get(u.kind, u.spec) for u in units]
+        for i, got in enumerate(out):
+            if got is not None and on_done is not None:
+                on_done(i)
+        todo = [i for i, got in enumerate(out) if got is None]
+        if not todo:
+            return out  # type: ignore[return-value]
+        pool = make_pool(executor, workers=workers, cpu=cpu, ray_address=ray_address)
+        refs: dict[str, Any] = {}
+
+        def arg(a: Any) -> Any:
+            if not isinstance(a, Big):
+                return a
+            value = (big or {})[a.key]
+            if executor == "local" and isinstance(value, nn.Module):
+                # share nothing mutable: curvature code switches a module's mode and grads, so
+                # each thread gets its own copy (a Ray worker unpickles its own anyway)
+                return copy.deepcopy(value)
+            if a.key not in refs:
+                refs[a.key] = pool.shared(a.key, value)
+            return refs[a.key]
+
+        try:
+            pending = {pool.submit(units[i].fn, *map(arg, units[i].args)): i for i in todo}
+            while pending:
+                handle, payload = pool.next_done()
+                i = pending.pop(handle)
+                self.put(units[i].kind, units[i].spec, payload)
+                out[i] = _restore(json.loads(canonical(payload)))  # the types a reload gives
+                if on_done is not None:
+                    on_done(i)
+        except BaseException:
+            pool.cancel_all()  # every stored row is whole; a rerun resumes from them
+            raise
+        finally:
+            pool.close()
+        return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Big:
+    """A large argument of a `Unit` (a model, a data tensor), given once in `big`."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One measurement: the row (kind, spec) or, if it is not stored, fn(*args). `fn` must be a
+    deterministic module-level function (Ray ships it by reference) returning a JSON-able dict."""
+
+    kind: str
+    spec: Mapping[str, Any]
+    fn: Callable[..., dict[str, Any]]
+    args: tuple[Any, ...] = ()
 
 
 def decode(payload: Any) -> Any:
