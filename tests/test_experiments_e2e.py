@@ -162,3 +162,23 @@ def test_tiny_batch_claims_truth_and_lower_bounds() -> None:
     c = {x.id: x for x in tiny_batch_claims(grid, half)}
     assert c["tiny-batch-unstable"].interval.estimate == pytest.approx(0.5)
     assert c["tiny-batch-unstable"].verdict == "reproduced"
+
+
+def test_k4_basin_claim_uses_every_seed() -> None:
+    """K4's quantity is defined for every seed, also when the small-batch end is not at its
+    minimum (its side falls): a seed is never dropped, and the direction is known here."""
+    from batchlab.experiments.sharpness import ALPHAS, sharpness_claims
+
+    def line(rise_large: float, rise_small: float) -> list[dict]:
+        loss = {0.0: 0.1, -0.5: 0.1 + rise_small, 1.0: 0.2, 1.5: 0.2 + rise_large}
+        return [{"alpha": a, "train_loss": loss.get(round(a, 3), 1.0)} for a in ALPHAS]
+
+    ok = [{"regime": r, "test_acc": 0.9, "train_acc": 0.95, "lambda_max": 1.0 + i,
+           "sharp_full_0.001": 1.0, "sharp_full_0.0005": 1.0, "sharp_sub4_0.001": 1.0,
+           "sharp_sub4_0.0005": 1.0} for i, r in enumerate(("small", "large", "switch"))]
+    steep = {s: line(0.3 + 0.01 * s, -0.02) for s in range(3)}
+    c = {x.id: x for x in sharpness_claims(ok, steep, 4, 0.01, 1000)}["large-basin-steeper"]
+    assert c.interval.n == 3 and c.verdict == "reproduced"
+    flat = {s: line(0.01 + 0.01 * s, 0.3) for s in range(3)}
+    c = {x.id: x for x in sharpness_claims(ok, flat, 4, 0.01, 1000)}["large-basin-steeper"]
+    assert c.verdict == "not_reproduced"
