@@ -179,7 +179,6 @@ class Measurements:
             got = _restore(json.loads(canonical(got)))  # the same types a reload gives
         return got
 
-
     def cached_many(self, units: Sequence[Unit], big: Mapping[str, Any] | None = None, *,
                     executor: str = "local", ray_address: str | None = None,
                     workers: int = 1, cpu: bool = True,
@@ -214,8 +213,20 @@ class Measurements:
                 refs[a.key] = pool.shared(a.key, value)
             return refs[a.key]
 
+        queue = list(reversed(todo))
+        pending: dict[Any, int] = {}
+
+        # locally a bounded window, so a task's module copy lives only while it runs; Ray
+        # shares arguments through its object store and spreads the tasks over the cluster
+        window = 2 * max(1, workers) if executor == "local" else len(todo)
+
+        def fill() -> None:
+            while queue and len(pending) < window:
+                i = queue.pop()
+                pending[pool.submit(units[i].fn, *map(arg, units[i].args))] = i
+
         try:
-            pending = {pool.submit(units[i].fn, *map(arg, units[i].args)): i for i in todo}
+            fill()
             while pending:
                 handle, payload = pool.next_done()
                 i = pending.pop(handle)
@@ -223,6 +234,7 @@ class Measurements:
                 out[i] = _restore(json.loads(canonical(payload)))  # the types a reload gives
                 if on_done is not None:
                     on_done(i)
+                fill()
         except BaseException:
             pool.cancel_all()  # every stored row is whole; a rerun resumes from them
             raise
