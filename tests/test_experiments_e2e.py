@@ -182,3 +182,18 @@ def test_k4_basin_claim_uses_every_seed() -> None:
     flat = {s: line(0.01 + 0.01 * s, 0.3) for s in range(3)}
     c = {x.id: x for x in sharpness_claims(ok, flat, 4, 0.01, 1000)}["large-basin-steeper"]
     assert c.verdict == "not_reproduced"
+
+
+def test_quick_options_sit_under_the_users_options() -> None:
+    """The quick preset's smaller MLP for the non-study experiments: only in quick, only for
+    the built-in MLP, and a user's --set always wins."""
+    from batchlab.experiments import get
+    from batchlab.experiments.base import QUICK_HIDDEN
+
+    for name in ("sharpness", "steps-to-target", "throughput", "schedules", "large-batch-fixes"):
+        exp = get(name)
+        assert exp.options_for(Context()) == {"hidden": QUICK_HIDDEN}
+        assert exp.options_for(Context(preset="paper")) == {}
+        assert exp.options_for(Context(options={"hidden": [64]})) == {"hidden": [64]}
+        assert exp.options_for(Context(model="cnn")) == {}
+    assert get("batch-size").options_for(Context()) == {}  # the study keeps its own MLP

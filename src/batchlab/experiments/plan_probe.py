@@ -54,9 +54,13 @@ class Probe:
 
     def fused(self, cfg: TrainConfig) -> bool:
         """Whether a run trains on the fused stepper (as `engine.steppers.fused_blocker` decides
-        for a plain MLP with SGD and no gradient probes)."""
+        for a plain MLP with SGD and no gradient probes: a probe that needs each step's
+        gradients keeps the run on autograd, which is slower per step)."""
+        from batchlab.probes import make_probes
+
         return (cfg.optimizer == "sgd" and not cfg.batchnorm and cfg.discard_fraction == 0
-                and cfg.engine != "autograd")
+                and cfg.engine != "autograd"
+                and not any(p.needs_grad for p in make_probes(cfg.probes)))
 
     def _memo_get(self, key: tuple, fn: Callable[[], float]) -> float:
         if key not in self._memo:
