@@ -88,9 +88,13 @@ def distance_numbers(st: Study, groups: dict[str, Group], cells: list[str], ref:
     at both lrs and the long run; bs 64's row comes from adam-vs-sgd)."""
     e = st.epochs
     out = []
+    steps = [nan_float(g.runs[0].epochs[-1].get("steps")) if g.runs and g.runs[0].epochs
+             else math.nan for g in (long, ref)]
+    matched = ("about the steps of " + ref.name if abs(steps[0] / steps[1] - 1) < 0.05 else
+               f"{steps[0]:.0f} steps, not the {steps[1]:.0f} of {ref.name}")
     for finding, g, setting, what in (
             ("S9", ref, SET_64, f"{ref.name}, {e} epochs (study: 30 on 60k)"),
-            ("S10", long, SET_1024_LONG, f"{long.name} (steps of {ref.name}; study: 480 epochs "
+            ("S10", long, SET_1024_LONG, f"{long.name} ({matched}; study: 480 epochs "
                                          "= the steps of bs 64 x 30)")):
         out += [st.number(finding, "weight distance from init W", setting,
                           mean_interval(g.final("dist_init_w")), [g], what),
