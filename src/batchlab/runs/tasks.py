@@ -72,7 +72,9 @@ class LocalPool:
 
     def next_done(self) -> tuple[Future, Any]:
         done, _ = wait(self._futures, return_when=FIRST_COMPLETED)
-        fut = min(done, key=id)  # any; the driver does not depend on the order
+        # results before failures: work that finished is handed back (and stored) before an
+        # error or an interrupt from another task stops the driver; otherwise any order
+        fut = min(done, key=lambda f: (f.exception() is not None, id(f)))
         self._futures.discard(fut)
         return fut, fut.result()
 
