@@ -45,7 +45,7 @@ from batchlab.engine.setup import (
 )
 from batchlab.engine.steppers import Stepper, make_stepper
 from batchlab.errors import ConfigError
-from batchlab.measure.metrics import eval_metrics
+from batchlab.measure.metrics import correct_bits, eval_metrics
 from batchlab.probes import Probe, ProbeContext, make_probes
 from batchlab.probes.geometry import snapshot
 
@@ -248,6 +248,9 @@ class Loop:
             res.final["vectorized_k"] = self.K
         if cfg.target_metric is not None:
             res.final["target_reached"] = "target_epoch" in res.final
+        if res.status == "completed" and "test" in self.td.eval_sets:
+            # per-example correctness on the shared test set: paired accuracy intervals
+            res.final["test_correct_bits"] = correct_bits(self.nets[k], *self.td.eval_sets["test"])
 
     def _nets_in_train_mode(self) -> None:
         for net in self.nets:

@@ -1,29 +1,25 @@
-"""One decision rule for every claim: a 95% confidence interval against a region.
+"""One decision rule for every claim: a 95% interval against a region, and four outcomes.
 
-A claim names a quantity (a difference of accuracies, a correlation, a fitted exponent, ...)
-and the region the claim puts it in: `above(t)`, `below(t)` or `between(lo, hi)` (closed
-sets). From the measurements we compute a point estimate and a 95% interval [lo, hi]. Then
+A claim names a quantity (a paired difference of accuracies, a log ratio, a slope, a rank
+correlation, ...) and the region the claim puts it in: `above(t)`, `below(t)` or
+`between(lo, hi)` (closed sets). `intervals.py` computes a point estimate and a 95% interval
+[lo, hi] over independent replicates (training seeds). Then
 
     reproduced      iff the whole interval lies in the region      (lo >= lower and hi <= upper)
     not_reproduced  iff the whole interval lies outside the region (hi < lower or lo > upper)
-    inconclusive    otherwise.
+    inconclusive    otherwise,
+
+unless the claim is `untestable` (decided in `claims.Claim`, with a machine-readable reason):
+its premise does not hold at the budget run (a regime gate: arms not converged, train
+accuracies not comparable), it holds by construction (an identity, a design constant,
+sampling theory: shown as a check, never counted as evidence), or its interval has zero width
+(every replicate gave the same value: no spread to decide with).
 
 Why this rule: noise only widens the interval, and a wider interval can only leave "reproduced"
 or "not_reproduced" for "inconclusive" - never the other way round. Equivalence claims
 ("reaches", "about the same") are `between(-tol, tol)` regions on the difference (an
-equivalence test, not a widened band); trend claims put a rank correlation in a region such as
-`below(-0.5)`. `decide` is all a reader needs to recheck a verdict from `claims.json`.
-
-Interval methods (each `Interval` records which one it used):
-- `mean_interval`: seed-to-seed Student t interval, plus, for accuracies, the test set's
-  binomial sampling error (so one seed still gets a non-degenerate interval); with one seed
-  and no sampling model the interval is unbounded (the verdict is then inconclusive);
-- `difference`: Welch interval for mean(a) - mean(b) with the same optional sampling error;
-- `log_ratio`: the difference of mean logs (a ratio claim, e.g. "2x more") as a Welch interval;
-- `correlation`: Spearman's rho with the Fisher-z interval (se = sqrt(1.06 / (n - 3)));
-- `slope`: least-squares slope with its t interval (e.g. an exponent on log-log axes);
-- `bootstrap`: percentile bootstrap of any statistic over trials (seeded, reproducible);
-- `proportion`: Wilson score interval for a fraction.
+equivalence test); trend claims put a per-replicate slope or rank correlation in a region.
+`decide` is all a reader needs to recheck a verdict from `claims.json`.
 """
 
 from __future__ import annotations
@@ -36,8 +32,11 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from batchlab.experiments.intervals import Interval
+
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not_reproduced", "inconclusive"
-VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+UNTESTABLE = "untestable"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE, UNTESTABLE)
 LEVEL = 0.95
 INF = math.inf
 
@@ -93,26 +92,7 @@ def within(tolerance: float, center: float = 0.0) -> Region:
     return between(center - tolerance, center + tolerance)
 
 
-# -- intervals -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Interval:
-    """A point estimate with its 95% interval; `n` = seeds or trials behind it."""
-
-    estimate: float
-    lo: float
-    hi: float
-    n: int
-    method: str
-
-    @property
-    def finite_estimate(self) -> bool:
-        return math.isfinite(self.estimate)
-
-    def map(self, f: Callable[[float], float], method: str | None = None) -> Interval:
-        """Push the interval through a monotone increasing function (e.g. exp of a log ratio)."""
-        return Interval(f(self.estimate), f(self.lo), f(self.hi), self.n, method or self.method)
-
-
+# -- intervals: see `intervals.py` (the replicate-based methods) --------------------------------
 def decide(lo: float, hi: float, region: Region, estimate: float = 0.0) -> str:
     """The verdict of an interval [lo, hi] against a region (see the module docstring)."""
     if any(isinstance(v, float) and math.isnan(v) for v in (lo, hi, estimate)):
@@ -124,6 +104,8 @@ def decide(lo: float, hi: float, region: Region, estimate: float = 0.0) -> str:
     return INCONCLUSIVE
 
 
+# -- LEGACY interval methods (pseudo-replicated: n counts runs, epochs or trials and accuracy
+# errors are unpaired). Kept only until every experiment builds its claims from `intervals.py`.
 def finite(values: Sequence[float | None]) -> np.ndarray:
     return np.asarray([float(v) for v in values if v is not None and math.isfinite(float(v))],
                       dtype=float)

@@ -36,3 +36,20 @@ def eval_metrics(model: nn.Module, data: TensorData) -> dict[str, torch.Tensor]:
         loss, acc = evaluate(model, x, y)
         out[f"{name}_loss"], out[f"{name}_acc"] = loss, acc
     return out
+
+
+@torch.no_grad()
+def correct_bits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> str:
+    """Which examples the model classifies correctly, as a base64 bitmask (np.packbits order,
+    one bit per example). Why: every arm of an experiment is scored on the same test set, so
+    an accuracy difference's test-set error is that of the per-example *paired* difference;
+    the record makes it computable (and rechecks possible) without the weights."""
+    import base64
+
+    import numpy as np
+
+    was = model.training
+    model.eval()
+    hits = torch.cat([model(xs).argmax(1) == ys for xs, ys in zip(x.split(chunk), y.split(chunk))])
+    model.train(was)
+    return base64.b64encode(np.packbits(hits.cpu().numpy().astype(np.uint8)).tobytes()).decode()

@@ -2,10 +2,11 @@
 claims of a run, and the sources' numbers beside ours.
 
 The rule (also printed in the report): a finding's verdict rests on its primary claims, or on
-all of its claims when none is marked primary. It is reproduced if every one of them is,
-not_reproduced if every one of them is not, "mixed" if some are reproduced and some are not,
-and inconclusive otherwise (at least one inconclusive and no conflict). A finding no claim of
-this run names is "not run".
+all of its claims when none is marked primary. It is not_reproduced if one of them is not
+reproduced ("mixed" if another is reproduced), reproduced if every one of them is, inconclusive
+if one of them is inconclusive, and untestable otherwise (a part could not be tested at this
+budget, or holds by construction: never evidence). A finding no claim of this run names is
+"not run".
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from typing import Any
 from batchlab.experiments import findings
 
 NOT_RUN, MIXED = "not run", "mixed"
+OUTCOMES = ("reproduced", "not_reproduced", "inconclusive", "untestable")
 RULE = ("A finding's verdict rests on its primary claims (all of its claims when none is marked "
-        "primary): reproduced if every one is reproduced, not_reproduced if every one is "
-        "not_reproduced, mixed if some are reproduced and some not, inconclusive otherwise; "
-        "not run if no claim of this run tests it. Each claim's own verdict: reproduced iff its "
-        "whole 95% interval lies in the claimed region, not_reproduced iff wholly outside, "
-        "else inconclusive.")
+        "primary): not_reproduced if one of them is not_reproduced (mixed if another is "
+        "reproduced), reproduced if every one is reproduced, inconclusive if one is "
+        "inconclusive, untestable otherwise; not run if no claim of this run tests it. Each "
+        "claim's own verdict: untestable when its premise does not hold at this budget, it "
+        "holds by construction, its interval has zero width or nothing was measured (the "
+        "reason is in claims.json); else reproduced iff its whole 95% interval over independent "
+        "replicates lies in the claimed region, not_reproduced iff wholly outside, else "
+        "inconclusive.")
 
 
 @dataclass
@@ -49,13 +54,23 @@ def combine(verdicts: list[str]) -> str:
     if not verdicts:
         return NOT_RUN
     kinds = set(verdicts)
+    if "not_reproduced" in kinds:
+        return MIXED if "reproduced" in kinds else "not_reproduced"
     if kinds == {"reproduced"}:
         return "reproduced"
-    if kinds == {"not_reproduced"}:
-        return "not_reproduced"
-    if {"reproduced", "not_reproduced"} <= kinds:
-        return MIXED
-    return "inconclusive"
+    if "inconclusive" in kinds:
+        return "inconclusive"
+    return "untestable"
+
+
+def source_counts(fvs: dict[str, FindingVerdict]) -> dict[str, dict[str, int]]:
+    """Per source (S, K, C, P, G, R): how many of its findings came out each way (the four
+    outcomes, mixed and not run)."""
+    out: dict[str, dict[str, int]] = {}
+    for fid, fv in fvs.items():
+        row = out.setdefault(fid[0], dict.fromkeys((*OUTCOMES, MIXED, NOT_RUN), 0))
+        row[fv.verdict] += 1
+    return out
 
 
 def finding_verdicts(claims: list[dict[str, Any]]) -> dict[str, FindingVerdict]:

@@ -1,0 +1,97 @@
+"""Rechecking an interval from what claims.json records, and planning what would decide it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from batchlab.experiments.intervals import (
+    INF,
+    Interval,
+    Pooled,
+    Z,
+    proportion,
+    replicate_mean,
+    t_quantile,
+)
+
+
+def interval_json(iv: Interval) -> dict[str, Any]:
+    """What claims.json records of an interval besides estimate/ci/n/method."""
+    return {"estimate": _num(iv.estimate), "ci": [_num(iv.lo), _num(iv.hi)], "n": iv.n,
+            "replicates": [_num(v) for v in iv.replicates], "spec": _clean(iv.spec)}
+
+
+def _num(v: float) -> float | None:
+    return float(v) if v is not None and math.isfinite(v) else None
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, float):
+        return _num(v)
+    return v
+
+
+def recompute(replicates: Sequence[float], spec: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(estimate, lo, hi) rebuilt from a claim's recorded replicates and spec; None when the
+    spec is not a rebuildable kind. Unbounded ends come back as -inf / inf."""
+    kind = spec.get("kind")
+    if kind == "proportion":
+        iv = proportion(int(spec["k"]), int(spec["trials"]))
+    elif kind == "mean":
+        pooled = spec.get("pooled")
+        iv = replicate_mean(list(replicates), known_var=float(spec.get("known_var") or 0.0),
+                            floor_var=float(spec.get("floor_var") or 0.0),
+                            pooled=Pooled(pooled["var"], pooled["df"]) if pooled else None,
+                            clip=tuple(spec["clip"]) if spec.get("clip") else None,
+                            df_rule=spec.get("df_rule", "replicates"))
+        if spec.get("transform") == "exp":
+            iv = iv.map(math.exp)
+    else:
+        return None
+    return iv.estimate, iv.lo, iv.hi
+
+
+def replicates_to_decide(iv: Interval, lower: float, upper: float, cap: int = 10_000
+                         ) -> dict[str, Any]:
+    """How many replicates would decide the claim if the estimate and the per-replicate
+    spread stayed as measured: the smallest n whose interval lies wholly inside or wholly
+    outside [lower, upper]. The test set's part of the variance does not shrink with more
+    seeds; when it alone is too wide, `limited_by` says so and `test_set_factor` says how many
+    times larger a test set would have to be."""
+    spec = iv.spec
+    if spec.get("kind") != "mean" or len(iv.replicates) < 2 or not math.isfinite(iv.estimate):
+        return {"replicates": None, "limited_by": "needs at least two replicates to project"}
+    reps = np.asarray(iv.replicates, dtype=float)
+    m = float(reps.mean())
+    var1 = max(float(reps.var(ddof=1)), float(spec.get("floor_var") or 0.0))
+    known = float(spec.get("known_var") or 0.0)
+    exp = spec.get("transform") == "exp"
+    value = math.exp(m) if exp else m
+    if lower <= value <= upper:  # inside: the interval must fit inside
+        room = [d for d in (m - _inv(lower, exp), _inv(upper, exp) - m) if math.isfinite(d)]
+    else:
+        room = [abs(m - _inv(lower if value < lower else upper, exp))]
+    gap = min(room) if room else INF
+    if not gap > 0:
+        return {"replicates": None, "limited_by": "the estimate sits on the region's boundary"}
+    if known > 0 and Z * math.sqrt(known) >= gap:
+        return {"replicates": None, "limited_by": "test set",
+                "test_set_factor": math.ceil((Z * math.sqrt(known) / gap) ** 2 * 1.5)}
+    for n in range(2, cap + 1):
+        if t_quantile(n - 1) * math.sqrt(var1 / n + known) < gap:
+            return {"replicates": n, "limited_by": None}
+    return {"replicates": None, "limited_by": f"more than {cap} replicates"}
+
+
+def _inv(bound: float, exp: bool) -> float:
+    if exp:
+        return math.log(bound) if bound > 0 else -INF
+    return bound
