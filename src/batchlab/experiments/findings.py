@@ -85,6 +85,11 @@ class StudyNumber:
     def with_measurement(self, measured: Interval, note: str) -> StudyNumber:
         return replace(self, measured=measured, match_note=note)
 
+    def without_match(self, reason: str) -> StudyNumber:
+        """No measurement of this run matches the source's setting: the row stays blank and
+        says why (a nearby number would invite a comparison that does not hold)."""
+        return replace(self, measured=None, match_note=reason)
+
     def row(self) -> dict[str, object]:
         m = self.measured
 
@@ -94,7 +99,7 @@ class StudyNumber:
         return {"finding": self.finding, "quantity": self.quantity, "setting": self.setting,
                 "study_value": self.study_value, "measured": num(m.estimate if m else None),
                 "ci_lo": num(m.lo if m else None), "ci_hi": num(m.hi if m else None),
-                "match_note": self.match_note if m else "not measured in this run"}
+                "match_note": self.match_note or "not measured in this run"}
 
 
 def _n(finding: str, quantity: str, setting: str, value: float) -> StudyNumber:
@@ -177,10 +182,14 @@ def template(finding: str, quantity: str, setting: str) -> StudyNumber:
 
 
 def merge(measured: list[StudyNumber]) -> list[StudyNumber]:
-    """Every registry number, with the measurement where one was made (the first wins)."""
+    """Every registry number, with the measurement where one was made (the first measured one
+    wins; else the first reason why none matches)."""
     got: dict[tuple[str, str, str], StudyNumber] = {}
     for m in measured:
-        got.setdefault(key(m), m)
+        if m.measured is not None and (key(m) not in got or got[key(m)].measured is None):
+            got[key(m)] = m
+        else:
+            got.setdefault(key(m), m)
     return [got.get(key(n), n) for n in STUDY_NUMBERS]
 
 
