@@ -356,3 +356,12 @@ def test_a_step_with_inf_gradients_is_skipped_by_the_scaler(monkeypatch) -> None
     x = torch.full((1, 4, 5), float("inf"))
     st.step(x, torch.zeros(1, 4), [0.1])
     assert torch.equal(net.weight.detach(), before) and scaler.get_scale() < 2.0**12
+
+
+def test_experiments_refuse_other_losses_and_streams_in_one_line(tmp_path: Path) -> None:
+    from batchlab.experiments.base import Context
+
+    with Store(tmp_path / "s.db") as st:
+        ctx = Context(store=st, loss="mse", data="m:load", model="m:make")
+        with pytest.raises(ConfigError, match="experiment batch-size measures test accuracy"):
+            ctx.run_many([ctx.config(epochs=1)], "batch-size")

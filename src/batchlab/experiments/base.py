@@ -52,6 +52,7 @@ class Context:
     options: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # "cnn" or "module:factory" of a user model (default: the built-in MLP)
     data: str | None = None  # "module:loader" of user data
+    loss: str | None = None  # the task's loss (batchlab.task); the experiments measure accuracy
     opts: Any = None  # the typed options (set by run_experiment from `options`)
     # progress(description, done, total) as long work advances (the CLI draws a bar from it)
     progress: Callable[[str, float, float], None] | None = None
@@ -78,7 +79,8 @@ class Context:
         return {k: self.options[k] for k in GENERIC if self.options.get(k) is not None}
 
     def config(self, **fields: Any) -> TrainConfig:
-        user = {k: v for k, v in (("model", self.model), ("data", self.data)) if v is not None}
+        user = {k: v for k, v in (("model", self.model), ("data", self.data), ("loss", self.loss))
+                if v is not None}
         return make_config(**{**self.dataset_fields(), "device": self.device,
                               **self.generic_fields(), **user, **fields})
 
@@ -112,8 +114,24 @@ class Context:
 
         if self.store is None:
             raise ConfigError("experiments need a results store")
+        self.require_task(configs, label)
         return run_configs(list(configs), self.store, executor=self.executor,
                            ray_address=self.ray_address, label=label, progress=self.progress)
+
+    def require_task(self, configs: Sequence[TrainConfig], what: str) -> None:
+        """The experiments' claims are about classification accuracy on resident tensors: a
+        one-line error naming the metric for another loss, and for streamed data."""
+        from batchlab.task import objective_for, require_accuracy
+
+        for loss in sorted({c.loss for c in configs}):
+            require_accuracy(objective_for(loss), f"experiment {what}")
+        if self.data is not None and configs:
+            from batchlab.engine.setup import get_data, resolve_device
+
+            c = configs[0]
+            if getattr(get_data(c, resolve_device(c.device)), "streamed", False):
+                raise ConfigError(f"experiment {what} needs tensors (X, y) from --data {self.data}; "
+                                  f"a streamed source trains with `batchlab train` and `recommend`")
 
     def out(self, name: str) -> Path:
         d = self.out_dir / name
