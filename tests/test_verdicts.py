@@ -325,6 +325,22 @@ def test_finding_rests_on_primary_claims_and_sources_count_outcomes():
     assert counts["P"]["untestable"] == 1 and sum(counts["K"].values()) == 7
 
 
+def test_open_findings_say_what_would_decide_them():
+    from batchlab.report.answers import verdicts_markdown, what_decides
+
+    spread = _claim(I.replicate_mean([0.1, 0.2, 0.3]), V.above(0.0)).to_json()
+    gated = _claim(I.replicate_mean([0.1, 0.2, 0.3]), V.above(0.0), gates=[Gate(
+        "converged", "train-acc change", I.replicate_mean([0.05, 0.06, 0.07]), V.below(0.01))]
+    ).to_json()
+    claims = [{**spread, "id": "a", "finding": "S2", "primary": True},
+              {**gated, "id": "b", "finding": "S1", "primary": True}]
+    assert what_decides(claims[0]) == "about 4 seeds at the measured spread (now 3)"
+    assert what_decides(claims[1]).startswith("a budget where the premise holds")
+    md = verdicts_markdown(claims)
+    assert "| S2 | inconclusive | a | about 4 seeds" in md
+    assert "| S1 | untestable | b | a budget where" in md and "| K1 | not run |" in md
+
+
 # -- measured error rates (a small version of benchmarks/verdict_calibration.py) ---------------
 @pytest.mark.parametrize("name", ["difference", "paired accuracy", "ratio", "slope",
                                   "correlation (m = 4)", "paired accuracy (equivalence +-0.01)"])

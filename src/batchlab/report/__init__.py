@@ -29,8 +29,10 @@ from batchlab.report.answers import (
     RULE,
     finding_verdicts,
     one_line,
+    open_findings,
     read_numbers,
     source_counts,
+    verdicts_markdown,
 )
 
 CSS = """
@@ -172,11 +174,27 @@ def write_report(out: Path, names: list[str], timings: dict[str, float] | None =
         sections.append(f"<section id='{E(n)}'><h2>{E(n)}{t}</h2>{body}{imgs}</section>")
     overview.append("</table>")
     parts = [f"<h1>batchlab report ({E(preset)} preset)</h1>", findings_table(all_claims),
-             forest_plots(all_claims), batch_figure(out),
+             open_table(all_claims), forest_plots(all_claims), batch_figure(out),
              numbers_table(read_numbers(out, names)), "<h2>All claims</h2>" + "".join(overview),
              *sections]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>batchlab report</title>"
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     path = out / "report.html"
+    atomic_write(out / "verdicts.md", verdicts_markdown(all_claims))
     atomic_write(path, page)
     return path
+
+
+def open_table(claims: list[dict[str, Any]]) -> str:
+    """Every finding run but not decided, with what would decide each claim it rests on."""
+    todo = open_findings(finding_verdicts(claims))
+    if not todo:
+        return ""
+    rows = ["<h3>What would decide the findings left open</h3><table><tr><th>finding</th>"
+            "<th>verdict</th><th>claim</th><th>what would decide it (from the measured spread "
+            "or the failed premise)</th></tr>"]
+    for fid, v, claims_ in todo:
+        for cid, how in claims_ or [("", "")]:
+            rows.append(f"<tr><td>{E(fid)}</td>{_verdict_cell(v)}<td>{E(cid)}</td>"
+                        f"<td class='small'>{E(how)}</td></tr>")
+    return "".join(rows) + "</table>"
