@@ -1,0 +1,181 @@
+"""Unit tests of the steps-to-target, throughput and schedules claims on synthetic runs whose
+truth is known: every quantity is computed per seed and the interval is over seeds (issue 19),
+and each planted degenerate case (a censored arm, |tau| = 1 in every seed, a design constant,
+an unconverged arm, an unmeasured memory half) comes out as the rule says."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from batchlab.experiments.claims import check_document, claims_document
+
+
+def _doc_ok(claims: list) -> None:
+    doc = claims_document([c.to_json() for c in claims])
+    import json
+
+    from batchlab.experiments.claims import dumps
+    assert check_document(json.loads(dumps(doc["claims"]))) == []
+
+
+def _row(bs: int, lr: float, seed: int, steps: float | None, budget: int = 10_000,
+         sps: float = 0.01) -> dict:
+    return {"batch_size": bs, "lr": lr, "seed": seed, "status": "completed",
+            "reached": steps is not None, "steps_to_target": steps, "budget_steps": budget,
+            "seconds_per_step": sps}
+
+
+def _grid(s_min: float = 100.0, b_crit: float = 256.0, seeds: int = 3,
+          batches: tuple[int, ...] = (16, 64, 256, 1024)) -> list[dict]:
+    """Steps on S(B) = S_min (1 + B_crit / B), +-3% per seed; the fastest lr doubles with B
+    (the slower lr takes 1.5x the steps)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(seeds):
+        for i, b in enumerate(batches):
+            st = s_min * (1 + b_crit / b) * math.exp(rng.normal(0, 0.03))
+            best_lr = 0.01 * 2**i
+            rows += [_row(b, best_lr, s, round(st)), _row(b, best_lr * 8, s, round(1.5 * st))]
+    return rows
+
+
+def _noise(seeds: int = 3, late: float = 256.0) -> dict[int, dict]:
+    """B_simple ~ 1/loss along each seed's run, its late value near `late`."""
+    out = {}
+    for s in range(seeds):
+        loss = np.geomspace(2.0, 0.05, 12)
+        b = late * 0.05 / loss * (1 + 0.05 * s)
+        out[s] = {"late": float(np.exp(np.mean(np.log(b[6:])))), "init": float(b[0]),
+                  "batch_size": 16, "lr": 0.1, "series": list(zip(loss.tolist(), b.tolist()))}
+    return out
+
+
+def test_stt_claims_on_a_known_curve() -> None:
+    from batchlab.experiments.steps_to_target import stt_claims
+
+    c = {x.id: x for x in stt_claims(_grid(), _noise())}
+    _doc_ok(list(c.values()))
+    assert c["model-fits"].verdict == "reproduced"
+    assert c["model-fits"].interval.n == 3  # seeds, not seeds x batch sizes
+    fits = c["model-fits"].evidence["fits"]
+    assert all(100 < f["b_crit"] < 600 for f in fits.values())
+    assert c["noise-grows"].verdict == "reproduced"
+    assert c["noise-grows"].interval.n == 3
+    # the per-seed tuned lr grows perfectly in every seed: |tau| = 1 with zero spread, yet
+    # the interval is never of zero width (tau's null variance floors it)
+    lr = c["lr-grows"]
+    assert lr.interval.estimate == pytest.approx(1.0)
+    assert lr.interval.lo < lr.interval.hi and lr.verdict != "untestable"
+    assert c["noise-scale-predicts"].interval.n == 3
+
+
+def test_right_censored_arms_are_excluded_and_counted() -> None:
+    from batchlab.experiments.steps_to_target import per_seed_steps, stt_claims
+
+    rows = _grid()
+    # batch 1024 reaches the target at 95% of its budget in seed 0, never in seed 1
+    for r in rows:
+        if r["batch_size"] == 1024 and r["seed"] == 0:
+            r["budget_steps"] = math.ceil(r["steps_to_target"] / 0.95)
+        if r["batch_size"] == 1024 and r["seed"] == 1:
+            r.update(reached=False, steps_to_target=None)
+    steps = per_seed_steps(rows)
+    assert 1024 not in steps[0] and 1024 not in steps[1] and 1024 in steps[2]
+    c = {x.id: x for x in stt_claims(rows, _noise())}
+    assert c["model-fits"].evidence["censored"]["excluded"] == 2
+    assert c["perfect-scaling"].evidence["batch_sizes"] == [16, 64, 256]
+    _doc_ok(list(c.values()))
+    # every seed censored at all but two batch sizes: nothing to fit -> unmeasured, not decided
+    few = [r for r in rows if r["batch_size"] in (16, 64)]
+    c = {x.id: x for x in stt_claims(few, {})}
+    assert c["model-fits"].verdict == "untestable"
+    assert c["model-fits"].reason["code"] == "unmeasured"
+    assert c["noise-grows"].reason["code"] == "unmeasured"
+    _doc_ok(list(c.values()))
+
+
+def test_one_seed_decides_nothing() -> None:
+    from batchlab.experiments.steps_to_target import stt_claims
+
+    c = {x.id: x for x in stt_claims(_grid(seeds=1), _noise(seeds=1))}
+    for k in ("model-fits", "noise-grows", "noise-scale-predicts"):
+        assert c[k].interval.n == 1 and c[k].verdict == "inconclusive", k
+
+
+def _timings(seeds: int = 3, mem_method: str | None = None, mem: bool = True,
+             sizes: tuple[int, ...] = (16, 64, 256, 1024, 4096)) -> dict[int, list[dict]]:
+    """One timing pass per seed: s/step = 1 ms + b x 10 us (+-2% per seed and size)."""
+    from batchlab.analysis.throughput import MEMORY_RSS
+
+    rng = np.random.default_rng(1)
+    out = {}
+    for s in range(seeds):
+        rows = []
+        for b in sizes:
+            sps = (1e-3 + 1e-5 * b) * math.exp(rng.normal(0, 0.02))
+            rows.append({"batch_size": b, "status": "ok", "seconds_per_step": sps,
+                         "samples_per_s": b / sps, "peak_memory_mb": 0.01 * b if mem else 0.0,
+                         "memory_method": mem_method or MEMORY_RSS})
+        out[s] = rows
+    return out
+
+
+def _pow2(faster_256: float, faster_1024: float, seeds: int = 3) -> dict[int, list[dict]]:
+    rng = np.random.default_rng(2)
+    out = {}
+    for s in range(seeds):
+        rows = []
+        for p, f in ((256, faster_256), (1024, faster_1024)):
+            for b in (p - 1, p, p + 1):
+                per = 1e-5 * (1.0 if b == p else f) * math.exp(rng.normal(0, 0.01))
+                rows.append({"batch_size": b, "status": "ok", "seconds_per_step": per * b})
+        out[s] = rows
+    return out
+
+
+def test_throughput_claims_per_timing_pass() -> None:
+    from batchlab.experiments.steps_to_target import per_seed_best
+    from batchlab.experiments.throughput import throughput_claims
+
+    best = per_seed_best(_grid(batches=(16, 64, 256, 1024, 4096)))
+    c = {x.id: x for x in throughput_claims(_timings(), _pow2(1.3, 1.3), best)}
+    _doc_ok(list(c.values()))
+    # samples/s rise monotonically in every pass: tau = 1 in every seed, never zero width
+    tg = c["throughput-grows"]
+    assert tg.interval.estimate == pytest.approx(1.0) and tg.interval.n == 3
+    assert tg.interval.lo < 1.0 and tg.verdict != "untestable"
+    assert c["memory-grows"].interval.n == 3
+    assert c["cost-linear-in-m"].interval.n == 3
+    assert c["powers-of-two-faster"].verdict == "reproduced"
+    # S(B) = 100 (1 + 256/B) steps x (1 ms + B x 10 us): fastest at B = 256, inside the grid
+    # (0.7 s against 2.0 s at B = 16 and 4.4 s at B = 4096)
+    assert c["time-optimum-interior"].interval.n == 3
+    assert c["time-optimum-interior"].verdict == "reproduced"
+    assert 0.3 < c["time-optimum-interior"].interval.estimate < 0.45
+
+
+def test_powers_of_two_needs_both_pairs() -> None:
+    """One pair faster by 30%, the other not at all: not pooled into one average that would
+    pass - the weaker pair decides, and it lies below the 5% threshold."""
+    from batchlab.experiments.throughput import powers_of_two_claim
+
+    c = powers_of_two_claim(_pow2(1.3, 1.0))
+    assert c.verdict == "not_reproduced"
+    assert c.interval.estimate == pytest.approx(1.0, abs=0.03)
+    assert sorted(c.evidence["log_ratios"]) == [256, 1024]
+
+
+@pytest.mark.parametrize("kind", ["lifetime", "zeros"])
+def test_memory_half_unmeasured_says_why(kind: str) -> None:
+    from batchlab.analysis.throughput import MEMORY_LIFETIME
+    from batchlab.experiments.throughput import throughput_claims
+
+    tp = _timings(mem_method=MEMORY_LIFETIME) if kind == "lifetime" else _timings(mem=False)
+    c = {x.id: x for x in throughput_claims(tp, {}, {})}
+    m = c["memory-grows"]
+    assert m.verdict == "untestable" and m.reason["code"] == "unmeasured"
+    assert ("cannot be reset" if kind == "lifetime" else "0 MB") in m.reason["text"]
+    _doc_ok(list(c.values()))
