@@ -62,6 +62,12 @@ def test_schedules(tmp_path: Path) -> None:
     # Smith's schedule multiplies the batch at each decay: fewer updates by design, a constant
     # of the design that no seed can change - untestable, not evidence
     assert claims["smith-fewer-updates"]["verdict"] == "untestable"
+    assert claims["smith-fewer-updates"]["reason"]["code"] == "construction"
+    # accuracies paired on the shared test set with the runs' per-example correctness, and
+    # "matches the small batch" gated on both arms having converged
+    goyal = claims["goyal-closes-gap"]
+    assert "paired per-example" in goyal["method"]
+    assert {g["name"] for g in goyal["gates"]} == {"goyal converged", "small converged"}
 
 
 def test_large_batch_fixes(tmp_path: Path) -> None:

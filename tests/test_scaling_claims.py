@@ -179,3 +179,79 @@ def test_memory_half_unmeasured_says_why(kind: str) -> None:
     assert m.verdict == "untestable" and m.reason["code"] == "unmeasured"
     assert ("cannot be reset" if kind == "lifetime" else "0 MB") in m.reason["text"]
     _doc_ok(list(c.values()))
+
+
+def _arms() -> dict:
+    from batchlab.experiments.schedules_exp import arm_fields
+
+    s = {"base_batch": 32, "large_batch": 256, "lr": 0.1, "epochs": 10, "decay_epochs": [5],
+         "decay_factor": 0.1, "warmup_epochs": 1.0, "gbn": False}
+    return arm_fields(s, 4096)
+
+
+def _bits(p: float, n: int, seed: int, base: np.ndarray | None = None, flip: int = 0) -> np.ndarray:
+    """Per-example correctness: `base` with `flip` examples changed, or fresh at rate p."""
+    rng = np.random.default_rng(seed)
+    if base is None:
+        return (rng.random(n) < p).astype(float)
+    out = base.copy()
+    idx = rng.choice(n, size=flip, replace=False)
+    out[idx] = 1 - out[idx]
+    return out
+
+
+def _schedules(seeds: int = 3, unconverged: str | None = None, gap: float = 0.0,
+               n_test: int = 2000) -> list:
+    """Every arm scores like `small` (+-3 examples per seed), `large` `gap` below it; all
+    arms plateaued, except `unconverged` (its train accuracy still rising by 3 points)."""
+    from batchlab.experiments.schedules_exp import schedule_claims
+
+    arms = _arms()
+    acc, correct, plateau, steps = {}, {}, {}, {}
+    for i, a in enumerate(arms):
+        acc[a], correct[a], plateau[a], steps[a] = [], [], [], []
+        for s in range(seeds):
+            base = _bits(0.95, n_test, 100 + s)
+            c = _bits(0, n_test, 10 * i + s, base=base, flip=3)
+            if a == "large" and gap:
+                ones = np.flatnonzero(c)[: int(gap * n_test)]
+                c[ones] = 0.0
+            correct[a].append(c)
+            acc[a].append(float(c.mean()))
+            plateau[a].append(0.03 + 0.001 * s if a == unconverged else 0.0005 * (s - 1))
+            steps[a].append(1000 if a != "smith" else 400)
+    return schedule_claims(acc, steps, arms, 0.01, n_test, 32, correct=correct, plateau=plateau)
+
+
+def test_schedules_paired_and_gated() -> None:
+    c = {x.id: x for x in _schedules()}
+    _doc_ok(list(c.values()))
+    # the arms share the test set and differ on ~6 of 2,000 examples: paired, the interval
+    # sits well inside +-1%, where two independent binomial errors would not
+    g = c["goyal-closes-gap"]
+    assert g.verdict == "reproduced", g.to_json()
+    assert g.interval.hi - g.interval.lo < 0.01
+    assert [x.name for x in g.gates] == ["goyal converged", "small converged"]
+    # Smith's fewer updates: a design constant, shown as a check, never evidence
+    f = c["smith-fewer-updates"]
+    assert f.verdict == "untestable" and f.reason["code"] == "construction"
+    assert f.reason["check"] == "holds"
+
+
+def test_unconverged_arm_is_untestable_not_matched() -> None:
+    c = {x.id: x for x in _schedules(unconverged="smith")}
+    s = c["smith-closes-gap"]
+    assert s.verdict == "untestable" and s.reason["code"] == "regime"
+    assert "smith converged" in s.reason["text"]
+    assert c["goyal-closes-gap"].verdict == "reproduced"
+    _doc_ok(list(c.values()))
+
+
+def test_one_seed_accuracy_difference_decides_nothing() -> None:
+    c = {x.id: x for x in _schedules(seeds=1, gap=0.05)}
+    assert c["gap"].interval.n == 1
+    assert c["gap"].verdict == "inconclusive"  # a 5-point gap, but no seed variance
+    assert c["goyal-closes-gap"].verdict == "untestable"  # its premise cannot be shown either
+    _doc_ok(list(c.values()))
+    # with three seeds the same 5-point gap is decided
+    assert {x.id: x for x in _schedules(gap=0.05)}["gap"].verdict == "reproduced"
