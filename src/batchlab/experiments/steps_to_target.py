@@ -94,7 +94,9 @@ def measure(ctx: Context) -> tuple[Rows, Rows, dict[str, Any], Rows]:
         rows.append({"batch_size": res.config.batch_size, "lr": res.config.lr,
                      "seed": res.config.seed, "status": res.status, "reached": o.reached,
                      "steps_to_target": o.steps, "examples_to_target": o.examples,
-                     "best_value": o.best, "budget_steps": o.budget_steps,
+                     "best_value": o.best,
+                     # the configured budget, not the steps run (a run stops at the target)
+                     "budget_steps": res.config.epochs * math.ceil(n_train / res.config.batch_size),
                      "seconds_per_step": _sec_per_step(res)})
     grid = rows[:len(cfgs)]
     return grid, best_per_batch(grid), s, rows[len(cfgs):]
