@@ -255,3 +255,112 @@ def test_one_seed_accuracy_difference_decides_nothing() -> None:
     _doc_ok(list(c.values()))
     # with three seeds the same 5-point gap is decided
     assert {x.id: x for x in _schedules(gap=0.05)}["gap"].verdict == "reproduced"
+
+
+# -- issue 21: successive halving instead of the full lr grid ------------------------------------
+def _fixture_run(lr: float, epochs: int, opt_lr: float, noise: float, rng) -> dict:
+    """A synthetic run: T(lr) = 200 steps x exp(1.5 (log10 lr - log10 opt)^2) to the target
+    (10 steps an epoch), +-noise; test accuracy 0.95 x (1 - exp(-3 t / T)) after t steps."""
+    t_hit = 200 * math.exp(1.5 * (math.log10(lr) - math.log10(opt_lr)) ** 2)
+    t_hit *= math.exp(rng.normal(0, noise))
+    budget = 10 * epochs
+    target = 0.95 * (1 - math.exp(-3))
+    reached = t_hit <= budget
+    return {"lr": lr, "reached": reached, "steps_to_target": round(t_hit) if reached else None,
+            "best_value": target if reached else 0.95 * (1 - math.exp(-3 * budget / t_hit))}
+
+
+@pytest.mark.parametrize("max_epochs", [60, 200])
+def test_halving_finds_the_grids_lr_within_a_grid_step(max_epochs: int) -> None:
+    """On 200 fixtures (optimum anywhere in the grid's range, 10% noise per run) the
+    successive-halving search picks the full grid's fastest lr or its neighbour, at most
+    2.4/6 of the grid's epochs."""
+    from batchlab.analysis.scaling import HalvingSearch
+
+    lrs = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+    rng = np.random.default_rng(7)
+    far, cost, grid_cost = 0, 0, 0
+    for _ in range(200):
+        opt = 10 ** rng.uniform(-2, 0.5)
+        seed = int(rng.integers(1 << 30))
+        # the same seed -> the same run whatever searches it (a run is a function of its config)
+
+        def run(lr: float, epochs: int, opt: float = opt, seed: int = seed) -> dict:
+            r = np.random.default_rng([seed, int(lr * 1e4)])
+            return _fixture_run(lr, epochs, opt, 0.1, r)
+
+        grid = [run(lr, max_epochs) for lr in lrs]
+        grid_cost += len(lrs) * max_epochs
+        hit = [g for g in grid if g["reached"]]
+        best_grid = min(hit, key=lambda g: g["steps_to_target"])["lr"] if hit else None
+        h = HalvingSearch(lrs, max_epochs)
+        while todo := h.next_round():
+            cost += sum(ep for _, ep in todo)
+            h.report([run(lr, ep) for lr, ep in todo])
+        w = h.winner
+        if best_grid is None:
+            assert w is None or not w["reached"]
+            continue
+        assert w is not None and w["reached"]
+        far += abs(lrs.index(w["lr"]) - lrs.index(best_grid)) > 1
+    assert far == 0
+    assert cost <= 2.4 / 6 * grid_cost
+
+
+def test_halving_stops_once_an_lr_reaches_the_target() -> None:
+    """An lr that reached the target in the first round ends the search: every other lr needed
+    more steps than that round's budget, so none can be faster - the grid's winner exactly."""
+    from batchlab.analysis.scaling import HalvingSearch, halving_rounds
+
+    assert halving_rounds(6, 60) == [(6, 7), (2, 20), (1, 60)]
+    h = HalvingSearch([0.1, 0.3, 1.0], 60)
+    first = h.next_round()
+    assert [ep for _, ep in first] == [20, 20, 20]
+    h.report([{"lr": 0.1, "reached": False, "steps_to_target": None, "best_value": 0.5},
+              {"lr": 0.3, "reached": True, "steps_to_target": 150, "best_value": 0.9},
+              {"lr": 1.0, "reached": True, "steps_to_target": 120, "best_value": 0.9}])
+    assert h.done and h.next_round() == [] and h.winner["lr"] == 1.0
+
+
+def test_halving_plan_projects_less_than_the_grid(tmp_path) -> None:
+    """`--plan` records a halving search's worst case (every round, no early stop): fewer
+    FLOPs than the grid, by the rounds' arithmetic."""
+    from batchlab.experiments import Context
+    from batchlab.experiments.plan import make_plan
+    from batchlab.runs.store import Store
+
+    opts = {"hidden": [16], "dataset": "digits", "batch_sizes": [16, 64], "lrs": [0.03, 0.1, 0.3],
+            "max_epochs": 9, "tiny_epochs": 1}
+    flops = {}
+    with Store(tmp_path / "runs.db") as st:
+        for mode in ("grid", "halving"):
+            ctx = Context(preset="quick", seeds=2, out_dir=tmp_path / mode, store=st,
+                          options={**opts, "lr_search": mode})
+            flops[mode] = make_plan([("steps-to-target", ctx)], 0.01).to_json()["flops"]
+    # per (batch, seed): grid 3 x 9 epochs; halving 3 x 3 + 1 x 9 (+ the tiny batch's runs)
+    assert flops["halving"] < 0.75 * flops["grid"]
+
+
+def test_halving_end_to_end(tmp_path) -> None:
+    """The experiment with `lr_search=halving` on a tiny setting: its claims are clean, and each
+    (batch size, seed) trained its lrs first at the short budget."""
+    import csv
+    import json
+
+    from batchlab.experiments import Context, run_experiment
+    from batchlab.runs.store import Store
+    from batchlab.runs.tasks import threads
+
+    opts = {"hidden": [16], "dataset": "digits", "batch_sizes": [16, 64, 256],
+            "lrs": [0.3, 1.0], "max_epochs": 4, "target_value": 0.8, "tiny_epochs": 1,
+            "lr_search": "halving"}
+    with threads(1), Store(tmp_path / "runs.db") as st:
+        ctx = Context(preset="quick", seeds=2, out_dir=tmp_path / "out", store=st, options=opts)
+        output, path = run_experiment("steps-to-target", ctx)
+    doc = json.loads((path / "claims.json").read_text())
+    assert check_document(doc) == []
+    rows = list(csv.DictReader((path / "results.csv").open()))
+    first = [r for r in rows if r.get("round") == "0"]
+    assert len(first) == 3 * 2 * 2  # batch sizes x seeds x lrs, all at the first budget
+    assert {r["ran_epochs"] for r in first} == {"2"}
+    assert {"G1", "G2", "G3", "P3"} <= {c["finding"] for c in doc["claims"]}
