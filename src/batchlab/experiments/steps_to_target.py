@@ -388,7 +388,10 @@ def tiny_batch_claims(rows: Rows, tiny: Rows) -> list[Claim]:
             ratios.append(math.log(best_tiny[0] / min(g[0] for g in grid)))
             bounded = bounded and best_tiny[1]
         frac = lambda rs: float(np.mean([r["reached"] for r in rs])) if rs else math.nan  # noqa: E731
-        reach.append(frac([r for r in rows if r["seed"] == seed and r["batch_size"] == small])
+        # a halving search trains every lr only in its first round (later rounds keep the
+        # best): the fraction of workable lrs is that round's, at its (short) budget
+        reach.append(frac([r for r in rows if r["seed"] == seed and r["batch_size"] == small
+                           and r.get("round", 0) == 0])
                      - frac([r for r in tiny if r["seed"] == seed]))
     iv = I.replicate_mean(ratios, what="log time ratios").map(
         math.exp, "exp of a t interval of per-seed log ratios")
