@@ -1,15 +1,23 @@
 """Steps to a target vs batch size (Shallue et al.; McCandlish et al.).
 
 For each batch size on a log grid (capped by the training set) the lr is tuned over a log grid
-(optionally with momentum); each run stops when the target (test accuracy or train loss) is
-reached or its epoch budget is spent. The `target_step` probe checks the target several times
-an epoch, so the step count is finer than the engine's epoch-granularity stop. Per batch size
-the best lr's steps S and examples E = B x S are kept and McCandlish's trade-off
+(optionally with momentum): every lr for the whole budget (`lr_search=grid`), or by successive
+halving (`lr_search=halving`, `analysis.scaling.HalvingSearch`: every lr at a ninth of the
+budget first, the best third at a third, ...; it ends as soon as an lr reaches the target, as
+no other lr can then be faster). Each run stops when the target (test accuracy or train loss)
+is reached or its epoch budget is spent. The `target_step` probe checks the target several
+times an epoch, so the step count is finer than the engine's epoch-granularity stop.
+
+Every claim is computed per seed (issue 19: a seed is the replicate): each seed's fastest lr
+per batch size gives its steps S and examples E = B x S, and McCandlish's trade-off
 
     (S / S_min - 1)(E / E_min - 1) = 1   <=>   S(B) = S_min + E_min / B
 
-is fitted (least squares on log S, positive parameters), giving B_crit = E_min / S_min.
-A batch size whose every lr misses the target is reported with its budget and best value.
+is fitted to that seed's points (least squares on log S, positive parameters), giving
+B_crit = E_min / S_min. An arm (seed, batch size) whose fastest lr reached the target only in
+the last tenth of the budget, or not at all, is right-censored: excluded from the fits and
+counted. A batch size whose every lr misses the target is reported with its budget and best
+value.
 The runs of one batch size share their batch schedule (same seed, same batch size), so a
 vectorizing executor may train the lr grid together - but a probe with per-step hooks keeps a
 run on its own: `--set fine_steps=false` drops the `target_step` probe (steps counted at epoch
