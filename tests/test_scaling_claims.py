@@ -201,15 +201,15 @@ def _bits(p: float, n: int, seed: int, base: np.ndarray | None = None, flip: int
 
 
 def _schedules(seeds: int = 3, unconverged: str | None = None, gap: float = 0.0,
-               n_test: int = 2000) -> list:
+               n_test: int = 2000, large_train: float = 0.99) -> list:
     """Every arm scores like `small` (+-3 examples per seed), `large` `gap` below it; all
     arms plateaued, except `unconverged` (its train accuracy still rising by 3 points)."""
     from batchlab.experiments.schedules_exp import schedule_claims
 
     arms = _arms()
-    acc, correct, plateau, steps = {}, {}, {}, {}
+    acc, correct, plateau, steps, train = {}, {}, {}, {}, {}
     for i, a in enumerate(arms):
-        acc[a], correct[a], plateau[a], steps[a] = [], [], [], []
+        acc[a], correct[a], plateau[a], steps[a], train[a] = [], [], [], [], []
         for s in range(seeds):
             base = _bits(0.95, n_test, 100 + s)
             c = _bits(0, n_test, 10 * i + s, base=base, flip=3)
@@ -220,7 +220,9 @@ def _schedules(seeds: int = 3, unconverged: str | None = None, gap: float = 0.0,
             acc[a].append(float(c.mean()))
             plateau[a].append(0.03 + 0.001 * s if a == unconverged else 0.0005 * (s - 1))
             steps[a].append(1000 if a != "smith" else 400)
-    return schedule_claims(acc, steps, arms, 0.01, n_test, 32, correct=correct, plateau=plateau)
+            train[a].append((large_train if a == "large" else 0.99) + 0.001 * s)
+    return schedule_claims(acc, steps, arms, 0.01, n_test, 32, correct=correct, plateau=plateau,
+                           train_acc=train)
 
 
 def test_schedules_paired_and_gated() -> None:
@@ -250,11 +252,23 @@ def test_unconverged_arm_is_untestable_not_matched() -> None:
 def test_one_seed_accuracy_difference_decides_nothing() -> None:
     c = {x.id: x for x in _schedules(seeds=1, gap=0.05)}
     assert c["gap"].interval.n == 1
-    assert c["gap"].verdict == "inconclusive"  # a 5-point gap, but no seed variance
-    assert c["goyal-closes-gap"].verdict == "untestable"  # its premise cannot be shown either
+    assert c["gap"].interval.hi == math.inf  # a 5-point gap, but no seed variance
+    # and no premise can be shown with one seed either: untestable, never decided
+    assert c["gap"].verdict == "untestable" and c["gap"].reason["code"] == "regime"
+    assert c["goyal-closes-gap"].verdict == "untestable"
     _doc_ok(list(c.values()))
     # with three seeds the same 5-point gap is decided
     assert {x.id: x for x in _schedules(gap=0.05)}["gap"].verdict == "reproduced"
+
+
+def test_gap_needs_comparable_train_accuracy() -> None:
+    """K1's gap is at comparable train accuracy: a large batch still 5 points behind in train
+    accuracy (undertrained) makes the gap untestable, whatever its test accuracy says."""
+    c = {x.id: x for x in _schedules(gap=0.05, large_train=0.94)}
+    g = c["gap"]
+    assert g.verdict == "untestable" and g.reason["code"] == "regime"
+    assert "comparable train accuracy" in g.reason["text"]
+    _doc_ok(list(c.values()))
 
 
 # -- issue 21: successive halving instead of the full lr grid ------------------------------------

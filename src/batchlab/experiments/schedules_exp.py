@@ -28,6 +28,9 @@ PLATEAU_TOL = 0.005
 most this much over the last fifth of its epochs: "matches the small-batch accuracy" compares
 where the arms end up, so it is decided only when both have stopped moving."""
 
+COMPARABLE_TOL = 0.01
+"""Train accuracies within this of each other count as comparable (K1's premise)."""
+
 QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
              decay_factor=0.1, warmup_epochs=1.0, tolerance=0.01, gbn=True)
 PAPER = dict(base_batch=128, large_batch=4096, lr=0.1, epochs=30, decay_epochs=[15, 25],
@@ -97,6 +100,7 @@ def run(ctx: Context) -> Output:
     rows = []
     correct: dict[str, list] = {a: [] for a in arms}
     plateau: dict[str, list] = {a: [] for a in arms}
+    train_acc: dict[str, list] = {a: [] for a in arms}
     curves: dict[str, list] = {}
     for name, res in zip(names, results):
         f = res.final
@@ -108,13 +112,14 @@ def run(ctx: Context) -> Output:
                      "steps": f.get("steps"), "test_acc": f.get("test_acc"),
                      "train_loss": f.get("train_loss"), "train_seconds": f.get("train_seconds")})
         correct[name].append(bits_to_array(f.get("test_correct_bits"), n_test))
+        train_acc[name].append(f.get("train_acc"))
         plateau[name].append(plateau_gain(res.epochs))
         if res.config.seed == 0:
             curves[name] = res.epochs
     acc = {a: [r["test_acc"] for r in rows if r["arm"] == a] for a in arms}
     steps = {a: [r["steps"] for r in rows if r["arm"] == a] for a in arms}
     claims = schedule_claims(acc, steps, arms, float(s["tolerance"]), n_test, s["base_batch"],
-                             correct=correct, plateau=plateau)
+                             correct=correct, plateau=plateau, train_acc=train_acc)
     table = []
     for a in arms:
         rs = [r for r in rows if r["arm"] == a]
@@ -149,17 +154,27 @@ def converged(arm: str, gains: list[float | None]) -> Gate:
                 V.within(PLATEAU_TOL))
 
 
+def comparable(small: list[float | None], large: list[float | None]) -> Gate:
+    """K1's premise: the generalization gap is a gap at comparable train accuracy (the
+    paired train-accuracy difference, interval over seeds, within +-COMPARABLE_TOL)."""
+    return Gate("comparable train accuracy", "train accuracy small - large batch, paired by seed",
+                I.difference(small, large), V.within(COMPARABLE_TOL))
+
+
 def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str, Any],
                     tol: float, n_test: int, base_batch: int,
                     correct: dict[str, list] | None = None,
-                    plateau: dict[str, list] | None = None) -> list[Claim]:
+                    plateau: dict[str, list] | None = None,
+                    train_acc: dict[str, list] | None = None) -> list[Claim]:
     """R1-R3 as equivalence tests on the test-accuracy difference (arm - its baseline) in
     [-tol, tol], paired by seed on the shared test set (`accuracy_difference` with the runs'
     per-example correctness), each gated on both arms having converged; R1's "fewer updates"
     is a constant of Smith's design (a check, not evidence); and the gap the recipes close.
-    `acc`, `steps`, `correct`, `plateau`: per arm, one entry per seed in seed order."""
+    `acc`, `steps`, `correct`, `plateau`, `train_acc`: per arm, one entry per seed in seed
+    order."""
     correct = correct or {}
     plateau = plateau or {}
+    train_acc = train_acc or {}
 
     def diff(a: str, b: str) -> Any:
         return accuracy_difference(acc[a], acc[b], n_test, correct_a=correct.get(a),
@@ -172,7 +187,9 @@ def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str
         "test accuracy small - large batch, paired by seed", {"small": acc["small"],
                                                               "large": acc["large"]},
         reading="the gap the recipes are meant to close, at this experiment's settings",
-        primary=False)]
+        primary=False, gates=[converged("small", plateau.get("small", [])),
+                              converged("large", plateau.get("large", [])),
+                              comparable(train_acc.get("small", []), train_acc.get("large", []))])]
     finding = {"goyal": "R3", "smith": "R1", "hoffer": "R2", "hoffer-gbn": "R2"}
     for arm, text in CLAIMS.items():
         if arm not in arms:
