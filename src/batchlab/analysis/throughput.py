@@ -54,11 +54,28 @@ CREATE TABLE IF NOT EXISTS throughput (
 """
 
 
-def engine_for(model: nn.Module) -> str:
-    """The engine `train()` would use for plain SGD on this model."""
-    fused = isinstance(model, MLP) and not any(
+def engine_for(model: nn.Module, optimizer: str = "sgd", amp: str = "off",
+               objective: Any = None) -> str:
+    """The engine `train()` would use on this model: "fused" for plain SGD on batchlab's MLPs
+    with the classification loss, else "autograd", suffixed with the optimizer, amp and loss
+    where they are not the defaults (they change a step's cost, so they key its timing)."""
+    default = optimizer == "sgd" and amp == "off" and objective is None
+    fused = default and isinstance(model, MLP) and not any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return "fused" if fused else "autograd"
+    if fused:
+        return "fused"
+    extra = [v for v in (optimizer if optimizer != "sgd" else None,
+                         f"amp-{amp}" if amp != "off" else None,
+                         _objective_id(objective)) if v]
+    return "+".join(["autograd", *extra])
+
+
+def _objective_id(objective: Any) -> str | None:
+    if objective is None:
+        return None
+    from batchlab.task import loss_field
+
+    return f"loss-{loss_field(objective)}"
 
 
 def device_signature(device: torch.device) -> str:
@@ -96,7 +113,8 @@ def measure_stored(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     store.ensure_schema(SCHEMA)
     dev_sig = device_signature(x.device)
     m_sig = model_signature(model, tuple(x.shape[1:]))
-    engine = engine_for(model)
+    engine = engine_for(model, kw.get("optimizer", "sgd"), kw.get("amp", "off"),
+                        kw.get("objective"))
     sizes = sorted(batch_sizes)
 
     def key(bs: int) -> str:
@@ -178,16 +196,27 @@ def is_oom(e: BaseException) -> bool:
 
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int], *,
             lr: float = 0.01, min_seconds: float = 0.3, max_steps: int = 200, warmup: int = 2,
-            progress: Any = None) -> list[dict[str, Any]]:
-    """Samples/s, s/step and peak memory per batch size for SGD steps on `model` (trained on a
-    copy: the caller's weights are untouched). `progress(i, n)` is called after each size."""
+            progress: Any = None, optimizer: str = "sgd", amp: str = "off",
+            objective: Any = None) -> list[dict[str, Any]]:
+    """Samples/s, s/step and peak memory per batch size for steps on `model` (trained on a
+    copy: the caller's weights are untouched). `progress(i, n)` is called after each size.
+    `optimizer` (sgd, adam, adamw), `amp` (off, bf16, fp16) and `objective` (a
+    `batchlab.task` loss; None: cross-entropy) make the timed step the one a run would take."""
+    from batchlab.engine.steppers import amp_context
+
+    loss_fn = F.cross_entropy if objective is None else objective
+    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+               "adamw": torch.optim.AdamW}.get(optimizer)
+    if opt_cls is None:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
     dev = x.device
     rows = []
     gen = torch.Generator().manual_seed(0)
     for i, bs in enumerate(sorted(batch_sizes)):
         net = copy.deepcopy(model).to(dev).train()
-        fused = engine_for(net) == "fused"
-        row: dict[str, Any] = {"batch_size": bs, "engine": "fused" if fused else "autograd"}
+        engine = engine_for(net, optimizer, amp, objective)
+        fused = engine == "fused"
+        row: dict[str, Any] = {"batch_size": bs, "engine": engine}
         reset = _reset_peak_rss()
         rss0 = _rss_mb() if reset else _peak_rss_mb()
         if dev.type == "cuda":
@@ -200,13 +229,22 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
                 def step(xb: torch.Tensor, yb: torch.Tensor, stepper=stepper) -> None:
                     stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), lr)
             else:
-                opt = torch.optim.SGD(net.parameters(), lr=lr)
+                opt = opt_cls(net.parameters(), lr=lr)
+                autocast, scaler = amp_context(amp, dev.type)
 
-                def step(xb: torch.Tensor, yb: torch.Tensor, net=net, opt=opt) -> None:
-                    loss = F.cross_entropy(net(xb), yb)
+                def step(xb: torch.Tensor, yb: torch.Tensor, net=net, opt=opt,
+                         autocast=autocast, scaler=scaler) -> None:
+                    with autocast():
+                        out = net(xb)
+                    loss = loss_fn(out.float(), yb)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        loss.backward()
+                        opt.step()
             n = len(y)
             steps, t = 0, 0.0
             for s in range(warmup + max_steps):

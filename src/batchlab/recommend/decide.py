@@ -11,7 +11,11 @@ E_min (B <= 0.1 B_crit), i.e. the most parallel choice that wastes almost no com
 follows the rule the measurements support: from tuned lrs when there are any (the nearest of
 linear, square-root or constant scaling to the fitted slope), else the paper's
 eps(B) proportional to 1/(1 + B_crit/B) (linear below B_crit, constant above) anchored at the
-best lr at B0 (the lr search; S0 is then that lr's steps).
+best lr at B0 (the lr search; S0 is then that lr's steps). For Adam and AdamW the untuned rule
+is the square root of that one, eps(B) proportional to sqrt(1/(1 + B_crit/B)): square-root
+scaling below B_crit (Malladi et al., 2022, "On the SDEs and Scaling Rules for Adaptive
+Gradient Algorithms": an adaptive method's update is normalised by the gradient's second
+moment, so the noise, not the step, scales with 1/B), constant above it.
 """
 
 from __future__ import annotations
@@ -62,10 +66,21 @@ def noise_lr(base_lr: float, b0: float, b: float, b_crit: float) -> float:
     return base_lr * (1 + b_crit / b0) / (1 + b_crit / b)
 
 
+def adaptive_lr(base_lr: float, b0: float, b: float, b_crit: float) -> float:
+    """Adam/AdamW: the square root of eq. 2.7's ratio, anchored at (b0, base_lr): square-root
+    scaling below B_crit, constant above."""
+    return base_lr * math.sqrt((1 + b_crit / b0) / (1 + b_crit / b))
+
+
+ADAPTIVE = ("adam", "adamw")
+
+
 def decide(throughput: list[dict[str, Any]], *, b_crit: float, s0: float, b0: int,
-           base_lr: float, tuned: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+           base_lr: float, tuned: list[dict[str, Any]] | None = None,
+           optimizer: str = "sgd") -> dict[str, Any]:
     """The recommendation. `throughput` rows need batch_size, status and seconds_per_step; the
-    ok ones get predicted_steps, predicted_seconds and examples_overhead (E(B)/E_min - 1)."""
+    ok ones get predicted_steps, predicted_seconds and examples_overhead (E(B)/E_min - 1).
+    `optimizer`: the untuned lr rule is McCandlish's for SGD, its square root for Adam/AdamW."""
     if not (math.isfinite(b_crit) and b_crit > 0 and s0 > 0 and b0 > 0 and base_lr > 0):
         raise BatchlabError(f"cannot recommend from B_crit={b_crit}, S0={s0}, B0={b0}, lr={base_lr}")
     ok = [r for r in throughput if r.get("status") == "ok"]
@@ -83,6 +98,12 @@ def decide(throughput: list[dict[str, Any]], *, b_crit: float, s0: float, b0: in
         lr = scale_lr(rule, lr_a, b_a, best["batch_size"])
         lr_rule = (f"{rule} scaling (tuned-lr slope {slope:.2f} on log-log) from lr {lr_a:g} at "
                    f"batch {b_a}")
+    elif optimizer in ADAPTIVE:
+        lr = adaptive_lr(base_lr, b0, best["batch_size"], b_crit)
+        lr_rule = (f"lr(B) = {base_lr:g} x sqrt((1 + B_crit/{b0}) / (1 + B_crit/B)): "
+                   f"square-root scaling below B_crit, constant above (the rule for "
+                   f"{optimizer}, Malladi et al. 2022), anchored at the lr {base_lr:g} found "
+                   f"best at batch {b0}")
     else:
         lr = noise_lr(base_lr, b0, best["batch_size"], b_crit)
         lr_rule = (f"lr(B) = {base_lr:g} x (1 + B_crit/{b0}) / (1 + B_crit/B): linear below "

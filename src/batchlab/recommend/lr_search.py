@@ -29,11 +29,15 @@ Progress = Callable[[str, "int | None", "int | None"], None]
 def search_lr(init_model: nn.Module, td: Any, device: torch.device, *, b0: int, lr0: float,
               target_loss: float, seed: int, s0: int | None = None, budget_steps: int = 0,
               max_runs: int = 6, progress: Progress | None = None,
-              stage: str = "lr search") -> dict[str, Any]:
+              stage: str = "lr search", fields: dict[str, Any] | None = None,
+              loss: Any = None, n_train: int | None = None) -> dict[str, Any]:
     """{"lr", "steps", "runs"}: the lr (lr0 x 2^k) with the fewest steps to `target_loss` at
     batch b0. With `s0`, lr0 counts with s0 steps (the measurement run); without, lr0 is run
-    first with a budget of `budget_steps`. "steps" is None if no lr reached the target."""
-    steps_per_epoch = math.ceil(td.n_train / b0)
+    first with a budget of `budget_steps`. "steps" is None if no lr reached the target.
+    `fields`: further config fields of every run (optimizer, amp, loss: the measurement
+    run's); `loss`: a loss object for `train`; `n_train`: the examples per epoch of a stream
+    whose length is not declared."""
+    steps_per_epoch = math.ceil((n_train or td.n_train) / b0)
     rows: dict[int, dict[str, Any]] = {}
     if s0 is not None:
         rows[0] = {"lr": lr0, "status": "completed", "reached": True, "steps_to_target": s0,
@@ -48,8 +52,9 @@ def search_lr(init_model: nn.Module, td: Any, device: torch.device, *, b0: int, 
         lr = lr0 * 2.0**k
         cfg = make_config(batch_size=b0, lr=lr, epochs=max(1, math.ceil(budget / steps_per_epoch)),
                           seed=seed, probes=[], target_metric="train_loss",
-                          target_value=float(target_loss), device=str(device))
-        res = train(cfg, model=copy.deepcopy(init_model), data=td, probes=[TargetStepProbe()])
+                          target_value=float(target_loss), device=str(device), **(fields or {}))
+        res = train(cfg, model=copy.deepcopy(init_model), data=td, probes=[TargetStepProbe()],
+                    loss=loss)
         o = outcome(res)
         rows[k] = {"lr": lr, "batch_size": b0, "status": res.status, "reached": o.reached,
                    "steps_to_target": o.steps, "source": stage}

@@ -34,8 +34,8 @@ from torch import nn
 from batchlab.analysis.throughput import measure_stored
 from batchlab.atomic import atomic_path, atomic_write
 from batchlab.config import TrainConfig, make_config
-from batchlab.engine.result import Reporter
 from batchlab.data.stream import sample_data
+from batchlab.engine.result import Reporter
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.measure.noise import averaged, b_simple, default_loss, n_params
 from batchlab.measure.noise_curvature import b_noise
@@ -192,7 +192,8 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
     grid = [2**k for k in range(4, 20) if 2**k <= min(n, max_batch)] or [min(16, n, max_batch)]
     tp = measure_stored(init_model, X, Y, grid, store,
                         progress=lambda d, t: say("throughput", d, t),
-                        optimizer=optimizer, amp=amp, objective=run_loss)
+                        optimizer=optimizer, amp=amp,
+                        objective=None if isinstance(obj, Classification) else obj)
 
     # the lr at B0: a line search to the measurement run's loss (see lr_search.py)
     search = None
