@@ -157,7 +157,9 @@ class Regression(Objective):
         return outputs
 
     def loss(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(self._match(outputs, target), target.to(outputs.dtype))
+        # written out rather than F.mse_loss: its double backward breaks under torch.func's
+        # forward-over-reverse (Hessian-vector products of B_noise and curvature)
+        return (self._match(outputs, target) - target.to(outputs.dtype)).pow(2).mean()
 
     def per_example(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         d = self._match(outputs, target) - target.to(outputs.dtype)
