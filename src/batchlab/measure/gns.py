@@ -22,7 +22,14 @@ B_simple is the ratio of the two averages, never an average of ratios.
 
 Only parameters of the layers `ExampleNormHooks` covers enter both norms, so B_simple is that of
 the covered parameters; `unsupported` names the rest (with a warning) and `coverage` is the
-covered fraction of trainable parameters.
+covered fraction of trainable parameters. For 100% of the parameters at no extra cost in a loop
+with gradient accumulation or DDP, use `batchlab.measure.noise_micro.MicroBatchNoiseScale`.
+
+Finiteness: a batch whose norms are not finite (an fp16 overflow that GradScaler then skips, a
+diverging step) is recorded with `skipped=True` and leaves the averages as they were; one
+inf would otherwise stay in the EMA for good. AMP: with `scaler=` (a `torch.amp.GradScaler`)
+both norms are divided by the scale squared, so batches measured under different scales
+average in the same units.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import math
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -71,10 +78,28 @@ class GNSRecord:
     grad_sq_smooth: float  # EMA of grad_sq (bias-corrected)
     trace_sigma_smooth: float
     b_simple: float  # trace_sigma_smooth / grad_sq_smooth
+    skipped: bool = False  # non-finite norms: left out of the averages
 
     def to_json(self) -> dict:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                 for k, v in asdict(self).items()}
+
+
+def loss_scale(scaler: Any) -> torch.Tensor | None:
+    """The scaler's current loss scale as a tensor (no host sync), None without scaling."""
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    t = getattr(scaler, "_scale", None)
+    if isinstance(t, torch.Tensor):
+        return t.detach().clone()
+    return torch.tensor(float(scaler.get_scale()), dtype=torch.float64)
+
+
+def grads_unscaled(scaler: Any) -> bool:
+    """Whether `scaler.unscale_(optimizer)` already ran this step (the `.grad` is in the
+    loss's units): read off GradScaler's per-optimizer state."""
+    states = getattr(scaler, "_per_optimizer_states", None) or {}
+    return any(getattr(st.get("stage"), "name", "") == "UNSCALED" for st in states.values())
 
 
 class GradientNoiseScale:
@@ -94,12 +119,13 @@ class GradientNoiseScale:
     statistics); such layers, and all others without a per-example rule, are listed in
     `unsupported` and left out of both norms. Every backward pass through the model between two
     `step()` calls is seen by the hooks (a gradient penalty's `autograd.grad` too), so there must
-    be exactly one; with AMP loss scaling both norms carry the scale squared and B_simple is
-    unchanged."""
+    be exactly one. With AMP loss scaling pass `scaler`: call `step()` before or after
+    `scaler.unscale_(optimizer)` (which one is read off the scaler's state), and both norms are
+    taken back to the loss's units."""
 
     def __init__(self, model: nn.Module, *, reduction: Literal["mean", "sum"] = "mean",
                  beta: float = 0.99, every: int = 1, max_history: int | None = None,
-                 backend: Literal["hooks", "opacus"] = "hooks") -> None:
+                 backend: Literal["hooks", "opacus"] = "hooks", scaler: Any = None) -> None:
         if reduction not in ("mean", "sum"):
             raise BatchlabError(f"reduction must be 'mean' or 'sum', not {reduction!r}")
         if not 0.0 <= beta < 1.0:
@@ -109,6 +135,7 @@ class GradientNoiseScale:
         if backend not in ("hooks", "opacus"):
             raise BatchlabError(f"backend must be 'hooks' or 'opacus', not {backend!r}")
         self.model, self.reduction, self.beta, self.every = model, reduction, beta, every
+        self.scaler = scaler
         self._hooks = ExampleNormHooks(model, opacus_rules() if backend == "opacus" else None)
         total = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if total == 0:
@@ -193,6 +220,12 @@ class GradientNoiseScale:
             sq = sq * b * b  # the loss was (1/B) sum_i l_i: per-example gradients are B x the hooked ones
         else:
             big = big / (b * b)  # the loss was sum_i l_i: the mean gradient is .grad / B
+        scale = loss_scale(self.scaler)
+        if scale is not None:  # the hooks saw the scaled loss's gradients; .grad maybe not
+            inv2 = scale.to(sq.device, torch.float64).reciprocal().pow(2)
+            sq = sq * inv2
+            if not grads_unscaled(self.scaler):
+                big = big * inv2
         self.last_sq_norms = sq
         self._pending.append((t, b, torch.stack([sq.mean(), big])))
 
@@ -210,6 +243,14 @@ class GradientNoiseScale:
             return
         values = torch.stack([v for _, _, v in self._pending]).cpu().tolist()
         for (t, b, _), (small, big) in zip(self._pending, values):
+            if not (math.isfinite(small) and math.isfinite(big)):  # the guard: EMA untouched
+                gs, ss = self._smoothed()
+                self._history.append(GNSRecord(step=t, batch_size=b, g_small_sq=small,
+                                               g_big_sq=big, grad_sq=math.nan,
+                                               trace_sigma=math.nan, b_simple_raw=math.nan,
+                                               grad_sq_smooth=gs, trace_sigma_smooth=ss,
+                                               b_simple=noise_ratio(ss, gs), skipped=True))
+                continue
             if b > 1:
                 g2, tr = mccandlish_estimates(small, big, 1, b)
                 self._ema_g = self.beta * self._ema_g + (1 - self.beta) * g2
