@@ -17,6 +17,7 @@ __version__ = "0.2.0"
 
 _PUBLIC = {
     "GradientNoiseScale": "batchlab.measure.gns",
+    "MicroBatchNoiseScale": "batchlab.measure.noise_micro",
     "Phase": "batchlab.config",
     "TrainConfig": "batchlab.config",
     "Store": "batchlab.runs.store",

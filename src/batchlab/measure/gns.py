@@ -106,15 +106,17 @@ class GradientNoiseScale:
     """Measures B_simple from the batches of a training loop: call `step()` after each backward.
 
     Args:
-        model: the network being trained (hooks are attached to its Linear/Conv1d/Conv2d layers).
+        model: the network being trained (hooks are attached to its Linear, Conv1d, Conv2d,
+            LayerNorm, Embedding and Hugging Face Conv1D layers).
         reduction: how the loss combines the examples of a batch: "mean" (the default of every
             torch loss) or "sum". Getting it wrong scales B_simple by B^2.
         beta: EMA factor of the smoothed estimates (0.99 averages over ~100 steps).
         every: measure every `every`-th step only (hooks stay idle in between).
         max_history: keep at most this many records (None: all).
-        backend: "hooks" (batchlab's own rules: Linear, Conv1d, Conv2d) or "opacus" (the same,
-            plus Opacus's per-sample rules for the layers batchlab has none for: Embedding,
-            LayerNorm, GroupNorm, InstanceNorm, RMSNorm, Conv3d, ...; needs `pip install opacus`).
+        backend: "hooks" (batchlab's own rules: Linear, Conv1d, Conv2d, LayerNorm, Embedding,
+            HF Conv1D) or "opacus" (the same, plus Opacus's per-sample rules for the layers
+            batchlab has none for: GroupNorm, InstanceNorm, RMSNorm, Conv3d, ...; needs
+            `pip install opacus`).
     Per-example gradients of BatchNorm layers are not defined (the examples share batch
     statistics); such layers, and all others without a per-example rule, are listed in
     `unsupported` and left out of both norms. Every backward pass through the model between two
@@ -204,6 +206,14 @@ class GradientNoiseScale:
                 del sums[name]
                 self._warn(f"GradientNoiseScale leaves out {name}: {self._hooks.unsupported[name]}")
         sizes = {n: s.shape[0] for n, s in sums.items()}
+        if 1 in sizes.values() and len(set(sizes.values()) - {1}) == 1:
+            # an input that broadcasts over the batch (GPT-2's position ids [1, T]): its
+            # gradient arrives summed over the examples
+            for name in [n for n, b in sizes.items() if b == 1]:
+                self._hooks.drop(name, "its input broadcasts over the batch (batch dimension 1):"
+                                       " the per-example gradients arrive summed")
+                del sums[name], sizes[name]
+                self._warn(f"GradientNoiseScale leaves out {name}: {self._hooks.unsupported[name]}")
         if len(set(sizes.values())) > 1:
             raise BatchlabError(f"layers see different batch sizes {sizes}: the first dimension of every "
                                 "layer input must be the batch (flattening [B, T, d] to [B*T, d] is not)")
@@ -296,6 +306,18 @@ class GradientNoiseScale:
         """One record per measured step: raw and smoothed estimates."""
         self._flush()
         return list(self._history)
+
+    def state_dict(self) -> dict[str, float | int]:
+        """The averages and the step count (not the history): what a resumed run needs to go
+        on averaging instead of starting the EMA over."""
+        self._flush()
+        return {"t": self._t, "ema_g": self._ema_g, "ema_s": self._ema_s, "n_ema": self._n_ema}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self._flush()
+        self._t, self._ema_g = int(state["t"]), float(state["ema_g"])
+        self._ema_s, self._n_ema = float(state["ema_s"]), int(state["n_ema"])
+        self._hooks.active = self._t % self.every == 0
 
     def reset(self) -> None:
         """Forget the averages and history (e.g. after a learning-rate change)."""

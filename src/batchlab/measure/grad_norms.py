@@ -20,10 +20,20 @@ receives the gradient of the output (delta). A tensor hook rather than
 that an in-place op downstream (`nn.ReLU(inplace=True)`) refuses, and warns on a first layer whose
 input does not require grad.
 
+* nn.LayerNorm: g_i = (sum_t delta_it * xhat_it, sum_t delta_it) with xhat the normalised
+  input, recomputed from the kept input.
+* nn.Embedding: g_i scatters delta_it into the rows of its tokens, so
+  |g_i|^2 = sum_{t,s: id_it = id_is} delta_it . delta_is (padding_idx rows get nothing).
+* Hugging Face's `Conv1D` (GPT-2's attention and MLP projections: x @ W + b, W [in, out]): the
+  nn.Linear rule (the norm of W^T is that of W).
+
 Everything else that has trainable parameters (BatchNorm - examples are coupled through the batch
-statistics -, LayerNorm, Embedding, attention, custom modules, parameters shared between modules,
-layers used functionally or called twice in one forward) is reported in `unsupported`, with the
-reason, and left out of the norms; `covered_params()` says exactly which parameters the norms
+statistics -, nn.MultiheadAttention (its projections are used functionally), custom modules,
+parameters shared between modules (tied input/output embeddings: the per-example cross terms
+between the two uses are not available from norms; `MicroBatchNoiseScale` covers them), an
+Embedding with `scale_grad_by_freq`, layers used functionally or called twice in one forward, a
+layer whose input broadcasts over the batch, such as GPT-2's position embedding) is reported in
+`unsupported`, with the reason, and left out of the norms; `covered_params()` says exactly which parameters the norms
 are of, so a caller can restrict everything else it computes to the same parameters.
 """
 
@@ -62,8 +72,9 @@ def _outer_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return _sq(torch.bmm(d.transpose(1, 2), a))
 
 
-def linear_sq_norms(m: nn.Linear, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """|g_i|^2 of an nn.Linear's trainable parameters from its input a and output gradient d."""
+def linear_sq_norms(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """|g_i|^2 of an nn.Linear's (or Hugging Face Conv1D's) trainable parameters from its input
+    a and output gradient d."""
     if a.dim() < 2:
         raise BatchlabError("per-example norms need batched inputs (a leading batch dimension)")
     if a.dtype in (torch.float16, torch.bfloat16):
@@ -115,6 +126,59 @@ def conv_sq_norms(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor) ->
     return out
 
 
+def layernorm_sq_norms(m: nn.LayerNorm, acts: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+    """|g_i|^2 of a LayerNorm's weight and bias: sums over the positions of delta * xhat and
+    of delta."""
+    a = acts[0]
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, d = a.float(), d.float()
+    ns = tuple(m.normalized_shape)
+    b = a.shape[0]
+    out = torch.zeros(b, dtype=a.dtype, device=a.device)
+    d3 = d.reshape(b, -1, *ns)
+    if m.weight is not None and m.weight.requires_grad:
+        xhat = torch.nn.functional.layer_norm(a, ns, None, None, m.eps).reshape(b, -1, *ns)
+        out = out + _sq((d3 * xhat).sum(1))
+    if m.bias is not None and m.bias.requires_grad:
+        out = out + _sq(d3.sum(1))
+    return out
+
+
+def embedding_sq_norms(m: nn.Embedding, acts: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+    """|g_i|^2 of an Embedding's weight: delta_it . delta_is summed over pairs of positions that
+    look up the same row (O(B T^2 D))."""
+    idx = acts[0]
+    b = idx.shape[0]
+    ids = idx.reshape(b, -1)
+    d3 = d.reshape(b, ids.shape[1], -1)
+    if d3.dtype in (torch.float16, torch.bfloat16):
+        d3 = d3.float()
+    if m.padding_idx is not None:
+        d3 = d3 * (ids != m.padding_idx).unsqueeze(-1).to(d3.dtype)
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(d3.dtype)
+    return (same * torch.bmm(d3, d3.transpose(1, 2))).flatten(1).sum(1)
+
+
+def _hf_conv1d_rule(m: nn.Module, acts: list[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+    return linear_sq_norms(m, acts[0], d)
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's `transformers.pytorch_utils.Conv1D` (recognised without importing it)."""
+    t = type(m)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers") and hasattr(m, "nf")
+
+
+def builtin_rules(model: nn.Module) -> dict[type, Rule]:
+    """The per-example rules batchlab has beyond Linear/Conv: LayerNorm, Embedding (not with
+    scale_grad_by_freq) and, when the model has them, Hugging Face Conv1D layers."""
+    rules: dict[type, Rule] = {nn.LayerNorm: layernorm_sq_norms, nn.Embedding: embedding_sq_norms}
+    for m in model.modules():
+        if is_hf_conv1d(m):
+            rules[type(m)] = _hf_conv1d_rule
+    return rules
+
+
 def opacus_rules() -> dict[type, Rule]:
     """Rules for the layer types Opacus has per-sample rules for and batchlab has not (Embedding,
     EmbeddingBag, LayerNorm, GroupNorm, InstanceNorm, RMSNorm, Conv3d, ...): its norm samplers
@@ -139,6 +203,8 @@ def opacus_rules() -> dict[type, Rule]:
 
 
 def _is_supported(m: nn.Module, extra: dict[type, Rule]) -> bool:
+    if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.max_norm is not None):
+        return False  # the gradient is rescaled per batch / the weights renormed in forward
     if type(m) in extra:
         return True
     base = next((t for t in SUPPORTED if isinstance(m, t)), None)
@@ -159,7 +225,7 @@ class ExampleNormHooks:
     module names to why their parameters are not in the norms."""
 
     def __init__(self, model: nn.Module, extra: dict[type, Rule] | None = None) -> None:
-        self.model, self.extra = model, dict(extra or {})
+        self.model, self.extra = model, {**builtin_rules(model), **(extra or {})}
         self.unsupported: dict[str, str] = {}
         self.layers: dict[str, nn.Module] = {}
         owners: dict[int, list[str]] = {}
