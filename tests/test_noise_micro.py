@@ -41,11 +41,12 @@ def draws(step: int, count: int) -> torch.Tensor:
     return torch.randint(0, N, (count,), generator=torch.Generator().manual_seed(1000 + step))
 
 
-def run_loop(rank: int, world: int, k: int, model: nn.Module) -> MicroBatchNoiseScale:
+def run_loop(rank: int, world: int, k: int, model: nn.Module, big_from: str = "auto",
+             clip: float | None = None) -> MicroBatchNoiseScale:
     """STEPS optimizer steps (lr 0) of world x k micro-batches; rank r takes micro-batches
     r*k .. r*k + k - 1 of each step's draw (so every layout sees the same examples)."""
     x, y, _ = population()
-    gns = MicroBatchNoiseScale(model, micro_batch_size=MICRO, beta=0.995)
+    gns = MicroBatchNoiseScale(model, micro_batch_size=MICRO, beta=0.995, big_from=big_from)
     for s in range(STEPS):
         idx = draws(s, world * k * MICRO).view(world * k, MICRO)
         model.zero_grad()
@@ -54,6 +55,8 @@ def run_loop(rank: int, world: int, k: int, model: nn.Module) -> MicroBatchNoise
             ctx = model.no_sync() if isinstance(model, DDP) and j < k - 1 else _null()
             with ctx:
                 (torch.nn.functional.mse_loss(model(x[part]), y[part]) / k).backward()
+        if clip is not None:  # as Hugging Face's Trainer: clipped before the callback runs
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         gns.step()
     return gns
 
@@ -77,10 +80,12 @@ def _ddp_worker(rank: int, world: int, path: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     try:
-        model = DDP(linear())
-        gns = run_loop(rank, world, 2, model)
-        torch.save({"b_simple": gns.b_simple, "grad_sq": gns.grad_sq,
-                    "trace_sigma": gns.trace_sigma}, f"{out}.{rank}")
+        res = {}
+        for big_from in ("grad", "hooks"):
+            gns = run_loop(rank, world, 2, DDP(linear()), big_from)
+            res[big_from] = {"b_simple": gns.b_simple, "grad_sq": gns.grad_sq,
+                             "trace_sigma": gns.trace_sigma}
+        torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -93,21 +98,31 @@ def ddp_result(tmp_path_factory) -> list[dict[str, float]]:
     return [torch.load(d / f"res.{r}") for r in range(2)]
 
 
-def test_accumulation_recovers_the_closed_form() -> None:
+def test_accumulation_recovers_the_closed_form_and_ignores_clipping() -> None:
     x, y, w0 = population()
     gns = run_loop(0, 1, 4, linear())
     assert gns.coverage == 1.0
     assert gns.b_simple == pytest.approx(closed_form(x, y, w0), rel=0.10)
     assert all(h.batch_size == 4 * MICRO for h in gns.history)
+    # |G_big|^2 from the hooks (the default with accumulation) is the pre-clip norm
+    clipped = run_loop(0, 1, 4, linear(), clip=1e-3)
+    assert clipped.b_simple == pytest.approx(gns.b_simple, rel=1e-9)
+    from_grad = run_loop(0, 1, 4, linear(), big_from="grad")
+    assert from_grad.b_simple == pytest.approx(gns.b_simple, rel=1e-6)
 
 
 def test_ddp_on_two_gloo_processes_equals_one_process(ddp_result) -> None:
     one = run_loop(0, 1, 4, linear())  # the same 32 examples per step in one process
     x, y, w0 = population()
     for r in ddp_result:  # every rank holds the same answer
-        assert r["b_simple"] == pytest.approx(one.b_simple, rel=1e-6)
-        assert r["grad_sq"] == pytest.approx(one.grad_sq, rel=1e-6)
-        assert r["b_simple"] == pytest.approx(closed_form(x, y, w0), rel=0.10)
+        # .grad all-reduced: B_big = 2 micro-batches x 2 ranks, exactly the one-process loop
+        assert r["grad"]["b_simple"] == pytest.approx(one.b_simple, rel=1e-6)
+        assert r["grad"]["grad_sq"] == pytest.approx(one.grad_sq, rel=1e-6)
+        # each rank's own pair (B_big = 2 micro-batches), averaged over the ranks
+        assert r["hooks"]["b_simple"] == pytest.approx(one.b_simple, rel=0.10)
+        for v in r.values():
+            assert v["b_simple"] == pytest.approx(closed_form(x, y, w0), rel=0.10)
+    assert ddp_result[0] == ddp_result[1]
 
 
 def test_per_rank_batches_alone_are_enough() -> None:

@@ -9,12 +9,23 @@ gradients the loop computes anyway (McCandlish et al., appendix A; the gpt-neox 
         opt.step(); opt.zero_grad()
     gns.b_simple, gns.history
 
-The two batch sizes are B_small = one micro-batch of one process and B_big = all of them,
-k micro-batches x W processes. |G_small|^2 is the mean squared norm of the micro-batch
-gradients: a hook on every trainable parameter sees the gradient each backward pass brings to
-it before it is added to `.grad` (and before DDP reduces it), and adds its squared norm to a
-device scalar. |G_big|^2 is the squared norm of `.grad` at `step()`: the accumulated gradient,
-all-reduced under DDP (identical on every rank). With E|G_B|^2 = |G|^2 + tr(Sigma)/B the
+The two batch sizes are B_small = one micro-batch of one process and B_big = several of them.
+|G_small|^2 is the mean squared norm of the micro-batch gradients: a hook on every trainable
+parameter sees the gradient g_j each backward pass brings to it before it is added to `.grad`
+(and before DDP reduces it), and adds its squared norm to a device scalar. |G_big|^2 comes
+from one of two places (`big_from`):
+
+- "hooks" (the default when a process accumulates k >= 2 micro-batches): the same hook adds
+  2 g_j . grad, where `.grad` still holds the sum of the earlier micro-batches, so
+  |sum_j g_j|^2 = sum_j (|g_j|^2 + 2 g_j . S_{j-1}) is the accumulated gradient's squared norm
+  without reading `.grad` at the end: gradient clipping before `step()` (Hugging Face's Trainer
+  clips before its callbacks run) does not matter. B_big = k micro-batches; under DDP each
+  rank's pair is averaged over the ranks (one all-reduce of two scalars).
+- "grad" (the default with one micro-batch per process under DDP): `.grad` at `step()`, the
+  accumulated gradient all-reduced over W ranks (identical on every rank), B_big = k x W
+  micro-batches; call `step()` before clipping.
+
+With E|G_B|^2 = |G|^2 + tr(Sigma)/B the
 unbiased estimates of |G|^2 and tr(Sigma) follow (`gns.mccandlish_estimates`); as in
 `GradientNoiseScale` each is smoothed by a bias-corrected EMA and B_simple is the ratio of the
 averages.
@@ -70,9 +81,12 @@ class MicroBatchNoiseScale:
     def __init__(self, model: nn.Module, *, micro_batch_size: int | None = None,
                  accumulation: Literal["mean", "sum"] = "mean", beta: float = 0.99,
                  every: int = 1, max_history: int | None = None, scaler: Any = None,
-                 process_group: Any = None) -> None:
+                 process_group: Any = None,
+                 big_from: Literal["auto", "hooks", "grad"] = "auto") -> None:
         if accumulation not in ("mean", "sum"):
             raise BatchlabError(f"accumulation must be 'mean' or 'sum', not {accumulation!r}")
+        if big_from not in ("auto", "hooks", "grad"):
+            raise BatchlabError(f"big_from must be 'auto', 'hooks' or 'grad', not {big_from!r}")
         if not 0.0 <= beta < 1.0:
             raise BatchlabError(f"beta must be in [0, 1), not {beta}")
         if not (isinstance(every, int) and every >= 1):
@@ -83,25 +97,36 @@ class MicroBatchNoiseScale:
             raise BatchlabError("the model has no trainable parameters")
         self.micro_batch_size, self.accumulation = micro_batch_size, accumulation
         self.beta, self.every, self.scaler, self.group = beta, every, scaler, process_group
+        self.big_from = big_from
         self._t = 0
         self._active = True
         self._sq: torch.Tensor | None = None  # sum over backward passes of |g_micro|^2
+        self._big: torch.Tensor | None = None  # |sum of the micro-batch gradients|^2 (local)
         self._calls: dict[int, int] = {}
         self._pending: list[tuple[int, int, int, torch.Tensor]] = []
         self._history: deque[GNSRecord] = deque(maxlen=max_history)
         self._ema_g = self._ema_s = 0.0
         self._n_ema = 0
-        self._handles = [p.register_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        self._handles = [p.register_hook(self._hook(i, p)) for i, p in enumerate(self.params)]
 
     coverage = 1.0
     """Every trainable parameter is in both norms."""
 
-    def _hook(self, i: int):  # noqa: ANN202 - returns a tensor hook
+    def _hook(self, i: int, p: nn.Parameter):  # noqa: ANN202 - returns a tensor hook
         def on_grad(g: torch.Tensor) -> None:
             if not self._active:
                 return
-            v = torch.linalg.vector_norm(g.detach()).double().pow(2)
-            self._sq = v if self._sq is None else self._sq + v.to(self._sq.device)
+            g = g.detach()
+            v = torch.linalg.vector_norm(g).double().pow(2)
+            big = v
+            prev = p.grad  # the earlier micro-batches' sum: this g is not in it yet
+            if prev is not None and prev.shape == g.shape:
+                big = v + 2 * torch.dot(g.reshape(-1), prev.detach().reshape(-1).to(g.dtype)).double()
+            if self._sq is None:
+                self._sq, self._big = v, big
+            else:
+                self._sq = self._sq + v.to(self._sq.device)
+                self._big = self._big + big.to(self._big.device)
             self._calls[i] = self._calls.get(i, 0) + 1
         return on_grad
 
@@ -119,8 +144,8 @@ class MicroBatchNoiseScale:
         self._t += 1
         measured = t % self.every == 0
         self._active = self._t % self.every == 0  # whether the next step is measured
-        sq, calls = self._sq, self._calls
-        self._sq, self._calls = None, {}
+        sq, big_local, calls = self._sq, self._big, self._calls
+        self._sq, self._big, self._calls = None, None, {}
         if not measured:
             return
         b = micro_batch_size or self.micro_batch_size
@@ -137,27 +162,38 @@ class MicroBatchNoiseScale:
             raise BatchlabError("one micro-batch on one process has a single batch size: "
                                 "accumulate >= 2 micro-batches, run >= 2 processes, or use "
                                 "GradientNoiseScale (per-example gradients)")
-        grads = [p.grad for p in self.params if p.grad is not None]
-        big = torch.stack([torch.linalg.vector_norm(g.detach()).double().pow(2)
-                           for g in grads]).sum()
-        if self.accumulation == "mean":
-            sq = sq * (k * k)  # each micro-batch loss was divided by k
+        use_hooks = self.big_from == "hooks" or (self.big_from == "auto" and k >= 2)
+        if use_hooks and k < 2:
+            raise BatchlabError("big_from='hooks' needs >= 2 micro-batches per process")
+        dev = sq.device
+        if use_hooks:
+            big = big_local.to(dev)  # the local accumulated sum, in micro-batch loss units
+            big_unscaled_grad = False
+            b_big, ranks = b * k, w  # each rank's pair, averaged over ranks
         else:
-            big = big / (k * k)  # .grad is the sum of k micro-batch mean gradients
+            grads = [p.grad for p in self.params if p.grad is not None]
+            big = torch.stack([torch.linalg.vector_norm(g.detach()).double().pow(2)
+                               for g in grads]).sum().to(dev)
+            big_unscaled_grad = grads_unscaled(self.scaler)
+            b_big, ranks = b * k * w, w
+        if self.accumulation == "mean":
+            sq = sq * (k * k)  # each micro-batch loss was divided by k; their sum is the mean
+        else:
+            big = big / (k * k)  # the sum of k micro-batch mean gradients
         scale = loss_scale(self.scaler)
         if scale is not None:
-            inv2 = scale.to(sq.device, torch.float64).reciprocal().pow(2)
+            inv2 = scale.to(dev, torch.float64).reciprocal().pow(2)
             sq = sq * inv2
-            if not grads_unscaled(self.scaler):
+            if not big_unscaled_grad:
                 big = big * inv2
-        if w > 1:  # the micro-batch norms of every rank (.grad is already all-reduced)
+        pair = torch.stack([sq / k, big])  # this rank's mean |g_micro|^2 and |G_big|^2
+        if ranks > 1:
             import torch.distributed as dist
 
-            sq = sq.to(grads[0].device, torch.float32 if grads[0].device.type == "mps"
-                       else torch.float64)
-            dist.all_reduce(sq, group=self.group)
-        small = sq / (k * w)
-        self._pending.append((t, b, b * k * w, torch.stack([small.to(big.device, big.dtype), big])))
+            pair = pair.to(self.params[0].device)
+            dist.all_reduce(pair, group=self.group)
+            pair = pair / ranks  # (.grad's norm is the same on every rank: it stays itself)
+        self._pending.append((t, b, b_big, pair))
 
     def _flush(self) -> None:
         if not self._pending:
