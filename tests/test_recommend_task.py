@@ -132,3 +132,24 @@ def test_recommend_refuses_an_unknown_optimizer_in_one_line() -> None:
 
     with pytest.raises(ConfigError, match="--optimizer must be one of sgd, adam, adamw"):
         recommend(nn.Linear(2, 2), None, device=torch.device("cpu"), optimizer="lars")
+
+
+def test_device_and_data_dir_read_the_same_in_every_command() -> None:
+    import click
+    import typer
+
+    from batchlab.cli.root import app
+
+    helps: dict[str, dict[str, str]] = {"device": {}, "data_dir": {}}
+
+    def walk(cmd: click.Command, path: str) -> None:
+        for p in cmd.params:
+            if p.name in helps:
+                helps[p.name][path] = p.help
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "batchlab")
+    assert {"batchlab train", "batchlab recommend"} <= set(helps["device"])
+    for name, by_cmd in helps.items():
+        assert len(set(by_cmd.values())) == 1, (name, by_cmd)

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
     @app.command("recommend")
     def recommend_cmd(
         dataset: Annotated[str, typer.Option(help="Built-in dataset (ignored with --data).")] = "mnist-5k",
-        data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Directory of IDX files.")] = None,
+        data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the four IDX files of mnist or fashion-mnist (default: the cache, else a download).")] = None,
         model: Annotated[Optional[str], typer.Option("--model", help="module:factory returning an nn.Module.")] = None,
         data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y).")] = None,
         hidden: Annotated[Optional[str], typer.Option(help="Built-in MLP widths, e.g. 1024,1024.")] = None,
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
         thorough: Annotated[bool, typer.Option("--thorough", help="Also run a small steps-to-target sweep.")] = False,
         max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch size to time.")] = 8192,
         out: Annotated[Path, typer.Option("--out", help="Directory for the figure and JSON.")] = Path("out/recommend"),
-        device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+        device: Annotated[str, typer.Option(help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N.")] = "auto",
         store: Annotated[Path, typer.Option("--store", help="Results store: keeps the throughput points, timed once per device, model shape and batch size.")] = Path(DEFAULT_STORE),
         seed: Annotated[int, typer.Option(help="Seed of the measurement run and estimators (0..2**32-1).")] = 0,
         optimizer: Annotated[RecOptimizer, typer.Option(help="Optimizer of every run and timing (the lr rule follows it: McCandlish's for sgd, square-root scaling for adam/adamw).")] = "sgd",

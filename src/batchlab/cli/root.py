@@ -36,8 +36,8 @@ Optimizer = Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"]
 Init = Literal["glorot", "torch", "kaiming"]
 Executor = Literal["local", "ray"]
 Amp = Literal["off", "bf16", "fp16"]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the four IDX files (mnist, fashion-mnist).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the four IDX files of mnist or fashion-mnist (default: the cache, else a download).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
 
 
 def _version(value: bool) -> None:
@@ -107,7 +107,7 @@ def train(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay (>= 0).")] = 0.0,
     init: Annotated[Init, typer.Option(help="Weight initialization.")] = "glorot",
     seed: Annotated[int, typer.Option(help="Seed of init and shuffles (0 .. 9.2e12).")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, mps, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N.")] = "auto",
     data_dir: DataDirOpt = None,
     store: StoreOpt = Path("batchlab.db"),
     config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of TrainConfig fields (flags given explicitly override it).")] = None,
