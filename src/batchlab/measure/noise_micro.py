@@ -100,8 +100,9 @@ class MicroBatchNoiseScale:
         self.big_from = big_from
         self._t = 0
         self._active = True
-        self._sq: torch.Tensor | None = None  # sum over backward passes of |g_micro|^2
-        self._big: torch.Tensor | None = None  # |sum of the micro-batch gradients|^2 (local)
+        # per hook call: |g| and g . S_{j-1} (0-d tensors, summed at step(): few kernels here)
+        self._norms: list[torch.Tensor] = []
+        self._dots: list[torch.Tensor] = []
         self._calls: dict[int, int] = {}
         self._pending: list[tuple[int, int, int, torch.Tensor]] = []
         self._history: deque[GNSRecord] = deque(maxlen=max_history)
@@ -117,16 +118,10 @@ class MicroBatchNoiseScale:
             if not self._active:
                 return
             g = g.detach()
-            v = torch.linalg.vector_norm(g).double().pow(2)
-            big = v
+            self._norms.append(torch.linalg.vector_norm(g))
             prev = p.grad  # the earlier micro-batches' sum: this g is not in it yet
             if prev is not None and prev.shape == g.shape:
-                big = v + 2 * torch.dot(g.reshape(-1), prev.detach().reshape(-1).to(g.dtype)).double()
-            if self._sq is None:
-                self._sq, self._big = v, big
-            else:
-                self._sq = self._sq + v.to(self._sq.device)
-                self._big = self._big + big.to(self._big.device)
+                self._dots.append(torch.dot(g.reshape(-1), prev.detach().reshape(-1).to(g.dtype)))
             self._calls[i] = self._calls.get(i, 0) + 1
         return on_grad
 
@@ -144,15 +139,15 @@ class MicroBatchNoiseScale:
         self._t += 1
         measured = t % self.every == 0
         self._active = self._t % self.every == 0  # whether the next step is measured
-        sq, big_local, calls = self._sq, self._big, self._calls
-        self._sq, self._big, self._calls = None, None, {}
+        norms, dots, calls = self._norms, self._dots, self._calls
+        self._norms, self._dots, self._calls = [], [], {}
         if not measured:
             return
         b = micro_batch_size or self.micro_batch_size
         if not b or b < 1:
             raise BatchlabError("MicroBatchNoiseScale needs micro_batch_size (examples per "
                                 "micro-batch on one process)")
-        if sq is None:
+        if not norms:
             raise BatchlabError("gns.step() found no backward pass since the last step: call "
                                 "it after the micro-batches' backward passes, once per "
                                 "optimizer step")
@@ -165,9 +160,10 @@ class MicroBatchNoiseScale:
         use_hooks = self.big_from == "hooks" or (self.big_from == "auto" and k >= 2)
         if use_hooks and k < 2:
             raise BatchlabError("big_from='hooks' needs >= 2 micro-batches per process")
-        dev = sq.device
-        if use_hooks:
-            big = big_local.to(dev)  # the local accumulated sum, in micro-batch loss units
+        dev = norms[0].device
+        sq = torch.stack([v.to(dev) for v in norms]).double().pow(2).sum()
+        if use_hooks:  # |sum_j g_j|^2 = sum_j |g_j|^2 + 2 sum_j g_j . S_{j-1}, local, pre-clip
+            big = sq + 2 * torch.stack([d.to(dev) for d in dots]).double().sum() if dots else sq
             big_unscaled_grad = False
             b_big, ranks = b * k, w  # each rank's pair, averaged over ranks
         else:
