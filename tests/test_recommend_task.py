@@ -153,3 +153,44 @@ def test_device_and_data_dir_read_the_same_in_every_command() -> None:
     assert {"batchlab train", "batchlab recommend"} <= set(helps["device"])
     for name, by_cmd in helps.items():
         assert len(set(by_cmd.values())) == 1, (name, by_cmd)
+
+
+class WideStream(IterableDataset):
+    """n examples of `d` features made on the fly, with a declared length."""
+
+    def __init__(self, n: int, d: int, seed: int) -> None:
+        self.n, self.d, self.seed = n, d, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.n // 256):
+            x = torch.randn(256, self.d, generator=g)
+            y = x[:, :8].sum(1, keepdim=True)
+            yield from zip(x, y)
+
+
+def test_a_stream_larger_than_the_memory_it_uses_is_never_resident() -> None:
+    """About 1 GB of examples if held whole; recommend's peak RSS grows by a fraction of that
+    (the measurement pool of POOL_EXAMPLES, the estimators' work and the model, not the set)."""
+    from batchlab.analysis.throughput import _peak_rss_mb, _reset_peak_rss, _rss_mb
+
+    if not _reset_peak_rss():
+        pytest.skip("peak RSS cannot be reset on this platform")
+    n, d = 250_112, 1024  # 977 MiB as float32
+    obj = objective_for("mse")
+    td = as_data(Data(train=WideStream(n, d, 0), test=WideStream(1024, d, 1), identity="wide-v1"),
+                 make_config(loss="mse", model="m:f"), obj)
+    torch.manual_seed(0)
+    net = nn.Linear(d, 1)
+    _reset_peak_rss()
+    rss0 = _rss_mb()
+    rep = recommend(net, td, device=torch.device("cpu"), base_batch=256, base_lr=1e-3, epochs=1,
+                    tune_lr=False, max_batch=256, optimizer="adam", objective="mse")
+    grew = _peak_rss_mb() - rss0
+    data_mb = n * d * 4 / 2**20
+    assert rep["evidence"]["n_train"] == n
+    print(f"peak RSS grew {grew:.0f} MB for {data_mb:.0f} MB of streamed data")
+    assert grew < data_mb / 4, f"peak RSS grew {grew:.0f} MB for {data_mb:.0f} MB of data"

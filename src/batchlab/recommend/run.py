@@ -170,7 +170,9 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
     xs, ys = X.index_select(0, perm[:n_ps]), Y.index_select(0, perm[:n_ps])
     say("B_simple (per-example gradients, bootstrap)", None, None)
     est = b_simple(net, xs, ys, seed=seed, loss_fn=loss_fn)
-    late = [(h["trace_sigma"], h["grad_sq"]) for h in probe.history if h["step"] >= s0 / 2]
+    # late probe points; a non-finite one (an overflowing step) would make the average NaN
+    late = [(h["trace_sigma"], h["grad_sq"]) for h in probe.history if h["step"] >= s0 / 2
+            and math.isfinite(h["trace_sigma"]) and math.isfinite(h["grad_sq"])]
     avg = averaged([*late, (est.trace_sigma, est.grad_sq)], seed=seed,
                    method=f"mean tr(Sigma) / mean |G|^2 over {len(late) + 1} iterates in steps "
                           f"{s0 // 2}..{s0}")
