@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
@@ -14,17 +14,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from batchlab.data.stream import is_source
 from batchlab.data.tensors import tensor_data
 from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import recommend
 from batchlab.recommend.run import check_settings
 from batchlab.runs.store import DEFAULT_STORE, Store
-from batchlab.task import Data
-from batchlab.usercode import check_model_on_data, user_data, user_model, user_output
-
-RecOptimizer = Literal["sgd", "adam", "adamw"]
-RecAmp = Literal["off", "bf16", "fp16"]
+from batchlab.usercode import check_model_on_data, user_data, user_model
 
 
 class StageProgress:
@@ -72,9 +67,9 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option(help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N.")] = "auto",
         store: Annotated[Path, typer.Option("--store", help="Results store: keeps the throughput points, timed once per device, model shape and batch size.")] = Path(DEFAULT_STORE),
         seed: Annotated[int, typer.Option(help="Seed of the measurement run and estimators (0..2**32-1).")] = 0,
-        optimizer: Annotated[RecOptimizer, typer.Option(help="Optimizer of every run and timing (the lr rule follows it: McCandlish's for sgd, square-root scaling for adam/adamw).")] = "sgd",
+        optimizer: Annotated[str, typer.Option(help="sgd, adam or adamw: the optimizer of every run and timing (the lr rule follows it: McCandlish's for sgd, square-root scaling for adam/adamw).")] = "sgd",
         loss: Annotated[str, typer.Option("--loss", help="cross_entropy (classification), mse, next_token or module:factory returning a batchlab.task.Objective.")] = "cross_entropy",
-        amp: Annotated[RecAmp, typer.Option("--amp", help="Mixed precision of every run and timing: off, bf16 (CPU or GPU) or fp16 (GPU, with GradScaler).")] = "off",
+        amp: Annotated[str, typer.Option("--amp", help="Mixed precision of every run and timing: off, bf16 (CPU or GPU) or fp16 (GPU, with GradScaler).")] = "off",
         as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
     ) -> None:
@@ -90,26 +85,24 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         widths = _widths(hidden)
         torch.manual_seed(seed)
-        task = dict(optimizer=optimizer, objective=loss, amp=amp)
+        from batchlab.data.stream import is_source
+        from batchlab.task import Data
+        from batchlab.usercode import user_output
+
         out_obj = user_output(data) if data is not None else None
-        if loss != "cross_entropy" or isinstance(out_obj, Data) or is_source(out_obj):
-            # another loss or a streamed source: the engine's data and model setup (a stream
-            # stays a stream: never loaded whole)
-            cfg = make_config(dataset=dataset, data_dir=data_dir, data=data, model=model or "mlp",
-                              loss=loss, seed=seed, device=device,
-                              **({"hidden": widths} if widths else {}))
-            td = get_data(cfg, dev)
-            net = build_model(cfg, td)
-            name = model or f"mlp {cfg.hidden}"
-            _run(net, td, name, dev=dev, batch_size=batch_size, lr=lr, epochs=epochs,
-                 thorough=thorough, seed=seed, out=out, max_batch=max_batch, lr_search=lr_search,
-                 store=store, quiet=quiet, as_json=as_json, **task)
-            return
-        if data is not None:
+        task = loss != "cross_entropy" or isinstance(out_obj, Data) or is_source(out_obj)
+        if data is not None and not task:
             x, y, *test = user_data(data, None, out_obj)  # test: [X_test, y_test] when given
         else:
             test = []
-        if model is not None:
+        if task:  # another loss or a streamed source: the engine's data and model setup
+            cfg = make_config(dataset=dataset, data_dir=data_dir, data=data, model=model or "mlp",
+                              loss=loss, seed=seed, device=device,
+                              **({"hidden": widths} if widths else {}))
+            td = get_data(cfg, dev)  # a stream stays a stream: never loaded whole
+            net = build_model(cfg, td)
+            name = model or f"mlp {cfg.hidden}"
+        elif model is not None:
             net = user_model(model)
             if data is None:
                 td0 = get_data(make_config(dataset=dataset, data_dir=data_dir), dev)
@@ -135,30 +128,23 @@ def register(app: typer.Typer) -> None:
             td = get_data(cfg, dev)
             net = build_model(cfg, td)
             name = f"mlp {cfg.hidden} on {dataset}"
-        if batch_size > td.n_train:
+        if td.n_train is not None and batch_size > td.n_train:
             raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training "
                                 f"examples (--data keeps 10% as the test set)")
-        _run(net, td, name, dev=dev, batch_size=batch_size, lr=lr, epochs=epochs,
-             thorough=thorough, seed=seed, out=out, max_batch=max_batch, lr_search=lr_search,
-             store=store, quiet=quiet, as_json=as_json, **task)
-
-
-def _run(net: nn.Module, td: Any, name: str, *, dev: torch.device, batch_size: int, lr: float,
-         epochs: int | None, thorough: bool, seed: int, out: Path, max_batch: int,
-         lr_search: bool, store: Path, quiet: bool, as_json: bool, **task: Any) -> None:
-    kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
-                              thorough=thorough, seed=seed, out_dir=out, model_name=name,
-                              max_batch=max_batch, tune_lr=lr_search, **task)
-    with Store(store) as st:
-        if quiet:
-            rep = recommend(net, td, store=st, **kw)
+        kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
+                                  thorough=thorough, seed=seed, out_dir=out, model_name=name,
+                                  max_batch=max_batch, tune_lr=lr_search, optimizer=optimizer,
+                                  objective=loss, amp=amp)
+        with Store(store) as st:
+            if quiet:
+                rep = recommend(net, td, store=st, **kw)
+            else:
+                with StageProgress() as show:
+                    rep = recommend(net, td, store=st, progress=show, **kw)
+        if as_json:
+            sys.stdout.write(json.dumps(rep) + "\n")
         else:
-            with StageProgress() as show:
-                rep = recommend(net, td, store=st, progress=show, **kw)
-    if as_json:
-        sys.stdout.write(json.dumps(rep) + "\n")
-    else:
-        _print(rep)
+            _print(rep)
 
 
 
