@@ -121,6 +121,18 @@ def test_huggingface_trainer_callback_on_gpt2_from_a_config(tmp_path) -> None:
     assert all(math.isfinite(h.g_big_sq) and h.g_big_sq > 0 for h in cb.gns.history)
     st = cb.state()
     assert st["attributes"]["gns_state"]["n_ema"] == 4
+    # one micro-batch per step without clipping: per-example hooks (GPT-2's tied and position
+    # embeddings reported, the rest covered)
+    from batchlab.measure.gns import GradientNoiseScale
+
+    cb0 = GradientNoiseScaleCallback(log_every=1)
+    args0 = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True, max_grad_norm=0.0)
+    with pytest.warns(RuntimeWarning):
+        transformers.Trainer(model=model, args=args0, train_dataset=DS(), callbacks=[cb0]).train()
+    assert isinstance(cb0.gns, GradientNoiseScale) and len(cb0.gns.history) == 2
+    assert "lm_head" in cb0.gns.unsupported and cb0.gns.coverage > 0.5
     # one micro-batch per step and clipping on: refused in one line
     args1 = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4,
                                            max_steps=1, report_to=[], use_cpu=True)

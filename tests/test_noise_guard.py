@@ -84,3 +84,17 @@ def test_loss_scaling_is_taken_out_before_averaging(unscale_first: bool) -> None
     assert len(set(scales)) == len(scales)  # the scale really changed every step
     assert gns.b_simple == pytest.approx(ref.b_simple, rel=1e-6)
     assert gns.grad_sq == pytest.approx(ref.grad_sq, rel=1e-6)
+
+
+def test_per_example_monitor_refuses_a_ddp_model(tmp_path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from batchlab.errors import BatchlabError
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(BatchlabError, match="MicroBatchNoiseScale"):
+            GradientNoiseScale(DDP(nn.Linear(3, 1)))
+    finally:
+        dist.destroy_process_group()

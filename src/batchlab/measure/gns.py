@@ -136,6 +136,12 @@ class GradientNoiseScale:
             raise BatchlabError(f"every must be a positive integer, not {every!r}")
         if backend not in ("hooks", "opacus"):
             raise BatchlabError(f"backend must be 'hooks' or 'opacus', not {backend!r}")
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            raise BatchlabError("GradientNoiseScale under DDP would pair one rank's per-example "
+                                "gradients with the all-reduced .grad of every rank's examples "
+                                "(biased): use batchlab.MicroBatchNoiseScale")
         self.model, self.reduction, self.beta, self.every = model, reduction, beta, every
         self.scaler = scaler
         self._hooks = ExampleNormHooks(model, opacus_rules() if backend == "opacus" else None)
@@ -198,7 +204,8 @@ class GradientNoiseScale:
                                 "loss.backward(), once per batch")
         if all(c > 1 for c in calls.values()):
             raise BatchlabError(f"gns.step() saw {min(calls.values())} backward passes since the last step: "
-                                "call it after each loss.backward() (gradient accumulation is not supported)")
+                                "call it after each loss.backward() (with gradient accumulation use "
+                                "batchlab.MicroBatchNoiseScale)")
         for name, c in calls.items():
             if c > 1:
                 self._hooks.drop(name, f"called {c} times in one forward (cross terms between the calls "
