@@ -224,3 +224,59 @@ def test_log_result_and_missing_backends_are_one_line(monkeypatch, tmp_path) -> 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(BatchlabError, match=r"batchlab\[tensorboard\]"):
         sinks.TensorBoardSink(tmp_path)
+
+
+class FileSink:
+    """Lines 'rank step b_simple' in a file (a spawned process's sink must leave a trace)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def log(self, metrics, step: int) -> None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else -1
+        with open(self.path, "a") as f:
+            f.write(f"{rank} {step} {metrics['gns/b_simple']}\n")
+
+    def close(self) -> None:
+        """Nothing held open."""
+
+
+try:
+    import lightning.pytorch as _pl
+except ImportError:  # pragma: no cover - depends on the environment
+    _pl = None
+
+if _pl is not None:
+    class PicklableRegression(_pl.LightningModule):
+        """At module level: ddp_spawn pickles the module into its processes."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_lightning_ddp_on_two_cpu_processes_logs_on_rank_zero_only(tmp_path) -> None:
+    if _pl is None:
+        pytest.skip("lightning is not installed")
+    from batchlab.integrations.lightning import GradientNoiseScaleCallback
+
+    pl, module = _pl, PicklableRegression()
+    loader = torch.utils.data.DataLoader(regression_data(), batch_size=16)
+    cb = GradientNoiseScaleCallback(log_every=1, sinks=[FileSink(tmp_path / "log.txt")])
+    t = pl.Trainer(max_steps=4, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                   callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False, default_root_dir=tmp_path)
+    t.fit(module, loader)
+    rows = [ln.split() for ln in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [r[0] for r in rows] == ["0"] * 4  # DDP: the micro-batch estimator, rank zero logs
+    assert [int(r[1]) for r in rows] == [0, 1, 2, 3]
+    assert all(math.isfinite(float(r[2])) for r in rows)
