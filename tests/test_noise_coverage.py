@@ -4,6 +4,7 @@ embedding reported), each against per-example autograd."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -79,3 +80,19 @@ def test_gpt2_conv1d_covered_tied_and_position_embeddings_reported() -> None:
     ref = loop_sq(model, loss, ids, params)
     assert torch.allclose(gns.last_sq_norms.float(), ref, rtol=1e-3, atol=1e-6)
     assert 0.5 < gns.coverage < 1.0
+
+
+def test_b_noise_takes_integer_token_inputs() -> None:
+    """The Hessian-vector product's vector has the parameters' dtype, not the inputs' (token
+    ids are int64)."""
+    from batchlab.measure.noise_curvature import b_noise
+    from batchlab.task import NextToken
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 6), nn.Tanh(), nn.Linear(6, 11))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 11, (40, 7), generator=g)
+    nxt = (ids * 2 + 1) % 11
+    res = b_noise(model, ids[:32], nxt[:32], ids[32:], nxt[32:], loss_fn=NextToken())
+    assert res.n == 32 and res.hessian_batch == 8
+    assert all(map(math.isfinite, (res.trace_h_sigma, res.g_h_g, res.grad_sq)))

@@ -72,7 +72,7 @@ def b_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_h: torch.Tenso
             gsum = g.double().sum(0) if gsum is None else gsum + g.double().sum(0)
             sq += float(g.double().pow(2).sum())
         gbar = gsum / n
-        hgbar = hvp_flat(gbar.to(x_h.dtype)).double()
+        hgbar = hvp_flat(gbar.to(params[names[0]].dtype)).double()  # not x_h: token ids are int
     q_mean = float(torch.cat(qs).mean())
     gbhgb = float(gbar @ hgbar)
     tr_hs = n / (n - 1) * (q_mean - gbhgb)
