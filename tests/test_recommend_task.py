@@ -194,3 +194,36 @@ def test_a_stream_larger_than_the_memory_it_uses_is_never_resident() -> None:
     assert rep["evidence"]["n_train"] == n
     print(f"peak RSS grew {grew:.0f} MB for {data_mb:.0f} MB of streamed data")
     assert grew < data_mb / 4, f"peak RSS grew {grew:.0f} MB for {data_mb:.0f} MB of data"
+
+
+class TinyLM(nn.Module):
+    """A causal toy language model: token + position embeddings, a running mean over the
+    prefix (causal), LayerNorm and an MLP."""
+
+    def __init__(self, v: int = 16, d: int = 16, t: int = 8) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(v, d), nn.Parameter(torch.zeros(t, d))
+        self.ln, self.mlp = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 32), nn.GELU(), nn.Linear(32, d))
+        self.out = nn.Linear(d, v)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos[: ids.shape[1]]
+        h = torch.cumsum(h, 1) / torch.arange(1, ids.shape[1] + 1).view(1, -1, 1)
+        return self.out(h + self.mlp(self.ln(h)))
+
+
+def test_recommend_on_a_causal_language_model_with_adamw_and_bf16() -> None:
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, 16, (640, 9), generator=g)
+    seq[:, 1:] = (seq[:, :-1] * 3 + 1) % 16
+    x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
+    td = as_data((x[:512], y[:512], x[512:], y[512:]), make_config(loss="next_token", model="m:f"),
+                 objective_for("next_token"))
+    torch.manual_seed(0)
+    rep = recommend(TinyLM(), td, device=torch.device("cpu"), base_batch=32, base_lr=3e-3,
+                    epochs=1, tune_lr=False, max_batch=64, optimizer="adamw",
+                    objective="next_token", amp="bf16")
+    assert rep["metric"] == "ppl" and "test ppl" in rep["target"]
+    assert rep["amp"] == "bf16" and rep["evidence"]["measurement_run"]["amp"] == "bf16"
+    assert all(r["engine"] == "autograd+adamw+amp-bf16+loss-next_token" for r in rep["throughput"])
+    assert rep["noise_scale"]["two_batch"] is not None and rep["noise_scale"]["b_noise"] is not None
