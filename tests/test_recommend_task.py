@@ -227,3 +227,24 @@ def test_recommend_on_a_causal_language_model_with_adamw_and_bf16() -> None:
     assert rep["amp"] == "bf16" and rep["evidence"]["measurement_run"]["amp"] == "bf16"
     assert all(r["engine"] == "autograd+adamw+amp-bf16+loss-next_token" for r in rep["throughput"])
     assert rep["noise_scale"]["two_batch"] is not None and rep["noise_scale"]["b_noise"] is not None
+
+
+def test_batchlab_recommend_is_callable_and_returns_a_dataclass() -> None:
+    import batchlab
+    from batchlab.recommend import Recommendation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+    def make() -> nn.Module:  # logits: the classification loss appends a LogSoftmax
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    rec = batchlab.recommend(make, (x, y), optimizer="adam", batch_size=32, lr=1e-2, epochs=1,
+                             tune_lr=False, max_batch=128, device="cpu")
+    assert isinstance(rec, Recommendation)
+    assert rec.optimizer == "adam" and "square-root" in rec.lr_rule
+    assert rec.batch_size in (16, 32, 64, 128) and rec.lr > 0
+    assert rec.report["evidence"]["measurement_run"]["optimizer"] == "adam"
+    with pytest.raises(Exception, match="not an nn.Module"):
+        batchlab.recommend(lambda: "net", (x, y), device="cpu")

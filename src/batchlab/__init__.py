@@ -28,6 +28,7 @@ _MODULES = {  # submodules reachable as `from batchlab import curvature`
     "curvature": "batchlab.measure.curvature",
     "noise": "batchlab.measure.noise",
     "gradcomp": "batchlab.analysis.gradcomp",
+    "recommend": "batchlab.recommend",  # callable: batchlab.recommend(model, data, ...)
 }
 
 __all__ = ["__version__", *_PUBLIC, *_MODULES]
