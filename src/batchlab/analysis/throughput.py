@@ -11,7 +11,9 @@ grid goes on.
 
 `measure_stored` keeps every point in the results store, keyed by what changes it: the device
 (its name and thread count), the model's shape (its module tree and parameter shapes; not its
-weights), the batch size, the engine and the torch version. `recommend`, the throughput
+weights), the batch size, the engine (with the optimizer, amp and loss when they are not plain
+SGD, full precision and cross-entropy: `recommend --optimizer adam` times Adam's steps) and the
+torch version. `recommend`, the throughput
 experiment and the recommend-accuracy benchmark share those points instead of re-timing.
 
 time-to-target(B) = steps-to-target(B) x seconds/step(B), with steps measured where there are
