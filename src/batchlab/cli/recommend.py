@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", help="Directory for the figure and JSON.")] = Path("out/recommend"),
         device: Annotated[str, typer.Option(help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N.")] = "auto",
         store: Annotated[Path, typer.Option("--store", help="Results store: keeps the throughput points, timed once per device, model shape and batch size.")] = Path(DEFAULT_STORE),
-        seed: Annotated[int, typer.Option(help="Seed of the measurement run and estimators (0..2**32-1).")] = 0,
+        seed: Annotated[int, typer.Option(help="Seed of the measurement run and estimators (0 .. 9.2e12).")] = 0,
         optimizer: Annotated[str, typer.Option(help="sgd, adam or adamw: the optimizer of every run and timing (the lr rule follows it: McCandlish's for sgd, square-root scaling for adam/adamw).")] = "sgd",
         loss: Annotated[str, typer.Option("--loss", help="cross_entropy (classification), mse, next_token or module:factory returning a batchlab.task.Objective.")] = "cross_entropy",
         amp: Annotated[str, typer.Option("--amp", help="Mixed precision of every run and timing: off, bf16 (CPU or GPU) or fp16 (GPU, with GradScaler).")] = "off",

@@ -100,8 +100,10 @@ def check_settings(*, base_batch: int, base_lr: float, epochs: int | None, max_b
         raise ConfigError("--batch-size and --max-batch must be positive")
     if not (math.isfinite(base_lr) and 0 < base_lr <= 1e3):
         raise ConfigError(f"--lr must be a positive number up to 1000, got {base_lr}")
-    if not 0 <= seed < 2**32:
-        raise ConfigError(f"--seed must be between 0 and 2**32 - 1, got {seed}")
+    from batchlab.config import MAX_SEED  # train's bound: the same seeds work everywhere
+
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
     if n < 4:
         raise BatchlabError(f"need at least 4 training examples to measure a noise scale, got {n}")
     if base_batch > n:
