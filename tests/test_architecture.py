@@ -49,7 +49,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-CORE = {"errors", "config", "atomic", "usercode"}  # top-level modules of the "core" layer
+CORE = {"errors", "config", "atomic", "usercode", "task"}  # top-level modules of the "core" layer
 FACADE = {"__main__"}  # with the package itself: sit above everything
 
 

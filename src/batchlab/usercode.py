@@ -88,13 +88,11 @@ def _as_tensor(v: Any, spec: str) -> torch.Tensor:
         raise DataError(f"{spec} must return tensors or arrays (--data)") from None
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor, part: str, objective: Any = None
+def _check_pair(x: torch.Tensor, y: torch.Tensor, part: str, objective: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """X with a batch dimension (float32, or int64 when integer: token ids stay ids) and y
-    checked by the objective (class labels for classification, the default)."""
-    from batchlab.task import objective_for
-
-    obj = objective if objective is not None else objective_for(None)
+    checked by the objective (a `batchlab.task.Objective`: class labels for classification)."""
+    obj = objective
     if x.dim() < 2 and obj.accuracy:
         raise DataError(f"{part} X must have a batch dimension and features, got shape {tuple(x.shape)}")
     if x.dim() < 1 or len(x) != len(y):
@@ -117,13 +115,13 @@ def user_output(spec: str) -> Any:
     return call_user(load_object(spec, "data"), spec, "data")
 
 
-def user_data(spec: str, objective: Any = None, out: Any = None) -> tuple[torch.Tensor, ...]:
+def user_data(spec: str, objective: Any, out: Any = None) -> tuple[torch.Tensor, ...]:
     """`(X, y)` or `(X_train, y_train, X_test, y_test)` from the loader (or `out`, what it
-    returned), validated for the objective (shapes, targets, finiteness) with one-line errors:
-    X float32 (int64 when integer), y as the objective wants it, on the CPU."""
-    from batchlab.task import objective_for
-
-    obj = objective if objective is not None else objective_for(None)
+    returned), validated for the objective (a `batchlab.task.Objective`: shapes, targets,
+    finiteness) with one-line errors: X float32 (int64 when integer), y as the objective wants
+    it, on the CPU. The objective is passed in, never looked up here: `batchlab.task` loads
+    user code through this module, so this one does not import it (no cycle)."""
+    obj = objective
     if out is None:
         out = user_output(spec)
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 4):
@@ -158,14 +156,12 @@ def fingerprint_tensors(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def check_model_on_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Any = None) -> int:
-    """Run the model on two examples and score them with the objective (classification by
-    default: `y` may be all labels, whose range is checked against the outputs). Returns the
+def check_model_on_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Any) -> int:
+    """Run the model on two examples and score them with the objective (for classification
+    `y` may be all labels, whose range is checked against the outputs). Returns the
     number of classes (0 for other objectives). Shape and target errors here are the user's,
     reported in one line."""
-    from batchlab.task import objective_for
-
-    obj = objective if objective is not None else objective_for(None)
+    obj = objective
     was = model.training
     try:
         with torch.no_grad():

@@ -86,13 +86,13 @@ def register(app: typer.Typer) -> None:
         widths = _widths(hidden)
         torch.manual_seed(seed)
         from batchlab.data.stream import is_source
-        from batchlab.task import Data
+        from batchlab.task import Classification, Data
         from batchlab.usercode import user_output
 
         out_obj = user_output(data) if data is not None else None
         task = loss != "cross_entropy" or isinstance(out_obj, Data) or is_source(out_obj)
         if data is not None and not task:
-            x, y, *test = user_data(data, None, out_obj)  # test: [X_test, y_test] when given
+            x, y, *test = user_data(data, Classification(), out_obj)  # test: [X_test, y_test]
         else:
             test = []
         if task:  # another loss or a streamed source: the engine's data and model setup
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             if data is None:
                 td0 = get_data(make_config(dataset=dataset, data_dir=data_dir), dev)
                 x, y = td0.x_train.cpu(), td0.y_train.cpu()
-            c = check_model_on_data(net, x, y)
+            c = check_model_on_data(net, x, y, Classification())
             net = nn.Sequential(net, nn.LogSoftmax(dim=-1))  # logits or log-probs alike
             td = tensor_data(x, y, c, dev, seed, test=test)
             name = model

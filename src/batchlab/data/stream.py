@@ -43,6 +43,14 @@ EVAL_BATCH = 1024
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def split_test(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, test indices), both sorted: a seeded 10% (at most 5,000) held out (the
+    split of tensors and of a map-style set given without a test part)."""
+    n_test = min(5000, max(1, n // 10))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_test:].sort().values, perm[:n_test].sort().values
+
+
 def is_source(obj: Any) -> bool:
     """Whether `obj` is a non-tensor data source (Dataset, IterableDataset, factory)."""
     return isinstance(obj, (Dataset, IterableDataset)) or (
@@ -207,8 +215,6 @@ class StreamData:
             if not isinstance(train, Dataset) or isinstance(train, IterableDataset):
                 raise DataError("a streamed training set needs a test part: Data(train=..., "
                                 "test=...)")
-            from batchlab.data.tensors import split_test
-
             split = split_test(len(train), 0)  # type: ignore[arg-type]
             test = train
         self.train = Part(train, "training", split[0] if split else None, max_train)

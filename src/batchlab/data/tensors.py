@@ -19,18 +19,11 @@ import numpy as np
 import torch
 
 from batchlab.data.sources import RawData
-from batchlab.data.stream import StreamData, is_source
+from batchlab.data.stream import StreamData, is_source, split_test
 from batchlab.errors import DataError
 from batchlab.usercode import fingerprint_tensors, load_object, user_data, user_output
 
 _USER_CACHE: dict[tuple[str, int], RawData] = {}
-
-
-def split_test(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, test indices), both sorted: a seeded 10% (at most 5,000) held out."""
-    n_test = min(5000, max(1, n // 10))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_test:].sort().values, perm[:n_test].sort().values
 
 
 def raw_from_tensors(*tensors: torch.Tensor, split_seed: int = 0, n_classes: int | None = None,
