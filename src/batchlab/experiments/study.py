@@ -21,8 +21,13 @@ import numpy as np
 from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, findings
+from batchlab.experiments import intervals as I
+from batchlab.experiments import verdicts as V
+from batchlab.experiments.accuracies import accuracy, accuracy_difference, bits_to_array
+from batchlab.experiments.claims import Gate
+from batchlab.experiments.intervals import Interval
 from batchlab.experiments.outputs import plt, rows_to_csv
-from batchlab.experiments.verdicts import Interval, difference, mean_interval
+from batchlab.experiments.schedules_exp import PLATEAU_TOL, plateau_gain
 
 # the study's setting and the quick preset's stand-in (see each experiment's summary). The
 # quick preset runs 5 epochs: with three seeds the five experiments must fit in a few minutes
@@ -82,6 +87,18 @@ class Group:
             row = next((e for e in r.epochs if e.get("epoch") == epoch), {})
             out.append(nan_float(row.get(metric)))
         return out
+
+    def correct(self, n_test: int) -> list[np.ndarray | None]:
+        """Per seed, which of the `n_test` shared test examples the final model gets right
+        (None where the run recorded none): what pairs two arms' accuracies example by
+        example."""
+        return [bits_to_array(r.final.get("test_correct_bits"), n_test)
+                if r.status == "completed" else None for r in self.runs]
+
+    def plateau(self) -> list[float | None]:
+        """Per seed, the train-accuracy change over the last fifth of the epochs (~0 once the
+        run has converged; `schedules_exp.plateau_gain`)."""
+        return [plateau_gain(r.epochs) if r.status == "completed" else None for r in self.runs]
 
     def curve(self, metric: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(x, mean over seeds, sd over seeds) of a per-epoch metric; seeds are aligned by
@@ -185,6 +202,12 @@ class Study:
         return findings.template(finding, quantity, setting).with_measurement(
             iv, self.note(groups, what))
 
+    def no_match(self, finding: str, quantity: str, setting: str,
+                 reason: str) -> findings.StudyNumber:
+        """The registry's study number left blank: no run of ours matches its setting."""
+        return findings.template(finding, quantity, setting).without_match(
+            f"{self.ctx.preset} preset: {reason}")
+
     # -- reporting ----------------------------------------------------------------------
     def header(self, groups: Iterable[Group], notes: str = "") -> str:
         """Which preset, dataset, epochs and seeds produced the numbers below."""
@@ -250,13 +273,52 @@ def pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def acc_difference(a: Group, b: Group, n: int, metric: str = "test_acc") -> Interval:
-    """mean(a) - mean(b) of a final accuracy: Welch interval over seeds plus the binomial
-    error of the `n` examples it was measured on (so one seed still gets an interval)."""
-    return difference(a.final(metric), b.final(metric), n_test=n)
+    """mean over seeds of a_s - b_s of a final accuracy, paired by seed. On the shared test
+    set the test-set term is the per-example paired variance (the runs' correct bits); the
+    train accuracy has no per-example record, so its term is the binomial bound over the `n`
+    training examples. One seed: unbounded (no seed variance), so never decided."""
+    test = metric == "test_acc"
+    return accuracy_difference(a.final(metric), b.final(metric), n,
+                               correct_a=a.correct(n) if test else None,
+                               correct_b=b.correct(n) if test else None)
 
 
 def acc_interval(g: Group, n: int, metric: str = "test_acc") -> Interval:
-    return mean_interval(g.final(metric), n_test=n)
+    """An arm's mean final accuracy over seeds with the test set's sampling error."""
+    return accuracy(g.final(metric), n, correct=g.correct(n) if metric == "test_acc" else None)
+
+
+def value_interval(values: Sequence[float], what: str = "per-seed values") -> Interval:
+    """The mean of one value per seed (a distance, a norm, a cosine) with its t interval."""
+    return I.replicate_mean(values, what=what)
+
+
+def converged(g: Group) -> Gate:
+    """The premise of a claim about where an arm ends up (asymptotic / final accuracy,
+    "reaches", "recovers"): its train accuracy has plateaued - the per-seed change over the
+    last fifth of its epochs, interval over seeds, within +-PLATEAU_TOL. A gate passes only
+    when its whole interval is inside, so an arm still climbing (or one seed) leaves the claim
+    untestable at this budget rather than decided on a snapshot."""
+    return Gate(f"{g.name} converged", f"train-accuracy change of {g.name} over the last fifth "
+                "of its epochs", I.replicate_mean(g.plateau(), what="train-accuracy changes"),
+                V.within(PLATEAU_TOL))
+
+
+def converged_all(*groups: Group) -> list[Gate]:
+    """`converged` for every distinct arm a claim compares."""
+    seen: dict[str, Group] = {}
+    for g in groups:
+        seen.setdefault(g.name, g)
+    return [converged(g) for g in seen.values()]
+
+
+def per_seed_series(groups: Sequence[Group], x: Sequence[float], metric: str
+                    ) -> list[tuple[list[float], list[float]]]:
+    """One (x, y) series per seed over the arms (x[i] belongs to groups[i]): what a trend or a
+    rank correlation is computed from inside one replicate (seeds are aligned by index)."""
+    n = min((len(g.runs) for g in groups), default=0)
+    finals = [g.final(metric) for g in groups]
+    return [(list(map(float, x)), [f[s] for f in finals]) for s in range(n)]
 
 
 def per_seed(**named: Sequence[float]) -> dict[str, list[float]]:
