@@ -162,3 +162,27 @@ def test_adam_claims_are_primary_and_gated() -> None:
     assert worse.verdict == UNTESTABLE and "SGD converged" in worse.reason["text"]
     assert out["adam-larger-weights"].verdict == REPRODUCED
     clean(list(out.values()))
+
+
+def test_sphere_band_is_a_check_when_the_distance_cannot_leave_it() -> None:
+    def pair(dist: float, norm_end: float) -> dict[str, C.Claim]:
+        sgd = group("SGD", 3, FLAT, 0.95, dist=dist, norm_w=norm_end, cos_init_layer1=0.99,
+                    cos_init_layer2=0.995, cos_init_layer3=0.95)
+        adam = group("Adam", 3, FLAT, 0.93, dist=200.0, norm_w=250.0, cos_init_layer1=0.2,
+                     cos_init_layer2=0.3, cos_init_layer3=0.2)
+        for g in (sgd, adam):
+            for s, r in enumerate(g.runs):
+                r.epochs[0].update(norm_w=44.0)
+                r.epochs[-1]["norm_w"] += 0.01 * s
+                r.epochs[-1]["dist_init_w"] += 0.01 * s
+        out = by_id(adam_claims(sgd, adam, N_TEST))
+        clean(list(out.values()))
+        return out
+
+    short = pair(dist=2.0, norm_end=44.05)  # d / |w0| = 0.045: the 10% band cannot be left
+    assert short["sgd-on-sphere"].verdict == UNTESTABLE
+    assert short["sgd-on-sphere"].reason["code"] == "construction"
+    assert short["sgd-along-sphere"].verdict == REPRODUCED  # radial share ~0.03
+    far = pair(dist=10.0, norm_end=53.0)  # straight out: 9 of the 10 went into the radius
+    assert far["sgd-on-sphere"].verdict == "not_reproduced"  # +20%: decided, not a check
+    assert far["sgd-along-sphere"].verdict == "not_reproduced"

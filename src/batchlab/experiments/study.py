@@ -6,6 +6,13 @@ them). The store dedupes runs by config key, so as long as every experiment buil
 through `Study.spec` -> `Study.run`, the shared runs are trained once. This module also holds
 the seed aggregation (mean and spread), the markdown formatting of "mean ± sd" and the curve
 plots, so the five experiment modules only say *what* to run and *what* to conclude.
+
+How the claims are measured (the v3 verdict engine, `intervals.py` / `accuracies.py`): n is
+the number of training seeds. Arms share seeds, so accuracies of two arms are differenced per
+seed, with the per-example paired test-set variance from the runs' correct bits
+(`acc_difference`); trends and rank correlations are computed inside each seed first (one
+slope or Kendall tau per seed). A claim about where an arm ends up carries a `converged` gate
+(train-accuracy plateau), so an arm still climbing at the budget run leaves it `untestable`.
 """
 
 from __future__ import annotations
@@ -176,8 +183,9 @@ class Study:
 
     # -- what the numbers rest on ---------------------------------------------------------
     def sizes(self, groups: Iterable[Group]) -> tuple[int, int]:
-        """(train, test) examples of the runs' dataset: the `n` of an accuracy's binomial
-        sampling error (train accuracy is measured on the whole training set)."""
+        """(train, test) examples of the runs' dataset: what an accuracy's test-set (or
+        training-set) sampling error is computed over (train accuracy is measured on the whole
+        training set)."""
         if self._sizes is None:
             from batchlab.data import load_dataset
 
@@ -241,8 +249,9 @@ class Study:
             lines.append(f"- quick preset: a small dataset and few epochs (E = {QUICK_EPOCHS} by "
                          "default, cut from 10 so three seeds of the five study experiments fit "
                          "the preset's CPU budget), so large-batch runs are far from "
-                         "convergence; the verdicts test the claims at this small budget (the "
-                         "paper preset runs the study's settings)")
+                         "convergence: claims about where the arms end up are gated on their "
+                         "train accuracy having plateaued and come out untestable where it has "
+                         "not (the paper preset runs the study's settings)")
         if notes:
             lines.append(notes)
         return "\n".join(lines) + "\n"
