@@ -214,3 +214,16 @@ def test_mean_and_spread_formatting():
     assert pm([float("nan")]) == "n/a"
     assert pm([0.9, float("nan")], 100) == "90.00 (1 missing)"
     assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
+
+
+def test_one_seed_decides_nothing_that_needs_seed_variance(tmp_path):
+    """With one training seed there is no seed variance (and no pooled one: every arm has the
+    same single seed), so no claim is decided; every document still passes the checker."""
+    with Store(tmp_path / "runs.db") as st:
+        for name in ("batch-size", "adam-vs-sgd"):
+            _, path = run_experiment(name, _ctx(tmp_path, st, OPTIONS[name], seeds=1))
+            doc = json.loads((path / "claims.json").read_text())
+            assert check_document(doc) == []
+            for c in doc["claims"]:
+                assert c["n"] <= 1, c["id"]
+                assert c["verdict"] in ("inconclusive", "untestable"), (c["id"], c["verdict"])
