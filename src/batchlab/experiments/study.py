@@ -282,19 +282,23 @@ def pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def acc_difference(a: Group, b: Group, n: int, metric: str = "test_acc") -> Interval:
-    """mean over seeds of a_s - b_s of a final accuracy, paired by seed. On the shared test
-    set the test-set term is the per-example paired variance (the runs' correct bits); the
-    train accuracy has no per-example record, so its term is the binomial bound over the `n`
-    training examples. One seed: unbounded (no seed variance), so never decided."""
-    test = metric == "test_acc"
-    return accuracy_difference(a.final(metric), b.final(metric), n,
-                               correct_a=a.correct(n) if test else None,
-                               correct_b=b.correct(n) if test else None)
+    """mean over seeds of a_s - b_s of a final accuracy, paired by seed. The test accuracy
+    adds the shared test set's sampling error, from the per-example paired difference of the
+    runs' correct bits. The train accuracy is measured on the whole training set the runs fit,
+    so no test-set term: its interval is the paired t interval over seeds alone. One seed:
+    unbounded (no seed variance), so never decided."""
+    if metric != "test_acc":
+        return I.difference(a.final(metric), b.final(metric))
+    return accuracy_difference(a.final(metric), b.final(metric), n, correct_a=a.correct(n),
+                               correct_b=b.correct(n))
 
 
 def acc_interval(g: Group, n: int, metric: str = "test_acc") -> Interval:
-    """An arm's mean final accuracy over seeds with the test set's sampling error."""
-    return accuracy(g.final(metric), n, correct=g.correct(n) if metric == "test_acc" else None)
+    """An arm's mean final accuracy over seeds; the test accuracy with the test set's
+    sampling error (see `acc_difference` for the train accuracy)."""
+    if metric != "test_acc":
+        return I.replicate_mean(g.final(metric), what=f"final {metric.replace('_', ' ')}")
+    return accuracy(g.final(metric), n, correct=g.correct(n))
 
 
 def value_interval(values: Sequence[float], what: str = "per-seed values") -> Interval:
