@@ -15,7 +15,7 @@ import io
 import math
 from dataclasses import dataclass, replace
 
-from batchlab.experiments.verdicts import Interval
+from batchlab.experiments.intervals import Interval
 
 SOURCES = {
     "S": "the 2018 MNIST batch-size study",

@@ -3,7 +3,9 @@
 Claim S2: raising the learning rate recovers the test accuracy lost to the larger batch. The
 study's words ("reaches 98%, like bs 64") are an equivalence: 1024 @ 0.1 minus 64 @ 0.01 lies
 within +-ACC_TOL (primary). Secondary readings: it is at least as good (non-inferiority,
->= -ACC_TOL), and the lr is what helps (1024 @ 0.1 beats 1024 @ 0.01).
+>= -ACC_TOL), and the lr is what helps (1024 @ 0.1 beats 1024 @ 0.01). Every difference is
+paired by seed on the shared test set; "reaches" compares where the arms end up, so each claim
+is gated on its arms having converged (`study.converged`) and is `untestable` otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from batchlab.experiments.study import (
     acc_difference,
     acc_interval,
     accuracy_figure,
+    converged_all,
     curves_csv,
     per_seed,
     pm,
@@ -65,16 +68,18 @@ def run(ctx: Context) -> Output:
               f"batch {small} at lr {BASE_LR:g} (about the same accuracy)",
               recover, within(ACC_TOL), f"test accuracy of {fast.name} minus {ref.name}", ev,
               reading=f"'reaches 98%, like bs 64': equivalence within +-{ACC_TOL:g}",
-              primary=True),
+              primary=True, gates=converged_all(fast, ref)),
         Claim("lr-reaches", "S2",
               f"at batch {large}, lr {big_lr:g} is at least as accurate as batch {small} at "
               f"lr {BASE_LR:g}", recover, above(-ACC_TOL),
               f"test accuracy of {fast.name} minus {ref.name}", ev,
-              reading=f"non-inferiority: no worse than {ACC_TOL:g} below", primary=False),
+              reading=f"non-inferiority: no worse than {ACC_TOL:g} below", primary=False,
+              gates=converged_all(fast, ref)),
         Claim("lr-helps-large-batch", "S2", f"at batch {large}, lr {big_lr:g} beats lr {BASE_LR:g}",
               acc_difference(fast, slow, n_test), above(0.0),
               f"test accuracy of {fast.name} minus {slow.name}", ev,
-              reading="the recovery comes from the lr", primary=False),
+              reading="the recovery comes from the lr", primary=False,
+              gates=converged_all(fast, slow)),
     ]
     numbers = [st.number("S2", "test accuracy", SET_1024_LR, acc_interval(fast, n_test), [fast],
                          f"bs {large} lr {big_lr:g}, {st.epochs} epochs (study 30 on 60k)")]

@@ -6,6 +6,13 @@ them). The store dedupes runs by config key, so as long as every experiment buil
 through `Study.spec` -> `Study.run`, the shared runs are trained once. This module also holds
 the seed aggregation (mean and spread), the markdown formatting of "mean ± sd" and the curve
 plots, so the five experiment modules only say *what* to run and *what* to conclude.
+
+How the claims are measured (the v3 verdict engine, `intervals.py` / `accuracies.py`): n is
+the number of training seeds. Arms share seeds, so accuracies of two arms are differenced per
+seed, with the per-example paired test-set variance from the runs' correct bits
+(`acc_difference`); trends and rank correlations are computed inside each seed first (one
+slope or Kendall tau per seed). A claim about where an arm ends up carries a `converged` gate
+(train-accuracy plateau), so an arm still climbing at the budget run leaves it `untestable`.
 """
 
 from __future__ import annotations
@@ -21,8 +28,13 @@ import numpy as np
 from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, findings
+from batchlab.experiments import intervals as I
+from batchlab.experiments import verdicts as V
+from batchlab.experiments.accuracies import accuracy, accuracy_difference, bits_to_array
+from batchlab.experiments.claims import Gate
+from batchlab.experiments.intervals import Interval
 from batchlab.experiments.outputs import plt, rows_to_csv
-from batchlab.experiments.verdicts import Interval, difference, mean_interval
+from batchlab.experiments.schedules_exp import PLATEAU_TOL, plateau_gain
 
 # the study's setting and the quick preset's stand-in (see each experiment's summary). The
 # quick preset runs 5 epochs: with three seeds the five experiments must fit in a few minutes
@@ -82,6 +94,18 @@ class Group:
             row = next((e for e in r.epochs if e.get("epoch") == epoch), {})
             out.append(nan_float(row.get(metric)))
         return out
+
+    def correct(self, n_test: int) -> list[np.ndarray | None]:
+        """Per seed, which of the `n_test` shared test examples the final model gets right
+        (None where the run recorded none): what pairs two arms' accuracies example by
+        example."""
+        return [bits_to_array(r.final.get("test_correct_bits"), n_test)
+                if r.status == "completed" else None for r in self.runs]
+
+    def plateau(self) -> list[float | None]:
+        """Per seed, the train-accuracy change over the last fifth of the epochs (~0 once the
+        run has converged; `schedules_exp.plateau_gain`)."""
+        return [plateau_gain(r.epochs) if r.status == "completed" else None for r in self.runs]
 
     def curve(self, metric: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(x, mean over seeds, sd over seeds) of a per-epoch metric; seeds are aligned by
@@ -159,8 +183,9 @@ class Study:
 
     # -- what the numbers rest on ---------------------------------------------------------
     def sizes(self, groups: Iterable[Group]) -> tuple[int, int]:
-        """(train, test) examples of the runs' dataset: the `n` of an accuracy's binomial
-        sampling error (train accuracy is measured on the whole training set)."""
+        """(train, test) examples of the runs' dataset: what an accuracy's test-set (or
+        training-set) sampling error is computed over (train accuracy is measured on the whole
+        training set)."""
         if self._sizes is None:
             from batchlab.data import load_dataset
 
@@ -184,6 +209,12 @@ class Study:
         """The registry's study number (`findings.STUDY_NUMBERS`) with our measurement."""
         return findings.template(finding, quantity, setting).with_measurement(
             iv, self.note(groups, what))
+
+    def no_match(self, finding: str, quantity: str, setting: str,
+                 reason: str) -> findings.StudyNumber:
+        """The registry's study number left blank: no run of ours matches its setting."""
+        return findings.template(finding, quantity, setting).without_match(
+            f"{self.ctx.preset} preset: {reason}")
 
     # -- reporting ----------------------------------------------------------------------
     def header(self, groups: Iterable[Group], notes: str = "") -> str:
@@ -218,8 +249,9 @@ class Study:
             lines.append(f"- quick preset: a small dataset and few epochs (E = {QUICK_EPOCHS} by "
                          "default, cut from 10 so three seeds of the five study experiments fit "
                          "the preset's CPU budget), so large-batch runs are far from "
-                         "convergence; the verdicts test the claims at this small budget (the "
-                         "paper preset runs the study's settings)")
+                         "convergence: claims about where the arms end up are gated on their "
+                         "train accuracy having plateaued and come out untestable where it has "
+                         "not (the paper preset runs the study's settings)")
         if notes:
             lines.append(notes)
         return "\n".join(lines) + "\n"
@@ -250,13 +282,56 @@ def pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def acc_difference(a: Group, b: Group, n: int, metric: str = "test_acc") -> Interval:
-    """mean(a) - mean(b) of a final accuracy: Welch interval over seeds plus the binomial
-    error of the `n` examples it was measured on (so one seed still gets an interval)."""
-    return difference(a.final(metric), b.final(metric), n_test=n)
+    """mean over seeds of a_s - b_s of a final accuracy, paired by seed. The test accuracy
+    adds the shared test set's sampling error, from the per-example paired difference of the
+    runs' correct bits. The train accuracy is measured on the whole training set the runs fit,
+    so no test-set term: its interval is the paired t interval over seeds alone. One seed:
+    unbounded (no seed variance), so never decided."""
+    if metric != "test_acc":
+        return I.difference(a.final(metric), b.final(metric))
+    return accuracy_difference(a.final(metric), b.final(metric), n, correct_a=a.correct(n),
+                               correct_b=b.correct(n))
 
 
 def acc_interval(g: Group, n: int, metric: str = "test_acc") -> Interval:
-    return mean_interval(g.final(metric), n_test=n)
+    """An arm's mean final accuracy over seeds; the test accuracy with the test set's
+    sampling error (see `acc_difference` for the train accuracy)."""
+    if metric != "test_acc":
+        return I.replicate_mean(g.final(metric), what=f"final {metric.replace('_', ' ')}")
+    return accuracy(g.final(metric), n, correct=g.correct(n))
+
+
+def value_interval(values: Sequence[float], what: str = "per-seed values") -> Interval:
+    """The mean of one value per seed (a distance, a norm, a cosine) with its t interval."""
+    return I.replicate_mean(values, what=what)
+
+
+def converged(g: Group) -> Gate:
+    """The premise of a claim about where an arm ends up (asymptotic / final accuracy,
+    "reaches", "recovers"): its train accuracy has plateaued - the per-seed change over the
+    last fifth of its epochs, interval over seeds, within +-PLATEAU_TOL. A gate passes only
+    when its whole interval is inside, so an arm still climbing (or one seed) leaves the claim
+    untestable at this budget rather than decided on a snapshot."""
+    return Gate(f"{g.name} converged", f"train-accuracy change of {g.name} over the last fifth "
+                "of its epochs", I.replicate_mean(g.plateau(), what="train-accuracy changes"),
+                V.within(PLATEAU_TOL))
+
+
+def converged_all(*groups: Group) -> list[Gate]:
+    """`converged` for every distinct arm a claim compares."""
+    seen: dict[str, Group] = {}
+    for g in groups:
+        seen.setdefault(g.name, g)
+    return [converged(g) for g in seen.values()]
+
+
+def per_seed_series(groups: Sequence[Group], x: Sequence[float], metric: str
+                    ) -> list[tuple[list[float], list[float]]]:
+    """One (x, y) series per seed over the arms (x[i] belongs to groups[i]): what a trend or a
+    rank correlation is computed from inside one replicate (seeds are aligned by index)."""
+    n = min((len(g.runs) for g in groups), default=0)
+    finals = [g.final(metric) for g in groups]
+    return [(list(map(float, x)), [f[s] for f in finals]) for s in range(n)]
 
 
 def per_seed(**named: Sequence[float]) -> dict[str, list[float]]:

@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from batchlab.experiments import findings
+from batchlab.experiments.intervals import Interval, slope
 from batchlab.experiments.study import (
     SET_64,
     SET_1024,
@@ -24,8 +25,8 @@ from batchlab.experiments.study import (
     acc_interval,
     mean,
     nan_float,
+    value_interval,
 )
-from batchlab.experiments.verdicts import Interval, mean_interval, slope
 
 
 def layers(g: Group) -> list[str]:
@@ -46,19 +47,27 @@ def mean_layer_cos(g: Group) -> list[float]:
     return per_layer.mean(axis=0).tolist() if per_layer.size else [float("nan")] * len(g.runs)
 
 
-def growth_slope(g: Group, key: str = "dist_init_w") -> Interval:
-    """Exponent alpha of d(t) ~ t^alpha: least-squares slope of log distance on log epoch over
-    epochs 1..end of every seed (1 = linear growth, 0.5 = square-root growth)."""
-    xs, ys = [], []
+def growth_series(g: Group, key: str = "dist_init_w") -> list[tuple[list[float], list[float]]]:
+    """Per completed seed, (log epoch, log distance) over epochs 1..end."""
+    series = []
     for r in g.runs:
         if r.status != "completed":
             continue
+        xs, ys = [], []
         for e in r.epochs[1:]:
             ep, d = nan_float(e.get("epoch")), nan_float(e.get(key))
             if ep > 0 and d > 0:
                 xs.append(math.log(ep))
                 ys.append(math.log(d))
-    return slope(xs, ys)
+        series.append((xs, ys))
+    return series
+
+
+def growth_slope(g: Group, key: str = "dist_init_w") -> Interval:
+    """Exponent alpha of d(t) ~ t^alpha (1 = linear growth, 0.5 = square-root growth): one
+    least-squares slope of log distance on log epoch per seed (epochs 1..end), t interval over
+    seeds. The epochs of a run are one replicate's curve, never counted as n."""
+    return slope(growth_series(g, key), what="growth exponents (log distance on log epoch)")
 
 
 def geometry_numbers(st: Study, g: Group, setting: str, n_test: int, what: str,
@@ -68,16 +77,16 @@ def geometry_numbers(st: Study, g: Group, setting: str, n_test: int, what: str,
     out = []
     if "W" in quantities:
         out.append(st.number("S13", "weight distance to origin W", setting,
-                             mean_interval(g.final("norm_w")), [g], what))
+                             value_interval(g.final("norm_w")), [g], what))
     if "B" in quantities:
         out.append(st.number("S13", "bias distance to origin B", setting,
-                             mean_interval(g.final("norm_b")), [g], what))
+                             value_interval(g.final("norm_b")), [g], what))
     if "A" in quantities:
         out.append(st.number("S13", "test accuracy", setting, acc_interval(g, n_test), [g], what))
     if "cos" in quantities:
         for i, ln in enumerate(layers(g)[:3]):
             out.append(st.number("S13", f"cosine(init, final) layer {i + 1}", setting,
-                                 mean_interval(g.final(f"cos_init_{ln}")), [g], what))
+                                 value_interval(g.final(f"cos_init_{ln}")), [g], what))
     return out
 
 
@@ -97,15 +106,15 @@ def distance_numbers(st: Study, groups: dict[str, Group], cells: list[str], ref:
             ("S10", long, SET_1024_LONG, f"{long.name} ({matched}; study: 480 epochs "
                                          "= the steps of bs 64 x 30)")):
         out += [st.number(finding, "weight distance from init W", setting,
-                          mean_interval(g.final("dist_init_w")), [g], what),
+                          value_interval(g.final("dist_init_w")), [g], what),
                 st.number(finding, "bias distance from init B", setting,
-                          mean_interval(g.final("dist_init_b")), [g], what),
+                          value_interval(g.final("dist_init_b")), [g], what),
                 st.number(finding, "test accuracy", setting, acc_interval(g, n_test), [g], what)]
     finite = [c for c in cells if math.isfinite(mean(groups[c].final("test_acc")))]
     if finite:
         best = groups[max(finite, key=lambda c: mean(groups[c].final("test_acc")))]
         out.append(st.number("S9", "distance of the best solutions from init", "best runs",
-                             mean_interval(best.final("dist_init_w")), [best],
+                             value_interval(best.final("dist_init_w")), [best],
                              f"W of the most accurate cell of the grid ({best.name}, {e} epochs)"))
     for g, setting in ((same_e, SET_1024), (fast, SET_1024_LR), (long, SET_1024_LONG)):
         out += geometry_numbers(st, g, setting, n_test, f"{g.name} (study: E = 30 on 60k)")
