@@ -58,6 +58,7 @@ def test_sharpness(tmp_path: Path) -> None:
     assert {g["name"] for g in claims["generalization-gap"]["gates"]} == {
         "small converged", "large converged", "comparable train accuracy"}
     assert claims["generalization-gap"]["n"] == 2
+    assert "paired per-example" in claims["generalization-gap"]["method"]
     assert sum(c.get("primary") is True for c in claims.values() if c["finding"] == "K2") == 1
 
 
@@ -82,6 +83,8 @@ def test_large_batch_fixes(tmp_path: Path) -> None:
     assert {"C2", "C3", "C4", "C5", "C7"} <= _findings(claims)
     assert claims["discarding-helps"]["verdict"] in ("not_reproduced", "inconclusive")
     assert claims["discarding-helps"]["estimate"] < 0
+    # paired by seed on the shared test set, with the runs' per-example correctness
+    assert "paired per-example" in claims["discarding-helps"]["method"]
 
 
 @pytest.mark.parametrize("name", ["steps-to-target", "throughput"])
