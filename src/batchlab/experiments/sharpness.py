@@ -9,7 +9,9 @@ the 1-D interpolation between the small- and large-batch solutions (first seed).
 
 The large batch trains for `large_epochs` (default 3 x `epochs`) so that both regimes reach a
 similar training accuracy before they are compared (Keskar et al. train both to convergence);
-a claim about test accuracy "at similar train accuracy" is inconclusive otherwise.
+K1-K3 are decided only when both arms have converged (train-accuracy plateau) and their
+train accuracies are within COMPARABLE_TOL (paired by seed); otherwise they are untestable at
+this budget, with the failed premise as the reason.
 
 Options (--set): epochs, large_epochs, lr, curvature_samples, trace_samples, slq_steps,
 subspace_dim.
