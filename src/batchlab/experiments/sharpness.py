@@ -190,6 +190,9 @@ def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, 
                 and (seeds is None or r["seed"] in seeds)]
 
     gates = premise([r for r in ok if r["seed"] in both])
+    # K2 ("converge to sharp minimizers") needs both arms converged - an arm still moving is
+    # measured mid-sharpening - but not equal train accuracy, which is K1's and K3's premise
+    conv = gates[:2]
     out = [
         Claim("generalization-gap", "K1", "the large batch has a lower test accuracy (at "
               "comparable train accuracy, both converged)",
@@ -211,7 +214,7 @@ def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, 
               I.ratio(col("large", "lambda_max", both), col("small", "lambda_max", both)),
               V.above(1.0), "lambda_max large / small (geometric mean over seeds)",
               {"large": col("large", "lambda_max", both), "small": col("small", "lambda_max", both)},
-              reading="curvature: the top Hessian eigenvalue", primary=True, gates=gates),
+              reading="curvature: the top Hessian eigenvalue", primary=True, gates=conv),
     ]
     for space in ("full", f"sub{p_sub}"):
         for eps in EPSILONS:
@@ -223,7 +226,7 @@ def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, 
                 f"eps-sharpness large / small ({space}, eps {eps:g}), geometric mean over seeds",
                 {"large": col("large", key, both), "small": col("small", key, both)},
                 reading=f"Keskar's eps-sharpness, {space} space, eps {eps:g}", primary=False,
-                gates=gates))
+                gates=conv))
     # K3 per seed: Kendall tau of (lambda_max, gap) over that seed's models, interval over seeds
     series = []
     for sd in sorted({r["seed"] for r in ok}):
