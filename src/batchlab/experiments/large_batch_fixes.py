@@ -21,7 +21,9 @@ import numpy as np
 
 from batchlab.config import Phase
 from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
 from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
@@ -75,8 +77,10 @@ def run(ctx: Context) -> Output:
     rows = []
     curves: dict[str, list[list[float]]] = {}
     dists: dict[str, list[list[float | None]]] = {}
+    correct: dict[tuple[str, int], Any] = {}
     for (name, seed), res in zip(keys, results):
         fin = res.final
+        correct[(name, seed)] = bits_to_array(fin.get("test_correct_bits"), ctx.test_size())
         rows.append({"method": name, "seed": seed, "status": res.status,
                      "test_acc": fin.get("test_acc"), "train_acc": fin.get("train_acc"),
                      "best_test_acc": fin.get("best_test_acc"),
@@ -96,10 +100,15 @@ def run(ctx: Context) -> Output:
                       "wall_seconds_mean": float(np.mean(wall)) if wall else None,
                       "n_completed": len(acc)})
 
-    def accs(name: str) -> list[float]:
-        return [r["test_acc"] for r in rows if r["method"] == name and r["test_acc"] is not None]
+    def accs(name: str) -> list[float | None]:
+        """One entry per seed in seed order (None where a run failed): pairing is by seed."""
+        got = {r["seed"]: r["test_acc"] for r in rows if r["method"] == name}
+        return [got.get(sd) for sd in seeds]
 
-    claims = fix_claims(accs, dists, ctx.test_size())
+    def bits(name: str) -> list[Any]:
+        return [correct.get((name, sd)) for sd in seeds]
+
+    claims = fix_claims(accs, dists, ctx.test_size(), bits)
     B = meths["sgd"]["batch_size"]
     summary = (
         f"{ctx.model_name()}; batch size {B}, {meths['sgd']['epochs']} epochs, seeds {seeds}, "
@@ -114,33 +123,46 @@ def run(ctx: Context) -> Output:
                   claims=claims, figures={"large_batch_fixes.png": _figure(table, curves)})
 
 
-def fix_claims(accs: Any, dists: dict[str, list[list[float | None]]], n_test: int) -> list[Claim]:
+def fix_claims(accs: Any, dists: dict[str, list[list[float | None]]], n_test: int,
+               bits: Any = None) -> list[Claim]:
     """C2-C5 as test-accuracy differences against the large-batch baseline with the same lr
-    scaling and warmup (C5 as an equivalence within 1 point), C7 from the weights' settling."""
+    scaling and warmup (C5 as an equivalence within 1 point), paired by seed on the shared test
+    set (`accuracy_difference` with the runs' per-example correctness); C7 from the weights'
+    settling, one Kendall tau per seed. `accs(method)` / `bits(method)`: one entry per seed in
+    seed order."""
     base = "sgd+scaling+warmup"
+
+    def diff(a: str, b: str) -> Any:
+        return accuracy_difference(accs(a), accs(b), n_test,
+                                   correct_a=bits(a) if bits else None,
+                                   correct_b=bits(b) if bits else None)
+
     out = []
     for cid, finding, method, text in (
             ("discarding-helps", "C2", "discard-small-loss", "discarding the smallest-loss samples"),
             ("batch-schedule-helps", "C3", "batch-size-schedule", "a small-then-large batch-size schedule"),
             ("cblr-helps", "C4", "cblr", "the curvature-based layer-wise lr (CBLR)")):
         out.append(Claim(cid, finding, f"{text} improves large-batch test accuracy",
-                         V.difference(accs(method), accs(base), n_test), V.above(0.0),
-                         f"test accuracy {method} - {base}", {method: accs(method), base: accs(base)}))
+                         diff(method, base), V.above(0.0),
+                         f"test accuracy {method} - {base}, paired by seed", {method: accs(method), base: accs(base)}))
     out.append(Claim("mclr-comparable-to-lars", "C5", "MCLR performs comparably to LARS (test "
-                     "accuracy within 1 point)", V.difference(accs("mclr"), accs("lars"), n_test),
-                     V.within(0.01), "test accuracy MCLR - LARS",
+                     "accuracy within 1 point)", diff("mclr", "lars"),
+                     V.within(0.01), "test accuracy MCLR - LARS, paired by seed",
                      {"mclr": accs("mclr"), "lars": accs("lars")}))
-    ep, moves = [], []
+    series = []  # per seed: (epoch, |change of the distance from init| in that epoch)
     for run in dists.get(base, []):
         d = [v for v in run if v is not None]
-        for e in range(1, len(d) - 1):
-            ep.append(e)
-            moves.append(abs(d[e + 1] - d[e]))
+        eps = list(range(1, len(d) - 1))
+        if len(eps) >= 2:
+            series.append((eps, [abs(d[e + 1] - d[e]) for e in eps]))
     out.append(Claim("weights-settle", "C7", "in large-batch training the parameters settle around "
                      "their minimum: each epoch moves them less than the one before",
-                     V.correlation(ep, moves), V.below(-0.5),
-                     "Spearman rho(epoch, |change of the distance from init| in that epoch)",
-                     {"epochs": ep, "moves": moves},
+                     I.correlation(series) if series else I.nan_interval(
+                         "not measured: a settling trend needs at least 4 recorded epochs of "
+                         "the baseline per seed"), V.below(0.0),
+                     "Kendall tau(epoch, |change of the distance from init| in that epoch) per "
+                     "seed, interval over seeds",
+                     {"per_seed": [{"epochs": x, "moves": y} for x, y in series]},
                      reading="settling measured by the per-epoch change of the distance from init"))
     return out
 
