@@ -445,6 +445,28 @@ def test_plan_cli_prints_one_json_object(tmp_path, run_main, capsys):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))
 
 
+
+def test_plan_counts_unusable_stored_weights_as_to_do_but_hides_no_bug(tmp_path):
+    """Weights that do not fit (another shape) are the real run's error to report: the plan
+    counts their trials as to do. Anything else (here a non-tensor) is a bug and propagates."""
+    from batchlab.engine.setup import get_data
+    from batchlab.experiments import gradient_competition as G
+    from batchlab.experiments.plan_trials import _stored_chunks
+
+    with Store(tmp_path / "runs.db") as st:
+        ctx = _ctx(tmp_path, st)
+        o = G.options(ctx)
+        cfg = G.checkpoint_config(ctx, o, 0)
+        td = get_data(cfg, torch.device("cpu"))
+        run = G.trial_runs(o, "early", 0)[0]
+        cpu = torch.device("cpu")
+        assert _stored_chunks(ctx, run, cfg, {"w": torch.zeros(2)}, cpu, td) == {}
+        junk = {k: "not a tensor" for k in build_mlp(td.input_dim, [32], td.n_classes)
+                .state_dict()}
+        with pytest.raises(AttributeError):
+            _stored_chunks(ctx, run, cfg, junk, cpu, td)
+
+
 # -- the claims on planted records (no training) --------------------------------------------
 def _record(norms, values, blowup=None):
     """A trial record of every mode: `norms[m]` per trial, `values[m]` [trials, width]."""

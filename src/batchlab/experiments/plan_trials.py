@@ -14,6 +14,7 @@ from batchlab.analysis.gradcomp_trials import TrialRun, make_task
 from batchlab.config import TrainConfig
 from batchlab.data import load_dataset
 from batchlab.engine.setup import build_model, get_data, resolve_device
+from batchlab.errors import BatchlabError
 from batchlab.experiments import Context
 from batchlab.experiments import gradient_competition as G
 from batchlab.experiments.plan_probe import mlp_params
@@ -79,10 +80,12 @@ def _stored_states(ctx: Context, cfg: TrainConfig, stored_run: Any, e: int, late
     plain = Context(preset=ctx.preset, seeds=ctx.seeds, data_dir=ctx.data_dir,
                     out_dir=ctx.out_dir, store=ctx.store, executor="local",
                     device=ctx.device, log_fn=ctx.log_fn, options=ctx.options)
+    res = plain.run_many([cfg], label=G.NAME)[0]  # stored: fetched, not trained
     try:
-        res = plain.run_many([cfg], label=G.NAME)[0]  # stored: fetched, not trained
         return {"early": res.checkpoint(e), "late": res.checkpoint(late)}
-    except Exception:  # a missing or damaged checkpoint: the real run will say so
+    except (KeyError, BatchlabError):
+        # a checkpoint the stored run lacks, or a file that is missing, damaged or holds
+        # NaN: the plan counts every trial of this seed as to do, and the real run says why
         return {}
 
 
@@ -94,7 +97,7 @@ def _stored_chunks(ctx: Context, run: TrialRun, cfg: Any, state: dict | None,
     model = build_model(cfg, td)
     try:
         gc.fit_state(model, state)
-    except Exception:
+    except BatchlabError:  # weights of another shape or NaN: the real run refuses them
         return {}
     meas = Measurements(ctx.store)
     base = dict(weights=weights_sha256(model), data=tensors_sha256(td.x_train, td.y_train),
