@@ -565,6 +565,15 @@ def test_diverged_trials_are_excluded_and_counted():
                                 abs=0.05)
 
 
+def test_s8_leaves_out_a_batch_size_where_every_trial_diverged():
+    claims, _ = _claims(_planted(diverge_at=(16, 4)))
+    c = claims["sum-loss:early-larger-than-late"]
+    # b = 16 has no kept early trial in sum-loss: left out and listed, n stays the seeds
+    assert c.interval.n == 3 and c.evidence["dropped_b"] == [16]
+    assert 16 not in c.evidence["by_b"] and c.verdict == "reproduced"
+    assert claims["sample-sum:early-larger-than-late"].evidence["dropped_b"] == []
+
+
 def test_one_checkpoint_is_unbounded_and_decides_nothing():
     claims, _ = _claims(_planted(seeds=1))
     for c in claims.values():

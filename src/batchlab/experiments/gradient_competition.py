@@ -243,6 +243,12 @@ def _rows(reps: list[Replicate], design: Design) -> list[dict[str, Any]]:
     return rows
 
 
+def _nanmean(values: list[float]) -> float:
+    """The mean of the finite values; NaN when none (a b whose trials all diverged)."""
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
 def _fits(rows: list[dict[str, Any]], claims: list[Any], design: Design) -> list[dict[str, Any]]:
     """Per (regime, reading): the exponent across replicates (from the claim's evidence), the
     within-checkpoint SE (the resolution), and open question 1 on the replicates' mean std."""
@@ -254,8 +260,8 @@ def _fits(rows: list[dict[str, Any]], claims: list[Any], design: Design) -> list
             ev = c.evidence[r] if c is not None else {}
             norm = [x for x in rows if x["kind"] == "norm" and x["regime"] == r and x["mode"] == m]
             bs = sorted({x["b"] for x in norm})
-            sds = [float(np.nanmean([x["std"] for x in norm if x["b"] == b])) for b in bs]
-            means = [float(np.nanmean([x["mean"] for x in norm if x["b"] == b])) for b in bs]
+            sds = [_nanmean([x["std"] for x in norm if x["b"] == b]) for b in bs]
+            means = [_nanmean([x["mean"] for x in norm if x["b"] == b]) for b in bs]
             ok = [(b, mu) for b, mu in zip(bs, means) if mu > 0]
             lb = np.log([b for b, _ in ok]) if len(ok) >= 2 else None
             pre = math.nan

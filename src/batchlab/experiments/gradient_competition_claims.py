@@ -233,17 +233,25 @@ def _ci(iv: I.Interval) -> list[float]:
 
 
 def _s8(reps: list[Replicate], mode: str) -> tuple[I.Interval, dict[str, Any]]:
-    """Early / late mean norm at every b, paired by checkpoint seed: the weakest b decides."""
+    """Early / late mean norm at every b, paired by checkpoint seed: the weakest b decides.
+    A b where some checkpoint kept no trial in a regime (all diverged: sum-loss at large b)
+    cannot be compared there; it is left out and listed, so one reading's divergence does not
+    turn the whole claim into a one-seed interval."""
     bs = sorted(set.intersection(*[set(rep.recs["early"]) & set(rep.recs["late"])
                                    for rep in reps])) if reps else []
-    parts, per_b = [], {}
+    parts, per_b, dropped = [], {}, []
     for b in bs:
         early = [GS.per_b({b: rep.recs["early"][b]}, mode)[0]["mean"] for rep in reps]
         late = [GS.per_b({b: rep.recs["late"][b]}, mode)[0]["mean"] for rep in reps]
+        if not all(math.isfinite(x) and x > 0 for x in early + late):
+            dropped.append(b)
+            continue
         iv = I.ratio(early, late)
         parts.append(iv)
         per_b[b] = {"estimate": iv.estimate, "ci": _ci(iv)}
-    return (I.all_of(parts, "batch sizes") if parts else I.nan_interval("ratio")), {"by_b": per_b}
+    return (I.all_of(parts, "batch sizes") if parts else I.nan_interval("ratio")), {
+        "by_b": per_b, "dropped_b": dropped,
+        "dropped_why": "some checkpoint kept no trial there (all diverged)" if dropped else ""}
 
 
 def late_gate(reps: list[Replicate]) -> Gate:
@@ -294,7 +302,8 @@ def claims_for(reps: list[Replicate], design: Design) -> tuple[list[Claim], list
         out.append(Claim(
             f"{m}:early-larger-than-late", "S8", f"[{m}] gradients are larger early in training "
             "than late, at every b", iv, above(1.0), "mean early / mean late norm, paired by "
-            "checkpoint seed, the weakest b (all must exceed 1)",
+            "checkpoint seed, the weakest b (all must exceed 1; a b where a checkpoint kept "
+            "no trial is left out and listed)",
             {**ev, "diverged": _diverged(reps, m), "readings": rows,
              "depends_on_reading": len({x["data_outcome"] for x in rows}) > 1,
              "primary_reading": PRIMARY_READING},
