@@ -544,6 +544,8 @@ def test_reading_table_states_every_reading_beside_its_algebra():
     assert claims["sample-sum:competition"].verdict == "not_reproduced"
     assert claims["displacement:competition"].reason["check"] == "holds"
     assert claims["sample-sum:competition"].evidence["depends_on_reading"] is True
+    # ... but only through the algebra's check: the readings the data decide agree
+    assert claims["sample-sum:competition"].evidence["depends_on_data_reading"] is False
     assert rows[("competition", "displacement")]["data_outcome"] == "reproduced"
     # S6 on the relative spread across sample sets: larger at the large batch
     assert claims["sample-sum:which-samples-matter-at-large-b"].interval.estimate > 0

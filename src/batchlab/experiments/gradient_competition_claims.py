@@ -24,7 +24,9 @@ mean- or a sum-reduced loss, so every claim is made in each mode of
   trials are excluded and counted in the evidence.
 
 Every claim's evidence carries the table over readings (estimate, interval, algebra's value,
-outcome) and `depends_on_reading`. Both checkpoints (early, late) must agree: a claim's
+outcome), `depends_on_reading` (the readings' outcomes differ) and
+`depends_on_data_reading` (they differ among the readings whose value the data decide, i.e.
+leaving out the displacement reading's checks). Both checkpoints (early, late) must agree: a claim's
 interval is the hull of the two regimes' intervals.
 
 **S8's premise.** "Late in training" is gated: the late checkpoint's train accuracy must be at
@@ -282,7 +284,7 @@ def claims_for(reps: list[Replicate], design: Design) -> tuple[list[Claim], list
             measured[m] = (I.hull(parts, "early and late checkpoint"), ev)
         rows = _reading_rows(kind.key, kind.finding, kind.region, measured, kind.algebra, bs,
                              kind.scale_dependent)
-        depends = len({x["data_outcome"] for x in rows}) > 1
+        depends = _depends(rows)
         table += rows
         for m in modes:
             iv, ev = measured[m]
@@ -290,7 +292,7 @@ def claims_for(reps: list[Replicate], design: Design) -> tuple[list[Claim], list
             out.append(Claim(
                 f"{m}:{kind.key}", kind.finding, f"[{m}] {kind.text}", iv, kind.region,
                 kind.quantity, {**ev, "diverged": _diverged(reps, m), "readings": rows,
-                                "depends_on_reading": depends, "primary_reading": PRIMARY_READING},
+                                **depends, "primary_reading": PRIMARY_READING},
                 reading=READINGS.get(m, m), primary=m == PRIMARY_READING,
                 construction=construction))
     gate = late_gate(reps)
@@ -305,10 +307,18 @@ def claims_for(reps: list[Replicate], design: Design) -> tuple[list[Claim], list
             "checkpoint seed, the weakest b (all must exceed 1; a b where a checkpoint kept "
             "no trial is left out and listed)",
             {**ev, "diverged": _diverged(reps, m), "readings": rows,
-             "depends_on_reading": len({x["data_outcome"] for x in rows}) > 1,
+             **_depends(rows),
              "primary_reading": PRIMARY_READING},
             reading=READINGS.get(m, m), primary=m == PRIMARY_READING, gates=[gate]))
     return out, table
+
+
+def _depends(rows: list[dict[str, Any]]) -> dict[str, bool]:
+    """Whether the outcome differs between readings: over all of them, and over the readings
+    the data decide (a reading decided by algebra alone differs for a reason no data change)."""
+    data = {x["data_outcome"] for x in rows if not x["by_algebra"]}
+    return {"depends_on_reading": len({x["data_outcome"] for x in rows}) > 1,
+            "depends_on_data_reading": len(data) > 1}
 
 
 def _reading_rows(key: str, finding: str, region: Region,

@@ -39,9 +39,14 @@ def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: dict[str, Any],
             "estimate": x["estimate"], "95% CI": _iv(x["ci_lo"], x["ci_hi"]), "n": x["n"],
             "algebra alone": "-" if alg is None else f"{alg:.3g}", "verdict": verdict})
     seen: dict[str, set[str]] = {}
+    seen_data: dict[str, set[str]] = {}
     for x in (r for r in rows if r["kind"] == "reading"):
-        seen.setdefault(f"{x['finding']} {x['claim']}", set()).add(x["data_outcome"])
-    dependent = [k for k, v in seen.items() if len(v) > 1]
+        key = f"{x['finding']} {x['claim']}"
+        seen.setdefault(key, set()).add(x["data_outcome"])
+        if not x["by_algebra"]:
+            seen_data.setdefault(key, set()).add(x["data_outcome"])
+    dependent = [k for k, v in seen_data.items() if len(v) > 1]
+    by_algebra = [k for k, v in seen.items() if len(v) > 1 and k not in dependent]
     fits = [r for r in rows if r["kind"] == "fit"]
     fit_rows = [{"regime": f["regime"], "mode": f["mode"], "exponent": f["exponent"],
                  "95% CI over seeds": _iv(f["ci_low"], f["ci_high"]), "seeds": f["replicates"],
@@ -84,9 +89,12 @@ def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: dict[str, Any],
         "## Every claim in every reading",
         "",
         md_table(reading_rows),
-        ("**The verdict depends on the reading** (the readings' intervals fall on different "
-         "sides of the region) for: " + ", ".join(dependent) + ".") if dependent else
-        "No verdict depends on the reading.",
+        ("**The verdict depends on the reading** among the readings the data decide (their "
+         "intervals fall on different sides of the region) for: " + ", ".join(dependent) + "."
+         ) if dependent else "Among the readings the data decide, no verdict depends on the "
+        "reading.",
+        ("Only the displacement reading's check (decided by algebra) differs for: " +
+         ", ".join(by_algebra) + ".") if by_algebra else "",
         "",
         "## Exponent p of the mean norm (norm ~ b^p; the study: p = 0.5), one fit per checkpoint",
         "",
