@@ -25,7 +25,7 @@ from batchlab.analysis.gradcomp_stats import ValueStats, blown, finite_list, rms
 from batchlab.errors import ConfigError
 
 CHUNK_TRIALS = 16  # trials per chunk (rounded up to a multiple of K): the resume granularity
-FORMAT = 2  # bump when a chunk's payload changes meaning: old rows are then never reused
+FORMAT = 3  # bump when a chunk's payload changes meaning: old rows are then never reused
 
 
 @dataclass

@@ -1,20 +1,39 @@
 """Gradient competition (MNIST study, part 2): do samples in one batch "compete"?
 
-For an early and a late checkpoint, each trial sums the last layer's weight gradients over one
-pass through the same 1024 samples at every batch size b, in three documented modes
-(`batchlab.analysis.gradcomp`: displacement, sample-sum, sum-loss), and the study's claims are judged
-per mode from the measured norms. Also answers the study's open questions: the functional form
-of std(norm) vs b, and how much of the variance is explained by which samples were drawn
-(nested design: a few fixed sample sets x several orders each, law of total variance).
+**Replicates.** One replicate is the checkpoint of one training seed: the experiment trains one
+checkpoint run per seed (`--seeds`, default 3; each run gives an early and a late checkpoint)
+and measures every trial design on each. A checkpoint's trials are summarised inside it (one
+estimate per seed: an exponent, a slope, a tau, a ratio) and the claims' intervals are taken
+across seeds (`gradient_competition_claims`); with one seed they are unbounded and decide
+nothing. Checkpoint files given by the user (both `checkpoint_early` and `checkpoint_late`) are
+one replicate.
 
-Options (`--set KEY=VALUE`): trials, batch_sizes, n_samples, early_epochs, late_epochs,
-late_batch_size, lr, modes, keep_tensors, same_samples, decomp_sets, decomp_orders,
-decomp_batch_sizes, k, threads, chunk, engine, blowup_loss, seed, checkpoint_early, checkpoint_late,
-tensor_dir, hidden.
+Each trial sums the last layer's weight gradients over one pass through the same `n_samples`
+(1024) samples at every batch size b, in three documented modes (`batchlab.analysis.gradcomp`:
+displacement, sample-sum, sum-loss); every claim is made in every reading beside the value the
+reading gives by algebra alone. Also answers the study's open questions: the functional form
+of std(norm) vs b, and the sample-vs-order split of the norm's variance (nested design: a few
+fixed sample sets x several orders each, per checkpoint).
+
+**Trials per checkpoint (resolution argument).** The trials of a checkpoint only set how
+precisely that checkpoint's own estimate is known. At lr 0.01 the norm's coefficient of
+variation across trials is 0.5-4 %, so with T trials the within-checkpoint standard error of
+the exponent (`gradient_competition_stats.exponent_se`, reported in the summary) is about
+0.02 / sqrt(T) / (sd(log b) sqrt(#b)) ~ 0.003 at T = 3 - a hundred times below the regions'
+width (0.3) - while the spread between seeds is what the interval measures. So the quick preset
+runs 3 trials per checkpoint (9 per b over its 3 seeds, against 8 on one checkpoint before)
+and the paper preset 320 (960 per b over 3 seeds, about the study's 1,000), which keeps the
+paper preset's FLOPs at or below those of one checkpoint with 1,000 trials.
+
+Options (`--set KEY=VALUE`): trials (per checkpoint), batch_sizes, n_samples, early_epochs,
+late_epochs, late_batch_size, lr, modes, keep_tensors, same_samples, decomp_sets,
+decomp_orders, decomp_batch_sizes, k, threads, chunk, engine, blowup_loss, seed (of the
+trials), checkpoint_early, checkpoint_late, tensor_dir, hidden.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +41,31 @@ import numpy as np
 
 from batchlab.analysis import gradcomp as gc
 from batchlab.analysis.gradcomp_runner import run_trials
-from batchlab.analysis.gradcomp_stats import norms_array
 from batchlab.analysis.gradcomp_trials import TrialRun
-from batchlab.config import Phase
+from batchlab.config import Phase, TrainConfig
 from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
 from batchlab.experiments import Context, Experiment, Output
-from batchlab.experiments.gradient_competition_claims import REGIMES, claims_for, study_numbers
-from batchlab.experiments.gradient_competition_figures import figures
-from batchlab.experiments.gradient_competition_stats import (
-    decompose,
-    power_fit,
-    std_form,
-    tables,
+from batchlab.experiments import gradient_competition_stats as GS
+from batchlab.experiments.gradient_competition_claims import (
+    REGIMES,
+    Design,
+    Replicate,
+    claims_for,
+    study_numbers,
 )
+from batchlab.experiments.gradient_competition_figures import figures
 from batchlab.experiments.gradient_competition_summary import summary_md
 from batchlab.nn.checkpoint import load_state
 
 NAME = "gradient-competition"
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    # quick: ~24k-sample MNIST or mnist-5k, CPU minutes; paper: the study's 1000 trials
-    "quick": {"trials": 8, "late_epochs": 10, "decomp_sets": 3, "decomp_orders": 3,
+    # trials and decomposition cells are PER CHECKPOINT (one per training seed); see the
+    # resolution argument above. quick: mnist-5k, CPU minutes; paper: ~the study's 1000 per b
+    "quick": {"trials": 3, "late_epochs": 10, "decomp_sets": 3, "decomp_orders": 2,
               "decomp_batch_sizes": [1, 8, 64, 1024]},
-    "paper": {"trials": 1000, "late_epochs": 30, "decomp_sets": 10, "decomp_orders": 10,
+    "paper": {"trials": 320, "late_epochs": 30, "decomp_sets": 4, "decomp_orders": 5,
               "decomp_batch_sizes": list(gc.BATCH_SIZES)},
 }
 COMMON: dict[str, Any] = {
@@ -92,53 +112,84 @@ def options(ctx: Context) -> dict[str, Any]:
 
 
 # -- checkpoints -------------------------------------------------------------------------
-def checkpoints(ctx: Context, o: dict[str, Any]):
-    """(config, data, {regime: (state, id)}): both checkpoints from ONE training run through
-    the store (resumable), unless the user passes checkpoint files."""
+def checkpoint_config(ctx: Context, o: dict[str, Any], seed: int) -> TrainConfig:
+    """The run of training seed `seed` that saves both checkpoints."""
     e, late = int(o["early_epochs"]), int(o["late_epochs"])
     fields: dict[str, Any] = dict(lr=o["lr"], init="glorot", batch_size=1024, epochs=late,
-                                  hidden=list(o["hidden"]),
-                                  seed=int(o["seed"]), checkpoint_epochs=[e, late])
+                                  hidden=list(o["hidden"]), seed=int(seed),
+                                  checkpoint_epochs=[e, late])
     if int(o["late_batch_size"]) != 1024:
         fields["schedule"] = [Phase(epochs=e, batch_size=1024),
                               Phase(epochs=late - e, batch_size=int(o["late_batch_size"]))]
-    cfg = ctx.config(**fields)
+    return ctx.config(**fields)
+
+
+def user_checkpoints(o: dict[str, Any]) -> bool:
+    """True when the user gives both checkpoint files (one replicate); one alone is an error."""
+    given = [bool(o["checkpoint_early"]), bool(o["checkpoint_late"])]
+    if any(given) and not all(given):
+        raise ConfigError("give both checkpoint_early and checkpoint_late (one pair of "
+                          "checkpoint files is one replicate), or neither")
+    return all(given)
+
+
+def checkpoint_configs(ctx: Context, o: dict[str, Any]) -> list[TrainConfig]:
+    """One checkpoint run per training seed (none with user checkpoint files)."""
+    if user_checkpoints(o):
+        return []
+    return [checkpoint_config(ctx, o, s) for s in ctx.seed_list]
+
+
+def _train_acc(res: Any, epoch: int) -> float:
+    for row in res.epochs:
+        if row.get("epoch") == epoch and row.get("train_acc") is not None:
+            return float(row["train_acc"])
+    return math.nan
+
+
+def checkpoints(ctx: Context, o: dict[str, Any]):
+    """(config, data, [(replicate id, {regime: state}, late train accuracy)]): each seed's
+    checkpoints from its training run through the store (resumable), or the user's files."""
+    late = int(o["late_epochs"])
+    cfg = checkpoint_config(ctx, o, ctx.seed_list[0] if ctx.seed_list else 0)
     data = get_data(cfg, resolve_device(cfg.device))
     if int(o["n_samples"]) > data.n_train:
         raise ConfigError(f"n_samples {o['n_samples']} exceeds the training set ({data.n_train})")
-    user = {"early": o["checkpoint_early"], "late": o["checkpoint_late"]}
-    states: dict[str, tuple[dict, str]] = {}
-    if not all(user.values()):
-        res = ctx.run_many([cfg], label=NAME)[0]
-        if res.status != "completed":
-            raise ConfigError(f"checkpoint training run {res.run_id} {res.status}")
-        states = {"early": (res.checkpoint(e), f"{res.key}:{e}"),
-                  "late": (res.checkpoint(late), f"{res.key}:{late}")}
-    for regime, path in user.items():
-        if path:
-            from batchlab.data.idx import sha256_file
-
-            p = Path(path)
+    if user_checkpoints(o):
+        states = {}
+        for regime in REGIMES:
+            p = Path(o[f"checkpoint_{regime}"])
             if not p.is_file():
                 raise ConfigError(f"checkpoint file {p} does not exist")
-            states[regime] = (load_state(p), sha256_file(p))
-    return cfg, data, states
+            states[regime] = load_state(p)
+        return cfg, data, [("user", states, math.nan)]
+    cfgs = checkpoint_configs(ctx, o)
+    reps = []
+    for c, res in zip(cfgs, ctx.run_many(cfgs, label=NAME)):
+        if res.status != "completed":
+            raise ConfigError(f"checkpoint training run {res.run_id} {res.status}")
+        reps.append((int(c.seed), {"early": res.checkpoint(int(o["early_epochs"])),
+                                   "late": res.checkpoint(late)}, _train_acc(res, late)))
+    return cfg, data, reps
 
 
 # -- the experiment ----------------------------------------------------------------------
-def trial_runs(o: dict[str, Any], regime: str) -> tuple[TrialRun, TrialRun]:
-    """The main and the decomposition trial designs of one regime (seeds recorded)."""
+def trial_runs(o: dict[str, Any], regime: str, replicate: int | str = 0
+               ) -> tuple[TrialRun, TrialRun]:
+    """The main and the decomposition trial designs of one regime of one replicate (trial
+    seeds recorded; a pure function of the trial seed, the replicate and the regime)."""
     seed, T = int(o["seed"]), int(o["trials"])
+    stream = f"ckpt{replicate}/{regime}"
     common = dict(n_samples=int(o["n_samples"]), lr=float(o["lr"]),
                   blowup_loss=float(o["blowup_loss"]), k=o["k"], threads=o["threads"],
                   engine=o["engine"], chunk=o["chunk"])
-    fixed = gc.trial_seeds(seed, f"{regime}/samples", 1)[0] if o["same_samples"] else None
-    main = TrialRun(regime, gc.trial_seeds(seed, regime, T), [fixed] * T, o["batch_sizes"],
-                    o["modes"], **common)
+    fixed = gc.trial_seeds(seed, f"{stream}/samples", 1)[0] if o["same_samples"] else None
+    main = TrialRun(f"{regime}-{replicate}", gc.trial_seeds(seed, stream, T), [fixed] * T,
+                    o["batch_sizes"], o["modes"], **common)
     S, R = int(o["decomp_sets"]), int(o["decomp_orders"])
-    set_seeds = gc.trial_seeds(seed, f"{regime}/sets", S)
+    set_seeds = gc.trial_seeds(seed, f"{stream}/sets", S)
     dmodes = [m for m in ("displacement", "sample-sum") if m in o["modes"]] or ["displacement"]
-    dec = TrialRun(f"{regime}-decomp", gc.trial_seeds(seed, f"{regime}/orders", S * R),
+    dec = TrialRun(f"{regime}-{replicate}-decomp", gc.trial_seeds(seed, f"{stream}/orders", S * R),
                    [s for s in set_seeds for _ in range(R)], o["decomp_batch_sizes"], dmodes,
                    **common)
     return main, dec
@@ -160,69 +211,116 @@ def _trials(ctx: Context, run: TrialRun, model, data, o: dict[str, Any]) -> dict
         if bar is not None:
             bar(label, done[0], total)
 
-    def line(text: str) -> None:
-        ctx.log(text)
-
     return run_trials(run, model, data.x_train, data.y_train, ctx.store,
                       tensor_dir=tdir, keep_tensors=bool(o["keep_tensors"]),
-                      executor=ctx.executor, ray_address=ctx.ray_address, progress=line,
+                      executor=ctx.executor, ray_address=ctx.ray_address, progress=ctx.log,
                       advance=advance)
 
 
-# -- the experiment ----------------------------------------------------------------------
+def _rows(reps: list[Replicate], design: Design) -> list[dict[str, Any]]:
+    """results.csv: per (regime, reading, replicate, b) the norm and value statistics, the
+    fraction above the replicate's common threshold and the diverged trials; per (regime,
+    reading, replicate, b) of the nested design the relative spread across sample sets and
+    the variance split."""
+    rows: list[dict[str, Any]] = []
+    for rep in reps:
+        for r in REGIMES:
+            for m in design.modes:
+                by_b = rep.recs[r]
+                fr, edge = GS.tail_fractions(by_b, m, GS.common_threshold(by_b, m))
+                rows += [{"kind": "norm", "regime": r, "mode": m, "replicate": rep.seed, **x,
+                          "tail_fraction": fr[x["b"]], "threshold": edge}
+                         for x in GS.per_b(by_b, m)]
+            for b, rec in sorted(rep.decomp.get(r, {}).items()):
+                for m in rec["modes"]:
+                    v = np.array([np.nan if x is None else x for x in rec["modes"][m]["norms"]])
+                    rows.append({"kind": "decomposition", "regime": r, "mode": m,
+                                 "replicate": rep.seed, "b": b, "sets": design.sets,
+                                 "orders": design.orders,
+                                 "relative_spread": GS.relative_spread(v, design.sets,
+                                                                       design.orders),
+                                 **GS.decompose(v, design.sets, design.orders)})
+    return rows
+
+
+def _nanmean(values: list[float]) -> float:
+    """The mean of the finite values; NaN when none (a b whose trials all diverged)."""
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _fits(rows: list[dict[str, Any]], claims: list[Any], design: Design) -> list[dict[str, Any]]:
+    """Per (regime, reading): the exponent across replicates (from the claim's evidence), the
+    within-checkpoint SE (the resolution), and open question 1 on the replicates' mean std."""
+    by_id = {c.id: c for c in claims}
+    out = []
+    for m in design.modes:
+        c = by_id.get(f"{m}:larger-batch-larger-step")
+        for r in REGIMES:
+            ev = c.evidence[r] if c is not None else {}
+            norm = [x for x in rows if x["kind"] == "norm" and x["regime"] == r and x["mode"] == m]
+            bs = sorted({x["b"] for x in norm})
+            sds = [_nanmean([x["std"] for x in norm if x["b"] == b]) for b in bs]
+            means = [_nanmean([x["mean"] for x in norm if x["b"] == b]) for b in bs]
+            ok = [(b, mu) for b, mu in zip(bs, means) if mu > 0]
+            lb = np.log([b for b, _ in ok]) if len(ok) >= 2 else None
+            pre = math.nan
+            if lb is not None and ev:
+                pre = float(np.exp(np.mean(np.log([mu for _, mu in ok])) - ev["estimate"] *
+                                   np.mean(lb)))
+            ses = [p["within_se"] for p in ev.get("per_replicate", [])]
+            form = GS.std_form(bs, sds)
+            out.append({"kind": "fit", "regime": r, "mode": m,
+                        "exponent": ev.get("estimate", math.nan),
+                        "ci_low": (ev.get("ci") or [math.nan, math.nan])[0],
+                        "ci_high": (ev.get("ci") or [math.nan, math.nan])[1],
+                        "replicates": ev.get("n", 0), "prefactor": pre,
+                        "within_se": float(np.nanmedian(ses)) if ses and
+                        any(math.isfinite(x) for x in ses) else math.nan,
+                        **{f"std_{k}": v for k, v in form.items()}})
+    return out
+
+
 def run(ctx: Context) -> Output:
     o = options(ctx)
     if ctx.store is None:
         raise ConfigError("gradient-competition needs a results store")
-    cfg, data, states = checkpoints(ctx, o)
+    cfg, data, ckpts = checkpoints(ctx, o)
     model = build_model(cfg, data)
-    seed, T = int(o["seed"]), int(o["trials"])
-    recs: dict[str, dict[int, dict]] = {}
-    decomp: dict[str, dict[int, dict]] = {}
+    T = int(o["trials"])
+    design = Design(list(o["modes"]), int(o["decomp_sets"]), int(o["decomp_orders"]))
+    reps: list[Replicate] = []
     trial_rows = []
-    S, R = int(o["decomp_sets"]), int(o["decomp_orders"])
-    for regime in REGIMES:
-        state, _ = states[regime]
-        gc.fit_state(model, state, f"{regime} checkpoint")
-        main, dec = trial_runs(o, regime)
-        recs[regime] = _trials(ctx, main, model, data, o)
-        decomp[regime] = _trials(ctx, dec, model, data, o)
-        for b, rec in recs[regime].items():
-            for m in o["modes"]:
-                mm = rec["modes"][m]
-                trial_rows += [{"regime": regime, "mode": m, "b": b, "trial": t, "seed": s,
-                                "sample_seed": ss, "norm": mm["norms"][t],
-                                "max_step_loss": mm["max_loss"][t], "blowup": mm["blowup"][t]}
-                               for t, (s, ss) in enumerate(zip(main.seeds, main.sample_seeds))]
+    for rid, states, acc in ckpts:
+        rep = Replicate(rid, {}, {}, acc)
+        for regime in REGIMES:
+            gc.fit_state(model, states[regime], f"{regime} checkpoint of replicate {rid}")
+            main, dec = trial_runs(o, regime, rid)
+            rep.recs[regime] = _trials(ctx, main, model, data, o)
+            rep.decomp[regime] = _trials(ctx, dec, model, data, o)
+            for b, rec in rep.recs[regime].items():
+                for m in o["modes"]:
+                    mm = rec["modes"][m]
+                    trial_rows += [{"replicate": rid, "regime": regime, "mode": m, "b": b,
+                                    "trial": t, "seed": s, "sample_seed": ss,
+                                    "norm": mm["norms"][t], "max_step_loss": mm["max_loss"][t],
+                                    "blowup": mm["blowup"][t]}
+                                   for t, (s, ss) in enumerate(zip(main.seeds, main.sample_seeds))]
+        reps.append(rep)
 
-    rows = tables(recs, o)
-    fits, forms = {}, {}
-    for r in REGIMES:
-        for m in o["modes"]:
-            bs = sorted(recs[r])
-            fits[(r, m)] = power_fit(bs, [norms_array(recs[r][b], m) for b in bs], seed=seed)
-            sds = [x["std"] for x in rows if x["regime"] == r and x["mode"] == m]
-            forms[(r, m)] = std_form(bs, sds)
-            rows.append({"kind": "fit", "regime": r, "mode": m, **fits[(r, m)],
-                         **{f"std_{k}": v for k, v in forms[(r, m)].items()}})
-    dec_rows = []
-    for r in REGIMES:
-        for b, rec in sorted(decomp[r].items()):
-            for m in rec["modes"]:
-                v = np.array([np.nan if x is None else x for x in rec["modes"][m]["norms"]])
-                dec_rows.append({"kind": "decomposition", "regime": r, "mode": m, "b": b,
-                                 "sets": S, "orders": R, **decompose(v, S, R)})
-    rows += dec_rows
-    claims = [c for m in o["modes"] for c in claims_for(m, rows, fits, recs)]
-    summary = summary_md(rows, fits, forms, dec_rows, o, cfg, T)
+    claims, readings = claims_for(reps, design)
+    rows = _rows(reps, design)
+    fits = _fits(rows, claims, design)
+    rows += fits + readings
+    summary = summary_md(rows, claims, o, cfg, T, len(reps))
     from batchlab.experiments.outputs import rows_to_csv
 
-    note = (f"preset {ctx.preset}, {T} trials per b, checkpoints after epochs "
-            f"{o['early_epochs']} and {o['late_epochs']}")
+    note = (f"preset {ctx.preset}, {len(reps)} checkpoint seed(s) x {T} trials per b, "
+            f"checkpoints after epochs {o['early_epochs']} and {o['late_epochs']}")
     return Output(rows=rows, summary=summary, claims=claims,
-                  figures=figures(rows, fits, recs, o),
+                  figures=figures(rows, fits, reps, o),
                   extra_files={"trials.csv": rows_to_csv(trial_rows)},
-                  study_numbers=study_numbers(rows, fits, recs, note))
+                  study_numbers=study_numbers(reps, claims, list(o["modes"]), note))
 
 
 EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", run,

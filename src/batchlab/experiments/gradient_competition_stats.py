@@ -1,6 +1,16 @@
-"""Gradient competition, statistics: the power-law fit of the mean norm vs b, the functional
-form of std(norm) vs b (open question 1), the sample-vs-order variance decomposition (open
-question 2), and the per-(regime, mode, b) table rows. Pure functions of stored trial records.
+"""Gradient competition, statistics: everything is computed INSIDE one replicate first.
+
+A replicate is the checkpoint of one training seed. Its trials (fresh samples each) and its
+decomposition trials (fixed sample sets x orders) are reduced here to one number per
+(regime, reading, batch size) - a mean norm, a coefficient of variation, a median |value|, a
+fraction of values above a threshold common to every batch size, a relative spread across
+sample sets - and then to one number per replicate per claim (a fitted exponent, a slope, a
+Kendall tau, a ratio). `gradient_competition_claims` puts the interval across replicates over
+those numbers; trials are never counted as n.
+
+Also the two open questions of the study, descriptive only: the functional form of
+std(norm) vs b and the sample-vs-order variance decomposition. Pure functions of stored trial
+records.
 """
 
 from __future__ import annotations
@@ -12,40 +22,125 @@ from typing import Any
 import numpy as np
 from scipy import optimize, stats
 
-from batchlab.analysis.gradcomp_stats import ValueStats, norms_array
+from batchlab.analysis.gradcomp_stats import TAIL_K, ValueStats, norms_array
+from batchlab.experiments.intervals import kendall, ls_slope
+
+ByB = dict[int, dict[str, Any]]  # {b: trial record} of one replicate, regime and design
 
 
-def power_fit(bs: list[int], per_b: list[np.ndarray], n_boot: int = 300,
-              seed: int = 0) -> dict[str, float]:
-    """log(mean norm) = a + p log b by least squares. CI of p two ways: regression standard
-    error (t, n-2 dof; covers misfit of the power law) and a bootstrap over trials (covers
-    trial noise). The reported `ci_low/ci_high` is the union of both (conservative)."""
-    ok = [(b, v) for b, v in zip(bs, per_b) if len(v) >= 2 and np.mean(v) > 0]
-    if len(ok) < 3:
-        return {"exponent": math.nan, "ci_low": math.nan, "ci_high": math.nan, "r2": math.nan,
-                "se": math.nan, "boot_low": math.nan, "boot_high": math.nan, "n_b": len(ok)}
-    lb = np.log([b for b, _ in ok])
-    lm = np.log([np.mean(v) for _, v in ok])
-    fit = stats.linregress(lb, lm)
-    t = stats.t.ppf(0.975, len(ok) - 2)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        means = [np.mean(rng.choice(v, size=len(v))) for _, v in ok]
-        boots.append(stats.linregress(lb, np.log(means)).slope)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    r_lo, r_hi = fit.slope - t * fit.stderr, fit.slope + t * fit.stderr
-    return {"exponent": float(fit.slope), "se": float(fit.stderr), "r2": float(fit.rvalue**2),
-            "reg_low": float(r_lo), "reg_high": float(r_hi), "boot_low": float(lo),
-            "boot_high": float(hi), "ci_low": float(min(lo, r_lo)),
-            "ci_high": float(max(hi, r_hi)), "prefactor": float(math.exp(fit.intercept)),
-            "n_b": len(ok)}
+def diverged(rec: dict[str, Any], mode: str) -> int:
+    """Trials of one record flagged as blown up in `mode` (excluded from every statistic)."""
+    return int(sum(bool(x) for x in rec["modes"][mode]["blowup"]))
+
+
+def per_b(by_b: ByB, mode: str) -> list[dict[str, Any]]:
+    """One row per batch size of one replicate: the norm's mean, std and coefficient of
+    variation over the trials that did not diverge, the diverged count, and the value
+    statistics (RMS, kurtosis, median |value|) of the kept trials."""
+    rows = []
+    for b, rec in sorted(by_b.items()):
+        v = norms_array(rec, mode)
+        mean = float(np.mean(v)) if len(v) else math.nan
+        std = float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+        vs = ValueStats.from_json(rec["modes"][mode]["values"])
+        rows.append({"b": b, "trials": rec["trials"], "kept": int(len(v)),
+                     "diverged": diverged(rec, mode), "mean": mean, "std": std,
+                     "cv": std / mean if mean > 0 else math.nan, **vs.summary(),
+                     "seconds": rec["seconds"], "k": rec["k"],
+                     "engine": rec.get("engine", "fused")})
+    return rows
+
+
+def _log(v: float) -> float:
+    return math.log(v) if v > 0 and math.isfinite(v) else math.nan
+
+
+def exponent(rows: list[dict[str, Any]]) -> float:
+    """p in mean norm ~ b^p: the least-squares slope of log(mean) on log(b) over the batch
+    sizes of one replicate (a b whose trials all diverged drops out)."""
+    return ls_slope([math.log(r["b"]) for r in rows], [_log(r["mean"]) for r in rows])
+
+
+def exponent_se(rows: list[dict[str, Any]]) -> float:
+    """The within-replicate standard error of `exponent` from trial noise alone: the SE of
+    log(mean) at each b is about cv / sqrt(kept), propagated through the least-squares slope.
+    Why: it is the resolution argument for the trials per checkpoint - it must be small
+    against the regions' width, and against the spread between seeds that the interval
+    measures, for fewer trials to lose nothing."""
+    pts = [(math.log(r["b"]), r["cv"] / math.sqrt(r["kept"])) for r in rows
+           if r["kept"] >= 2 and math.isfinite(r["cv"])]
+    if len(pts) < 2:
+        return math.nan
+    x = np.array([p[0] for p in pts])
+    se = np.array([p[1] for p in pts])
+    w = (x - x.mean()) / float(((x - x.mean()) ** 2).sum())
+    return float(math.sqrt(float((w * w * se * se).sum())))
+
+
+def cv_slope(rows: list[dict[str, Any]]) -> float:
+    """S5: the slope of log(cv) on log(b) (the spread of the norm normalized to the same mean
+    grows with b iff the slope is positive)."""
+    return ls_slope([math.log(r["b"]) for r in rows], [_log(r["cv"]) for r in rows])
+
+
+def common_threshold(by_b: ByB, mode: str) -> float:
+    """S7's ONE threshold for every batch size of one (replicate, regime, reading): TAIL_K x
+    the RMS of the values pooled over batch sizes, each b weighted equally (so no single b's
+    scale sets it)."""
+    ms = [ValueStats.from_json(rec["modes"][mode]["values"]).mean_square()
+          for rec in by_b.values()]
+    ms = [m for m in ms if math.isfinite(m)]
+    return TAIL_K * math.sqrt(float(np.mean(ms))) if ms else math.nan
+
+
+def tail_fractions(by_b: ByB, mode: str, threshold: float) -> tuple[dict[int, float], float]:
+    """({b: fraction of the kept trials' values with |value| >= threshold}, the threshold as
+    applied: rounded up to the magnitude histogram's next edge, the same for every b)."""
+    out, edge = {}, math.nan
+    for b, rec in sorted(by_b.items()):
+        f, edge = ValueStats.from_json(rec["modes"][mode]["values"]).fraction_above(threshold)
+        out[b] = f
+    return out, edge
+
+
+def tail_tau(fractions: dict[int, float]) -> float:
+    """S7 tails: Kendall's tau between b and the fraction above the common threshold."""
+    bs = sorted(fractions)
+    return kendall([float(b) for b in bs], [fractions[b] for b in bs])[0]
+
+
+def centre_ratio(rows: list[dict[str, Any]]) -> float:
+    """S7 centre: median |value| at the largest b / at the smallest b."""
+    if len(rows) < 2:
+        return math.nan
+    lo, hi = rows[0]["median_abs"], rows[-1]["median_abs"]
+    return hi / lo if lo > 0 and math.isfinite(hi) else math.nan
+
+
+def relative_spread(norms: np.ndarray, sets: int, orders: int) -> float:
+    """S6: the spread of the norm across sample sets, relative to its mean - the standard
+    deviation of the sets' mean norms (each over its orders; diverged trials, NaN, left out)
+    over the grand mean. Not a share of variance: a share is 1 by construction at b = n, where
+    the order no longer matters. The set means carry the order noise / orders too, which can
+    only make small batches look MORE sample-dependent (against the claim)."""
+    g = np.asarray(norms, float).reshape(sets, orders)
+    means = [float(np.mean(r[np.isfinite(r)])) for r in g if np.isfinite(r).any()]
+    if len(means) < 2:
+        return math.nan
+    grand = float(np.mean(means))
+    return float(np.std(means, ddof=1)) / grand if grand > 0 else math.nan
+
+
+def spread_slope(spreads: dict[int, float]) -> float:
+    """S6: the slope of log(relative spread across sets) on log(b)."""
+    bs = sorted(spreads)
+    return ls_slope([math.log(b) for b in bs], [_log(spreads[b]) for b in bs])
 
 
 def std_form(bs: list[int], stds: list[float]) -> dict[str, Any]:
-    """Open question 1: the functional form of std(norm) vs b. Candidates, fitted in log
-    space: power law c b^q, and sqrt(alpha + beta b) (what norm^2 linear in b would give).
-    Reports both and the one with the smaller RMS log-residual."""
+    """Open question 1 (descriptive): the functional form of std(norm) vs b. Candidates,
+    fitted in log space: power law c b^q, and sqrt(alpha + beta b) (what norm^2 linear in b
+    would give). Reports both and the one with the smaller RMS log-residual."""
     pts = [(b, s) for b, s in zip(bs, stds) if math.isfinite(s) and s > 0]
     if len(pts) < 3:
         return {"best": "n/a"}
@@ -75,15 +170,16 @@ def std_form(bs: list[int], stds: list[float]) -> dict[str, Any]:
 
 
 def decompose(norms: np.ndarray, sets: int, orders: int) -> dict[str, float]:
-    """Open question 2: variance of the norm split into 'which samples' vs 'the rest'.
+    """Open question 2 (descriptive): variance of the norm split into 'which samples' vs 'the
+    rest', inside one replicate.
 
     `norms` is [sets, orders]: each row one fixed sample set, shuffled by different seeds.
     Law of total variance: Var = Var_set(E[norm | set]) + E_set[Var(norm | set)]. The
     between-set component is estimated without bias by one-way random-effects ANOVA,
     sigma2_set = max(0, (MS_between - MS_within) / orders). With plain SGD and a fixed set the
-    only remaining randomness is the ORDER of the samples (which samples share a batch and
-    the sequence of steps); at b = n there is one full-batch step and the order only changes
-    float summation, so the within-set part is ~0 there by construction."""
+    only remaining randomness is the ORDER of the samples; at b = n there is one full-batch
+    step and the order only changes float summation, so the within-set part is ~0 there and
+    the share is ~1 by construction (which is why S6 is judged on `relative_spread`)."""
     g = np.asarray(norms, float).reshape(sets, orders)
     msw = float(np.mean(np.var(g, axis=1, ddof=1)))
     msb = float(orders * np.var(g.mean(axis=1), ddof=1))
@@ -91,28 +187,3 @@ def decompose(norms: np.ndarray, sets: int, orders: int) -> dict[str, float]:
     total = s2_set + msw
     return {"var_samples": s2_set, "var_order": msw, "var_total": total,
             "share_samples": s2_set / total if total > 0 else math.nan}
-
-
-def tables(recs: dict[str, dict[int, dict]], o: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (regime, mode, b): norm statistics over finite trials, blow-ups, values."""
-    rows = []
-    for regime, by_b in recs.items():
-        for mode in o["modes"]:
-            ref = norms_array(by_b[max(by_b)], mode)
-            mu_ref = float(np.mean(ref)) if len(ref) else math.nan
-            for b, rec in sorted(by_b.items()):
-                v = norms_array(rec, mode)
-                mean = float(np.mean(v)) if len(v) else math.nan
-                std = float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
-                vs = ValueStats.from_json(rec["modes"][mode]["values"]).summary()
-                rows.append({
-                    "kind": "norm", "regime": regime, "mode": mode, "b": b,
-                    "trials": rec["trials"], "blowups": int(sum(rec["modes"][mode]["blowup"])),
-                    "mean": mean, "std": std, "cv": std / mean if mean > 0 else math.nan,
-                    "norm_mean": mu_ref, "norm_std": std * mu_ref / mean if mean > 0 else math.nan,
-                    **vs, "seconds": rec["seconds"], "k": rec["k"],
-                    "engine": rec.get("engine", "fused"),
-                })
-    return rows
-
-

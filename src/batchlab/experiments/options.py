@@ -89,7 +89,7 @@ class AdamVsSgd(StudyOptions):
 
 
 class GradientCompetition(Options):
-    trials: int | None = opt("trials per batch size (default 8 quick, 1000 paper)", ge=2)
+    trials: int | None = opt("trials per batch size and checkpoint seed (default 3 quick, 320 paper)", ge=2)
     batch_sizes: Ints | None = opt("batch sizes b (default 1..8, 16..1024)")
     n_samples: PositiveInt | None = opt("samples per trial (default 1024)")
     early_epochs: PositiveInt | None = opt("epoch of the early checkpoint (default 2)")
@@ -110,8 +110,8 @@ class GradientCompetition(Options):
     checkpoint_late: str | None = opt("safetensors file to use as the late checkpoint")
     tensor_dir: str | None = opt("where kept tensors go (default OUT/gradient-competition/tensors)")
     hidden: Ints | None = opt("hidden widths (default [1024, 1024], the study's)")
-    decomp_sets: int | None = opt("sample sets of the decomposition (default 3 quick, 10 paper)", ge=2)
-    decomp_orders: int | None = opt("orders per set of the decomposition (default 3 quick, 10 paper)", ge=2)
+    decomp_sets: int | None = opt("sample sets of the decomposition per checkpoint (default 3 quick, 4 paper)", ge=2)
+    decomp_orders: int | None = opt("orders per set of the decomposition (default 2 quick, 5 paper)", ge=2)
     decomp_batch_sizes: Ints | None = opt("batch sizes of the decomposition")
 
 

@@ -37,7 +37,7 @@ from batchlab.engine.setup import get_data, resolve_device
 from batchlab.engine.vectorized import plan_groups
 from batchlab.experiments import Context, get
 from batchlab.experiments.plan_probe import Probe, mlp_params
-from batchlab.experiments.plan_trials import add_trials, checkpoint_config
+from batchlab.experiments.plan_trials import add_trials, checkpoint_configs
 
 MEASURES_ITSELF = {"throughput"}  # experiments that time things instead of training
 CURVATURE_HVPS = {"eps-sharpness": 12, "lambda-max": 40}  # per measurement, typical
@@ -166,8 +166,7 @@ def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int,
     pctx.recorded = []
     plan = ExperimentPlan(name)
     if name == "gradient-competition":  # its runs and trials, without running it
-        cfg = checkpoint_config(pctx)
-        pctx.recorded = [cfg] if cfg is not None else []
+        pctx.recorded = checkpoint_configs(pctx)
     elif name in MEASURES_ITSELF:
         plan.notes.append("measures on this device itself: not projected")
         return plan

@@ -11,9 +11,10 @@ import torch
 from batchlab.analysis import gradcomp as gc
 from batchlab.analysis.gradcomp_runner import KIND, device_id
 from batchlab.analysis.gradcomp_trials import TrialRun, make_task
-from batchlab.config import Phase, TrainConfig
+from batchlab.config import TrainConfig
 from batchlab.data import load_dataset
 from batchlab.engine.setup import build_model, get_data, resolve_device
+from batchlab.errors import BatchlabError
 from batchlab.experiments import Context
 from batchlab.experiments import gradient_competition as G
 from batchlab.experiments.plan_probe import mlp_params
@@ -25,56 +26,47 @@ from batchlab.runs.measurements import (
 )
 
 
-def checkpoint_config(ctx: Context) -> TrainConfig | None:
-    """The run that trains both checkpoints (None when the user gives checkpoint files)."""
-    o = G.options(ctx)
-    if o["checkpoint_early"] and o["checkpoint_late"]:
-        return None
-    return _config(ctx, o)
-
-
-def _config(ctx: Context, o: dict[str, Any]) -> TrainConfig:
-    e, late = int(o["early_epochs"]), int(o["late_epochs"])
-    fields: dict[str, Any] = dict(lr=o["lr"], init="glorot", batch_size=1024, epochs=late,
-                                  hidden=list(o["hidden"]), seed=int(o["seed"]),
-                                  checkpoint_epochs=[e, late])
-    if int(o["late_batch_size"]) != 1024:
-        fields["schedule"] = [Phase(epochs=e, batch_size=1024),
-                              Phase(epochs=late - e, batch_size=int(o["late_batch_size"]))]
-    return ctx.config(**fields)
+def checkpoint_configs(ctx: Context) -> list[TrainConfig]:
+    """The runs that train the checkpoints, one per training seed (none with user files)."""
+    return G.checkpoint_configs(ctx, G.options(ctx))
 
 
 def add_trials(ctx: Context, plan: Any, probe: Any, workers: int) -> None:
-    """Add the trials to `plan` (an ExperimentPlan), minus the chunks in the store."""
+    """Add every checkpoint's trials to `plan` (an ExperimentPlan), minus the chunks in the
+    store."""
     o = G.options(ctx)
     e, late = int(o["early_epochs"]), int(o["late_epochs"])
-    cfg = _config(ctx, o)
+    user = G.user_checkpoints(o)
+    cfgs = G.checkpoint_configs(ctx, o)
+    cfg = cfgs[0] if cfgs else G.checkpoint_config(ctx, o, 0)
     device = resolve_device(cfg.device)
     td = get_data(cfg, torch.device("cpu"))
     dims = [td.input_dim, *cfg.hidden, td.n_classes]
     width = dims[-2] * dims[-1]
-    key = cfg.key(load_dataset(cfg.dataset, cfg.data_dir).fingerprint)
-    user = o["checkpoint_early"] and o["checkpoint_late"]
-    stored_run = ctx.store.finished(key) if ctx.store is not None and not user else None
-    states = _stored_states(ctx, cfg, stored_run, e, late) if not user else {}
+    fingerprint = load_dataset(cfg.dataset, cfg.data_dir).fingerprint
+    replicates: list[tuple[Any, dict[str, Any]]] = [("user", {})] if user else []
+    for c in cfgs:
+        stored_run = ctx.store.finished(c.key(fingerprint)) if ctx.store is not None else None
+        replicates.append((int(c.seed), _stored_states(ctx, c, stored_run, e, late)))
     dev = torch.device("cpu") if ctx.executor == "ray" else device
     seconds = 0.0
-    for regime in G.REGIMES:
-        state = states.get(regime)
-        for run in G.trial_runs(o, regime):
-            done = _stored_chunks(ctx, run, cfg, state, dev, td)
-            for b in run.batch_sizes:
-                todo = len(run.seeds) - done.get(b, 0)
-                plan.trials += todo
-                plan.trials_stored += done.get(b, 0)
-                steps = run.steps(b)
-                plan.sgd_steps += todo * steps
-                plan.flops += todo * 6 * mlp_params(dims) * run.n_samples * (
-                    2 if "sum-loss" in run.modes and b > 1 else 1)
-                seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
-                                                      run.engine)
-                if o["keep_tensors"]:
-                    plan.tensor_disk_bytes += todo * len(run.modes) * width * 4
+    for rid, states in replicates:
+        for regime in G.REGIMES:
+            state = states.get(regime)
+            for run in G.trial_runs(o, regime, rid):
+                done = _stored_chunks(ctx, run, cfg, state, dev, td)
+                for b in run.batch_sizes:
+                    todo = len(run.seeds) - done.get(b, 0)
+                    plan.trials += todo
+                    plan.trials_stored += done.get(b, 0)
+                    steps = run.steps(b)
+                    plan.sgd_steps += todo * steps
+                    plan.flops += todo * 6 * mlp_params(dims) * run.n_samples * (
+                        2 if "sum-loss" in run.modes and b > 1 else 1)
+                    seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
+                                                          run.engine)
+                    if o["keep_tensors"]:
+                        plan.tensor_disk_bytes += todo * len(run.modes) * width * 4
     plan.seconds += seconds / max(1, workers)
     plan.peak_memory_bytes = max(plan.peak_memory_bytes,
                                  td.x_train.numel() * 4 + workers * 4 * mlp_params(dims) * 4)
@@ -88,10 +80,12 @@ def _stored_states(ctx: Context, cfg: TrainConfig, stored_run: Any, e: int, late
     plain = Context(preset=ctx.preset, seeds=ctx.seeds, data_dir=ctx.data_dir,
                     out_dir=ctx.out_dir, store=ctx.store, executor="local",
                     device=ctx.device, log_fn=ctx.log_fn, options=ctx.options)
+    res = plain.run_many([cfg], label=G.NAME)[0]  # stored: fetched, not trained
     try:
-        res = plain.run_many([cfg], label=G.NAME)[0]  # stored: fetched, not trained
         return {"early": res.checkpoint(e), "late": res.checkpoint(late)}
-    except Exception:  # a missing or damaged checkpoint: the real run will say so
+    except (KeyError, BatchlabError):
+        # a checkpoint the stored run lacks, or a file that is missing, damaged or holds
+        # NaN: the plan counts every trial of this seed as to do, and the real run says why
         return {}
 
 
@@ -103,7 +97,7 @@ def _stored_chunks(ctx: Context, run: TrialRun, cfg: Any, state: dict | None,
     model = build_model(cfg, td)
     try:
         gc.fit_state(model, state)
-    except Exception:
+    except BatchlabError:  # weights of another shape or NaN: the real run refuses them
         return {}
     meas = Measurements(ctx.store)
     base = dict(weights=weights_sha256(model), data=tensors_sha256(td.x_train, td.y_train),
