@@ -360,7 +360,7 @@ def trace_accuracy(a: argparse.Namespace) -> None:
     print(f"model: MLP 784-{'-'.join(map(str, hidden))}-10 ({obj.dim:,} params), {a.epochs} "
           f"epochs SGD; {len(y)} images; exact trace {ref:.6g} ({obj.dim:,} products, "
           f"{time.perf_counter() - t0:.1f} s); target |rel err| <= {a.rtol:g} in >= 95% of "
-          f"{a.runs} runs\n")
+          f"runs\n")
     rows, pooled = [], []
     for method in ("hutchinson", "hutch++"):
         times, hvps, errs = [], [], []
