@@ -29,6 +29,7 @@ Usage:   python benchmarks/curvature.py [--samples 2000] [--hidden 128,128] [--r
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 import warnings
@@ -107,7 +108,17 @@ def main() -> None:
     ap.add_argument("--loader-samples", type=int, default=0,
                     help="also compare the chunked case on this many samples (0: skip)")
     ap.add_argument("--loader-batch", type=int, default=2000)
+    ap.add_argument("--trace-accuracy", action="store_true",
+                    help="only the time-to-accuracy trace comparison (issue 21): Hutchinson, "
+                         "Hutch++ and PyHessian to --rtol at 95%% against an exact reference")
+    ap.add_argument("--rtol", type=float, default=0.01)
+    ap.add_argument("--runs", type=int, default=20, help="repeated runs per method (seeds)")
+    ap.add_argument("--hutchinson-runs", type=int, default=0,
+                    help="runs of batchlab's Hutchinson (0: --runs); it is the slow one")
     a = ap.parse_args()
+    if a.trace_accuracy:
+        trace_accuracy(a)
+        return
 
     import sys
 
@@ -309,6 +320,90 @@ def _loader_rows(a: argparse.Namespace, model: nn.Module, crit: nn.Module, td: A
     return [(label, f"{t_ph:.4f}", f"{t_bl:.4f}", f"{t_ph / t_bl:.2f}x", f"max rel diff {diff:.1e}"),
             (label.replace("(s)", "8 batched (s)"), f"{t_ph:.4f}", f"{t_many / 8:.4f}",
              f"{t_ph / (t_many / 8):.2f}x", "")]
+
+
+def exact_trace(obj: C.Objective, block: int = 256) -> float:
+    """tr(H) = sum_i e_i^T H e_i over every coordinate: the Hessian's diagonal, read off the
+    full Hessian a column block at a time (dim products; only for small models)."""
+    total = 0.0
+    eye = torch.eye(obj.dim, dtype=obj.theta.dtype)
+    for rows in range(0, obj.dim, block):
+        E = eye[rows: rows + block]
+        total += float((E * obj.hvp_many(E)).sum())
+    return total
+
+
+def trace_accuracy(a: argparse.Namespace) -> None:
+    """Time and Hessian-vector products to a relative error <= rtol at 95% over --runs seeds.
+
+    Reference: the exact trace (every diagonal entry of the Hessian, dim products). batchlab's
+    two estimators stop by themselves (variance rule, `hessian_trace(rtol=)`); each run's
+    relative error against the reference is recorded, and a method meets the target when at
+    least 95% of runs are within rtol. PyHessian has no variance rule: it gets the number of
+    probes P = (1.96 sd / (rtol tr))^2 that a Hutchinson estimate needs for the same target (sd
+    of z^T H z from the pooled Hutchinson probes, the same Rademacher distribution as its own),
+    and its time is the measured time per probe of `trace(maxIter=m, tol=0)` times P."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    hidden = [int(h) for h in a.hidden.split(",")]
+    print(f"load average before: {load()}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    res = train({"dataset": "mnist-5k", "hidden": hidden, "epochs": a.epochs, "batch_size": 64,
+                 "lr": 0.01, "probes": [], "seed": a.seed})
+    model = res.model.eval()
+    td = get_data(res.config, torch.device("cpu"))
+    X, y = td.x_train[: a.samples], td.y_train[: a.samples]
+    crit = nn.NLLLoss()
+    obj = C.Objective(model, (X, y), criterion=crit)
+    t0 = time.perf_counter()
+    ref = exact_trace(obj)
+    print(f"model: MLP 784-{'-'.join(map(str, hidden))}-10 ({obj.dim:,} params), {a.epochs} "
+          f"epochs SGD; {len(y)} images; exact trace {ref:.6g} ({obj.dim:,} products, "
+          f"{time.perf_counter() - t0:.1f} s); target |rel err| <= {a.rtol:g} in >= 95% of "
+          f"runs\n")
+    rows, pooled = [], []
+    for method in ("hutchinson", "hutch++"):
+        times, hvps, errs = [], [], []
+        n_runs = a.hutchinson_runs or a.runs if method == "hutchinson" else a.runs
+        for seed in range(n_runs):
+            t0 = time.perf_counter()
+            r = C.hessian_trace(model, (X, y), criterion=crit, method=method, rtol=a.rtol,
+                                seed=seed, max_hvp=100_000)
+            times.append(time.perf_counter() - t0)
+            hvps.append(r.n_hvp)
+            errs.append(abs(r.estimate - ref) / abs(ref))
+            if method == "hutchinson":
+                pooled += r.samples
+        e = np.asarray(errs)
+        rows.append((f"batchlab {method}", np.mean(times), np.mean(hvps),
+                     float(np.mean(e <= a.rtol)), float(np.quantile(e, 0.95)),
+                     f"measured, {n_runs} runs"))
+    sd = float(np.std(pooled, ddof=1))
+    P = int(math.ceil((1.96 * sd / (a.rtol * abs(ref))) ** 2))
+    try:
+        from pyhessian import hessian as PyHessian
+    except ImportError:
+        rows.append(("pyhessian hutchinson", math.nan, P, math.nan, math.nan,
+                     "pyhessian not installed (pip install --no-deps pyhessian==0.1)"))
+    else:
+        warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
+        h = PyHessian(model, crit, data=(X, y), cuda=False)
+        m = min(P, 64)
+
+        def ph() -> list[float]:
+            torch.manual_seed(a.seed)
+            return h.trace(maxIter=m, tol=0.0)
+
+        t, _ = best(ph, a.repeats)
+        rows.append(("pyhessian hutchinson", t / m * P, P, 0.95, math.nan,
+                     f"P from sd/tr = {sd / abs(ref):.3f}; {t / m * 1e3:.2f} ms/probe measured "
+                     f"over {m} probes, x P"))
+    base = rows[-1][1]
+    print(f"{'method':22} {'time (s)':>9} {'HVPs':>8} {'within':>7} {'p95 err':>8} "
+          f"{'vs pyhessian':>12}  notes")
+    for name, t, n, cov, p95, note in rows:
+        print(f"{name:22} {t:9.3f} {n:8.0f} {cov:7.2f} {p95:8.4f} {base / t:11.2f}x  {note}")
+    print(f"\nload average after: {load()}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ from batchlab.measure.curvature.hessian import (
     hessian_eigenvalues,
     hessian_trace,
     hutchinson,
+    hutchinson_adaptive,
+    hutchpp,
     slq_nodes,
     smooth_density,
     spectral_density,
@@ -64,7 +66,8 @@ from batchlab.measure.layers import parameter_blocks
 __all__ = [
     "DEFAULT_CHUNK", "DEFAULT_MEMORY", "ConvergenceError", "EigenResult", "Hessian", "Objective",
     "SharpnessResult", "SpectralDensity", "TraceResult", "check_log_probs", "hessian_eigenvalues",
-    "hessian_trace", "hutchinson", "interpolate", "lanczos", "lanczos_many", "nll_criterion",
+    "hessian_trace", "hutchinson", "hutchinson_adaptive", "hutchpp", "interpolate", "lanczos",
+    "lanczos_many", "nll_criterion",
     "parameter_blocks", "power_iteration", "sharpness", "slq_nodes", "smooth_density",
     "spectral_density", "top_eigenvalues",
 ]
