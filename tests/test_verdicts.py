@@ -210,6 +210,22 @@ def test_replicates_to_decide_projects_from_the_measured_spread():
     assert _claim(iv, V.above(0.0)).to_json()["to_decide"]["replicates"] == 4
 
 
+@given(st.lists(st.floats(-1, 1), min_size=2, max_size=6), st.floats(1e-6, 1e-2))
+def test_replicates_to_decide_bisection_finds_the_first_deciding_n(vals, known):
+    iv = I.replicate_mean(vals, known_var=known)
+    got = Audit.replicates_to_decide(iv, 0.0, math.inf, cap=3000)
+    if got["replicates"] is None:
+        return
+    reps = np.asarray(vals)
+    var1, m = float(reps.var(ddof=1)), float(reps.mean())
+
+    def half(n: int) -> float:
+        return I.t_quantile(n - 1) * math.sqrt(var1 / n + known)
+
+    n = got["replicates"]
+    assert half(n) < abs(m) and (n == 2 or half(n - 1) >= abs(m))
+
+
 # -- claims.json -------------------------------------------------------------------------------
 def _doc() -> dict:
     gate = Gate("comparable", "train accuracy difference",
@@ -247,6 +263,16 @@ def test_claims_document_validates_and_rechecks_from_the_file_alone():
     assert any("does not follow" in p for p in problems(lambda c: c[4].update(ci=[-5.0, -4.0])))
     assert problems(lambda c: c[3].pop("reason"))  # untestable needs its reason
     assert problems(lambda c: c[0].update(finding="S1 and S9"))
+
+
+def test_a_hull_claim_is_rebuilt_from_its_parts():
+    parts = [I.difference([0.3, 0.4, 0.35], [0.1, 0.1, 0.12]),
+             I.difference([0.5, 0.45, 0.6], [0.2, 0.1, 0.15])]
+    doc = json.loads(json.dumps(claims_document(
+        [Claim("h", "P5", "both pairs", I.hull(parts), V.above(0), "difference").to_json()])))
+    assert check_document(doc) == []
+    doc["claims"][0]["spec"]["parts"][1]["replicates"][0] = 0.9  # a part's replicate edited
+    assert any("does not follow" in p for p in check_document(doc))
 
 
 def test_builtin_schema_validator_agrees_with_jsonschema():
@@ -297,6 +323,22 @@ def test_finding_rests_on_primary_claims_and_sources_count_outcomes():
     counts = source_counts(fv)
     assert counts["S"]["reproduced"] == 1 and counts["S"]["not_reproduced"] == 2
     assert counts["P"]["untestable"] == 1 and sum(counts["K"].values()) == 7
+
+
+def test_open_findings_say_what_would_decide_them():
+    from batchlab.report.answers import verdicts_markdown, what_decides
+
+    spread = _claim(I.replicate_mean([0.1, 0.2, 0.3]), V.above(0.0)).to_json()
+    gated = _claim(I.replicate_mean([0.1, 0.2, 0.3]), V.above(0.0), gates=[Gate(
+        "converged", "train-acc change", I.replicate_mean([0.05, 0.06, 0.07]), V.below(0.01))]
+    ).to_json()
+    claims = [{**spread, "id": "a", "finding": "S2", "primary": True},
+              {**gated, "id": "b", "finding": "S1", "primary": True}]
+    assert what_decides(claims[0]) == "about 4 seeds at the measured spread (now 3)"
+    assert what_decides(claims[1]).startswith("a budget where the premise holds")
+    md = verdicts_markdown(claims)
+    assert "| S2 | inconclusive | a | about 4 seeds" in md
+    assert "| S1 | untestable | b | a budget where" in md and "| K1 | not run |" in md
 
 
 # -- measured error rates (a small version of benchmarks/verdict_calibration.py) ---------------

@@ -83,8 +83,14 @@ class TrainConfig(BaseModel):
     decay: Literal["none", "step", "cosine"] = "none"
     decay_epochs: list[int] = Field(default_factory=list)
     decay_factor: float = Field(default=0.1, gt=0, allow_inf_nan=False)
-    # stopping
-    target_metric: Literal["test_acc", "train_loss", "train_acc", "val_acc"] | None = None
+    # the task (batchlab.task): "cross_entropy" (classification, the default), "mse",
+    # "next_token" or "module:factory" returning an Objective
+    loss: str = "cross_entropy"
+    # mixed precision on the autograd engine: bf16 autocast, or fp16 autocast + GradScaler (GPU)
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    # stopping ("*_metric": the loss's own metric, e.g. test_ppl for next_token, with its direction)
+    target_metric: Literal["test_acc", "train_loss", "train_acc", "val_acc", "test_loss", "val_loss",
+                           "train_metric", "test_metric", "val_metric"] | None = None
     target_value: float | None = Field(default=None, allow_inf_nan=False)
     # engine: "fused" = batchlab's lean manual-backward SGD path for MLPs (see fused.py),
     # "autograd" = generic torch.autograd + torch.optim; "auto" picks fused whenever it applies
@@ -132,6 +138,16 @@ class TrainConfig(BaseModel):
             raise ValueError(f"data must be module:loader, got {v!r}")
         return v
 
+    @field_validator("loss")
+    @classmethod
+    def _loss_known(cls, v: str) -> str:
+        from batchlab.task import BUILTIN_LOSSES, OBJECT_PREFIX
+
+        obj = v.startswith(OBJECT_PREFIX) and len(v) > len(OBJECT_PREFIX)
+        if v not in BUILTIN_LOSSES and not is_spec(v) and not obj:
+            raise ValueError(f"loss must be {', '.join(BUILTIN_LOSSES)} or module:factory, got {v!r}")
+        return v
+
     @field_validator("batch_size")
     @classmethod
     def _bs_positive(cls, v: int) -> int:
@@ -177,13 +193,15 @@ class TrainConfig(BaseModel):
                              f"({', '.join(map(str, sorted(set(self.batch_sizes()))))})")
         if self.model != "mlp" and (self.batchnorm or self.ghost_batch_size is not None):
             raise ValueError("batchnorm and ghost_batch_size apply to the built-in mlp only")
+        if self.amp != "off" and self.engine == "fused":
+            raise ValueError("amp runs on the autograd engine (engine='fused' has no autocast)")
         return self
 
     # -- identity -------------------------------------------------------------------------
     _NON_SEMANTIC = ("data_dir", "device")
     # fields added after stores existed: left out of the key while at their default, so every
     # key computed before they existed is still found
-    _NEW_DEFAULTS: dict[str, Any] = {"data": None}
+    _NEW_DEFAULTS: dict[str, Any] = {"data": None, "loss": "cross_entropy", "amp": "off"}
 
     def semantic_dict(self) -> dict[str, Any]:
         """Fields that change the result (paths and device choice do not: the dataset enters

@@ -4,7 +4,10 @@ The contract (the same for `train`, `sweep`, `experiment`, `reproduce` and `reco
 - `--model module:factory`: `factory()` returns a `torch.nn.Module` mapping a batch of inputs to
   `[batch, n_classes]` logits or log-probabilities;
 - `--data module:loader`: `loader()` returns `(X, y)` or `(X_train, y_train, X_test, y_test)`,
-  tensors or arrays, `y` integer class labels.
+  tensors or arrays, `y` the targets the loss takes (integer class labels for the default
+  classification), or a data source that is not tensors (`batchlab.task.Data`, a Dataset, an
+  IterableDataset: streamed by `batchlab.data.stream`);
+- `--loss`: `cross_entropy` (default), `mse`, `next_token` or `module:factory` (`batchlab.task`).
 The module is imported from `sys.path` (PYTHONPATH) or the current directory. Every failure in
 user code becomes one line naming the spec, never a traceback: it is the user's to fix.
 """
@@ -85,37 +88,52 @@ def _as_tensor(v: Any, spec: str) -> torch.Tensor:
         raise DataError(f"{spec} must return tensors or arrays (--data)") from None
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor, part: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.dim() < 2:
+def _check_pair(x: torch.Tensor, y: torch.Tensor, part: str, objective: Any = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """X with a batch dimension (float32, or int64 when integer: token ids stay ids) and y
+    checked by the objective (class labels for classification, the default)."""
+    from batchlab.task import objective_for
+
+    obj = objective if objective is not None else objective_for(None)
+    if x.dim() < 2 and obj.accuracy:
         raise DataError(f"{part} X must have a batch dimension and features, got shape {tuple(x.shape)}")
-    if y.dim() != 1:
-        raise DataError(f"{part} y must be 1-d class labels, got shape {tuple(y.shape)}")
-    if len(x) != len(y):
-        raise DataError(f"{part} X has {len(x)} rows but y has {len(y)} labels")
-    if y.dtype == torch.bool or y.dtype.is_complex or (
-            y.dtype.is_floating_point and not torch.equal(y, y.round())):
-        raise DataError(f"{part} y must hold integer class labels, got dtype {y.dtype}")
-    if len(y) and int(y.min()) < 0:
-        raise DataError(f"{part} y must hold class labels >= 0, found {int(y.min())}")
-    if not x.dtype.is_floating_point:
+    if x.dim() < 1 or len(x) != len(y):
+        raise DataError(f"{part} X has {len(x) if x.dim() else 0} rows but y has {len(y)} "
+                        f"{'labels' if obj.accuracy else 'targets'}")
+    y = obj.check_targets(y, part)
+    if x.dtype == torch.bool or x.dtype.is_complex:
+        raise DataError(f"{part} X must be numbers, got dtype {x.dtype}")
+    if x.dtype.is_floating_point:
         x = x.float()
-    if not torch.isfinite(x).all():
-        raise DataError(f"{part} X contains NaN or infinite values")
-    return x.float().contiguous(), y.long().contiguous()
+        if not torch.isfinite(x).all():
+            raise DataError(f"{part} X contains NaN or infinite values")
+    else:
+        x = x.long()
+    return x.contiguous(), y
 
 
-def user_data(spec: str) -> tuple[torch.Tensor, ...]:
-    """`(X, y)` or `(X_train, y_train, X_test, y_test)` from the loader, as float32 X and int64
-    y on the CPU, validated (shapes, labels, finiteness) with one-line errors."""
-    out = call_user(load_object(spec, "data"), spec, "data")
+def user_output(spec: str) -> Any:
+    """What the loader returns, unchecked: tensors, or a data source (see `batchlab.task.Data`)."""
+    return call_user(load_object(spec, "data"), spec, "data")
+
+
+def user_data(spec: str, objective: Any = None, out: Any = None) -> tuple[torch.Tensor, ...]:
+    """`(X, y)` or `(X_train, y_train, X_test, y_test)` from the loader (or `out`, what it
+    returned), validated for the objective (shapes, targets, finiteness) with one-line errors:
+    X float32 (int64 when integer), y as the objective wants it, on the CPU."""
+    from batchlab.task import objective_for
+
+    obj = objective if objective is not None else objective_for(None)
+    if out is None:
+        out = user_output(spec)
     if not isinstance(out, (tuple, list)) or len(out) not in (2, 4):
         raise DataError(f"{spec} must return a pair (X, y) or (X_train, y_train, X_test, y_test), got "
                         f"{type(out).__name__}{f' of {len(out)}' if isinstance(out, (tuple, list)) else ''}"
                         f" (--data)")
     ts = [_as_tensor(v, spec) for v in out]
-    pairs = [_check_pair(ts[0], ts[1], "train" if len(ts) == 4 else "the")]
+    pairs = [_check_pair(ts[0], ts[1], "train" if len(ts) == 4 else "the", obj)]
     if len(ts) == 4:
-        pairs.append(_check_pair(ts[2], ts[3], "test"))
+        pairs.append(_check_pair(ts[2], ts[3], "test", obj))
         if pairs[0][0].shape[1:] != pairs[1][0].shape[1:]:
             raise DataError(f"train X has examples of shape {tuple(pairs[0][0].shape[1:])} but test X "
                             f"of shape {tuple(pairs[1][0].shape[1:])}")
@@ -123,9 +141,10 @@ def user_data(spec: str) -> tuple[torch.Tensor, ...]:
             raise DataError("the test part is empty")
     if len(pairs[0][1]) < MIN_EXAMPLES:
         raise DataError(f"need at least {MIN_EXAMPLES} training examples, got {len(pairs[0][1])}")
-    labels = torch.cat([p[1] for p in pairs])
-    if int(labels.max()) < 1:
-        raise DataError("y must contain at least two classes")
+    if obj.accuracy:
+        labels = torch.cat([p[1] for p in pairs])
+        if int(labels.max()) < 1:
+            raise DataError("y must contain at least two classes")
     return tuple(t for p in pairs for t in p)
 
 
@@ -139,9 +158,14 @@ def fingerprint_tensors(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def check_model_on_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Run the model on two examples; returns the number of classes. Shape and label errors
-    here are the user's, reported in one line."""
+def check_model_on_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Any = None) -> int:
+    """Run the model on two examples and score them with the objective (classification by
+    default: `y` may be all labels, whose range is checked against the outputs). Returns the
+    number of classes (0 for other objectives). Shape and target errors here are the user's,
+    reported in one line."""
+    from batchlab.task import objective_for
+
+    obj = objective if objective is not None else objective_for(None)
     was = model.training
     try:
         with torch.no_grad():
@@ -151,13 +175,12 @@ def check_model_on_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> i
                         f"{type(e).__name__}: {_first_line(e)}") from None
     finally:
         model.train(was)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or out.shape[1] < 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise DataError(f"the model must map a batch of 2 examples to [2, n_classes] scores, "
-                        f"got {shape}")
-    c = int(out.shape[1])
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= c:
-        raise DataError(f"labels must lie in [0, {c - 1}] for a model with {c} outputs, found "
-                        f"[{lo}, {hi}]")
-    return c
+    if obj.accuracy:
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x[:2]) or out.shape[1] < 2:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DataError(f"the model must map a batch of 2 examples to [2, n_classes] scores, "
+                            f"got {shape}")
+        obj.check_outputs(out, y)
+        return int(out.shape[1])
+    obj.check_outputs(out, y[: len(x[:2])])
+    return 0

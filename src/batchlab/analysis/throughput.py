@@ -86,9 +86,11 @@ def model_signature(model: nn.Module, input_shape: tuple[int, ...]) -> str:
 
 def measure_stored(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int],
                    store: Store | None, *, progress: Progress | None = None,
-                   **kw: Any) -> list[dict[str, Any]]:
+                   replicate: int = 0, **kw: Any) -> list[dict[str, Any]]:
     """`measure`, but each (device, model shape, batch size, engine) point is read from the
-    store when it is there and written to it when it is measured. Rows carry `cached`."""
+    store when it is there and written to it when it is measured. Rows carry `cached`.
+    `replicate` > 0 keys an independent repetition of the timing (the throughput experiment
+    times the grid once per seed, so timing noise is in its intervals); 0 is the shared one."""
     if store is None:
         return measure(model, x, y, batch_sizes, progress=progress, **kw)
     store.ensure_schema(SCHEMA)
@@ -98,7 +100,8 @@ def measure_stored(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     sizes = sorted(batch_sizes)
 
     def key(bs: int) -> str:
-        payload = json.dumps([dev_sig, m_sig, bs, engine, torch.__version__])
+        parts: list[Any] = [dev_sig, m_sig, bs, engine, torch.__version__]
+        payload = json.dumps(parts + [replicate] if replicate else parts)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     have: dict[int, dict[str, Any]] = {}
@@ -160,6 +163,12 @@ def _peak_rss_mb() -> float:
     return r / (1 << 20) if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB else
 
 
+MEMORY_CUDA = "torch.cuda.max_memory_allocated after a reset of the peak"
+MEMORY_RSS = "growth of the process's peak RSS (VmHWM) after a reset through /proc/self/clear_refs"
+MEMORY_LIFETIME = ("growth of the lifetime peak RSS (ru_maxrss; no reset possible: a size below "
+                   "an earlier peak shows 0)")
+
+
 def is_oom(e: BaseException) -> bool:
     if isinstance(e, getattr(torch, "OutOfMemoryError", ())):
         return True
@@ -179,7 +188,8 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
         net = copy.deepcopy(model).to(dev).train()
         fused = engine_for(net) == "fused"
         row: dict[str, Any] = {"batch_size": bs, "engine": "fused" if fused else "autograd"}
-        rss0 = _rss_mb() if _reset_peak_rss() else _peak_rss_mb()
+        reset = _reset_peak_rss()
+        rss0 = _rss_mb() if reset else _peak_rss_mb()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
@@ -220,7 +230,9 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
                        samples_per_s=bs * steps / t)
             if dev.type == "cuda":
                 row["peak_memory_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+                row["memory_method"] = MEMORY_CUDA
             else:
+                row["memory_method"] = MEMORY_RSS if reset else MEMORY_LIFETIME
                 row["peak_rss_mb"] = _peak_rss_mb()
                 row["peak_memory_mb"] = max(0.0, row["peak_rss_mb"] - rss0)  # this size's need
         except Exception as e:  # OOM is a result to record; anything else is re-raised

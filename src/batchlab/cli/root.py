@@ -35,6 +35,7 @@ Dataset = Literal["mnist", "fashion-mnist", "cifar10", "mnist-5k", "digits"]
 Optimizer = Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"]
 Init = Literal["glorot", "torch", "kaiming"]
 Executor = Literal["local", "ray"]
+Amp = Literal["off", "bf16", "fp16"]
 DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the four IDX files (mnist, fashion-mnist).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
@@ -100,6 +101,8 @@ def train(
     lr: Annotated[float, typer.Option(help="Base learning rate (> 0).")] = 0.01,
     epochs: Annotated[int, typer.Option(help="Passes over the training set (0 evaluates the initial weights only).")] = 30,
     optimizer: Annotated[Optimizer, typer.Option(help="Optimizer.")] = "sgd",
+    loss: Annotated[str, typer.Option("--loss", help="cross_entropy (classification), mse, next_token or module:factory returning a batchlab.task.Objective.")] = "cross_entropy",
+    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision on the autograd engine: off, bf16 (CPU or GPU) or fp16 (GPU, with GradScaler).")] = "off",
     momentum: Annotated[float, typer.Option(help="Momentum in [0, 1).")] = 0.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay (>= 0).")] = 0.0,
     init: Annotated[Init, typer.Option(help="Weight initialization.")] = "glorot",
@@ -122,7 +125,7 @@ def train(
     if config is not None:
         fields.update(read_toml(config, "config"))
     flags = dict(dataset=dataset, model=model, data=data, batch_size=batch_size, lr=lr, epochs=epochs,
-                 optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, init=init,
+                 optimizer=optimizer, loss=loss, amp=amp, momentum=momentum, weight_decay=weight_decay, init=init,
                  seed=seed, device=device, data_dir=data_dir)
     for k, v in flags.items():
         if config is None or _given(ctx, k):
@@ -137,8 +140,9 @@ def train(
         return
     f = res.final
     tag = " (from store)" if res.cached else ""
-    out.print(f"run [bold]{res.run_id}[/] {res.status}{tag}: test_acc {f.get('test_acc', 0):.4f}"
-              f"  train_acc {f.get('train_acc', 0):.4f}  epochs {f.get('epoch')}"
+    m = f.get("metric", "acc")
+    out.print(f"run [bold]{res.run_id}[/] {res.status}{tag}: test_{m} {f.get(f'test_{m}') or 0:.4f}"
+              f"  train_{m} {f.get(f'train_{m}') or 0:.4f}  epochs {f.get('epoch')}"
               f"  train {f.get('train_seconds', 0):.1f}s")
 
 

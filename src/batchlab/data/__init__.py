@@ -1,7 +1,8 @@
 """Datasets as in-memory tensors: uint8 on the host, float32 on the training device.
 
 `load_dataset(name, data_dir)` gives the raw uint8 arrays; `prepare(...)` scales them
-([0, 1] like the reproduced study, or standardized), optionally carves a seeded validation
+([0, 1] like the reproduced study, or standardized; a user's integer inputs, e.g. token ids,
+are left as they are), optionally carves a seeded validation
 split out of the training set, and moves them to the device once, so the training loop only
 ever indexes resident tensors.
 """
@@ -62,6 +63,16 @@ def stratified_subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     return np.sort(perm[np.argsort(quantile, kind="stable")[:n]])
 
 
+def subset(y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of n rows: stratified for class labels (`stratified_subset`), a seeded
+    random choice for other targets (real values, token sequences)."""
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+        return stratified_subset(y, n, seed)
+    if n >= len(y):
+        return np.arange(len(y))
+    return np.sort(np.random.default_rng(seed).permutation(len(y))[:n])
+
+
 @dataclass
 class TensorData:
     """Float tensors resident on one device. `eval_sets` names what is evaluated each epoch.
@@ -107,10 +118,10 @@ def prepare(
     x_tr, y_tr = raw.x_train, raw.y_train
     x_te, y_te = raw.x_test, raw.y_test
     if max_train is not None and max_train < len(y_tr):
-        keep = stratified_subset(y_tr, max_train)
+        keep = subset(y_tr, max_train)
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     if max_test is not None and max_test < len(y_te):
-        keep = stratified_subset(y_te, max_test)
+        keep = subset(y_te, max_test)
         x_te, y_te = x_te[keep], y_te[keep]
     eval_np: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if val_fraction > 0:
@@ -123,14 +134,17 @@ def prepare(
     eval_np = {"train": (x_tr, y_tr), "test": (x_te, y_te), **eval_np}
 
     dev = torch.device(device)
-    if normalize == "unit":
+    if normalize == "unit" or x_tr.dtype == np.int64:
         mean, std = 0.0, (255.0 if x_tr.dtype == np.uint8 else 1.0)
     else:
         mean = float(x_tr.mean())
         std = float(x_tr.std()) or 1.0
 
     def to_t(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev).float().sub_(mean).div_(std)
+        if x.dtype == np.int64:  # a user's integer inputs (token ids): used as they are
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev)
+        else:
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(dev).float().sub_(mean).div_(std)
         return xt, torch.from_numpy(np.ascontiguousarray(y)).to(dev)
 
     evals = {k: to_t(*v) for k, v in eval_np.items()}

@@ -10,7 +10,13 @@ epoch and leaves the stack; the others go on unaffected.
 
 Hot-path rules: the dataset is resident on the device; batches are `index_select`s of seeded
 `randperm`s; losses accumulate on the device and are read once per epoch (no host sync inside
-the step loop); evaluation runs in large chunks under `no_grad`.
+the step loop); evaluation runs in large chunks under `no_grad`. Streamed data
+(`batchlab.data.stream`: a Dataset, IterableDataset or loader factory) is the other path: K = 1
+on autograd, one batch at a time moved to the device, never held whole.
+
+What is learned is the run's objective (`batchlab.task`: the config's `loss`, or a Python object
+passed in): rows hold `{set}_loss` and `{set}_{metric}` (`_acc` for classification), `gap` is how
+much better the metric is on train than on test, and `final` names the metric.
 
 Probes see the weights at one point in every engine: `on_step(ctx, s, xb, yb)` runs after
 step s's update (see `batchlab.probes`).
@@ -31,7 +37,6 @@ import torch
 from torch import nn
 
 from batchlab.config import TrainConfig, make_config
-from batchlab.data import TensorData
 from batchlab.engine import schedules
 from batchlab.engine.result import Reporter, TrainResult
 from batchlab.engine.setup import (
@@ -48,18 +53,21 @@ from batchlab.errors import ConfigError
 from batchlab.measure.metrics import correct_bits, eval_metrics
 from batchlab.probes import Probe, ProbeContext, make_probes
 from batchlab.probes.geometry import snapshot
+from batchlab.task import Objective, objective_for, resolve_target
 
 EpochHook = Callable[[dict[str, Any]], None]
 
 
 def train_one(config: TrainConfig | dict[str, Any], *, probes: Sequence[Probe] | None = None,
               reporter: Reporter | None = None, model: nn.Module | None = None,
-              data: TensorData | None = None, on_epoch: EpochHook | None = None) -> TrainResult:
+              data: Any = None, on_epoch: EpochHook | None = None,
+              objective: Objective | None = None) -> TrainResult:
     """Train one run (no store: see `batchlab.runs.training.train`). A crash inside training
     comes back as a `failed` result with `exception` set.
 
     `model`/`data` let callers (user factories, `recommend`) supply their own module and
-    tensors; then the key also covers the module's initial weights.
+    data (TensorData or StreamData); then the key also covers the module's initial weights.
+    `objective`: a loss given as a Python object (`cfg.loss` records its identity).
     """
     cfg = config if isinstance(config, TrainConfig) else make_config(**config)
     device = resolve_device(cfg.device)
@@ -70,25 +78,38 @@ def train_one(config: TrainConfig | dict[str, Any], *, probes: Sequence[Probe] |
     net = (model if model is not None else build_model(cfg, td)).to(device)
     key = run_key(cfg, td, net if model is not None or not cfg.builtin_model else None)
     return Loop([cfg], [net], td, device, [probe_list], [key], reporter=reporter,
-                on_epoch=on_epoch).run()[0]
+                on_epoch=on_epoch, objective=objective).run()[0]
 
 
 class Loop:
     """One pass over K models that share a batch-size schedule."""
 
-    def __init__(self, cfgs: Sequence[TrainConfig], nets: Sequence[nn.Module], data: TensorData,
+    def __init__(self, cfgs: Sequence[TrainConfig], nets: Sequence[nn.Module], data: Any,
                  device: torch.device, probes: Sequence[Sequence[Probe]], keys: Sequence[str], *,
-                 reporter: Reporter | None = None, on_epoch: EpochHook | None = None) -> None:
+                 reporter: Reporter | None = None, on_epoch: EpochHook | None = None,
+                 objective: Objective | None = None) -> None:
         self.cfgs, self.nets, self.td, self.device = list(cfgs), list(nets), data, device
         self.probes = [list(p) for p in probes]
         self.reporter, self.on_epoch = reporter, on_epoch
         self.K = len(self.cfgs)
         self.vectorized = self.K > 1
-        self.stepper: Stepper = make_stepper(self.cfgs, self.nets, self.probes)
+        self.streamed = bool(getattr(data, "streamed", False))
+        self.objective = objective if objective is not None else objective_for(self.cfgs[0].loss)
+        # classification on resident tensors keeps the study's evaluation path exactly
+        self.eval_objective = None if (not self.streamed and objective is None
+                                       and self.cfgs[0].loss == "cross_entropy") else self.objective
+        self.target = [resolve_target(c, self.objective) for c in self.cfgs]
+        self.stepper: Stepper = make_stepper(self.cfgs, self.nets, self.probes, objective=objective,
+                                             streamed=self.streamed)
         env = environment(device)
+        metric = {"engine": self.stepper.engine, "loss": self.objective.name,
+                  "metric": self.objective.metric_name,
+                  "metric_higher_is_better": self.objective.higher_is_better}
+        if self.cfgs[0].amp != "off":
+            metric["amp"] = self.cfgs[0].amp
         self.results = [
             TrainResult(run_id=k[:12], key=k, config=c, status="completed", epochs=[],
-                        final={"engine": self.stepper.engine}, model=n, env=env)
+                        final=dict(metric), model=n, env=env)
             for c, n, k in zip(self.cfgs, self.nets, keys)
         ]
         self.ctxs: list[ProbeContext] = []
@@ -121,6 +142,11 @@ class Loop:
             self._start(k)
         gens = [shuffle_generator(c.seed) for c in self.cfgs]
         const_lr = [schedules.constant_within_epoch(c) for c in self.cfgs]
+        if self.streamed:
+            self._train_streamed(plans[0], gens[0], const_lr[0])
+            if self.reporter:
+                self.reporter.finish()
+            return
         X, Y, n = self.td.x_train, self.td.y_train, self.td.n_train
         any_step_probes = any(self.step_probes)
         steps = samples = 0
@@ -144,7 +170,7 @@ class Loop:
                 b = idx.shape[1]
                 flat = idx.reshape(-1)
                 xb = X.index_select(0, flat).view(len(active), b, *X.shape[1:])
-                yb = Y.index_select(0, flat).view(len(active), b)
+                yb = Y.index_select(0, flat).view(len(active), b, *Y.shape[1:])
                 if per_step_lr:
                     lrs = [schedules.lr_at(self.cfgs[k], plans[k][e], s, n_steps) for k in active]
                 running += self.stepper.step(xb, yb, lrs) * b
@@ -167,6 +193,46 @@ class Loop:
         if self.reporter:
             self.reporter.finish()
 
+    def _train_streamed(self, plan: list[Any], gen: torch.Generator, const_lr: bool) -> None:
+        """The epochs of one model on streamed data: batches as the source yields them (see
+        `batchlab.data.stream`), moved to the device one at a time."""
+        cfg, steps, samples = self.cfgs[0], 0, 0
+        self._nets_in_train_mode()
+        for ep in plan:
+            if not self.active:
+                break
+            bs = ep.batch_size
+            n_steps = self.td.steps_per_epoch(bs)
+            if not const_lr and n_steps is None:
+                raise ConfigError("an lr that changes within an epoch (warmup, cosine) needs a "
+                                  "data set of known length: give the IterableDataset a __len__")
+            lr = schedules.lr_at(cfg, ep, 0, n_steps or 1)
+            running = torch.zeros(1, device=self.device)
+            seen = 0
+            report_every = max(1, (n_steps or 50) // 50)
+            self._sync_device()
+            t_ep = time.perf_counter()
+            for s, (xb, yb) in enumerate(self.td.train_batches(bs, gen, ep.epoch)):
+                xb = xb.to(self.device, non_blocking=True).unsqueeze(0)
+                yb = yb.to(self.device, non_blocking=True).unsqueeze(0)
+                b = xb.shape[1]
+                if not const_lr:
+                    lr = schedules.lr_at(cfg, ep, s, n_steps or 1)
+                running += self.stepper.step(xb, yb, [lr]) * b
+                steps += 1
+                samples += b
+                seen += b
+                if self.step_probes[0]:
+                    self._on_step(steps, xb, yb)
+                if self.reporter and (s + 1) % report_every == 0:
+                    self.reporter.steps(s + 1, n_steps or s + 1)
+            if not seen:
+                raise ConfigError("the training data yielded no batches in an epoch")
+            self._sync_device()
+            share = time.perf_counter() - t_ep
+            if not self._end_epoch(0, ep.epoch, bs, lr, steps, samples, share, running[0] / seen, 1):
+                self.active = []
+
     # -- per model ----------------------------------------------------------------------------
     def _start(self, k: int) -> None:
         """Epoch 0: the initial state's metrics, the probes' start values, checkpoint 0."""
@@ -174,16 +240,16 @@ class Loop:
         t = time.perf_counter()
         res.init_state = snapshot(net)
         ctx = ProbeContext(model=net, init_state=res.init_state, config=cfg, data=self.td,
-                           optimizer=self.stepper.optimizer)
+                           optimizer=self.stepper.optimizer, objective=self.objective)
         self.ctxs.append(ctx)
         row: dict[str, Any] = {"epoch": 0, "steps": 0, "samples": 0, "seconds": 0.0}
-        row.update({key: float(v) for key, v in eval_metrics(net, self.td).items()})
+        row.update({key: float(v) for key, v in eval_metrics(net, self.td, self.eval_objective).items()})
         for p in self.probes[k]:
             row.update(p.on_start(ctx))
         # after on_start: a probe may set its cadence from the data (target_step does)
         self.step_probes.append([p for p in self.probes[k] if p.every_steps])
         row["eval_seconds"] = time.perf_counter() - t
-        row["gap"] = row["train_acc"] - row["test_acc"]
+        row["gap"] = self._gap(row)
         res.epochs.append(row)
         if 0 in cfg.checkpoint_epochs:
             res.checkpoints[0] = snapshot(net)
@@ -210,13 +276,13 @@ class Loop:
         if self.vectorized:
             row["vectorized_k"] = k_active
         t = time.perf_counter()
-        mt = eval_metrics(net, self.td)
+        mt = eval_metrics(net, self.td, self.eval_objective)
         vals = torch.stack([running, *mt.values()]).tolist()  # the epoch's one host sync
         row["running_loss"] = vals[0]
         row.update(dict(zip(mt.keys(), vals[1:])))
         for p in self.probes[k]:
             row.update(p.on_epoch_end(self.ctxs[k], epoch))
-        row["gap"] = row["train_acc"] - row["test_acc"]
+        row["gap"] = self._gap(row)
         row["eval_seconds"] = time.perf_counter() - t
         self.own_seconds[k] += seconds + row["eval_seconds"]
         res.epochs.append(row)
@@ -230,7 +296,7 @@ class Loop:
             res.status = "diverged"
             res.final["diverged_epoch"] = epoch
             return False
-        if target_hit(cfg, row):
+        if target_hit(cfg, row, self.target[k]):
             res.final.update(target_epoch=epoch, target_steps=steps, target_samples=samples)
             return False
         return True
@@ -240,17 +306,26 @@ class Loop:
         res, cfg = self.results[k], self.cfgs[k]
         last = res.epochs[-1]
         res.final.update({key: v for key, v in last.items() if isinstance(v, (int, float))})
-        accs = [e["test_acc"] for e in res.epochs if isinstance(e.get("test_acc"), float)]
-        res.final["best_test_acc"] = max((a for a in accs if math.isfinite(a)), default=None)
+        m = f"test_{self.objective.metric_name}"
+        vals = [v for e in res.epochs if isinstance(v := e.get(m), float) and math.isfinite(v)]
+        best = max if self.objective.higher_is_better else min
+        res.final[f"best_{m}"] = best(vals, default=None)
         res.final["train_seconds"] = self.train_seconds[k]
         res.final["status"] = res.status
         if self.vectorized:
             res.final["vectorized_k"] = self.K
         if cfg.target_metric is not None:
             res.final["target_reached"] = "target_epoch" in res.final
-        if res.status == "completed" and "test" in self.td.eval_sets:
+        if (res.status == "completed" and self.eval_objective is None
+                and "test" in self.td.eval_sets):
             # per-example correctness on the shared test set: paired accuracy intervals
             res.final["test_correct_bits"] = correct_bits(self.nets[k], *self.td.eval_sets["test"])
+
+    def _gap(self, row: dict[str, Any]) -> float:
+        """How much better the metric is on the training set than on the test set."""
+        m = self.objective.metric_name
+        d = row[f"train_{m}"] - row[f"test_{m}"]
+        return d if self.objective.higher_is_better else -d
 
     def _nets_in_train_mode(self) -> None:
         for net in self.nets:
@@ -261,9 +336,14 @@ class Loop:
             torch.cuda.synchronize(self.device)
 
 
-def target_hit(cfg: TrainConfig, row: dict[str, Any]) -> bool:
-    """Whether an epoch row meets the config's target (loss: at most, accuracy: at least)."""
-    if cfg.target_metric is None or row.get(cfg.target_metric) is None:
+def target_hit(cfg: TrainConfig, row: dict[str, Any],
+               target: tuple[str, bool] | None = None) -> bool:
+    """Whether an epoch row meets the config's target (loss: at most, accuracy: at least;
+    `target` from `resolve_target` for another objective)."""
+    if cfg.target_metric is None:
         return False
-    v = row[cfg.target_metric]
-    return v <= cfg.target_value if cfg.target_metric.endswith("loss") else v >= cfg.target_value
+    key, lower = target if target is not None else (cfg.target_metric, cfg.target_metric.endswith("loss"))
+    if row.get(key) is None:
+        return False
+    v = row[key]
+    return v <= cfg.target_value if lower else v >= cfg.target_value

@@ -47,6 +47,14 @@ class TrainResult:
         raise KeyError(f"run {self.run_id} has no checkpoint at epoch {epoch}; "
                        f"add it to checkpoint_epochs")
 
+    def metric(self, split: str = "test") -> float | None:
+        """The run's evaluation metric on `split` at its end: test accuracy for classification,
+        the loss's own metric otherwise (`final["metric"]` names it; mse, ppl, ...). Runs stored
+        before objectives existed are classification."""
+        name = self.final.get("metric", "acc")
+        v = self.final.get(f"{split}_{name}")
+        return float(v) if isinstance(v, (int, float)) else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,

@@ -17,9 +17,11 @@ from torch import nn
 
 from batchlab.config import TrainConfig
 from batchlab.data import TensorData, load_dataset, prepare
+from batchlab.data.stream import StreamData
 from batchlab.data.tensors import load_user
 from batchlab.errors import ConfigError
 from batchlab.nn import factory
+from batchlab.task import OBJECT_PREFIX, objective_for
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -56,12 +58,29 @@ def environment(device: torch.device) -> dict[str, Any]:
 _TD_CACHE: dict[tuple, TensorData] = {}
 
 
-def get_data(cfg: TrainConfig, device: torch.device) -> TensorData:
-    """Resident tensors for this config (memoized: a sweep prepares each variant once): the
-    named dataset, or the user's loader (`cfg.data`), flattened for the built-in MLP."""
-    raw = load_user(cfg.data, flat=cfg.model == "mlp") if cfg.data else load_dataset(cfg.dataset, cfg.data_dir)
-    k = (raw.fingerprint, raw.x_train.shape[1:], cfg.normalize, cfg.val_fraction, cfg.max_train,
-         cfg.max_test, str(device))
+def get_data(cfg: TrainConfig, device: torch.device, objective: Any = None) -> TensorData | StreamData:
+    """The data of this config: resident tensors (memoized: a sweep prepares each variant
+    once) of the named dataset or of the user's loader (`cfg.data`), flattened for the built-in
+    MLP; or, when the loader returns a Dataset, IterableDataset or factory, the `StreamData`
+    that batches it (never loaded whole). Targets are checked for the config's loss
+    (`objective`, when it is a Python object)."""
+    if cfg.data:
+        obj = objective if objective is not None else objective_for(
+            None if cfg.loss.startswith(OBJECT_PREFIX) else cfg.loss)
+        raw = load_user(cfg.data, flat=cfg.model == "mlp", objective=obj, builtin=cfg.builtin_model,
+                        max_train=cfg.max_train, max_test=cfg.max_test)
+        if isinstance(raw, StreamData):
+            if cfg.val_fraction > 0:
+                raise ConfigError("val_fraction needs tensor data; a streamed source brings its "
+                                  "own test part")
+            return raw
+    else:
+        if cfg.loss != "cross_entropy":
+            raise ConfigError(f"loss {cfg.loss} needs your data (--data module:loader): the "
+                              f"built-in datasets are classification")
+        raw = load_dataset(cfg.dataset, cfg.data_dir)
+    k = (raw.fingerprint, raw.x_train.shape[1:], str(raw.x_train.dtype), cfg.normalize,
+         cfg.val_fraction, cfg.max_train, cfg.max_test, str(device))
     if k not in _TD_CACHE:
         if len(_TD_CACHE) > 4:
             _TD_CACHE.clear()
@@ -70,9 +89,9 @@ def get_data(cfg: TrainConfig, device: torch.device) -> TensorData:
     return _TD_CACHE[k]
 
 
-def build_model(cfg: TrainConfig, data: TensorData) -> nn.Module:
+def build_model(cfg: TrainConfig, data: TensorData | StreamData, objective: Any = None) -> nn.Module:
     """The config's network for this data's shapes (seeded by `cfg.seed`; `nn.factory`)."""
-    return factory.build_model(cfg, data)
+    return factory.build_model(cfg, data, objective)
 
 
 def shuffle_generator(seed: int) -> torch.Generator:
@@ -80,13 +99,13 @@ def shuffle_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + 7919)
 
 
-def check_batch_sizes(cfg: TrainConfig, data: TensorData) -> None:
+def check_batch_sizes(cfg: TrainConfig, data: TensorData | StreamData) -> None:
     for bs in cfg.batch_sizes():
-        if bs > data.n_train:
+        if data.n_train is not None and bs > data.n_train:
             raise ConfigError(f"batch size {bs} is larger than the training set ({data.n_train})")
 
 
-def run_key(cfg: TrainConfig, data: TensorData, model: nn.Module | None = None) -> str:
+def run_key(cfg: TrainConfig, data: TensorData | StreamData, model: nn.Module | None = None) -> str:
     """The store key of a run: the config with the data's fingerprint; the initial weights
     enter too when they are not a function of the config (a user's factory, or a module
     passed by the caller: `model`, freshly built). See `nn.factory.run_fingerprint`."""

@@ -13,11 +13,11 @@ and so is not a per-step stepper; gradient-competition drives it directly.)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from batchlab.config import TrainConfig
@@ -26,6 +26,7 @@ from batchlab.errors import BatchlabError, ConfigError
 from batchlab.nn.models import MLP
 from batchlab.nn.optim import build_optimizer
 from batchlab.probes import Probe
+from batchlab.task import Objective, objective_for
 
 
 class Stepper(Protocol):
@@ -46,19 +47,30 @@ class Stepper(Protocol):
 
 
 class AutogradStepper:
-    """K = 1 on torch.autograd with the config's optimizer.
+    """K = 1 on torch.autograd with the config's optimizer and the run's objective
+    (`batchlab.task`; classification's NLL by default).
 
     With `keep_grads`, each parameter's `.grad` still holds the batch gradient at the
     pre-update weights after `step` returns (some optimizers, e.g. Nesterov SGD, overwrite it
-    in place): gradient probes run after the update and read it there."""
+    in place): gradient probes run after the update and read it there.
+
+    `cfg.amp`: "bf16" runs the forward pass under bf16 autocast (CPU or GPU); "fp16" under fp16
+    autocast with a GradScaler (GPU only: fp16 autocast on the CPU is refused). The loss is
+    taken on float32 outputs, and `.grad` is unscaled before probes read it, so gradients mean
+    the same with or without AMP. A step the scaler skips (inf/NaN gradients) leaves the weights
+    as they were; its loss still counts in the epoch's running loss."""
 
     engine = "autograd"
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, *, keep_grads: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, *, keep_grads: bool = False,
+                 objective: Objective | None = None) -> None:
         self.cfg, self.model = cfg, model
+        self.objective = objective if objective is not None else objective_for(cfg.loss)
         self.optimizer: torch.optim.Optimizer | None = build_optimizer(cfg, model)
         self.keep_grads = keep_grads
         self.steps = 0  # steps taken (the optimizer's `on_step_begin` hook gets it)
+        self.device_type = _device_type(model)
+        self.autocast, self.scaler = amp_context(cfg.amp, self.device_type)
 
     def step(self, xb: torch.Tensor, yb: torch.Tensor, lr: Sequence[float]) -> torch.Tensor:
         x, y, opt, net = xb[0], yb[0], self.optimizer, self.model
@@ -68,31 +80,66 @@ class AutogradStepper:
         hook = getattr(opt, "on_step_begin", None)
         if hook is not None:
             hook(net, x, y, self.steps)
-        out = net(x)
+        with self.autocast():
+            out = net(x)
+        if self.autocast is not nullcontext:
+            out = out.float()
+        obj = self.objective
         if self.cfg.discard_fraction > 0:
             # drop the lowest-loss fraction of the batch before the update (keep at least one)
-            per = F.nll_loss(out, y, reduction="none")
+            per = obj.per_example(out, y)
+            if per is None:
+                raise ConfigError(f"discard_fraction needs per-example losses; loss {obj.name} "
+                                  f"has none")
             keep = max(1, int(round(len(y) * (1 - self.cfg.discard_fraction))))
             loss = per.topk(keep).values.mean()
             reported = per.detach().mean()
         else:
-            loss = F.nll_loss(out, y)
+            loss = obj.loss(out, y)
             reported = loss.detach()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)  # probes and clipping see true gradients
+        else:
+            loss.backward()
         params = [p for p in net.parameters() if p.grad is not None] if self.keep_grads else []
         grads = [p.grad.clone() for p in params]
-        opt.step()
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
         for p, g in zip(params, grads):
             p.grad = g
         self.steps += 1
-        return reported.unsqueeze(0)
+        return reported.float().unsqueeze(0)
 
     def sync(self) -> None:
         """The module is the model: nothing to copy."""
 
     def keep(self, positions: Sequence[int]) -> None:
         """K = 1: the loop ends when its model stops."""
+
+
+def _device_type(model: nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return p.device.type if p is not None else "cpu"
+
+
+def amp_context(amp: str, device_type: str) -> tuple[Callable[[], Any], Any]:
+    """(a context-manager factory for the forward pass, a GradScaler or None) for `amp`.
+    fp16 on the CPU is refused: CPU autocast in fp16 is slow and has no loss scaling here."""
+    if amp == "off":
+        return nullcontext, None
+    if amp == "fp16" and device_type == "cpu":
+        raise ConfigError("amp fp16 needs a GPU (fp16 autocast + GradScaler); on the CPU use "
+                          "amp bf16 or off")
+    if amp not in ("bf16", "fp16"):
+        raise ConfigError(f"unknown amp {amp!r}; use off, bf16 or fp16")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device_type=device_type, dtype=dtype)), scaler
 
 
 class FusedStepper:
@@ -129,7 +176,8 @@ class FusedStepper:
         self._lr_t = None
 
 
-def fused_blocker(cfg: TrainConfig, model: nn.Module, probes: Sequence[Probe]) -> str | None:
+def fused_blocker(cfg: TrainConfig, model: nn.Module, probes: Sequence[Probe],
+                  streamed: bool = False, loss_object: bool = False) -> str | None:
     """Why the fused stepper cannot train this model (None: it can)."""
     if cfg.optimizer != "sgd":
         return f"optimizer {cfg.optimizer} runs on autograd"
@@ -139,6 +187,14 @@ def fused_blocker(cfg: TrainConfig, model: nn.Module, probes: Sequence[Probe]) -
         return "batchnorm runs on autograd"
     if cfg.discard_fraction > 0:
         return "discard_fraction > 0 runs on autograd"
+    if cfg.loss != "cross_entropy":
+        return f"loss {cfg.loss} runs on autograd"
+    if cfg.amp != "off":
+        return "amp runs on autograd"
+    if streamed:
+        return "streamed data runs on autograd"
+    if loss_object:
+        return "a loss object runs on autograd"
     grad = [p.name for p in probes if p.needs_grad]
     if grad:
         return f"probe {grad[0]} needs gradients (autograd)"
@@ -146,10 +202,13 @@ def fused_blocker(cfg: TrainConfig, model: nn.Module, probes: Sequence[Probe]) -
 
 
 def make_stepper(cfgs: Sequence[TrainConfig], models: Sequence[nn.Module],
-                 probes: Sequence[Sequence[Probe]]) -> Stepper:
+                 probes: Sequence[Sequence[Probe]], *, objective: Objective | None = None,
+                 streamed: bool = False) -> Stepper:
     """The stepper for a pass: K > 1 is always fused (the caller checked `fused_blocker`);
-    K = 1 is fused when it applies and the config does not ask for autograd."""
-    blocked = [fused_blocker(c, m, p) for c, m, p in zip(cfgs, models, probes)]
+    K = 1 is fused when it applies and the config does not ask for autograd. `objective`: the
+    run's loss when it is a Python object (else the config's `loss` names it)."""
+    blocked = [fused_blocker(c, m, p, streamed, objective is not None)
+               for c, m, p in zip(cfgs, models, probes)]
     if len(models) > 1:
         if any(blocked) or any(c.engine == "autograd" for c in cfgs):
             why = next(filter(None, blocked), "engine='autograd' was asked for")
@@ -161,4 +220,5 @@ def make_stepper(cfgs: Sequence[TrainConfig], models: Sequence[nn.Module],
                           f"discarding or gradient probes ({reason})")
     if reason is None and cfg.engine != "autograd":
         return FusedStepper(cfg, models)
-    return AutogradStepper(cfg, model, keep_grads=any(p.needs_grad for p in probes[0]))
+    return AutogradStepper(cfg, model, keep_grads=any(p.needs_grad for p in probes[0]),
+                           objective=objective)

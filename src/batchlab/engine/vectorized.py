@@ -62,6 +62,8 @@ def ineligible(cfg: TrainConfig) -> str | None:
         return "batchnorm runs on autograd"
     if cfg.discard_fraction > 0:
         return "discard_fraction > 0 runs on autograd"
+    if cfg.loss != "cross_entropy" or cfg.amp != "off":
+        return "a loss other than cross_entropy, or amp, runs on autograd"
     if cfg.engine == "autograd":
         return "engine='autograd' was asked for"
     try:
@@ -80,7 +82,7 @@ def group_key(cfg: TrainConfig) -> tuple[Any, ...] | None:
     if ineligible(cfg) is not None:
         return None
     return (
-        cfg.dataset, cfg.data_dir, cfg.normalize, cfg.val_fraction, cfg.max_train, cfg.max_test,
+        cfg.dataset, cfg.data, cfg.data_dir, cfg.normalize, cfg.val_fraction, cfg.max_train, cfg.max_test,
         tuple(cfg.hidden), cfg.momentum, cfg.nesterov, cfg.weight_decay,
         tuple(e.batch_size for e in schedules.epoch_plan(cfg)), cfg.device,
     )

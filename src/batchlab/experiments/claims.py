@@ -303,10 +303,10 @@ def _same(a: float | None, b: float) -> bool:
 def _recheck_interval(c: dict[str, Any], where: str) -> list[str]:
     """The interval rebuilt from the recorded replicates and spec must be the recorded one."""
     spec, reps = c.get("spec") or {}, c.get("replicates") or []
-    if spec.get("kind") not in ("mean", "proportion"):
+    if spec.get("kind") not in ("mean", "proportion", "hull"):
         return []
     problems = []
-    if c["n"] != len(reps):
+    if spec.get("kind") != "hull" and c["n"] != len(reps):
         problems.append(f"{where}: n = {c['n']} but {len(reps)} replicates are recorded")
     if any(r is None for r in reps):
         return problems + [f"{where}: a recorded replicate is not a finite number"]

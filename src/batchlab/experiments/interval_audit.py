@@ -54,6 +54,12 @@ def recompute(replicates: Sequence[float], spec: dict[str, Any]) -> tuple[float,
                             df_rule=spec.get("df_rule", "replicates"))
         if spec.get("transform") == "exp":
             iv = iv.map(math.exp)
+    elif kind == "hull":
+        parts = [recompute(p.get("replicates") or [], p.get("spec") or {}) for p in spec["parts"]]
+        if not parts or any(p is None for p in parts):
+            return None
+        return (float(np.mean([p[0] for p in parts])), min(p[1] for p in parts),
+                max(p[2] for p in parts))
     else:
         return None
     return iv.estimate, iv.lo, iv.hi
@@ -83,12 +89,19 @@ def replicates_to_decide(iv: Interval, lower: float, upper: float, cap: int = 10
     if not gap > 0:
         return {"replicates": None, "limited_by": "the estimate sits on the region's boundary"}
     if known > 0 and Z * math.sqrt(known) >= gap:
+        ratio = Z * math.sqrt(known) / gap
         return {"replicates": None, "limited_by": "test set",
-                "test_set_factor": math.ceil((Z * math.sqrt(known) / gap) ** 2 * 1.5)}
-    for n in range(2, cap + 1):
-        if t_quantile(n - 1) * math.sqrt(var1 / n + known) < gap:
-            return {"replicates": n, "limited_by": None}
-    return {"replicates": None, "limited_by": f"more than {cap} replicates"}
+                "test_set_factor": math.ceil(ratio**2 * 1.5) if ratio < 1e6 else None}
+    def decides(n: int) -> bool:  # the half-width falls with n, so bisection finds the first
+        return t_quantile(n - 1) * math.sqrt(var1 / n + known) < gap
+
+    if not decides(cap):
+        return {"replicates": None, "limited_by": f"more than {cap} replicates"}
+    lo, hi = 1, cap  # decides(hi) holds; decides(lo) is false (n = 1 has no t quantile)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if decides(mid) else (mid, hi)
+    return {"replicates": hi, "limited_by": None}
 
 
 def _inv(bound: float, exp: bool) -> float:

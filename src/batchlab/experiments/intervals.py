@@ -112,7 +112,7 @@ def replicate_mean(values: Sequence[float | None], *, known_var: float = 0.0,
         whatever the known part: valid for any split between the two variances) or
         "satterthwaite" (Welch-Satterthwaite df, the known part counting as infinite df).
         `benchmarks/verdict_calibration.py` measured Satterthwaite's wrong "reproduced" rate at
-        the boundary of a paired accuracy difference at 6.4% with 2 seeds and 3.9% with 3, so
+        the boundary of a paired accuracy difference at 6.8% with 2 seeds and 4.6% with 3, so
         "replicates" is the default and the only rule the experiments use.
     """
     a = finite(values)

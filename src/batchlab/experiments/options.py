@@ -151,6 +151,9 @@ class StepsToTarget(Options):
     fine_steps: bool | None = opt("resolve the step a target is hit within an epoch (default true)")
     tiny_batch: PositiveInt | None = opt("the too-small batch of P3, run over the lr grid (default 1)")
     tiny_epochs: PositiveInt | None = opt("epoch budget of the tiny batch (default 2 quick, 5 paper)", le=100_000)
+    lr_search: Literal["grid", "halving"] | None = opt(
+        "lr tuning per batch size: the full grid, or successive halving that stops lrs which can "
+        "no longer be fastest to the target (default grid quick, halving paper)")
 
 
 class Throughput(StepsToTarget):

@@ -16,10 +16,20 @@ import numpy as np
 
 from batchlab.engine.presets import apply_preset
 from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
 from batchlab.experiments.base import QUICK_HIDDEN
-from batchlab.experiments.claims import Claim
+from batchlab.experiments.claims import Claim, Gate
 from batchlab.experiments.outputs import md_table
+
+PLATEAU_TOL = 0.005
+"""A run has converged (its train accuracy has plateaued) when its train accuracy moved by at
+most this much over the last fifth of its epochs: "matches the small-batch accuracy" compares
+where the arms end up, so it is decided only when both have stopped moving."""
+
+COMPARABLE_TOL = 0.01
+"""Train accuracies within this of each other count as comparable (K1's premise)."""
 
 QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
              decay_factor=0.1, warmup_epochs=1.0, tolerance=0.01, gbn=True)
@@ -86,7 +96,11 @@ def run(ctx: Context) -> Output:
             names.append(name)
             cfgs.append(ctx.config(**fields, seed=seed, probes=[]))
     results = ctx.run_many(cfgs, label="schedules")
+    n_test = ctx.test_size()
     rows = []
+    correct: dict[str, list] = {a: [] for a in arms}
+    plateau: dict[str, list] = {a: [] for a in arms}
+    train_acc: dict[str, list] = {a: [] for a in arms}
     curves: dict[str, list] = {}
     for name, res in zip(names, results):
         f = res.final
@@ -97,12 +111,15 @@ def run(ctx: Context) -> Output:
                      "ghost_batch_size": res.config.ghost_batch_size,
                      "steps": f.get("steps"), "test_acc": f.get("test_acc"),
                      "train_loss": f.get("train_loss"), "train_seconds": f.get("train_seconds")})
+        correct[name].append(bits_to_array(f.get("test_correct_bits"), n_test))
+        train_acc[name].append(f.get("train_acc"))
+        plateau[name].append(plateau_gain(res.epochs))
         if res.config.seed == 0:
             curves[name] = res.epochs
     acc = {a: [r["test_acc"] for r in rows if r["arm"] == a] for a in arms}
     steps = {a: [r["steps"] for r in rows if r["arm"] == a] for a in arms}
-    claims = schedule_claims(acc, steps, arms, float(s["tolerance"]), ctx.test_size(),
-                             s["base_batch"])
+    claims = schedule_claims(acc, steps, arms, float(s["tolerance"]), n_test, s["base_batch"],
+                             correct=correct, plateau=plateau, train_acc=train_acc)
     table = []
     for a in arms:
         rs = [r for r in rows if r["arm"] == a]
@@ -118,37 +135,85 @@ def run(ctx: Context) -> Output:
                   figures={"schedules.png": figure(curves)})
 
 
+def plateau_gain(epochs: list[dict[str, Any]]) -> float | None:
+    """A run's train-accuracy change over the last fifth of its epochs (at least one epoch):
+    ~0 once it has converged."""
+    acc = [e.get("train_acc") for e in epochs if e.get("epoch", 0) >= 1]
+    acc = [float(a) for a in acc if isinstance(a, (int, float))]
+    k = max(1, round(len(acc) / 5))
+    return acc[-1] - acc[-1 - k] if len(acc) > k else None
+
+
+def converged(arm: str, gains: list[float | None]) -> Gate:
+    """The premise of an accuracy-match claim: the arm's train accuracy has plateaued (its
+    per-seed change over the last fifth of the epochs, interval over seeds, within
+    +-PLATEAU_TOL). Noise can only fail a gate, so an unconverged arm makes the claim
+    untestable at this budget, never 'matches'."""
+    return Gate(f"{arm} converged", f"train-accuracy change of {arm} over the last fifth of its "
+                "epochs", I.replicate_mean(gains, what="train-accuracy changes"),
+                V.within(PLATEAU_TOL))
+
+
+def comparable(small: list[float | None], large: list[float | None]) -> Gate:
+    """K1's premise: the generalization gap is a gap at comparable train accuracy (the
+    paired train-accuracy difference, interval over seeds, within +-COMPARABLE_TOL)."""
+    return Gate("comparable train accuracy", "train accuracy small - large batch, paired by seed",
+                I.difference(small, large), V.within(COMPARABLE_TOL))
+
+
 def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str, Any],
-                    tol: float, n_test: int, base_batch: int) -> list[Claim]:
+                    tol: float, n_test: int, base_batch: int,
+                    correct: dict[str, list] | None = None,
+                    plateau: dict[str, list] | None = None,
+                    train_acc: dict[str, list] | None = None) -> list[Claim]:
     """R1-R3 as equivalence tests on the test-accuracy difference (arm - its baseline) in
-    [-tol, tol], plus R1's "fewer updates" and the gap the recipes must close."""
+    [-tol, tol], paired by seed on the shared test set (`accuracy_difference` with the runs'
+    per-example correctness), each gated on both arms having converged; R1's "fewer updates"
+    is a constant of Smith's design (a check, not evidence); and the gap the recipes close.
+    `acc`, `steps`, `correct`, `plateau`, `train_acc`: per arm, one entry per seed in seed
+    order."""
+    correct = correct or {}
+    plateau = plateau or {}
+    train_acc = train_acc or {}
+
+    def diff(a: str, b: str) -> Any:
+        return accuracy_difference(acc[a], acc[b], n_test, correct_a=correct.get(a),
+                                   correct_b=correct.get(b))
+
     big = arms["large"]["batch_size"]
     out = [Claim(
         "gap", "S1,K1", f"at equal epochs batch {big} ends below batch {base_batch} in test "
-        "accuracy (the gap the recipes must close)",
-        V.difference(acc["small"], acc["large"], n_test), V.above(0.0),
-        "test accuracy small - large batch", {"small": acc["small"], "large": acc["large"]},
+        "accuracy (the gap the recipes must close)", diff("small", "large"), V.above(0.0),
+        "test accuracy small - large batch, paired by seed", {"small": acc["small"],
+                                                              "large": acc["large"]},
         reading="the gap the recipes are meant to close, at this experiment's settings",
-        primary=False)]
+        primary=False, gates=[converged("small", plateau.get("small", [])),
+                              converged("large", plateau.get("large", [])),
+                              comparable(train_acc.get("small", []), train_acc.get("large", []))])]
     finding = {"goyal": "R3", "smith": "R1", "hoffer": "R2", "hoffer-gbn": "R2"}
     for arm, text in CLAIMS.items():
         if arm not in arms:
             continue
         ref, basis = ARMS[arm]
         out.append(Claim(
-            f"{arm}-closes-gap", finding[arm], f"{text} ({basis})",
-            V.difference(acc[arm], acc[ref], n_test), V.within(tol),
-            f"test accuracy {arm} - {ref}", {arm: acc[arm], ref: acc[ref], "tolerance": tol},
+            f"{arm}-closes-gap", finding[arm], f"{text} ({basis})", diff(arm, ref),
+            V.within(tol), f"test accuracy {arm} - {ref}, paired by seed",
+            {arm: acc[arm], ref: acc[ref], "tolerance": tol,
+             "plateau": {arm: plateau.get(arm), ref: plateau.get(ref)}},
             reading=("with Ghost BatchNorm, the paper's full recipe" if arm == "hoffer-gbn" else
-                     "without BatchNorm (regime adaptation + sqrt scaling only)"
+                     "without BatchNorm (regime adaptation + sqrt lr scaling only)"
                      if arm == "hoffer" else None),
-            primary=(arm != "hoffer") if arm.startswith("hoffer") else None))
+            primary=(arm != "hoffer") if arm.startswith("hoffer") else True,
+            gates=[converged(arm, plateau.get(arm, [])), converged(ref, plateau.get(ref, []))]))
     if "smith" in arms:
         out.append(Claim(
             "smith-fewer-updates", "R1", "increasing the batch instead of decaying the lr needs "
             "fewer parameter updates than the small-batch recipe",
-            V.ratio(steps["smith"], steps["small"]), V.below(1.0),
-            "updates of smith / updates of small", {"smith": steps["smith"], "small": steps["small"]}))
+            I.ratio(steps["smith"], steps["small"]), V.below(1.0),
+            "updates of smith / updates of small", {"smith": steps["smith"], "small": steps["small"]},
+            primary=True,
+            construction="Smith's schedule multiplies the batch at each lr decay at equal epochs, "
+                         "so it takes fewer updates by design, whatever the seed"))
     return out
 
 

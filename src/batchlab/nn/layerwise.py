@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchlab.nn.optim import register
+from batchlab.nn.registry import register
 
 
 class LayerwiseSGD(torch.optim.Optimizer):

@@ -141,8 +141,3 @@ def build_cnn(input_shape: tuple[int, ...], n_classes: int = 10, *, init: str = 
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def is_weight(name: str, p: torch.Tensor) -> bool:
-    """Weights (W) vs biases and norm parameters (B), the split the study reports."""
-    return p.ndim >= 2

@@ -9,7 +9,6 @@ a builder in `OPTIMIZERS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,17 +16,10 @@ from torch import nn
 
 from batchlab.errors import ConfigError
 from batchlab.measure.layers import layer_groups
+from batchlab.nn import layerwise  # noqa: F401  (registers lars, cblr and mclr on import)
+from batchlab.nn.registry import OPTIMIZERS, register
 
-Builder = Callable[[Any, list[dict[str, Any]]], torch.optim.Optimizer]
-OPTIMIZERS: dict[str, Builder] = {}
-
-
-def register(name: str) -> Callable[[Builder], Builder]:
-    def deco(fn: Builder) -> Builder:
-        OPTIMIZERS[name] = fn
-        return fn
-
-    return deco
+__all__ = ["OPTIMIZERS", "build_optimizer", "layer_groups", "register"]
 
 
 @register("sgd")
@@ -49,7 +41,6 @@ def _adamw(cfg: Any, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
 
 
 def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
-    _load_extras()
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(
             f"unknown optimizer {cfg.optimizer!r}; available: {', '.join(sorted(OPTIMIZERS))}"
@@ -58,14 +49,3 @@ def build_optimizer(cfg: Any, model: nn.Module) -> torch.optim.Optimizer:
         raise ConfigError("nesterov needs momentum > 0")
     return OPTIMIZERS[cfg.optimizer](cfg, layer_groups(model))
 
-
-def _load_extras() -> None:
-    """Optimizers defined in other modules (layer-wise methods) register on import."""
-    import importlib
-
-    for mod in ("batchlab.nn.layerwise",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise

@@ -29,7 +29,8 @@ from torch import nn
 @dataclass
 class ProbeContext:
     """What a probe may look at: the live model, its initial weights, the optimizer (None on
-    the fused path), the run config and the resident data."""
+    the fused path), the run config, the data (resident TensorData, or StreamData: draw
+    examples with `batchlab.data.stream.sample_data`) and the run's objective."""
 
     model: nn.Module
     init_state: dict[str, torch.Tensor]
@@ -37,6 +38,7 @@ class ProbeContext:
     data: Any
     optimizer: torch.optim.Optimizer | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    objective: Any = None  # the run's batchlab.task.Objective (None: classification)
 
 
 class Probe:

@@ -12,7 +12,10 @@
   (config `target_metric`/`target_value`), checked about `checks_per_epoch` times an epoch.
   The engine stops at epoch granularity; steps-to-target needs finer resolution than that.
   `test_acc`/`val_acc` are evaluated on the full eval set; `train_loss`/`train_acc` on a fixed
-  seeded subset of at most `train_subset` training examples (an estimate, said so here).
+  seeded subset of at most `train_subset` training examples (an estimate, said so here; the
+  first ones of a stream). Any objective's loss or metric works (`*_metric`, batchlab.task).
+Both take the run's objective (`ctx.objective`; classification when None) and draw their
+examples with `batchlab.data.stream.sample_data`, so they work on streamed data too.
 """
 
 from __future__ import annotations
@@ -21,9 +24,15 @@ import math
 
 import torch
 
-from batchlab.measure.metrics import evaluate
-from batchlab.measure.noise import averaged, b_simple
+from batchlab.data.stream import sample_data
+from batchlab.measure.metrics import evaluate, evaluate_objective
+from batchlab.measure.noise import averaged, b_simple, default_loss
 from batchlab.probes import Probe, ProbeContext, register
+from batchlab.task import Classification, objective_for, resolve_target
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 class NoiseScaleProbe(Probe):
@@ -37,11 +46,9 @@ class NoiseScaleProbe(Probe):
         self._epoch: list[float] = []
 
     def on_start(self, ctx: ProbeContext) -> dict[str, float]:
-        x, y = ctx.data.x_train, ctx.data.y_train
-        n = min(self.n_examples, len(y))
-        gen = torch.Generator().manual_seed(self.seed + 104729)
-        idx = torch.randperm(len(y), generator=gen)[:n].to(x.device)
-        self._x, self._y = x.index_select(0, idx), y.index_select(0, idx)
+        self._loss = objective_for(ctx.objective)
+        self._x, self._y = sample_data(ctx.data, self.n_examples, self.seed + 104729,
+                                       _device(ctx.model))
         self.history.clear()
         self._epoch = []
         rec = self._measure(ctx, 0)
@@ -49,11 +56,13 @@ class NoiseScaleProbe(Probe):
         return self._prefix(rec)
 
     def _measure(self, ctx: ProbeContext, step: float) -> dict[str, float]:
-        est = b_simple(ctx.model, self._x, self._y, n_boot=0, seed=self.seed)
+        # classification: cross-entropy, equal to the NLL on log-probabilities (as before)
+        loss_fn = default_loss if isinstance(self._loss, Classification) else self._loss
+        est = b_simple(ctx.model, self._x, self._y, n_boot=0, seed=self.seed, loss_fn=loss_fn)
         with torch.no_grad():
             was = ctx.model.training
             ctx.model.eval()
-            loss = float(torch.nn.functional.cross_entropy(ctx.model(self._x), self._y))
+            loss = float(loss_fn(ctx.model(self._x), self._y))
             ctx.model.train(was)
         rec = {"step": float(step), "b_simple": est.b_simple, "grad_sq": est.grad_sq,
                "trace_sigma": est.trace_sigma, "loss": loss}
@@ -84,8 +93,10 @@ class NoiseScaleProbe(Probe):
 class TargetStepProbe(Probe):
     name = "target_step"
 
-    def __init__(self, checks_per_epoch: int = 8, train_subset: int = 4096) -> None:
+    def __init__(self, checks_per_epoch: int = 8, train_subset: int = 4096,
+                 checks_every: int = 25) -> None:
         self.every_steps = 1  # set from the batch size in on_start
+        self.checks_every = checks_every  # steps between checks on a stream of unknown length
         self.checks_per_epoch = checks_per_epoch
         self.train_subset = train_subset
         self.first: int | None = None
@@ -97,13 +108,17 @@ class TargetStepProbe(Probe):
         if cfg.target_metric is None:
             self.every_steps = None
             return {}
-        steps_per_epoch = math.ceil(ctx.data.n_train / min(cfg.batch_sizes()))
-        self.every_steps = max(1, steps_per_epoch // self.checks_per_epoch)
+        self._target = resolve_target(cfg, ctx.objective)
+        n_train = ctx.data.n_train
+        if n_train is None:  # a stream without a length: check every `checks_every` steps
+            self.every_steps = self.checks_every
+        else:
+            steps_per_epoch = math.ceil(n_train / min(cfg.batch_sizes()))
+            self.every_steps = max(1, steps_per_epoch // self.checks_per_epoch)
         if cfg.target_metric.startswith("train"):
-            n = ctx.data.n_train
-            gen = torch.Generator().manual_seed(cfg.seed + 7)
-            idx = torch.randperm(n, generator=gen)[: self.train_subset].to(ctx.data.x_train.device)
-            self._eval = (ctx.data.x_train.index_select(0, idx), ctx.data.y_train.index_select(0, idx))
+            self._eval = sample_data(ctx.data, self.train_subset, cfg.seed + 7, _device(ctx.model))
+        elif getattr(ctx.data, "streamed", False):
+            self._eval = None  # the test stream, batch by batch
         else:
             self._eval = ctx.data.eval_sets[cfg.target_metric.split("_")[0]]
         self._check(ctx, 0)
@@ -111,9 +126,15 @@ class TargetStepProbe(Probe):
 
     def _check(self, ctx: ProbeContext, step: int) -> None:
         cfg = ctx.config
-        loss, acc = evaluate(ctx.model, *self._eval)
-        v = float(loss if cfg.target_metric.endswith("loss") else acc)
-        lower = cfg.target_metric.endswith("loss")
+        key, lower = self._target
+        if isinstance(objective_for(ctx.objective), Classification) and self._eval is not None:
+            loss, metric = evaluate(ctx.model, *self._eval)
+        else:
+            obj = objective_for(ctx.objective)
+            batches = ([self._eval] if self._eval is not None else
+                       ctx.data.eval_batches(cfg.target_metric.split("_")[0]))
+            loss, metric = evaluate_objective(ctx.model, obj, batches, _device(ctx.model))
+        v = float(loss if key.endswith("_loss") else metric)
         if math.isfinite(v) and (math.isnan(self.best) or (v < self.best if lower else v > self.best)):
             self.best = v
         hit = v <= cfg.target_value if lower else v >= cfg.target_value

@@ -1,5 +1,6 @@
-"""The answer first: one verdict per finding of ../shared/study/FINDINGS.md, computed from the
-claims of a run, and the sources' numbers beside ours.
+"""The answer first: one verdict per finding of the catalogue (docs/findings.md), computed from
+the claims of a run, what would decide the findings left open, and the sources' numbers beside
+ours.
 
 The rule (also printed in the report): a finding's verdict rests on its primary claims, or on
 all of its claims when none is marked primary. It is not_reproduced if one of them is not
@@ -107,6 +108,67 @@ def one_line(fv: FindingVerdict) -> str:
     if fv.others:
         parts.append(f"{fv.others} secondary")
     return "; ".join(parts)
+
+
+def what_decides(c: dict[str, Any]) -> str:
+    """For one claim that did not decide: what would, in words, from what claims.json records
+    (`to_decide` projects seeds from the measured spread; `reason` names a failed premise)."""
+    reason = c.get("reason") or {}
+    code = reason.get("code")
+    if code == "construction":
+        return "nothing: it holds by construction (" + str(reason.get("text", "")) + ")"
+    if code == "regime":
+        return "a budget where the premise holds (more epochs or steps): " + str(reason.get("text", ""))
+    if code == "zero-width":
+        return "a measurement that varies across seeds (all replicates gave one value)"
+    if code == "unmeasured":
+        return "a run that measures it: " + str(reason.get("text", ""))
+    td = c.get("to_decide") or {}
+    if td.get("replicates"):
+        return f"about {td['replicates']} seeds at the measured spread (now {c.get('n')})"
+    if td.get("limited_by") == "test set":
+        k = td.get("test_set_factor")
+        return ("a larger test set" + (f" (about {k}x)" if k else "")
+                + ": the test set's sampling error alone is wider than the margin")
+    if td.get("limited_by"):
+        return str(td["limited_by"])
+    return "more seeds" if c.get("verdict") == "inconclusive" else ""
+
+
+def open_findings(fvs: dict[str, FindingVerdict]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """(finding, verdict, [(claim id, what would decide it)]) for every finding run but not
+    decided (inconclusive, untestable or mixed)."""
+    out = []
+    for fid, fv in fvs.items():
+        if fv.verdict in ("reproduced", "not_reproduced", NOT_RUN):
+            continue
+        rows = [(c["id"], what_decides(c)) for c in fv.basis
+                if c["verdict"] in ("inconclusive", "untestable")]
+        out.append((fid, fv.verdict, rows))
+    return out
+
+
+def verdicts_markdown(claims: list[dict[str, Any]]) -> str:
+    """The verdict table as Markdown (written beside the report as verdicts.md): outcomes per
+    source, every finding's verdict, and what would decide the ones left open."""
+    fvs = finding_verdicts(claims)
+    cols = (*OUTCOMES, MIXED, NOT_RUN)
+    counts = source_counts(fvs)
+    lines = ["# Verdicts", "", RULE, "", "| source | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for src, title in findings.SOURCES.items():
+        row = counts.get(src, dict.fromkeys(cols, 0))
+        lines.append(f"| {src} ({title}) | " + " | ".join(str(row[c]) for c in cols) + " |")
+    lines += ["", "| finding | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {fid} | {fv.verdict} | {one_line(fv)} |" for fid, fv in fvs.items()]
+    todo = open_findings(fvs)
+    if todo:
+        lines += ["", "## What would decide the findings left open", "",
+                  "| finding | verdict | claim | what would decide it |", "|---|---|---|---|"]
+        for fid, v, rows in todo:
+            for cid, how in rows or [("", "")]:
+                lines.append(f"| {fid} | {v} | {cid} | {how.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
 
 
 def read_numbers(out: Path, names: list[str]) -> list[dict[str, str]]:

@@ -102,11 +102,22 @@ def validate_against_data(configs: Iterable[TrainConfig]) -> None:
     takes the data, before running any (so bad input fails before the store is touched)."""
     from batchlab.data import load_dataset
     from batchlab.data.tensors import load_user
+    from batchlab.task import objective_for
 
     checked: set[tuple[str, str | None]] = set()
     for c in configs:
-        raw = load_user(c.data) if c.data is not None else load_dataset(c.dataset, c.data_dir)
-        n = len(raw.y_train) if c.max_train is None else min(c.max_train, len(raw.y_train))
+        if c.data is None and c.loss != "cross_entropy":
+            raise ConfigError(f"loss {c.loss} needs your data (data = \"module:loader\"): the "
+                              f"built-in datasets are classification")
+        if c.data is not None:
+            raw = load_user(c.data, objective=objective_for(c.loss), max_train=c.max_train,
+                            max_test=c.max_test)
+        else:
+            raw = load_dataset(c.dataset, c.data_dir)
+        n_all = raw.n_train if getattr(raw, "streamed", False) else len(raw.y_train)
+        if n_all is None:  # a stream of unknown length: nothing to check the batch size against
+            n_all = 1 << 62
+        n = n_all if c.max_train is None else min(c.max_train, n_all)
         n = int(round(n * (1 - c.val_fraction)))
         for bs in c.batch_sizes():
             if bs > n:

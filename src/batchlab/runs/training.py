@@ -13,44 +13,123 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from batchlab.config import TrainConfig, make_config
-from batchlab.data import TensorData
+from batchlab.data import TensorData, prepare
 from batchlab.data.idx import sha256_file
+from batchlab.data.stream import StreamData, default_identity, is_source
+from batchlab.data.tensors import flatten, raw_from_tensors
 from batchlab.engine.loop import EpochHook, train_one
 from batchlab.engine.result import Reporter, TrainResult, clean
 from batchlab.engine.setup import check_batch_sizes, get_data, resolve_device, run_key
 from batchlab.engine.vectorized import plan_groups, train_group
-from batchlab.errors import BatchlabError
+from batchlab.errors import BatchlabError, ConfigError
 from batchlab.nn.checkpoint import save_state
+from batchlab.nn.factory import as_log_probs, model_check_data
 from batchlab.probes import Probe
 from batchlab.runs.store import RunRecord, Store
+from batchlab.task import OBJECT_PREFIX, Data, Objective, loss_field, objective_for
+from batchlab.usercode import check_model_on_data, user_data
 
 
 def train(
-    config: TrainConfig | dict[str, Any],
+    config: TrainConfig | dict[str, Any] | None = None,
     *,
     store: Store | str | Path | None = None,
     label: str | None = None,
     probes: list[Probe] | None = None,
     reporter: Reporter | None = None,
-    model: nn.Module | None = None,
-    data: TensorData | None = None,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+    data: Any = None,
     on_epoch: EpochHook | None = None,
+    loss: str | Objective | Callable[..., Any] | None = None,
+    **fields: Any,
 ) -> TrainResult:
-    """Train one run. With a store, a finished run with the same key is returned from the
-    store instead of being recomputed (`result.cached`), and a new run is saved atomically.
-    A crash inside training is saved as a `failed` run, then raised.
+    """Train one run (`batchlab.train`). With a store, a finished run with the same key is
+    returned from the store instead of being recomputed (`result.cached`), and a new run is
+    saved atomically. A crash inside training is saved as a `failed` run, then raised.
 
-    `model`/`data` let callers (user factories, `recommend`) supply their own module and
-    tensors; then the key also covers the module's initial weights.
+        import batchlab
+        res = batchlab.train(model=make_net, data=(X, y), loss="mse", batch_size=64, lr=0.01,
+                             epochs=3)
+        res.metric()          # the loss's metric on the test part (here: mse)
+
+    `config`: a TrainConfig or a dict of its fields; `**fields` are TrainConfig fields too
+    (they override `config`'s).
+    `model`: an `nn.Module` (trained in place) or a factory returning one (called after torch
+    is seeded with the run's seed); default: the config's model. With a classification loss
+    given as `loss`, a LogSoftmax is appended (logits or log-probabilities both work).
+    `data`: tensors `(X, y)` or `(X_train, y_train, X_test, y_test)` (kept resident), a
+    map-style `Dataset`, an `IterableDataset` (streamed, never loaded whole), a factory
+    `(batch_size, seed) -> batches`, a `batchlab.task.Data` naming train and test parts and
+    an identity, or prepared `TensorData`/`StreamData`; default: the config's dataset.
+    `loss`: "cross_entropy" (classification, the default), "mse", "next_token", a
+    `batchlab.task.Objective` or a plain `loss(outputs, target)` function.
+    The store key covers the config (with the loss's identity), the data's fingerprint and,
+    for a model you pass, its initial weights.
     """
-    res = _train_and_store(config, store=store, label=label, probes=probes, reporter=reporter,
-                           model=model, data=data, on_epoch=on_epoch)
+    objective = None if loss is None or isinstance(loss, str) else objective_for(loss)
+    if config is None or fields or loss is not None:
+        base = {} if config is None else as_config(config).model_dump()
+        if loss is not None:
+            fields["loss"] = loss_field(loss)
+        config = make_config(**{**base, **fields})
+    cfg = as_config(config)
+    obj = objective if objective is not None else objective_for(
+        None if cfg.loss.startswith(OBJECT_PREFIX) else cfg.loss)
+    td = as_data(data, cfg, obj, builtin_model=model is None and cfg.builtin_model)
+    net = model
+    if model is not None and not isinstance(model, nn.Module):
+        net = _model_from_factory(model, cfg, td, obj)
+    elif model is not None and loss is not None and obj.log_probs:
+        net = as_log_probs(model)
+    res = _train_and_store(cfg, store=store, label=label, probes=probes, reporter=reporter,
+                           model=net, data=td, on_epoch=on_epoch, objective=objective)
     if res.exception is not None:
         raise res.exception
     return res
+
+
+def as_data(data: Any, cfg: TrainConfig, objective: Objective, *, builtin_model: bool = False
+            ) -> TensorData | StreamData | None:
+    """Any data `train` accepts as TensorData (tensors, resident on the config's device) or
+    StreamData (every other source); None stays None (the config's dataset)."""
+    if data is None or isinstance(data, (TensorData, StreamData)):
+        return data
+    if isinstance(data, Data) and isinstance(data.train, (tuple, list)):
+        data = (*data.train, *(data.test or ()))
+    if isinstance(data, (tuple, list)):
+        raw = raw_from_tensors(*user_data("data", objective, data), source="tensors",
+                               classification=objective.accuracy)
+        if builtin_model:
+            raw = flatten(raw, builtin=True) if cfg.model == "mlp" else raw
+        return prepare(raw, normalize=cfg.normalize, val_fraction=cfg.val_fraction,
+                       max_train=cfg.max_train, max_test=cfg.max_test,
+                       device=resolve_device(cfg.device))
+    d = data if isinstance(data, Data) else Data(train=data)
+    if not isinstance(d, Data) and not is_source(d):  # pragma: no cover - Data always is
+        raise ConfigError(f"cannot train on {type(data).__name__}")
+    ident = d.identity or default_identity(d.train)
+    return StreamData(d.train, d.test, identity=ident, n_classes=d.n_classes,
+                      max_train=cfg.max_train, max_test=cfg.max_test,
+                      classification=objective.accuracy)
+
+
+def _model_from_factory(factory: Callable[[], Any], cfg: TrainConfig, td: Any,
+                        objective: Objective) -> nn.Module:
+    """The factory's module, built after seeding torch with the run's seed and checked on two
+    examples against the objective (LogSoftmax appended for classification)."""
+    torch.manual_seed(cfg.seed)
+    net = factory()
+    if not isinstance(net, nn.Module):
+        raise BatchlabError(f"the model factory returned {type(net).__name__}, not an nn.Module")
+    if td is None:
+        td = get_data(cfg, resolve_device(cfg.device), objective)
+    x2, targets = model_check_data(td, objective.accuracy)
+    check_model_on_data(net, x2, targets, objective)
+    return as_log_probs(net) if objective.log_probs else net
 
 
 def _train_and_store(config: TrainConfig | dict[str, Any], *, store: Store | str | Path | None,
@@ -64,7 +143,8 @@ def _train_and_store(config: TrainConfig | dict[str, Any], *, store: Store | str
     st = store
     t0 = time.perf_counter()
     if st is not None:
-        td = kw["data"] if kw.get("data") is not None else get_data(cfg, resolve_device(cfg.device))
+        td = kw["data"] if kw.get("data") is not None else get_data(
+            cfg, resolve_device(cfg.device), kw.get("objective"))
         check_batch_sizes(cfg, td)
         cached = cached_result(st, cfg, run_key(cfg, td, kw.get("model")))
         if cached is not None:
@@ -106,6 +186,16 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
         on_done(len(cfgs) - len(todo))
     for unit in plan_groups([cfgs[i] for i in todo]):
         idxs = [todo[j] for j in unit]
+        if len(idxs) >= 2 and isinstance(get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device)),
+                                         StreamData):
+            for i in idxs:  # streamed data trains one run at a time (autograd)
+                results[i] = _train_alone(cfgs[i], keys[i], store, label, on_error)
+                if results[i].exception is not None and (
+                        on_error == "raise" or isinstance(results[i].exception, BatchlabError)):
+                    raise results[i].exception
+            if on_done is not None:
+                on_done(len(idxs))
+            continue
         if len(idxs) >= 2:
             group = train_group([cfgs[i] for i in idxs],
                                 get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device)))
