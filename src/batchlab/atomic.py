@@ -36,7 +36,15 @@ ARTIFACTS_SUFFIX = ".artifacts"
 
 
 def umask() -> int:
-    """The process's umask (read by setting and restoring it: there is no getter)."""
+    """The process's umask: read from /proc where there is one (setting and restoring it, the
+    only portable getter, briefly changes it for every thread of the process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     with _UMASK_LOCK:
         mask = os.umask(0o022)
         os.umask(mask)
@@ -58,7 +66,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX,
                                dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, file_mode())
+    try:  # a replaced file keeps its mode; a new one gets what open() would give it
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = file_mode()
+    os.chmod(tmp, mode)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

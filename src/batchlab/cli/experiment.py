@@ -77,11 +77,12 @@ def _context(preset: Preset, seeds: int, data_dir: str | None, out: Path, store:
                    progress=ProgressBars(console, enabled=not quiet))
 
 
-def _check_out(out: Path) -> None:
-    from batchlab.errors import BatchlabError
+def _check_out(out: Path, store: Path, writes: tuple[str, ...]) -> None:
+    """Refuse an --out folder that is a file, read-only, or where what is written (`writes`)
+    would land on the results store or its artifacts."""
+    from batchlab.atomic import check_output_dir
 
-    if out.exists() and not out.is_dir():
-        raise BatchlabError(f"--out {out} is a file, not a directory")
+    check_output_dir(out, "--out", writes, stores=(store,))
 
 
 def _make_command(name: str) -> Any:
@@ -107,7 +108,7 @@ def _make_command(name: str) -> Any:
 
         opts = parse_pairs(option)
         validate(name, opts)  # a bad --set fails before the store is opened
-        _check_out(out)
+        _check_out(out, store, (name,))
         with Store(store) as st:
             ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
                            data, opts, quiet)
@@ -199,7 +200,8 @@ def register(app: typer.Typer) -> None:
 
         names = [n.value for n in only] if only else [n for n in REPRODUCE_ORDER if n in available()]
         per_exp = split_options(parse_pairs(option), names)
-        _check_out(out)
+        _check_out(out, store, (*names, "claims.json", "study_numbers.csv", "report.html",
+                                "verdicts.md"))
         all_claims: list[dict[str, Any]] = []
         numbers: list[Any] = []
         timings: dict[str, float] = {}

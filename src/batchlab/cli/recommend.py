@@ -77,8 +77,9 @@ def register(app: typer.Typer) -> None:
         # settings no measurement can come from are refused before any data is loaded
         check_settings(base_batch=batch_size, base_lr=lr, epochs=epochs, max_batch=max_batch,
                        seed=seed, n=max(batch_size, 4))
-        if out.exists() and not out.is_dir():
-            raise BatchlabError(f"--out {out} is a file; give a directory for the figure and JSON")
+        from batchlab.atomic import check_output_dir
+
+        check_output_dir(out, "--out", ("recommend.png", "recommend.json"), stores=(store,))
         dev = resolve_device(device)
         widths = _widths(hidden)
         torch.manual_seed(seed)

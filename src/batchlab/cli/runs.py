@@ -113,12 +113,14 @@ def runs_export(
     store: StoreOpt = Path("batchlab.db"),
     fmt: Annotated[Literal["csv", "parquet"], typer.Option("--format", help="File format (parquet needs pyarrow).")] = "csv",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default runs.FORMAT); missing folders are created.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (a results store is never replaced).")] = False,
 ) -> None:
     """Export every (run, epoch) row as CSV or Parquet."""
-    from batchlab.atomic import check_writable
+    from batchlab.atomic import check_output
 
     output = output or Path(f"runs.{fmt}")
-    check_writable(output, "--output")  # before reading anything
+    # before reading anything: never a store, its WAL or artifacts; an existing file if forced
+    check_output(output, "--output", force=force, stores=(store,))
     with open_existing(store) as st:
         n = st.export(output, fmt)
         warn_skipped(st)
