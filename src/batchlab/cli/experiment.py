@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from batchlab.cli.runs import warn_distrusted
 from batchlab.experiments import REGISTRY
 from batchlab.experiments.options import describe
 
@@ -118,7 +119,10 @@ def _make_command(name: str) -> Any:
                 print_plan([(name, ctx)], as_json)
                 return
             t0 = time.perf_counter()
-            output, path = run_experiment(name, ctx)
+            try:
+                output, path = run_experiment(name, ctx)
+            finally:
+                warn_distrusted(st, quiet)
         seconds = time.perf_counter() - t0
         if not quiet:
             print_claims(output.claims)
@@ -229,6 +233,7 @@ def register(app: typer.Typer) -> None:
                 numbers += output.study_numbers
                 if not quiet:
                     print_claims(output.claims)
+            warn_distrusted(st, quiet)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "claims.json", claims_json(all_claims))
         atomic_write(out / "study_numbers.csv", findings.to_csv(findings.merge(numbers)))

@@ -20,7 +20,7 @@ from rich.text import Text
 
 from batchlab.cli.boundary import run_guarded
 from batchlab.cli.progress import ProgressBars
-from batchlab.cli.runs import JsonOpt, StoreOpt, cell, col, print_table, runs_app
+from batchlab.cli.runs import JsonOpt, StoreOpt, cell, col, print_table, runs_app, warn_distrusted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Study how batch size shapes neural-network training.")
@@ -135,6 +135,7 @@ def train(
     validate_against_data([cfg])  # bad data/batch size fails before the store file is touched
     with Store(store) as st:
         res = run_train(cfg, store=st, reporter=RichReporter(quiet or as_json))
+    warn_distrusted(st)
     if as_json:
         sys.stdout.write(json.dumps(res.to_json()) + "\n")
         return
@@ -175,6 +176,7 @@ def sweep(
         results = run_configs(configs, st, executor=executor, ray_address=ray_address,
                               label=f"sweep:{grid.stem}",
                               progress=ProgressBars(err, enabled=not (quiet or as_json)))
+    warn_distrusted(st)
     rows = [{"run_id": r.run_id, "status": r.status, "batch_size": r.config.batch_size,
              "lr": r.config.lr, "seed": r.config.seed, "test_acc": r.final.get("test_acc"),
              "train_acc": r.final.get("train_acc"), "cached": r.cached} for r in results]

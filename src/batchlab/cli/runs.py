@@ -41,6 +41,14 @@ def warn_skipped(st: Any) -> None:
         say_warning(f"skipped damaged run {run_id} ({why}); see `batchlab runs check --store {st.path}`")
 
 
+def warn_distrusted(st: Any, quiet: bool = False) -> None:
+    """Print the store's warnings about stored data it did not trust (and recomputed), at the
+    end of the command: always, --quiet or not (a tampered store must never pass unnoticed,
+    and a progress log may have been silenced or never shown)."""
+    for msg, _shown in getattr(st, "warnings", []):
+        say_warning(msg)
+
+
 def cell(v: Any) -> Text:
     """A table cell as plain text (rich markup in a label must not be interpreted)."""
     return Text(f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -131,20 +139,69 @@ def runs_export(
 def runs_check(store: StoreOpt = Path("batchlab.db"), as_json: JsonOpt = False) -> None:
     """Check a store: SQLite's integrity check, every row readable, every checkpoint file
     present with its recorded sha256. Exit 0 when all is well, 2 when something is damaged."""
-    from batchlab.runs.store import Store
+    from batchlab.runs.store import DamagedStore, Store, salvage
 
     if not store.exists():
         raise BatchlabError(f"no results store at {store}")
-    with Store(store, readonly=True) as st:
-        problems = st.check()
-        n = st.count()
+    try:
+        with Store(store, readonly=True) as st:
+            found = st.check_runs()
+            n = st.count()
+    except DamagedStore as e:
+        runs, epochs = salvage(store)
+        why = str(e).split(" is damaged ", 1)[-1].split(";", 1)[0]
+        keep = (f"{runs} runs and {epochs} epoch rows are still readable: `batchlab runs export "
+                f"--store {store} -o saved.csv` saves what it can read; " if runs else
+                "nothing in it is readable; ")
+        raise BatchlabError(f"results store {store} is damaged {why}: {keep}restore it from a "
+                            f"backup, or move it away (`mv {store} {store}.damaged`) and run your "
+                            f"configs again to recompute its runs") from None
+    problems = [p for _, p in found]
     if as_json:
         sys.stdout.write(json.dumps({"store": str(store), "runs": n, "problems": problems}) + "\n")
     else:
         for p in problems:
             out.print(Text(p))
     if problems:
-        raise BatchlabError(f"{store}: {len(problems)} problem(s) among {n} runs; damaged runs are "
-                            f"recomputed when their config is run again")
+        hint = (f"`batchlab runs delete --damaged --store {store}` deletes the damaged runs; "
+                f"their configs are then recomputed when run again"
+                if any(rid for rid, _ in found) else
+                "damaged measurements are recomputed when their experiment runs again")
+        raise BatchlabError(f"{store}: {len(problems)} problem(s) among {n} runs; {hint}")
     if not as_json:
         out.print(Text(f"{store}: {n} runs, no problems"))
+
+
+@runs_app.command("delete")
+def runs_delete(
+    keys: Annotated[Optional[list[str]], typer.Argument(help="Run ids or config hashes (or unique prefixes, 4+ characters).")] = None,
+    store: StoreOpt = Path("batchlab.db"),
+    label: Annotated[Optional[str], typer.Option(help="Every run stored under this label.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="Every run of this status (completed, diverged, failed).")] = None,
+    damaged: Annotated[bool, typer.Option("--damaged", help="Every run `batchlab runs check` finds damaged.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete runs (rows and checkpoints), so their configs are recomputed when run again."""
+    from batchlab.runs.store import Store
+
+    if not keys and label is None and status is None and not damaged:
+        raise BatchlabError("say what to delete: run ids, --label, --status or --damaged")
+    if not store.exists():
+        raise BatchlabError(f"no results store at {store}")
+    with Store(store) as st:
+        ids: list[str] = []
+        for k in keys or []:
+            rid = st.match(k)
+            if rid is None:
+                raise BatchlabError(f"no run {k[:80]!r} in {store} (nothing deleted)")
+            ids.append(rid)
+        if label is not None or status is not None:
+            ids += st.run_ids(label=label, status=status)
+        if damaged:
+            ids += [rid for rid, _ in st.check_runs() if rid is not None]
+        ids = list(dict.fromkeys(ids))
+        n = st.delete(ids)
+    if as_json:
+        sys.stdout.write(json.dumps({"store": str(store), "deleted": ids}) + "\n")
+    else:
+        sys.stderr.write(f"deleted {n} run(s) from {store}\n")
