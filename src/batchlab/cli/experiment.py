@@ -8,7 +8,6 @@ JSON object on stdout; progress and verdict lines go to stderr (`--quiet` silenc
 from __future__ import annotations
 
 import json
-import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from batchlab.cli.boundary import emit_json
 from batchlab.cli.runs import warn_distrusted
 from batchlab.experiments import REGISTRY
 from batchlab.experiments.options import describe
@@ -114,9 +114,7 @@ def _make_command(name: str) -> Any:
             ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
                            data, opts, quiet)
             if plan:
-                from batchlab.experiments.plan import print_plan
-
-                print_plan([(name, ctx)], as_json)
+                _print_plan([(name, ctx)], as_json)
                 return
             t0 = time.perf_counter()
             try:
@@ -130,10 +128,20 @@ def _make_command(name: str) -> Any:
         if as_json:
             doc = {"experiment": name, "out": str(path), "seconds": seconds,
                    "claims": [c.to_json() for c in output.claims]}
-            sys.stdout.write(_strict_json(doc) + "\n")
+            emit_json(None, _strict_json(doc))
 
     command.__doc__ = f"Run the {name} experiment; writes OUT/{name}/.\n\n" + options_text(name)
     return command
+
+
+def _print_plan(items: list[tuple[str, Any]], as_json: bool) -> None:
+    """The plan as text, or (--json) as the command's one JSON object."""
+    from batchlab.experiments.plan import make_plan, print_plan
+
+    if as_json:
+        emit_json(make_plan(items).to_json())
+    else:
+        print_plan(items)
 
 
 def _strict_json(doc: Any) -> str:
@@ -153,7 +161,7 @@ def register(app: typer.Typer) -> None:
 
         names = available()
         if as_json:
-            sys.stdout.write(json.dumps(names) + "\n")
+            emit_json({"experiments": names})
         else:
             for n in names:
                 typer.echo(n)
@@ -164,7 +172,7 @@ def register(app: typer.Typer) -> None:
         """List an experiment's --set options with type, default and meaning."""
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in describe(name.value)]
         if as_json:
-            sys.stdout.write(json.dumps(rows) + "\n")
+            emit_json({"experiment": name.value, "options": rows})
             return
         t = Table(title=f"options of {name.value} (--set KEY=VALUE)")
         for c in ("option", "type", "default", "meaning"):
@@ -211,9 +219,7 @@ def register(app: typer.Typer) -> None:
         timings: dict[str, float] = {}
         with Store(store) as st:
             if plan:
-                from batchlab.experiments.plan import print_plan
-
-                print_plan([(n, _context(preset, seeds, data_dir, out, st, executor, ray_address,
+                _print_plan([(n, _context(preset, seeds, data_dir, out, st, executor, ray_address,
                                          device, model, data, per_exp[n], quiet))
                             for n in names], as_json)
                 return
@@ -243,7 +249,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             doc = {"out": str(out), "report": str(report), "seconds": timings,
                    "claims": all_claims}
-            sys.stdout.write(_strict_json(doc) + "\n")
+            emit_json(None, _strict_json(doc))
 
 
 def print_claims(claims: list[Any]) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -14,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
+from batchlab.cli.boundary import emit_json
 from batchlab.data.tensors import tensor_data
 from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import recommend
@@ -126,7 +125,7 @@ def register(app: typer.Typer) -> None:
                 with StageProgress() as show:
                     rep = recommend(net, td, store=st, progress=show, **kw)
         if as_json:
-            sys.stdout.write(json.dumps(rep) + "\n")
+            emit_json(rep)
         else:
             _print(rep)
 

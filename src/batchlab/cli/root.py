@@ -7,8 +7,6 @@ stdout stays machine-readable.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -18,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from batchlab.cli.boundary import run_guarded
+from batchlab.cli.boundary import emit_json, run_guarded
 from batchlab.cli.progress import ProgressBars
 from batchlab.cli.runs import JsonOpt, StoreOpt, cell, col, print_table, runs_app, warn_distrusted
 
@@ -137,7 +135,7 @@ def train(
         res = run_train(cfg, store=st, reporter=RichReporter(quiet or as_json))
     warn_distrusted(st)
     if as_json:
-        sys.stdout.write(json.dumps(res.to_json()) + "\n")
+        emit_json(res.to_json())
         return
     f = res.final
     tag = " (from store)" if res.cached else ""
@@ -181,7 +179,7 @@ def sweep(
              "lr": r.config.lr, "seed": r.config.seed, "test_acc": r.final.get("test_acc"),
              "train_acc": r.final.get("train_acc"), "cached": r.cached} for r in results]
     if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        emit_json({"grid": str(grid), "runs": rows})
         return
     t = Table(title=Text(f"sweep {grid.name}: {len(rows)} runs"))
     for c in ("run_id", "status", "batch_size", "lr", "seed", "test_acc", "train_acc", "cached"):

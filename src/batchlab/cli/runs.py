@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from batchlab.cli.boundary import say_warning
+from batchlab.cli.boundary import emit_json, say_warning
 from batchlab.errors import BatchlabError
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect, check and export stored runs.")
@@ -79,7 +79,7 @@ def runs_list(
              "lr": r.config.get("lr"), "epochs": r.config.get("epochs"), "seed": r.seed,
              "test_acc": r.final.get("test_acc"), "seconds": r.wall_seconds} for r in recs]
     if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        emit_json({"store": str(store), "runs": rows})
         return
     t = Table(title=Text(f"{len(rows)} runs in {store}"))
     for c in rows[0] if rows else ["run_id"]:
@@ -104,7 +104,7 @@ def runs_show(
            "config": rec.config, "final": rec.final, "env": rec.env, "epochs": rec.epochs,
            "artifacts": rec.artifacts}
     if as_json:
-        sys.stdout.write(json.dumps(doc) + "\n")
+        emit_json(doc)
         return
     out.print_json(json.dumps({k: v for k, v in doc.items() if k != "epochs"}))
     t = Table(title="epochs")
@@ -158,7 +158,7 @@ def runs_check(store: StoreOpt = Path("batchlab.db"), as_json: JsonOpt = False) 
                             f"configs again to recompute its runs") from None
     problems = [p for _, p in found]
     if as_json:
-        sys.stdout.write(json.dumps({"store": str(store), "runs": n, "problems": problems}) + "\n")
+        emit_json({"store": str(store), "runs": n, "problems": problems})
     else:
         for p in problems:
             out.print(Text(p))
@@ -202,6 +202,6 @@ def runs_delete(
         ids = list(dict.fromkeys(ids))
         n = st.delete(ids)
     if as_json:
-        sys.stdout.write(json.dumps({"store": str(store), "deleted": ids}) + "\n")
+        emit_json({"store": str(store), "deleted": ids})
     else:
         sys.stderr.write(f"deleted {n} run(s) from {store}\n")
