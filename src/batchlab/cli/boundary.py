@@ -34,9 +34,14 @@ INTERNAL_ERROR = 1
 INTERRUPTED = 130
 
 
+MAX_WORD = 200
+
+
 def one_line(msg: str) -> str:
-    """Collapse a message onto one line (multi-line library messages included)."""
-    return " ".join(str(msg).split())
+    """Collapse a message onto one line (multi-line library messages included); a word longer
+    than MAX_WORD characters (a 20,000-character argument echoed back) is cut in the middle."""
+    return " ".join(w if len(w) <= MAX_WORD else f"{w[:80]}...({len(w)} characters)...{w[-40:]}"
+                    for w in str(msg).split())
 
 
 def say_error(msg: str) -> None:
@@ -82,12 +87,12 @@ def log_dir() -> Path:
     return Path(platformdirs.user_log_dir("batchlab"))
 
 
-def write_crash_log(exc: BaseException) -> Path | None:
+def write_crash_log(exc: BaseException, title: str = "batchlab internal error") -> Path | None:
     """The traceback (plus the command line) in a new file of the log folder, or of the temp
     folder when that cannot be written; None if nowhere can."""
     import tempfile
 
-    text = (f"batchlab internal error at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    text = (f"{title} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
             f"command: {' '.join(sys.argv)}\n\n"
             + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -148,7 +153,11 @@ def _run(entry: Callable[[], Any]) -> None:
         if rc == INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 without standalone mode
             raise KeyboardInterrupt
     except BatchlabError as e:
-        _fail(str(e), USER_ERROR)
+        msg = str(e)
+        if e.__cause__ is not None and type(e).__name__ == "UserCodeError":
+            log = write_crash_log(e.__cause__, "error in the user's code")
+            msg += f" (traceback in {log})" if log else ""
+        _fail(msg, USER_ERROR)
     except ValidationError as e:
         _fail(format_validation_error(e), USER_ERROR)
     except KeyboardInterrupt:

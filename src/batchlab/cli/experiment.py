@@ -20,6 +20,7 @@ from rich.table import Table
 
 from batchlab.cli.boundary import emit_json
 from batchlab.cli.runs import warn_distrusted
+from batchlab.engine.setup import resolve_device
 from batchlab.experiments import REGISTRY
 from batchlab.experiments.options import describe
 
@@ -73,7 +74,8 @@ def _context(preset: Preset, seeds: int, data_dir: str | None, out: Path, store:
     console = Console(stderr=True, quiet=quiet)
     return Context(preset=preset.value, seeds=seeds, data_dir=data_dir, out_dir=out, store=store,
                    executor=executor.value, ray_address=ray_address, device=device,
-                   log_fn=lambda line: console.print(line, markup=False, highlight=False),
+                   log_fn=lambda line: console.print(line, markup=False, highlight=False,
+                                                     soft_wrap=True),  # greppable logs
                    options=options, model=model, data=data,
                    progress=ProgressBars(console, enabled=not quiet))
 
@@ -109,6 +111,7 @@ def _make_command(name: str) -> Any:
 
         opts = parse_pairs(option)
         validate(name, opts)  # a bad --set fails before the store is opened
+        resolve_device(device)
         _check_out(out, store, (name,))
         with Store(store) as st:
             ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
@@ -212,6 +215,7 @@ def register(app: typer.Typer) -> None:
 
         names = [n.value for n in only] if only else [n for n in REPRODUCE_ORDER if n in available()]
         per_exp = split_options(parse_pairs(option), names)
+        resolve_device(device)
         _check_out(out, store, (*names, "claims.json", "study_numbers.csv", "report.html",
                                 "verdicts.md"))
         all_claims: list[dict[str, Any]] = []

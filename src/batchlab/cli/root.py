@@ -115,6 +115,7 @@ def train(
     """Train one run (stored; an identical finished run is returned from the store)."""
     from batchlab.atomic import check_writable
     from batchlab.config import make_config
+    from batchlab.engine.setup import resolve_device
     from batchlab.runs.store import Store
     from batchlab.runs.sweep import read_toml, validate_against_data
     from batchlab.runs.training import train as run_train
@@ -130,6 +131,7 @@ def train(
             fields[k] = v
     cfg = make_config(**fields)
     check_writable(store, "--store")
+    resolve_device(cfg.device)  # an unavailable device is refused before the store is made
     validate_against_data([cfg])  # bad data/batch size fails before the store file is touched
     with Store(store) as st:
         res = run_train(cfg, store=st, reporter=RichReporter(quiet or as_json))
@@ -162,6 +164,7 @@ def sweep(
 ) -> None:
     """Run the Cartesian product of a grid; finished runs are skipped (resumable)."""
     from batchlab.atomic import check_writable
+    from batchlab.engine.setup import resolve_device
     from batchlab.runs.executors import run_configs
     from batchlab.runs.store import Store
     from batchlab.runs.sweep import expand, load_grid, validate_against_data
@@ -169,6 +172,8 @@ def sweep(
     base, g = load_grid(grid)
     configs = expand(base, g)
     check_writable(store, "--store")
+    for device in {c.device for c in configs}:
+        resolve_device(device)  # an unavailable device is refused before the store is made
     validate_against_data(configs)
     with Store(store) as st:
         results = run_configs(configs, st, executor=executor, ray_address=ray_address,
@@ -199,7 +204,7 @@ def data(
 
     raw = load_dataset(dataset, data_dir)
     out.print(Text(f"{dataset}: {len(raw.y_train)} train, {len(raw.y_test)} test, images {raw.image_shape}, "
-                   f"source {raw.source}, sha256 {raw.fingerprint[:16]}"))
+                   f"source {raw.source}, sha256 {raw.fingerprint[:16]}"), soft_wrap=True)
 
 
 def _register_plugins() -> None:
