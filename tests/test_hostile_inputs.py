@@ -110,3 +110,12 @@ def test_data_dir_symlink_loop_and_special_files(run_main, tmp_path: Path,
     endless.symlink_to("/dev/zero")
     with pytest.raises(DataError, match="device"):
         read_bytes(endless)  # would grow without end
+
+
+@pytest.mark.parametrize("sizes", ["[64,100000]", "[64,99999999999999999999999]"])
+def test_a_plan_refuses_what_the_run_refuses(run_main, tmp_path: Path, sizes: str,
+                                             capsys: pytest.CaptureFixture) -> None:
+    code = run_main("experiment", "batch-size", "--plan", "--set", f"batch_sizes={sizes}",
+                    "--store", tmp_path / "s.db", "--out", tmp_path / "out")
+    assert code == 2
+    assert "larger than the training set" in _one_line(capsys.readouterr().err)

@@ -254,6 +254,9 @@ def test_edited_rows_nan_weights_and_bad_values_are_flagged(run_main, tmp_path: 
     con.commit()
     with Store(path, readonly=True) as st:
         assert any("NaN" in p for p in st.check())
+        run_id = st.runs()[0].run_id
+    assert run_main("runs", "show", run_id, "--store", path, "--json") == 0
+    assert "NaN" in capsys.readouterr().err
     con.execute("PRAGMA ignore_check_constraints = ON")
     con.execute("UPDATE runs SET status = 'weird', seed = 'abc'")
     con.commit()

@@ -96,10 +96,16 @@ def runs_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one run's config and per-epoch metrics."""
+    from batchlab.runs.upkeep import check_artifacts
+
     with open_existing(store) as st:
         rec = st.get(run_id)
     if rec is None:
-        raise BatchlabError(f"no run {run_id!r} in {store}")
+        raise BatchlabError(f"no run {run_id[:80]!r} in {store}")
+    arts = [(rec.run_id, n, p, sh) for n, (p, sh) in rec.artifacts.items()]
+    for problem in check_artifacts(arts, weights=rec.status == "completed"):
+        say_warning(f"{problem}; `batchlab runs delete --damaged --store {store}` deletes it, so "
+                    f"it is recomputed")
     doc = {"run_id": rec.run_id, "status": rec.status, "error": rec.error, "label": rec.label,
            "config": rec.config, "final": rec.final, "env": rec.env, "epochs": rec.epochs,
            "artifacts": rec.artifacts}
