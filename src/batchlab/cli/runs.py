@@ -167,7 +167,7 @@ def runs_check(store: StoreOpt = Path("batchlab.db"), as_json: JsonOpt = False) 
         emit_json({"store": str(store), "runs": n, "problems": problems})
     else:
         for p in problems:
-            out.print(Text(p))
+            out.print(Text(p), soft_wrap=True)  # one line per problem, greppable
     if problems:
         hint = (f"`batchlab runs delete --damaged --store {store}` deletes the damaged runs; "
                 f"their configs are then recomputed when run again"

@@ -238,7 +238,8 @@ class Store:
     def note(self, message: str, shown: bool = False) -> None:
         """Record a warning about distrusted stored data (the CLI prints every one, --quiet or
         not; `shown`: already printed through a progress log)."""
-        self.warnings.append((message, shown))
+        if all(message != m for m, _ in self.warnings):  # a run looked up twice: said once
+            self.warnings.append((message, shown))
 
     # -- identity -----------------------------------------------------------------------------
     def _refuse_non_sqlite(self) -> None:
