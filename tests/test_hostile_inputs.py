@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from batchlab import train
 from batchlab.data.idx import read_bytes
-from batchlab.errors import DataError
+from batchlab.errors import BatchlabError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +46,12 @@ def ints():
 
 def exits():
     raise SystemExit(0)
+
+def nan_init():
+    m = nn.Linear(8, 3)
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    return m
 
 def load():
     g = torch.Generator().manual_seed(0)
@@ -82,6 +90,25 @@ def test_errors_in_the_users_model_are_the_users(run_main, user: str, tmp_path: 
     assert run_main(*base, "--model", f"{user}:exits", "--json") == 2
     out = capsys.readouterr()
     assert "sys.exit(0)" in _one_line(out.err) and '"code": 2' in out.out
+    assert run_main(*base, "--model", f"{user}:nan_init") == 2
+    assert "NaN" in _one_line(capsys.readouterr().err)
+    with pytest.raises(BatchlabError, match="NaN"):
+        train(model=lambda: nan_init_module(), data=(torch.randn(80, 8), torch.arange(80) % 3),
+              epochs=1, batch_size=16)
+
+
+def nan_init_module():
+    from torch import nn
+
+    m = nn.Linear(8, 3)
+    with torch.no_grad():
+        m.weight[0, 0] = float("nan")
+    return m
+
+
+def test_empty_hidden_widths_are_refused(run_main, capsys: pytest.CaptureFixture) -> None:
+    assert run_main("recommend", "--hidden", "32,,32") == 2
+    assert "none empty" in _one_line(capsys.readouterr().err)
 
 
 def test_an_unavailable_device_is_a_user_error(run_main, capsys: pytest.CaptureFixture,

@@ -124,7 +124,18 @@ def user_model(spec: str) -> nn.Module:
         raise BatchlabError(f"{spec} returned {type(m).__name__}, not a torch.nn.Module (--model)")
     if not any(p.requires_grad for p in m.parameters()):
         raise BatchlabError(f"{spec} returned a module without trainable parameters (--model)")
+    check_finite_weights(m, spec)
     return m
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Refuse initial weights holding NaN or inf: such a run could only be stored as
+    'diverged', a result it never had."""
+    bad = [n for n, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BatchlabError(f"{what} built initial weights holding NaN or infinite values "
+                            f"({', '.join(bad[:3])}); fix the model's initialization")
 
 
 def _as_tensor(v: Any, spec: str) -> torch.Tensor:

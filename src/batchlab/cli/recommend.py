@@ -113,8 +113,10 @@ def register(app: typer.Typer) -> None:
             net = build_model(cfg, td)
             name = f"mlp {cfg.hidden} on {dataset}"
         if batch_size > td.n_train:
+            why = (" (--data keeps 10% as the test set)" if data is not None and not test
+                   else "")
             raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training "
-                                f"examples (--data keeps 10% as the test set)")
+                                f"examples{why}")
         kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
                                   thorough=thorough, seed=seed, out_dir=out, model_name=name,
                                   max_batch=max_batch, tune_lr=lr_search)
@@ -171,10 +173,14 @@ def _f(v: Any) -> str:
 def _widths(spec: str | None) -> list[int] | None:
     if spec is None:
         return None
+    items = spec.split(",")
+    if any(not v.strip() for v in items):
+        raise BatchlabError(f"--hidden expects comma-separated integers with none empty, got "
+                            f"{spec[:80]!r}")
     try:
-        w = [int(v) for v in spec.split(",") if v.strip()]
+        w = [int(v) for v in items]
     except ValueError:
-        raise BatchlabError(f"--hidden expects comma-separated integers, got {spec!r}") from None
+        raise BatchlabError(f"--hidden expects comma-separated integers, got {spec[:80]!r}") from None
     if not w or any(v <= 0 for v in w):
         raise BatchlabError(f"--hidden expects positive widths, got {spec!r}")
     return w

@@ -31,7 +31,7 @@ from batchlab.nn.factory import as_log_probs, model_check_data
 from batchlab.probes import Probe
 from batchlab.runs.store import RunRecord, Store
 from batchlab.task import OBJECT_PREFIX, Data, Objective, loss_field, objective_for
-from batchlab.usercode import check_model_on_data, user_data, user_error
+from batchlab.usercode import check_finite_weights, check_model_on_data, user_data, user_error
 
 
 def train(
@@ -142,6 +142,7 @@ def _model_from_factory(factory: Callable[[], Any], cfg: TrainConfig, td: Any,
                             f"an nn.Module") from None
     if not isinstance(net, nn.Module):
         raise BatchlabError(f"the model factory returned {type(net).__name__}, not an nn.Module")
+    check_finite_weights(net, "the model factory")
     if td is None:
         td = get_data(cfg, resolve_device(cfg.device), objective)
     x2, targets = model_check_data(td, objective.accuracy)
