@@ -146,3 +146,11 @@ def test_a_plan_refuses_what_the_run_refuses(run_main, tmp_path: Path, sizes: st
                     "--store", tmp_path / "s.db", "--out", tmp_path / "out")
     assert code == 2
     assert "larger than the training set" in _one_line(capsys.readouterr().err)
+
+
+def test_a_store_in_a_missing_folder_is_refused_not_created(run_main, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    deep = tmp_path / "nonexistent" / "deep" / "x.db"
+    assert run_main("train", "--dataset", "digits", "--epochs", "0", "--store", deep) == 2
+    assert "does not exist" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "nonexistent").exists()

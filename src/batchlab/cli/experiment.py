@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from batchlab.cli.boundary import emit_json
-from batchlab.cli.runs import warn_distrusted
+from batchlab.cli.runs import check_store_folder, warn_distrusted
 from batchlab.engine.setup import resolve_device
 from batchlab.experiments import REGISTRY
 from batchlab.experiments.options import describe
@@ -112,6 +112,7 @@ def _make_command(name: str) -> Any:
         opts = parse_pairs(option)
         validate(name, opts)  # a bad --set fails before the store is opened
         resolve_device(device)
+        check_store_folder(store)
         _check_out(out, store, (name,))
         with Store(store) as st:
             ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
@@ -216,6 +217,7 @@ def register(app: typer.Typer) -> None:
         names = [n.value for n in only] if only else [n for n in REPRODUCE_ORDER if n in available()]
         per_exp = split_options(parse_pairs(option), names)
         resolve_device(device)
+        check_store_folder(store)
         _check_out(out, store, (*names, "claims.json", "study_numbers.csv", "report.html",
                                 "verdicts.md"))
         all_claims: list[dict[str, Any]] = []

@@ -13,6 +13,7 @@ from rich.table import Table
 from torch import nn
 
 from batchlab.cli.boundary import emit_json
+from batchlab.cli.runs import check_store_folder
 from batchlab.data.tensors import tensor_data
 from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import recommend
@@ -80,6 +81,7 @@ def register(app: typer.Typer) -> None:
 
         check_output_dir(out, "--out", ("recommend.png", "recommend.json"), stores=(store,))
         dev = resolve_device(device)
+        check_store_folder(store)
         widths = _widths(hidden)
         torch.manual_seed(seed)
         if data is not None:

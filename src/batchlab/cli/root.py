@@ -18,7 +18,7 @@ from rich.text import Text
 
 from batchlab.cli.boundary import emit_json, run_guarded
 from batchlab.cli.progress import ProgressBars
-from batchlab.cli.runs import JsonOpt, StoreOpt, cell, col, print_table, runs_app, warn_distrusted
+from batchlab.cli.runs import JsonOpt, StoreOpt, cell, check_store_folder, col, print_table, runs_app, warn_distrusted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Study how batch size shapes neural-network training.")
@@ -130,6 +130,7 @@ def train(
         if config is None or _given(ctx, k):
             fields[k] = v
     cfg = make_config(**fields)
+    check_store_folder(store)
     check_writable(store, "--store")
     resolve_device(cfg.device)  # an unavailable device is refused before the store is made
     validate_against_data([cfg])  # bad data/batch size fails before the store file is touched
@@ -171,6 +172,7 @@ def sweep(
 
     base, g = load_grid(grid)
     configs = expand(base, g)
+    check_store_folder(store)
     check_writable(store, "--store")
     for device in {c.device for c in configs}:
         resolve_device(device)  # an unavailable device is refused before the store is made

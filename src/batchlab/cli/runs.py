@@ -36,6 +36,15 @@ def open_existing(store: Path) -> Any:
     return Store(store, readonly=True)
 
 
+def check_store_folder(store: Path) -> None:
+    """A --store whose folder does not exist is refused (a typo in the path would otherwise
+    grow a tree of folders holding a fresh, empty store)."""
+    folder = store.expanduser().absolute().parent
+    if not folder.exists():
+        raise BatchlabError(f"--store {store}: folder {folder} does not exist; create it first "
+                            f"or give another path")
+
+
 def warn_skipped(st: Any) -> None:
     for run_id, why in st.skipped:
         say_warning(f"skipped damaged run {run_id} ({why}); see `batchlab runs check --store {st.path}`")
