@@ -161,7 +161,7 @@ def test_runs_list_show_export(run_main, tmp_path: Path, filled_store: Path,
                                monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture) -> None:
     assert run_main("runs", "list", "--store", filled_store, "--json") == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["runs"]
     assert len(rows) == 1 and rows[0]["label"] == "one" and rows[0]["dataset"] == "digits"
     run_id = rows[0]["run_id"]
 
@@ -276,7 +276,7 @@ def test_runs_check_and_listing_past_a_damaged_row(run_main, tmp_path: Path, fil
     before = store.read_bytes()
     assert run_main("runs", "list", "--store", store, "--json") == 0
     out = capsys.readouterr()
-    assert json.loads(out.out) == [] and "warning: skipped damaged run" in out.err
+    assert json.loads(out.out)["runs"] == [] and "warning: skipped damaged run" in out.err
     assert run_main("runs", "check", "--store", store) == 2
     out = capsys.readouterr()
     assert "final_json" in out.out and out.err.count("\n") == 1 and "1 problem" in out.err

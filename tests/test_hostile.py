@@ -50,6 +50,8 @@ FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
     ({"betas": [0.9, 1.5]}, "betas"),
     ({"device": "gpu; rm -rf /"}, "unknown device"),
     ({"decay": "step", "decay_epochs": [0]}, "decay_epochs"),
+    ({"epochs": 3, "lr_multipliers": {1: 1e308}}, "lr_multipliers multiply the lr"),
+    ({"epochs": 3, "lr_multipliers": {1: 1e20, 2: 1e20}}, "lr_multipliers multiply the lr"),
 ])
 def test_configs_beyond_the_edges_are_one_line_errors(fields: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -128,7 +128,7 @@ def test_recommend_bad_user_code_is_one_line_exit_2(user_module, monkeypatch, ca
     args = [a.format(m=user_module) for a in args]
     code, out, err = run_cli(["recommend", *args, "--json"], monkeypatch, capsys)
     assert code == 2
-    assert out == ""
+    assert json.loads(out)["code"] == 2  # --json: the error is the one object on stdout
     assert message in err
     assert len(err.strip().splitlines()) == 1
 
@@ -203,7 +203,7 @@ def test_recommend_refuses_bad_settings_in_one_line(user_module, tmp_path, monke
                               "--store", str(store), "--out", str(tmp_path / "rec")],
                              monkeypatch, capsys)
     assert code == 2, err
-    assert out == ""
+    assert json.loads(out)["code"] == 2  # --json: the error is the one object on stdout
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "rec").exists()  # refused before any work or output
 

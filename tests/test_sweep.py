@@ -133,7 +133,7 @@ batch_size = [8, 9, 10, 11, 12, 13]
             time.sleep(0.02)
             if store.exists():
                 assert run_main("runs", "list", "--store", store, "--json") == 0
-                listed = json.loads(capsys.readouterr().out)
+                listed = json.loads(capsys.readouterr().out)["runs"]
         proc.send_signal(signal.SIGKILL)
         assert all(r["status"] == "completed" for r in listed)
     finally:
@@ -148,7 +148,7 @@ batch_size = [8, 9, 10, 11, 12, 13]
 
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    rows = json.loads(done.stdout)
+    rows = json.loads(done.stdout)["runs"]
     assert len(rows) == n_runs
     assert {r["run_id"] for r in rows if r["cached"]} == set(survivors)
 
@@ -165,8 +165,8 @@ batch_size = [8, 9, 10, 11, 12, 13]
         assert per_run == {r[0]: 4 for r in runs}  # epochs 0..3, no orphans, no duplicates
         arts = con.execute("SELECT run_id, name, path, sha256 FROM artifacts").fetchall()
         assert len(arts) == 2 * n_runs
-        for _, _, path, sha in arts:
-            assert sha256_file(Path(path)) == sha
+        for _, _, path, sha in arts:  # relative to the artifact folder (stores move with it)
+            assert sha256_file(store.with_name(store.name + ".artifacts") / path) == sha
     finally:
         con.close()
 

@@ -310,10 +310,10 @@ def test_sweep_toml_with_model_and_data(run_main, mod, tmp_path, capsys) -> None
         batch_size = [32, 64]
     """))
     assert run_main("sweep", grid, "--store", tmp_path / "s.db", "--json") == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["runs"]
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert run_main("sweep", grid, "--store", tmp_path / "s.db", "--json") == 0
-    assert all(r["cached"] for r in json.loads(capsys.readouterr().out))  # resumed from the store
+    assert all(r["cached"] for r in json.loads(capsys.readouterr().out)["runs"])  # resumed from the store
 
 
 def test_user_model_reloaded_from_store_matches(mod: str, tmp_path: Path) -> None:

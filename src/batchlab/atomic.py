@@ -4,13 +4,19 @@ A reader (or a crash at any instant) sees the old file or the new one, never hal
 temporary names share one pattern (`.NAME.PID.RANDOM.tmp`), so leftovers of a killed process can
 be found and removed by `leftovers()`: the writer's pid in the name tells a live writer's file
 (never touched) from a dead one's. `check_writable` tells, before any work starts, whether a
-path the user gave can be written at all.
+path the user gave can be written at all; `check_output` also refuses a path that is (or links
+to) a results store, its WAL/SHM or its artifact folder, and an existing file unless forced.
+
+Files get the mode a plain `open()` would give them (0666 less the user's umask): `mkstemp`
+creates 0600, which made every report, CSV and checkpoint unreadable to the rest of a lab
+sharing a folder or a store.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,15 +29,48 @@ STALE_SECONDS = 600.0
 """A temporary file (or unclaimed artifact) untouched this long belongs to no live write."""
 
 
+_UMASK_LOCK = threading.Lock()
+SQLITE_MAGIC = b"SQLite format 3\x00"
+STORE_SIDE_FILES = ("-wal", "-shm", "-journal")
+ARTIFACTS_SUFFIX = ".artifacts"
+
+
+def umask() -> int:
+    """The process's umask: read from /proc where there is one (setting and restoring it, the
+    only portable getter, briefly changes it for every thread of the process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on a clean exit it replaces `path`, on an
-    exception it is deleted. The caller writes the temporary path however it likes."""
+    exception it is deleted. The caller writes the temporary path however it likes; the file
+    ends with the user's umask applied (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX,
                                dir=path.parent)
     os.close(fd)
+    try:  # a replaced file keeps its mode; a new one gets what open() would give it
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = file_mode()
+    os.chmod(tmp, mode)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -118,3 +157,71 @@ def check_writable_dir(path: str | Path, what: str = "output folder") -> None:
     if not os.access(anc, os.W_OK | os.X_OK):
         raise BatchlabError(f"{what} {p} is read-only" if anc == p
                             else f"{what} {p} cannot be created: folder {anc} is read-only")
+
+
+def _is_sqlite(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def store_role(path: str | Path, stores: tuple[str | Path, ...] = ()) -> str | None:
+    """What of a results store `path` is, after resolving symlinks and `..` (None: nothing):
+    the store itself (any SQLite file, or one of `stores`), its WAL/SHM/journal, or a file in
+    its artifact folder. Writing there would destroy stored results."""
+    r = Path(path).expanduser().resolve()
+    own = {Path(s).expanduser().resolve() for s in stores}
+    if r in own:
+        return f"the results store {r}"
+    if r.is_file() and _is_sqlite(r):
+        return f"an SQLite database (a results store?) {r}"
+    for side in STORE_SIDE_FILES:
+        base = r.with_name(r.name[: -len(side)]) if r.name.endswith(side) else None
+        if base is not None and (base.is_file() or base in own):
+            return f"the {side[1:].upper()} file of results store {base}"
+    for anc in (r, *r.parents):
+        if anc.name.endswith(ARTIFACTS_SUFFIX) and len(anc.name) > len(ARTIFACTS_SUFFIX):
+            base = anc.with_name(anc.name[: -len(ARTIFACTS_SUFFIX)])
+            if base.is_file() or base in own:
+                return f"inside the artifact folder of results store {base}"
+    return None
+
+
+def check_output(path: str | Path, what: str = "--output", *, force: bool = False,
+                 stores: tuple[str | Path, ...] = ()) -> None:
+    """`check_writable`, and refuse (one line) an output path that is, or links to, a results
+    store, its WAL/SHM or artifact folder (never overwritten, even with --force), or an existing
+    file without `force`."""
+    role = store_role(path, stores)
+    if role is not None:
+        raise BatchlabError(f"{what} {path} is {role}; writing there would destroy stored "
+                            f"results: give another file name")
+    p = Path(path).expanduser()
+    check_writable(p, what)
+    if p.exists() and not force:
+        raise BatchlabError(f"{what} {p} already exists; pass --force to replace it, or give "
+                            f"another file name")
+
+
+def check_output_dir(path: str | Path, what: str, writes: tuple[str, ...],
+                     stores: tuple[str | Path, ...] = ()) -> None:
+    """For a folder batchlab writes `writes` (names of files or sub-folders) into: refuse a
+    folder that is a store or lies in an artifact folder, and a store among what is written."""
+    p = Path(path).expanduser()
+    role = store_role(p, stores)
+    if role is not None:
+        raise BatchlabError(f"{what} {path} is {role}; give another folder")
+    check_writable_dir(p, what)
+    r = p.resolve()
+    for s in stores:
+        sr = Path(s).expanduser().resolve()
+        art = sr.with_name(sr.name + ARTIFACTS_SUFFIX)
+        for name in writes:
+            target = r / name
+            for victim in (sr, art):
+                if victim == target or target in victim.parents:
+                    raise BatchlabError(
+                        f"{what} {path} would write {target}, where results store {sr} keeps "
+                        f"{'its file' if victim == sr else 'its artifacts'}; give another folder")

@@ -168,6 +168,8 @@ class TrainConfig(BaseModel):
         for k, m in v.items():
             if k < 1 or not math.isfinite(m) or m <= 0:
                 raise ValueError("lr_multipliers maps epoch >= 1 to a positive factor")
+        if math.prod(v.values()) > MAX_LR:  # else the lr overflows to inf mid-run
+            raise ValueError(f"lr_multipliers multiply the lr by more than {MAX_LR:g}")
         return v
 
     @model_validator(mode="after")

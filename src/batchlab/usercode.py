@@ -50,6 +50,9 @@ def load_object(spec: str, what: str) -> Any:
         sys.path.insert(0, str(Path.cwd()))
     try:
         mod = importlib.import_module(mod_name)
+    except SystemExit as e:
+        raise BatchlabError(f"importing {mod_name!r} for --{what} called sys.exit({e.code!r}); "
+                            f"a module must not exit when imported") from None
     except Exception as e:  # any failure while importing user code is the user's to fix
         raise BatchlabError(f"cannot import {mod_name!r} for --{what}: {type(e).__name__}: "
                             f"{_first_line(e)}") from None
@@ -65,8 +68,53 @@ def call_user(fn: Any, spec: str, what: str) -> Any:
     """Call a user function with no arguments; its exceptions become one-line errors."""
     try:
         return fn()
+    except SystemExit as e:  # exit 0 with nothing stored would pass for success
+        raise BatchlabError(f"{spec} called sys.exit({e.code!r}) (--{what}); a factory must "
+                            f"return its result, not exit") from None
     except Exception as e:
         raise BatchlabError(f"{spec} raised {type(e).__name__}: {_first_line(e)} (--{what})") from None
+
+
+class UserCodeError(BatchlabError):
+    """An exception raised inside the user's own code (model, data, loss) while batchlab ran
+    it: the user's to fix, reported in one line naming where; `__cause__` keeps the
+    traceback (the CLI writes it to a log file)."""
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import sysconfig
+
+    import batchlab
+
+    dirs = {str(Path(batchlab.__file__).resolve().parent)}
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        try:
+            dirs.add(str(Path(sysconfig.get_paths()[key]).resolve()))
+        except (KeyError, OSError):
+            continue
+    return tuple(dirs)
+
+
+def user_error(exc: BaseException) -> UserCodeError | None:
+    """`exc` as the user's error when its traceback passes through a file outside batchlab,
+    the standard library and installed packages (the user's module); None otherwise (a
+    batchlab error, or a bug)."""
+    import traceback
+
+    if isinstance(exc, BatchlabError) or exc.__traceback__ is None:
+        return None
+    libs = _library_dirs()
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<")
+              and not str(Path(f.filename).resolve()).startswith(libs)]
+    if not frames:
+        return None
+    f = frames[-1]
+    err = UserCodeError(f"your code raised {type(exc).__name__}: {_first_line(exc)[:200]} "
+                        f"(at {Path(f.filename).name}:{f.lineno} in {f.name}); the run is stored "
+                        f"as failed")
+    err.__cause__ = exc
+    return err
 
 
 def user_model(spec: str) -> nn.Module:
@@ -76,7 +124,18 @@ def user_model(spec: str) -> nn.Module:
         raise BatchlabError(f"{spec} returned {type(m).__name__}, not a torch.nn.Module (--model)")
     if not any(p.requires_grad for p in m.parameters()):
         raise BatchlabError(f"{spec} returned a module without trainable parameters (--model)")
+    check_finite_weights(m, spec)
     return m
+
+
+def check_finite_weights(model: nn.Module, what: str) -> None:
+    """Refuse initial weights holding NaN or inf: such a run could only be stored as
+    'diverged', a result it never had."""
+    bad = [n for n, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise BatchlabError(f"{what} built initial weights holding NaN or infinite values "
+                            f"({', '.join(bad[:3])}); fix the model's initialization")
 
 
 def _as_tensor(v: Any, spec: str) -> torch.Tensor:
@@ -166,11 +225,15 @@ def check_model_on_data(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obje
     try:
         with torch.no_grad():
             out = model.eval()(x[:2])
+    except SystemExit as e:
+        raise DataError(f"the model's forward called sys.exit({e.code!r})") from None
     except Exception as e:
         raise DataError(f"the model cannot take X of shape {tuple(x.shape[1:])} per example: "
                         f"{type(e).__name__}: {_first_line(e)}") from None
     finally:
         model.train(was)
+    if isinstance(out, torch.Tensor) and not (out.is_floating_point() or out.is_complex()):
+        raise DataError(f"the model must return floating-point scores, got dtype {out.dtype}")
     if obj.accuracy:
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != len(x[:2]) or out.shape[1] < 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -8,6 +8,11 @@
 
 Messages are printed as plain text (never through rich markup), so `[base]` or
 `batchlab[ray]` in a message reach the user whole.
+
+With `--json`, stdout carries exactly one JSON object, success or failure (`{"error": ...,
+"code": ...}`): while the command runs, `sys.stdout` is stderr, so whatever a user's model or
+data function prints cannot pollute it, and the command's object goes out through
+`emit_json` to the real stdout.
 """
 
 from __future__ import annotations
@@ -22,14 +27,21 @@ from typing import Any
 
 from batchlab.errors import BatchlabError
 
+_json_out: Any = None  # the real stdout while a --json command runs (sys.stdout is stderr)
+_emitted = False
 USER_ERROR = 2
 INTERNAL_ERROR = 1
 INTERRUPTED = 130
 
 
+MAX_WORD = 200
+
+
 def one_line(msg: str) -> str:
-    """Collapse a message onto one line (multi-line library messages included)."""
-    return " ".join(str(msg).split())
+    """Collapse a message onto one line (multi-line library messages included); a word longer
+    than MAX_WORD characters (a 20,000-character argument echoed back) is cut in the middle."""
+    return " ".join(w if len(w) <= MAX_WORD else f"{w[:80]}...({len(w)} characters)...{w[-40:]}"
+                    for w in str(msg).split())
 
 
 def say_error(msg: str) -> None:
@@ -40,6 +52,24 @@ def say_error(msg: str) -> None:
     else:
         sys.stderr.write(f"error: {text}\n")
     sys.stderr.flush()
+
+
+def emit_json(doc: Any, text: str | None = None) -> None:
+    """Print the command's one JSON object (`doc`, or `text` already encoded) on the real
+    stdout, even while user code's prints are being sent to stderr."""
+    import json
+
+    global _emitted
+    out = _json_out if _json_out is not None else sys.stdout
+    out.write((text if text is not None else json.dumps(doc)) + "\n")
+    out.flush()
+    _emitted = True
+
+
+def _json_error(msg: str, code: int) -> None:
+    """Under --json, a failure is the one object on stdout too (unless one was printed)."""
+    if _json_out is not None and not _emitted:
+        emit_json({"error": one_line(msg), "code": code})
 
 
 def say_warning(msg: str) -> None:
@@ -57,12 +87,12 @@ def log_dir() -> Path:
     return Path(platformdirs.user_log_dir("batchlab"))
 
 
-def write_crash_log(exc: BaseException) -> Path | None:
+def write_crash_log(exc: BaseException, title: str = "batchlab internal error") -> Path | None:
     """The traceback (plus the command line) in a new file of the log folder, or of the temp
     folder when that cannot be written; None if nowhere can."""
     import tempfile
 
-    text = (f"batchlab internal error at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    text = (f"{title} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
             f"command: {' '.join(sys.argv)}\n\n"
             + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
     name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
@@ -93,6 +123,27 @@ def _os_error(e: OSError) -> str:
 def run_guarded(entry: Callable[[], Any]) -> None:
     """Run the CLI `entry` (a click/typer app called with standalone_mode=False) and turn every
     outcome into an exit code; see the module docstring."""
+    global _json_out, _emitted
+
+    json_mode = "--json" in sys.argv[1:]
+    real_stdout = sys.stdout
+    _emitted = False
+    if json_mode:
+        _json_out, sys.stdout = real_stdout, sys.stderr
+    try:
+        _run(entry)
+    finally:
+        if json_mode:
+            sys.stdout, _json_out = real_stdout, None
+
+
+def _fail(msg: str, code: int) -> None:
+    say_error(msg)
+    _json_error(msg, code)
+    sys.exit(code)
+
+
+def _run(entry: Callable[[], Any]) -> None:
     from pydantic import ValidationError
 
     from batchlab.config import format_validation_error
@@ -102,31 +153,32 @@ def run_guarded(entry: Callable[[], Any]) -> None:
         if rc == INTERRUPTED:  # typer turns Ctrl-C into a *returned* 130 without standalone mode
             raise KeyboardInterrupt
     except BatchlabError as e:
-        say_error(str(e))
-        sys.exit(USER_ERROR)
+        msg = str(e)
+        if e.__cause__ is not None and type(e).__name__ == "UserCodeError":
+            log = write_crash_log(e.__cause__, "error in the user's code")
+            msg += f" (traceback in {log})" if log else ""
+        _fail(msg, USER_ERROR)
     except ValidationError as e:
-        say_error(format_validation_error(e))
-        sys.exit(USER_ERROR)
+        _fail(format_validation_error(e), USER_ERROR)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; finished runs are stored, re-run to resume\n")
+        _json_error("interrupted; finished runs are stored, re-run to resume", INTERRUPTED)
         sys.exit(INTERRUPTED)
     except SystemExit:
         raise
     except OSError as e:  # a path the user gave: missing, read-only, a folder, disk full...
-        say_error(_os_error(e))
-        sys.exit(USER_ERROR)
+        _fail(_os_error(e), USER_ERROR)
     except Exception as e:
         name = type(e).__name__
         msg = _usage_error(e)
         if msg is not None:
-            say_error(msg)
-            sys.exit(USER_ERROR)
+            _fail(msg, USER_ERROR)
         if name == "Exit":
             sys.exit(getattr(e, "exit_code", 0))
         if name == "Abort":
+            _json_error("aborted", INTERRUPTED)
             sys.exit(INTERRUPTED)
         log = write_crash_log(e)
         where = f"traceback in {log}" if log else "no log could be written"
-        say_error(f"internal error: {name}: {one_line(str(e))[:300]} ({where}); "
-                  f"please report it")
-        sys.exit(INTERNAL_ERROR)
+        _fail(f"internal error: {name}: {one_line(str(e))[:300]} ({where}); please report it",
+              INTERNAL_ERROR)

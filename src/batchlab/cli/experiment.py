@@ -8,7 +8,6 @@ JSON object on stdout; progress and verdict lines go to stderr (`--quiet` silenc
 from __future__ import annotations
 
 import json
-import sys
 import time
 from enum import Enum
 from pathlib import Path
@@ -19,6 +18,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from batchlab.cli.boundary import emit_json
+from batchlab.cli.runs import check_store_folder, warn_distrusted
+from batchlab.engine.setup import resolve_device
 from batchlab.experiments import REGISTRY
 from batchlab.experiments.options import describe
 
@@ -72,16 +74,18 @@ def _context(preset: Preset, seeds: int, data_dir: str | None, out: Path, store:
     console = Console(stderr=True, quiet=quiet)
     return Context(preset=preset.value, seeds=seeds, data_dir=data_dir, out_dir=out, store=store,
                    executor=executor.value, ray_address=ray_address, device=device,
-                   log_fn=lambda line: console.print(line, markup=False, highlight=False),
+                   log_fn=lambda line: console.print(line, markup=False, highlight=False,
+                                                     soft_wrap=True),  # greppable logs
                    options=options, model=model, data=data,
                    progress=ProgressBars(console, enabled=not quiet))
 
 
-def _check_out(out: Path) -> None:
-    from batchlab.errors import BatchlabError
+def _check_out(out: Path, store: Path, writes: tuple[str, ...]) -> None:
+    """Refuse an --out folder that is a file, read-only, or where what is written (`writes`)
+    would land on the results store or its artifacts."""
+    from batchlab.atomic import check_output_dir
 
-    if out.exists() and not out.is_dir():
-        raise BatchlabError(f"--out {out} is a file, not a directory")
+    check_output_dir(out, "--out", writes, stores=(store,))
 
 
 def _make_command(name: str) -> Any:
@@ -107,17 +111,20 @@ def _make_command(name: str) -> Any:
 
         opts = parse_pairs(option)
         validate(name, opts)  # a bad --set fails before the store is opened
-        _check_out(out)
+        resolve_device(device)
+        check_store_folder(store)
+        _check_out(out, store, (name,))
         with Store(store) as st:
             ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
                            data, opts, quiet)
             if plan:
-                from batchlab.experiments.plan import print_plan
-
-                print_plan([(name, ctx)], as_json)
+                _print_plan([(name, ctx)], as_json)
                 return
             t0 = time.perf_counter()
-            output, path = run_experiment(name, ctx)
+            try:
+                output, path = run_experiment(name, ctx)
+            finally:
+                warn_distrusted(st, quiet)
         seconds = time.perf_counter() - t0
         if not quiet:
             print_claims(output.claims)
@@ -125,10 +132,20 @@ def _make_command(name: str) -> Any:
         if as_json:
             doc = {"experiment": name, "out": str(path), "seconds": seconds,
                    "claims": [c.to_json() for c in output.claims]}
-            sys.stdout.write(_strict_json(doc) + "\n")
+            emit_json(None, _strict_json(doc))
 
     command.__doc__ = f"Run the {name} experiment; writes OUT/{name}/.\n\n" + options_text(name)
     return command
+
+
+def _print_plan(items: list[tuple[str, Any]], as_json: bool) -> None:
+    """The plan as text, or (--json) as the command's one JSON object."""
+    from batchlab.experiments.plan import make_plan, print_plan
+
+    if as_json:
+        emit_json(make_plan(items).to_json())
+    else:
+        print_plan(items)
 
 
 def _strict_json(doc: Any) -> str:
@@ -148,7 +165,7 @@ def register(app: typer.Typer) -> None:
 
         names = available()
         if as_json:
-            sys.stdout.write(json.dumps(names) + "\n")
+            emit_json({"experiments": names})
         else:
             for n in names:
                 typer.echo(n)
@@ -159,7 +176,7 @@ def register(app: typer.Typer) -> None:
         """List an experiment's --set options with type, default and meaning."""
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in describe(name.value)]
         if as_json:
-            sys.stdout.write(json.dumps(rows) + "\n")
+            emit_json({"experiment": name.value, "options": rows})
             return
         t = Table(title=f"options of {name.value} (--set KEY=VALUE)")
         for c in ("option", "type", "default", "meaning"):
@@ -199,15 +216,16 @@ def register(app: typer.Typer) -> None:
 
         names = [n.value for n in only] if only else [n for n in REPRODUCE_ORDER if n in available()]
         per_exp = split_options(parse_pairs(option), names)
-        _check_out(out)
+        resolve_device(device)
+        check_store_folder(store)
+        _check_out(out, store, (*names, "claims.json", "study_numbers.csv", "report.html",
+                                "verdicts.md"))
         all_claims: list[dict[str, Any]] = []
         numbers: list[Any] = []
         timings: dict[str, float] = {}
         with Store(store) as st:
             if plan:
-                from batchlab.experiments.plan import print_plan
-
-                print_plan([(n, _context(preset, seeds, data_dir, out, st, executor, ray_address,
+                _print_plan([(n, _context(preset, seeds, data_dir, out, st, executor, ray_address,
                                          device, model, data, per_exp[n], quiet))
                             for n in names], as_json)
                 return
@@ -227,6 +245,7 @@ def register(app: typer.Typer) -> None:
                 numbers += output.study_numbers
                 if not quiet:
                     print_claims(output.claims)
+            warn_distrusted(st, quiet)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "claims.json", claims_json(all_claims))
         atomic_write(out / "study_numbers.csv", findings.to_csv(findings.merge(numbers)))
@@ -236,7 +255,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             doc = {"out": str(out), "report": str(report), "seconds": timings,
                    "claims": all_claims}
-            sys.stdout.write(_strict_json(doc) + "\n")
+            emit_json(None, _strict_json(doc))
 
 
 def print_claims(claims: list[Any]) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -14,6 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
+from batchlab.cli.boundary import emit_json
+from batchlab.cli.runs import check_store_folder
 from batchlab.data.tensors import tensor_data
 from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import recommend
@@ -80,9 +80,11 @@ def register(app: typer.Typer) -> None:
         # settings no measurement can come from are refused before any data is loaded
         check_settings(base_batch=batch_size, base_lr=lr, epochs=epochs, max_batch=max_batch,
                        seed=seed, n=max(batch_size, 4))
-        if out.exists() and not out.is_dir():
-            raise BatchlabError(f"--out {out} is a file; give a directory for the figure and JSON")
+        from batchlab.atomic import check_output_dir
+
+        check_output_dir(out, "--out", ("recommend.png", "recommend.json"), stores=(store,))
         dev = resolve_device(device)
+        check_store_folder(store)
         widths = _widths(hidden)
         torch.manual_seed(seed)
         from batchlab.data.stream import is_source
@@ -129,8 +131,10 @@ def register(app: typer.Typer) -> None:
             net = build_model(cfg, td)
             name = f"mlp {cfg.hidden} on {dataset}"
         if td.n_train is not None and batch_size > td.n_train:
+            why = (" (--data keeps 10% as the test set)" if data is not None and not test
+                   else "")
             raise BatchlabError(f"--batch-size {batch_size} exceeds the {td.n_train} training "
-                                f"examples (--data keeps 10% as the test set)")
+                                f"examples{why}")
         kw: dict[str, Any] = dict(device=dev, base_batch=batch_size, base_lr=lr, epochs=epochs,
                                   thorough=thorough, seed=seed, out_dir=out, model_name=name,
                                   max_batch=max_batch, tune_lr=lr_search, optimizer=optimizer,
@@ -142,7 +146,7 @@ def register(app: typer.Typer) -> None:
                 with StageProgress() as show:
                     rep = recommend(net, td, store=st, progress=show, **kw)
         if as_json:
-            sys.stdout.write(json.dumps(rep) + "\n")
+            emit_json(rep)
         else:
             _print(rep)
 
@@ -190,10 +194,14 @@ def _f(v: Any) -> str:
 def _widths(spec: str | None) -> list[int] | None:
     if spec is None:
         return None
+    items = spec.split(",")
+    if any(not v.strip() for v in items):
+        raise BatchlabError(f"--hidden expects comma-separated integers with none empty, got "
+                            f"{spec[:80]!r}")
     try:
-        w = [int(v) for v in spec.split(",") if v.strip()]
+        w = [int(v) for v in items]
     except ValueError:
-        raise BatchlabError(f"--hidden expects comma-separated integers, got {spec!r}") from None
+        raise BatchlabError(f"--hidden expects comma-separated integers, got {spec[:80]!r}") from None
     if not w or any(v <= 0 for v in w):
         raise BatchlabError(f"--hidden expects positive widths, got {spec!r}")
     return w

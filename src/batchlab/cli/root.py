@@ -7,8 +7,6 @@ stdout stays machine-readable.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -18,9 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from batchlab.cli.boundary import run_guarded
+from batchlab.cli.boundary import emit_json, run_guarded
 from batchlab.cli.progress import ProgressBars
-from batchlab.cli.runs import JsonOpt, StoreOpt, cell, col, print_table, runs_app
+from batchlab.cli.runs import JsonOpt, StoreOpt, cell, check_store_folder, col, print_table, runs_app, warn_distrusted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Study how batch size shapes neural-network training.")
@@ -117,6 +115,7 @@ def train(
     """Train one run (stored; an identical finished run is returned from the store)."""
     from batchlab.atomic import check_writable
     from batchlab.config import make_config
+    from batchlab.engine.setup import resolve_device
     from batchlab.runs.store import Store
     from batchlab.runs.sweep import read_toml, validate_against_data
     from batchlab.runs.training import train as run_train
@@ -131,12 +130,15 @@ def train(
         if config is None or _given(ctx, k):
             fields[k] = v
     cfg = make_config(**fields)
+    check_store_folder(store)
     check_writable(store, "--store")
+    resolve_device(cfg.device)  # an unavailable device is refused before the store is made
     validate_against_data([cfg])  # bad data/batch size fails before the store file is touched
     with Store(store) as st:
         res = run_train(cfg, store=st, reporter=RichReporter(quiet or as_json))
+    warn_distrusted(st)
     if as_json:
-        sys.stdout.write(json.dumps(res.to_json()) + "\n")
+        emit_json(res.to_json())
         return
     f = res.final
     tag = " (from store)" if res.cached else ""
@@ -163,23 +165,28 @@ def sweep(
 ) -> None:
     """Run the Cartesian product of a grid; finished runs are skipped (resumable)."""
     from batchlab.atomic import check_writable
+    from batchlab.engine.setup import resolve_device
     from batchlab.runs.executors import run_configs
     from batchlab.runs.store import Store
     from batchlab.runs.sweep import expand, load_grid, validate_against_data
 
     base, g = load_grid(grid)
     configs = expand(base, g)
+    check_store_folder(store)
     check_writable(store, "--store")
+    for device in {c.device for c in configs}:
+        resolve_device(device)  # an unavailable device is refused before the store is made
     validate_against_data(configs)
     with Store(store) as st:
         results = run_configs(configs, st, executor=executor, ray_address=ray_address,
                               label=f"sweep:{grid.stem}",
                               progress=ProgressBars(err, enabled=not (quiet or as_json)))
+    warn_distrusted(st)
     rows = [{"run_id": r.run_id, "status": r.status, "batch_size": r.config.batch_size,
              "lr": r.config.lr, "seed": r.config.seed, "test_acc": r.final.get("test_acc"),
              "train_acc": r.final.get("train_acc"), "cached": r.cached} for r in results]
     if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
+        emit_json({"grid": str(grid), "runs": rows})
         return
     t = Table(title=Text(f"sweep {grid.name}: {len(rows)} runs"))
     for c in ("run_id", "status", "batch_size", "lr", "seed", "test_acc", "train_acc", "cached"):
@@ -199,7 +206,7 @@ def data(
 
     raw = load_dataset(dataset, data_dir)
     out.print(Text(f"{dataset}: {len(raw.y_train)} train, {len(raw.y_test)} test, images {raw.image_shape}, "
-                   f"source {raw.source}, sha256 {raw.fingerprint[:16]}"))
+                   f"source {raw.source}, sha256 {raw.fingerprint[:16]}"), soft_wrap=True)
 
 
 def _register_plugins() -> None:

@@ -28,7 +28,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, download: bool =
     """Raw uint8 data for a named dataset (memoized per process: sweeps load it once)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    key = (name, str(Path(data_dir).expanduser().resolve()) if data_dir else None)
+    try:
+        key = (name, str(Path(data_dir).expanduser().resolve()) if data_dir else None)
+    except (RuntimeError, OSError):  # RuntimeError: Python's "Symlink loop"
+        raise DataError(f"--data-dir {data_dir} cannot be resolved (a symlink loop?)") from None
     if key not in _CACHE:
         if name in ("mnist", "fashion-mnist"):
             _CACHE[key] = load_remote(name, data_dir, download=download)

@@ -42,6 +42,22 @@ def _declared_size(head: bytes) -> int | None:
     return n + int(np.prod(dims, dtype=object)) * _DTYPES[head[2]].itemsize
 
 
+def _refuse_special(path: Path) -> None:
+    """A dataset file must be a regular file (after symlinks): reading a FIFO waits forever
+    and a device such as /dev/zero never ends."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or
+                stat.S_ISBLK(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file")
+        raise DataError(f"{path} is {kind}, not a data file")
+
+
 def read_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
     """Whole file content, gunzipped when the name ends in .gz (a broken gzip is a DataError).
 
@@ -49,6 +65,7 @@ def read_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
     bytes the file is refused before the rest is inflated; at most declared + 1 bytes are ever
     decompressed (one more, to notice trailing data)."""
     path = Path(path)
+    _refuse_special(path)
     if path.suffix != ".gz":
         try:
             return path.read_bytes()

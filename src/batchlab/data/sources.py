@@ -194,6 +194,12 @@ def load_remote(name: str, data_dir: str | Path | None = None, download: bool = 
     spec = REMOTE[name]
     if data_dir is not None:
         d = Path(data_dir).expanduser()
+        try:
+            d.resolve(strict=False)
+        except (RuntimeError, OSError):  # RuntimeError: Python's "Symlink loop"
+            raise DataError(f"--data-dir {d} cannot be resolved (a symlink loop?)") from None
+        if d.exists() and not d.is_dir():
+            raise DataError(f"--data-dir {d} is a file; give the folder holding the IDX files")
         files = _find_files(d)
         if files is None:
             missing = [f for f in FILES.values() if not (d / f).exists() and not (d / f[:-3]).exists()]

@@ -34,6 +34,12 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise ConfigError(f"unknown device {spec!r}; use auto, cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {spec} requested but CUDA is not available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"device {spec} requested but MPS (Apple GPU) is not available here; "
+                          f"use auto, cpu or cuda[:N]")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {spec!r} is not supported; use auto, cpu, mps or cuda[:N]")
     return dev
 
 

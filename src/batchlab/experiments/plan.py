@@ -202,6 +202,9 @@ def _not_stored(configs: list[TrainConfig], ctx: Context, plan: ExperimentPlan,
         if key in planned or (ctx.store is not None and ctx.store.finished(key) is not None):
             plan.runs_stored += 1
         else:
+            from batchlab.engine.setup import check_batch_sizes
+
+            check_batch_sizes(cfg, get_data(cfg, torch.device("cpu")))  # as the run refuses
             todo.append(cfg)
             planned.add(key)
     plan.runs = len(todo)

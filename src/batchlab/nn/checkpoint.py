@@ -33,8 +33,8 @@ def load_state(path: Path, device: str | torch.device = "cpu", *, sha256: str | 
     try:
         if sha256 is not None and sha256_file(path) != sha256:
             raise BatchlabError(f"checkpoint {path} does not match the sha256 recorded in the store "
-                                f"(changed or corrupted since it was written); delete the run to "
-                                f"recompute it")
+                                f"(changed or corrupted since it was written); `batchlab runs delete "
+                                f"--damaged` deletes such runs, so they are recomputed")
         state = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise BatchlabError(f"cannot load checkpoint {path}: {e}") from None

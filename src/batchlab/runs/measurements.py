@@ -109,6 +109,7 @@ class Measurements:
 
     def __init__(self, store: Store, warn: Warn | None = None) -> None:
         self.store = store
+        self._warns = warn is not None
         self.warn = warn or (lambda line: None)
         store.ensure_schema(SCHEMA)
 
@@ -122,22 +123,14 @@ class Measurements:
         if row is None:
             return None
         text, checksum, files_json = row
-        problem = None
-        if _checksum(text) != checksum:
-            problem = "its checksum does not match (edited or corrupted)"
-        else:
-            try:
-                payload = json.loads(text)
-                files = json.loads(files_json)
-            except json.JSONDecodeError:
-                problem = "it is not valid JSON"
-            else:
-                problem = _check_files(files)
+        problem = verify_row(self.store, text, checksum, files_json)
         if problem is not None:
-            self.warn(f"stored {kind} {key[:12]} is not trusted: {problem}; recomputing it")
+            msg = f"stored {kind} {key[:12]} is not trusted: {problem}; recomputing it"
+            self.warn(msg)
+            self.store.note(msg, shown=self._warns)
             self.delete(key)
             return None
-        return _restore(payload)
+        return _restore(json.loads(text))
 
     def put(self, kind: str, spec: Mapping[str, Any], payload: Mapping[str, Any],
             files: Mapping[str, str | Path] | None = None) -> str:
@@ -145,7 +138,7 @@ class Measurements:
         on every later load. Returns the row key."""
         key = spec_key(kind, spec)
         text = canonical(payload)
-        recorded = {name: [str(Path(p).resolve()), sha256_file(p)]
+        recorded = {name: [_stored_path(self.store, p), sha256_file(p)]
                     for name, p in (files or {}).items()}
         with self.store.transaction() as c:
             c.execute("INSERT OR REPLACE INTO measurements VALUES (?,?,?,?,?,?,?)",
@@ -276,13 +269,55 @@ def _restore(obj: Any) -> Any:
     return obj
 
 
-def _check_files(files: Mapping[str, Any]) -> str | None:
+ARTIFACTS_TAG = "@artifacts/"
+
+
+def _stored_path(store: Store, path: str | Path) -> str:
+    """A measurement file's path as stored: `@artifacts/REL` inside the store's artifact
+    folder, else relative to the store's folder (both move with the store), absolute only
+    when neither applies (another drive)."""
+    rel = store.relative_artifact(path)
+    if not Path(rel).is_absolute():
+        return ARTIFACTS_TAG + rel
+    import os
+
+    try:
+        return Path(os.path.relpath(rel, store.path.absolute().parent)).as_posix()
+    except ValueError:
+        return rel
+
+
+def _resolve(store: Store, stored: str) -> Path:
+    """A stored measurement file path as a path to open now (absolute: written by an older
+    batchlab, used as it is)."""
+    if stored.startswith(ARTIFACTS_TAG):
+        return store.artifacts_dir / stored[len(ARTIFACTS_TAG):]
+    p = Path(stored)
+    return p if p.is_absolute() else store.path.absolute().parent / p
+
+
+def verify_row(store: Store, text: str, checksum: str, files_json: str) -> str | None:
+    """Why a measurement row cannot be trusted (None: it can): payload checksum, JSON, and
+    the sha256 of every file it refers to."""
+    if _checksum(str(text)) != checksum:
+        return "its checksum does not match (edited or corrupted)"
+    try:
+        json.loads(text)
+        files = json.loads(files_json)
+    except (json.JSONDecodeError, TypeError):
+        return "it is not valid JSON"
+    if not isinstance(files, dict):
+        return "its file list is malformed"
+    return _check_files(store, files)
+
+
+def _check_files(store: Store, files: Mapping[str, Any]) -> str | None:
     for name, entry in files.items():
         try:
             path, sha = entry
         except (TypeError, ValueError):
             return f"file entry {name!r} is malformed"
-        p = Path(path)
+        p = _resolve(store, str(path))
         if not p.is_file():
             return f"its file {p} is missing"
         try:
@@ -297,4 +332,5 @@ def files_of(store: Store, kind: str, spec: Mapping[str, Any]) -> dict[str, str]
     """name -> path of the files a stored row refers to (after `get` verified them)."""
     row = store.conn.execute("SELECT files_json FROM measurements WHERE key = ?",
                              (spec_key(kind, spec),)).fetchone()
-    return {} if row is None else {n: e[0] for n, e in json.loads(row[0]).items()}
+    return {} if row is None else {n: str(_resolve(store, e[0]))
+                                   for n, e in json.loads(row[0]).items()}

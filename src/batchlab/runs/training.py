@@ -31,7 +31,7 @@ from batchlab.nn.factory import as_log_probs, model_check_data
 from batchlab.probes import Probe
 from batchlab.runs.store import RunRecord, Store
 from batchlab.task import OBJECT_PREFIX, Data, Objective, loss_field, objective_for
-from batchlab.usercode import check_model_on_data, user_data
+from batchlab.usercode import check_finite_weights, check_model_on_data, user_data, user_error
 
 
 def train(
@@ -88,8 +88,21 @@ def train(
     res = _train_and_store(cfg, store=store, label=label, probes=probes, reporter=reporter,
                            model=net, data=td, on_epoch=on_epoch, objective=objective)
     if res.exception is not None:
-        raise res.exception
+        mine = model is not None or data is not None or loss is not None or _user_code(cfg)
+        raise (user_error(res.exception) if mine else None) or res.exception
     return res
+
+
+def _user_code(cfg: TrainConfig) -> bool:
+    """Whether a run executes the user's code (a model, data or loss named module:function):
+    only then is an exception from outside batchlab reported as the user's."""
+    from batchlab.usercode import is_spec
+
+    return not cfg.builtin_model or cfg.data is not None or is_spec(cfg.loss)
+
+
+def _raise_failed(exc: BaseException, cfg: TrainConfig) -> None:
+    raise (user_error(exc) if _user_code(cfg) else None) or exc
 
 
 def as_data(data: Any, cfg: TrainConfig, objective: Objective, *, builtin_model: bool = False
@@ -122,9 +135,14 @@ def _model_from_factory(factory: Callable[[], Any], cfg: TrainConfig, td: Any,
     """The factory's module, built after seeding torch with the run's seed and checked on two
     examples against the objective (LogSoftmax appended for classification)."""
     torch.manual_seed(cfg.seed)
-    net = factory()
+    try:
+        net = factory()
+    except SystemExit as e:
+        raise BatchlabError(f"the model factory called sys.exit({e.code!r}); it must return "
+                            f"an nn.Module") from None
     if not isinstance(net, nn.Module):
         raise BatchlabError(f"the model factory returned {type(net).__name__}, not an nn.Module")
+    check_finite_weights(net, "the model factory")
     if td is None:
         td = get_data(cfg, resolve_device(cfg.device), objective)
     x2, targets = model_check_data(td, objective.accuracy)
@@ -190,9 +208,9 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
                                          StreamData):
             for i in idxs:  # streamed data trains one run at a time (autograd)
                 results[i] = _train_alone(cfgs[i], keys[i], store, label, on_error)
-                if results[i].exception is not None and (
-                        on_error == "raise" or isinstance(results[i].exception, BatchlabError)):
-                    raise results[i].exception
+                exc = results[i].exception
+                if exc is not None and (on_error == "raise" or isinstance(exc, BatchlabError)):
+                    _raise_failed(exc, cfgs[i])
             if on_done is not None:
                 on_done(len(idxs))
             continue
@@ -208,7 +226,7 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
             results[i] = res
         failed = next((r.exception for r in group if r.exception is not None), None)
         if failed is not None and (on_error == "raise" or isinstance(failed, BatchlabError)):
-            raise failed
+            _raise_failed(failed, cfgs[idxs[0]])
         if on_done is not None:
             on_done(len(idxs))
     return [r if r is not None else results[first[k]] for r, k in zip(results, keys)]

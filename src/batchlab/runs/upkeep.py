@@ -44,8 +44,10 @@ def clean_artifacts(directory: Path, known_runs: set[str],
     return removed
 
 
-def check_artifacts(rows: Iterable[tuple[str, str, str, str]]) -> list[str]:
-    """Problems of (run_id, name, path, sha256) artifact rows: missing files, changed bytes."""
+def check_artifacts(rows: Iterable[tuple[str, str, str, str]], weights: bool = False) -> list[str]:
+    """Problems of (run_id, name, path, sha256) artifact rows: missing files, changed bytes;
+    with `weights`, also checkpoints that are not safetensors files or hold NaN/inf weights
+    (a completed run's weights are finite; a diverged run's may not be)."""
     from batchlab.data.idx import sha256_file
 
     problems = []
@@ -53,6 +55,30 @@ def check_artifacts(rows: Iterable[tuple[str, str, str, str]]) -> list[str]:
         p = Path(path)
         if not p.is_file():
             problems.append(f"run {run_id}: artifact {name} is missing ({path})")
-        elif sha256_file(p) != sha:
+            continue
+        try:
+            digest = sha256_file(p)
+        except OSError as e:
+            problems.append(f"run {run_id}: artifact {name} cannot be read ({path}: {e.strerror})")
+            continue
+        if digest != sha:
             problems.append(f"run {run_id}: artifact {name} does not match its recorded sha256 ({path})")
+        elif weights and p.name.endswith(".safetensors"):
+            why = _weights_problem(p)
+            if why is not None:
+                problems.append(f"run {run_id}: artifact {name} {why} ({path})")
     return problems
+
+
+def _weights_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be used as weights (None: it can)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return "is not a safetensors file"
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return f"holds NaN or infinite weights ({', '.join(bad[:3])})" if bad else None
