@@ -171,7 +171,7 @@ def test_tiny_batch_claims_truth_and_lower_bounds() -> None:
     """P3 on synthetic runs whose truth is known: the tiny batch takes 10x the grid's best
     time -> reproduced; when it misses the target in a seed its time is only a lower bound, so
     the interval is open above and can never say not_reproduced."""
-    from batchlab.experiments.steps_to_target import tiny_batch_claims
+    from batchlab.experiments.steps_to_target_claims import tiny_batch_claims
 
     grid = [_stt_row(16, lr, s, 100 + s, 0.01) for lr in (0.1, 0.3) for s in range(3)]
     slow = [_stt_row(1, 0.1, s, 1000 + 37 * s, 0.01) for s in range(3)]

@@ -54,7 +54,7 @@ def _noise(seeds: int = 3, late: float = 256.0) -> dict[int, dict]:
 
 
 def test_stt_claims_on_a_known_curve() -> None:
-    from batchlab.experiments.steps_to_target import stt_claims
+    from batchlab.experiments.steps_to_target_claims import stt_claims
 
     c = {x.id: x for x in stt_claims(_grid(), _noise())}
     _doc_ok(list(c.values()))
@@ -73,7 +73,7 @@ def test_stt_claims_on_a_known_curve() -> None:
 
 
 def test_right_censored_arms_are_excluded_and_counted() -> None:
-    from batchlab.experiments.steps_to_target import per_seed_steps, stt_claims
+    from batchlab.experiments.steps_to_target_claims import per_seed_steps, stt_claims
 
     rows = _grid()
     # batch 1024 reaches the target at 95% of its budget in seed 0, never in seed 1
@@ -98,7 +98,7 @@ def test_right_censored_arms_are_excluded_and_counted() -> None:
 
 
 def test_one_seed_decides_nothing() -> None:
-    from batchlab.experiments.steps_to_target import stt_claims
+    from batchlab.experiments.steps_to_target_claims import stt_claims
 
     c = {x.id: x for x in stt_claims(_grid(seeds=1), _noise(seeds=1))}
     for k in ("model-fits", "noise-grows", "noise-scale-predicts"):
@@ -137,7 +137,7 @@ def _pow2(faster_256: float, faster_1024: float, seeds: int = 3) -> dict[int, li
 
 
 def test_throughput_claims_per_timing_pass() -> None:
-    from batchlab.experiments.steps_to_target import per_seed_best
+    from batchlab.experiments.steps_to_target_claims import per_seed_best
     from batchlab.experiments.throughput import throughput_claims
 
     best = per_seed_best(_grid(batches=(16, 64, 256, 1024, 4096)))

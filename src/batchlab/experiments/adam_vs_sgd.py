@@ -55,16 +55,15 @@ from batchlab.experiments.study import (
     Study,
     acc_difference,
     acc_interval,
-    accuracy_figure,
     converged_all,
     curves_csv,
     mean,
     per_seed,
-    plot_curves,
     pm,
     run_rows,
     value_interval,
 )
+from batchlab.experiments.study_figures import accuracy_figure, plot_curves
 from batchlab.experiments.study_geometry import (
     geometry_numbers,
     growth_slope,

@@ -31,15 +31,14 @@ from batchlab.experiments.study import (
     Study,
     acc_difference,
     acc_interval,
-    accuracy_figure,
     converged_all,
     curves_csv,
     per_seed,
     per_seed_series,
     pm,
     run_rows,
-    zoom_floor,
 )
+from batchlab.experiments.study_figures import accuracy_figure, zoom_floor
 from batchlab.experiments.verdicts import above, below
 
 NAME = "batch-size"

@@ -46,10 +46,10 @@ from batchlab.experiments.study import (
     mean,
     nan_float,
     per_seed,
-    plot_curves,
     pm,
     run_rows,
 )
+from batchlab.experiments.study_figures import plot_curves
 from batchlab.experiments.study_geometry import distance_numbers, growth_slope
 from batchlab.experiments.verdicts import above, below, between
 

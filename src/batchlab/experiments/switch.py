@@ -27,14 +27,13 @@ from batchlab.experiments.study import (
     Study,
     acc_difference,
     acc_interval,
-    accuracy_figure,
     converged_all,
     curves_csv,
     per_seed,
     pm,
     run_rows,
-    zoom_floor,
 )
+from batchlab.experiments.study_figures import accuracy_figure, zoom_floor
 from batchlab.experiments.verdicts import above, within
 
 NAME = "switch"

@@ -41,12 +41,8 @@ from batchlab.measure.curvature.hessian import (
     ConvergenceError,
     EigenResult,
     SpectralDensity,
-    TraceResult,
     hessian_eigenvalues,
     hessian_trace,
-    hutchinson,
-    hutchinson_adaptive,
-    hutchpp,
     slq_nodes,
     smooth_density,
     spectral_density,
@@ -61,6 +57,7 @@ from batchlab.measure.curvature.objective import (
     check_log_probs,
     nll_criterion,
 )
+from batchlab.measure.curvature.trace import TraceResult, hutchinson, hutchinson_adaptive, hutchpp
 from batchlab.measure.layers import parameter_blocks
 
 __all__ = [

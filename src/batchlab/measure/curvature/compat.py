@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from batchlab.errors import ConfigError
-from batchlab.measure.curvature.hessian import hutchinson, slq_nodes, top_eigenvalues
+from batchlab.measure.curvature.hessian import slq_nodes, top_eigenvalues
 from batchlab.measure.curvature.objective import DEFAULT_MEMORY, Criterion, Data, Objective
+from batchlab.measure.curvature.trace import hutchinson
 
 
 class Hessian:
