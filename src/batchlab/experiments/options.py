@@ -142,7 +142,7 @@ class LargeBatchFixes(Options):
 
 
 class StepsToTarget(Options):
-    batch_sizes: Ints | None = opt("batch sizes (default [16, 64, 256, 1024] quick)")
+    batch_sizes: Ints | None = opt("batch sizes (default [16, 64, 256, 1024] quick, [16, 64, 256, 1024, 4096] paper)")
     lrs: Floats | None = opt("lr grid tuned per batch size (default [0.03, 0.1, 0.3, 1.0] quick)")
     max_epochs: PositiveInt | None = opt("epoch budget per run (default 15 quick, 60 paper)", le=100_000)
     target_metric: Literal["test_acc", "train_loss", "train_acc", "val_acc"] | None = opt("metric of the target")
@@ -162,7 +162,7 @@ class Throughput(StepsToTarget):
 
 class Schedules(Options):
     base_batch: PositiveInt | None = opt("the small batch of the recipe (default 128)")
-    large_batch: PositiveInt | None = opt("the large batch (default 512 quick, 4096 paper)")
+    large_batch: PositiveInt | None = opt("the large batch (default 512 quick, 1024 paper)")
     lr: PositiveFloat | None = opt("lr of the small-batch recipe (default 0.1)")
     epochs: PositiveInt | None = opt("epochs (default 10 quick, 30 paper)", le=100_000)
     decay_epochs: Ints | None = opt("epochs of the step decays (default [5, 8] quick)")
