@@ -325,6 +325,22 @@ def test_finding_rests_on_primary_claims_and_sources_count_outcomes():
     assert counts["P"]["untestable"] == 1 and sum(counts["K"].values()) == 7
 
 
+def test_construction_checks_never_decide_a_finding():
+    """A primary claim that holds by construction is set aside: the finding rests on the
+    measured claims; a finding with only construction checks stays untestable."""
+    cons = {"verdict": UNTESTABLE, "reason": {"code": "construction", "text": "identity"}}
+    claims = [{"id": "band", "finding": "S13", "primary": True, **cons},
+              {"id": "sphere", "finding": "S13", "primary": True, "verdict": REPRODUCED},
+              {"id": "only", "finding": "P6", "primary": True, **cons},
+              {"id": "gate", "finding": "S1", "primary": True, "verdict": UNTESTABLE,
+               "reason": {"code": "regime", "text": "not converged"}},
+              {"id": "acc", "finding": "S1", "primary": True, "verdict": REPRODUCED}]
+    fv = finding_verdicts(claims)
+    assert fv["S13"].verdict == REPRODUCED and [c["id"] for c in fv["S13"].basis] == ["sphere"]
+    assert fv["P6"].verdict == UNTESTABLE
+    assert fv["S1"].verdict == UNTESTABLE  # a failed premise still blocks: only construction is set aside
+
+
 def test_open_findings_say_what_would_decide_them():
     from batchlab.report.answers import verdicts_markdown, what_decides
 

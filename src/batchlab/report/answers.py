@@ -2,8 +2,9 @@
 the claims of a run, what would decide the findings left open, and the sources' numbers beside
 ours.
 
-The rule (also printed in the report): a finding's verdict rests on its primary claims, or on
-all of its claims when none is marked primary. It is not_reproduced if one of them is not
+The rule (also printed in the report): claims that hold by construction are checks, set aside
+(unless a finding has nothing else); of the rest, a finding's verdict rests on its primary
+claims, or on all of them when none is marked primary. It is not_reproduced if one of them is not
 reproduced ("mixed" if another is reproduced), reproduced if every one of them is, inconclusive
 if one of them is inconclusive, and untestable otherwise (a part could not be tested at this
 budget, or holds by construction: never evidence). A finding no claim of this run names is
@@ -24,8 +25,9 @@ from batchlab.experiments import findings
 NOT_RUN, MIXED = "not run", "mixed"
 OUTCOMES = ("reproduced", "not_reproduced", "inconclusive", "untestable")
 RULE = ("A finding's verdict rests on its primary claims (all of its claims when none is marked "
-        "primary): not_reproduced if one of them is not_reproduced (mixed if another is "
-        "reproduced), reproduced if every one is reproduced, inconclusive if one is "
+        "primary; claims that hold by construction are checks and never count): "
+        "not_reproduced if one of them is not_reproduced (mixed if another is reproduced), "
+        "reproduced if every one is reproduced, inconclusive if one is "
         "inconclusive, untestable otherwise; not run if no claim of this run tests it. Each "
         "claim's own verdict: untestable when its premise does not hold at this budget, it "
         "holds by construction, its interval has zero width or nothing was measured (the "
@@ -48,6 +50,12 @@ class FindingVerdict:
 
 def ids_of(claim: dict[str, Any]) -> list[str]:
     return [f.strip() for f in str(claim.get("finding", "")).split(",") if f.strip()]
+
+
+def is_construction(claim: dict[str, Any]) -> bool:
+    """Untestable because it holds by construction (an identity, a design constant, sampling
+    theory)."""
+    return (claim.get("reason") or {}).get("code") == "construction"
 
 
 def combine(verdicts: list[str]) -> str:
@@ -79,8 +87,11 @@ def finding_verdicts(claims: list[dict[str, Any]]) -> dict[str, FindingVerdict]:
     out: dict[str, FindingVerdict] = {}
     for fid in findings.FINDINGS:
         named = [c for c in claims if fid in ids_of(c)]
-        primary = [c for c in named if c.get("primary") is True]
-        basis = primary or named
+        # a claim that holds by construction is a check, never evidence: it neither decides a
+        # finding nor keeps it from being decided (unless it is all the finding has)
+        evidence = [c for c in named if not is_construction(c)] or named
+        primary = [c for c in evidence if c.get("primary") is True]
+        basis = primary or evidence
         out[fid] = FindingVerdict(fid, combine([c["verdict"] for c in basis]), basis,
                                   len(named) - len(basis))
     return out
