@@ -22,7 +22,7 @@ def _line() -> list[dict]:
     return [{"alpha": a, "train_loss": loss.get(round(a, 3), 1.0)} for a in ALPHAS]
 
 
-def _rows(train_large: float, plateau_large: float) -> list[dict]:
+def _rows(train_large: float, plateau_large: float, rise_large: float = 0.8) -> list[dict]:
     """Three seeds x (small, large, switch); the large batch is sharper and worse on test."""
     out = []
     for s in SEEDS:
@@ -32,6 +32,7 @@ def _rows(train_large: float, plateau_large: float) -> list[dict]:
             out.append({"seed": s, "regime": reg, "train_acc": tr + (0.001 if reg == "small" else 0.003) * s,
                         "test_acc": te + 0.002 * s, "lambda_max": lam * (1 + (0.11 if reg == "large" else 0.05) * s),
                         "plateau": pl, "correct": None,
+                        "rise": (rise_large if reg == "large" else 0.85) + 0.001 * s,
                         **{k: lam for k in ("sharp_full_0.001", "sharp_full_0.0005",
                                             "sharp_sub4_0.001", "sharp_sub4_0.0005")}})
     return out
@@ -43,6 +44,16 @@ def _clean(claims: list) -> dict:
     return {c["id"]: c for c in doc["claims"]}
 
 
+def test_flat_but_untrained_large_batch_is_not_converged() -> None:
+    """A large batch that never trained (train accuracy flat near chance) has a zero plateau
+    change; the learned gate keeps it from passing as converged."""
+    interp = {s: _line() for s in SEEDS}
+    c = _clean(sharpness_claims(_rows(0.12, 0.0, rise_large=0.01), interp, 4, 0.01, 1000))
+    gap = c["generalization-gap"]
+    assert gap["verdict"] == "untestable" and "large has learned" in gap["reason"]["text"]
+    assert "large converged" not in gap["reason"]["text"]
+
+
 def test_undertrained_large_batch_makes_k1_k3_untestable() -> None:
     """A large batch stopped early (train accuracy still rising, 5 points below the small
     batch): its gap and curvature are not Keskar's claims, so they come out untestable."""
@@ -51,8 +62,8 @@ def test_undertrained_large_batch_makes_k1_k3_untestable() -> None:
     for cid in ("generalization-gap", "larger-top-eigenvalue", "sharpness-vs-gap"):
         assert c[cid]["verdict"] == "untestable" and c[cid]["reason"]["code"] == "regime"
         assert "large converged" in c[cid]["reason"]["text"]
-    assert {g["name"] for g in c["larger-top-eigenvalue"]["gates"]} == {"small converged",
-                                                                       "large converged"}
+    assert {g["name"] for g in c["larger-top-eigenvalue"]["gates"]} == {
+        "small converged", "large converged", "small has learned", "large has learned"}
     # the premise is itself a primary part of K1 and is decided as such
     assert c["comparable-train-accuracy"]["primary"] is True
     assert c["comparable-train-accuracy"]["verdict"] == "not_reproduced"

@@ -56,7 +56,8 @@ def test_sharpness(tmp_path: Path) -> None:
     assert "lr sweep" in claims["curvature-bounds-lr"]["reason"]["text"]
     # two epochs of a large batch on digits: not converged / not comparable -> K1 untestable
     assert {g["name"] for g in claims["generalization-gap"]["gates"]} == {
-        "small converged", "large converged", "comparable train accuracy"}
+        "small converged", "large converged", "small has learned", "large has learned",
+        "comparable train accuracy"}
     assert claims["generalization-gap"]["n"] == 2
     assert "paired per-example" in claims["generalization-gap"]["method"]
     assert sum(c.get("primary") is True for c in claims.values() if c["finding"] == "K2") == 1
@@ -74,7 +75,8 @@ def test_schedules(tmp_path: Path) -> None:
     # "matches the small batch" gated on both arms having converged
     goyal = claims["goyal-closes-gap"]
     assert "paired per-example" in goyal["method"]
-    assert {g["name"] for g in goyal["gates"]} == {"goyal converged", "small converged"}
+    assert {g["name"] for g in goyal["gates"]} == {"goyal converged", "small converged",
+                                                   "goyal has learned", "small has learned"}
 
 
 def test_large_batch_fixes(tmp_path: Path) -> None:

@@ -28,6 +28,11 @@ PLATEAU_TOL = 0.005
 most this much over the last fifth of its epochs: "matches the small-batch accuracy" compares
 where the arms end up, so it is decided only when both have stopped moving."""
 
+LEARNED_MIN = 0.05
+"""A plateau means convergence only for a run that has trained: its train accuracy must have
+risen by at least this since its first evaluation (the initial weights). A run stuck at chance,
+or with an lr too small to move, is flat too - without this gate it would pass as converged."""
+
 COMPARABLE_TOL = 0.01
 """Train accuracies within this of each other count as comparable (K1's premise)."""
 
@@ -105,6 +110,7 @@ def run(ctx: Context) -> Output:
     rows = []
     correct: dict[str, list] = {a: [] for a in arms}
     plateau: dict[str, list] = {a: [] for a in arms}
+    rise: dict[str, list] = {a: [] for a in arms}
     train_acc: dict[str, list] = {a: [] for a in arms}
     curves: dict[str, list] = {}
     for name, res in zip(names, results):
@@ -119,12 +125,13 @@ def run(ctx: Context) -> Output:
         correct[name].append(bits_to_array(f.get("test_correct_bits"), n_test))
         train_acc[name].append(f.get("train_acc"))
         plateau[name].append(plateau_gain(res.epochs))
+        rise[name].append(train_rise(res.epochs))
         if res.config.seed == 0:
             curves[name] = res.epochs
     acc = {a: [r["test_acc"] for r in rows if r["arm"] == a] for a in arms}
     steps = {a: [r["steps"] for r in rows if r["arm"] == a] for a in arms}
     claims = schedule_claims(acc, steps, arms, float(s["tolerance"]), n_test, s["base_batch"],
-                             correct=correct, plateau=plateau, train_acc=train_acc)
+                             correct=correct, plateau=plateau, train_acc=train_acc, rise=rise)
     table = []
     for a in arms:
         rs = [r for r in rows if r["arm"] == a]
@@ -159,6 +166,21 @@ def converged(arm: str, gains: list[float | None]) -> Gate:
                 V.within(PLATEAU_TOL))
 
 
+def train_rise(epochs: list[dict[str, Any]]) -> float | None:
+    """A run's train-accuracy rise from its first evaluation (epoch 0: the initial weights) to
+    its last."""
+    acc = [e.get("train_acc") for e in epochs]
+    acc = [float(a) for a in acc if isinstance(a, (int, float))]
+    return acc[-1] - acc[0] if len(acc) >= 2 else None
+
+
+def learned(arm: str, rises: list[float | None]) -> Gate:
+    """The other half of "converged": the arm has trained at all (per-seed train-accuracy rise
+    since the initial weights, interval over seeds, above LEARNED_MIN)."""
+    return Gate(f"{arm} has learned", f"train-accuracy rise of {arm} since its initial weights",
+                I.replicate_mean(rises, what="train-accuracy rises"), V.above(LEARNED_MIN))
+
+
 def comparable(small: list[float | None], large: list[float | None]) -> Gate:
     """K1's premise: the generalization gap is a gap at comparable train accuracy (the
     paired train-accuracy difference, interval over seeds, within +-COMPARABLE_TOL)."""
@@ -170,7 +192,8 @@ def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str
                     tol: float, n_test: int, base_batch: int,
                     correct: dict[str, list] | None = None,
                     plateau: dict[str, list] | None = None,
-                    train_acc: dict[str, list] | None = None) -> list[Claim]:
+                    train_acc: dict[str, list] | None = None,
+                    rise: dict[str, list] | None = None) -> list[Claim]:
     """R1-R3 as equivalence tests on the test-accuracy difference (arm - its baseline) in
     [-tol, tol], paired by seed on the shared test set (`accuracy_difference` with the runs'
     per-example correctness), each gated on both arms having converged; R1's "fewer updates"
@@ -185,6 +208,11 @@ def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str
         return accuracy_difference(acc[a], acc[b], n_test, correct_a=correct.get(a),
                                    correct_b=correct.get(b))
 
+    def settled(arm: str) -> list[Gate]:
+        """converged (plateaued) and, where the rises were recorded, learned."""
+        gates = [converged(arm, plateau.get(arm, []))]
+        return gates + ([learned(arm, rise[arm])] if rise and arm in rise else [])
+
     big = arms["large"]["batch_size"]
     out = [Claim(
         "gap", "S1,K1", f"at equal epochs batch {big} ends below batch {base_batch} in test "
@@ -192,8 +220,7 @@ def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str
         "test accuracy small - large batch, paired by seed", {"small": acc["small"],
                                                               "large": acc["large"]},
         reading="the gap the recipes are meant to close, at this experiment's settings",
-        primary=False, gates=[converged("small", plateau.get("small", [])),
-                              converged("large", plateau.get("large", [])),
+        primary=False, gates=[*settled("small"), *settled("large"),
                               comparable(train_acc.get("small", []), train_acc.get("large", []))])]
     finding = {"goyal": "R3", "smith": "R1", "hoffer": "R2", "hoffer-gbn": "R2"}
     for arm, text in CLAIMS.items():
@@ -209,7 +236,7 @@ def schedule_claims(acc: dict[str, list], steps: dict[str, list], arms: dict[str
                      "without BatchNorm (regime adaptation + sqrt lr scaling only)"
                      if arm == "hoffer" else None),
             primary=(arm != "hoffer") if arm.startswith("hoffer") else True,
-            gates=[converged(arm, plateau.get(arm, [])), converged(ref, plateau.get(ref, []))]))
+            gates=[*settled(arm), *settled(ref)]))
     if "smith" in arms:
         out.append(Claim(
             "smith-fewer-updates", "R1", "increasing the batch instead of decaying the lr needs "

@@ -35,7 +35,7 @@ from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
 from batchlab.experiments.base import QUICK_HIDDEN
 from batchlab.experiments.claims import Claim, Gate
 from batchlab.experiments.outputs import md_table, plt
-from batchlab.experiments.schedules_exp import converged, plateau_gain
+from batchlab.experiments.schedules_exp import converged, learned, plateau_gain, train_rise
 from batchlab.measure import curvature as C
 
 EPSILONS = (1e-3, 5e-4)
@@ -105,7 +105,7 @@ def run(ctx: Context) -> Output:
         rows.append({"seed": seed, "regime": regime, "batch_size": batches[regime],
                      "status": res.status, "train_acc": res.final["train_acc"],
                      "test_acc": res.final["test_acc"], "train_loss": res.final["train_loss"],
-                     "plateau": plateau_gain(res.epochs),
+                     "plateau": plateau_gain(res.epochs), "rise": train_rise(res.epochs),
                      "correct": bits_to_array(res.final.get("test_correct_bits"), ctx.test_size())})
     td = get_data(configs[0], resolve_device(configs[0].device))
     ev = [*td.eval_sets["train"], *td.eval_sets["test"]]
@@ -170,7 +170,8 @@ def premise(ok: list[dict[str, Any]]) -> list[Gate]:
     def col(regime: str, key: str) -> list[Any]:
         return [r.get(key) for r in sorted(ok, key=lambda r: r["seed"]) if r["regime"] == regime]
 
-    return [converged("small", col("small", "plateau")), converged("large", col("large", "plateau")),
+    return [converged("small", col("small", "plateau")), learned("small", col("small", "rise")),
+            converged("large", col("large", "plateau")), learned("large", col("large", "rise")),
             Gate("comparable train accuracy", "train accuracy small - large batch, paired by seed",
                  I.difference(col("small", "train_acc"), col("large", "train_acc")),
                  V.within(COMPARABLE_TOL))]
@@ -192,7 +193,7 @@ def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, 
     gates = premise([r for r in ok if r["seed"] in both])
     # K2 ("converge to sharp minimizers") needs both arms converged - an arm still moving is
     # measured mid-sharpening - but not equal train accuracy, which is K1's and K3's premise
-    conv = gates[:2]
+    conv = gates[:4]  # converged and learned, both arms (the last gate is comparability)
     out = [
         Claim("generalization-gap", "K1", "the large batch has a lower test accuracy (at "
               "comparable train accuracy, both converged)",

@@ -34,7 +34,7 @@ from batchlab.experiments.accuracies import accuracy, accuracy_difference, bits_
 from batchlab.experiments.claims import Gate
 from batchlab.experiments.intervals import Interval
 from batchlab.experiments.outputs import rows_to_csv
-from batchlab.experiments.schedules_exp import PLATEAU_TOL, plateau_gain
+from batchlab.experiments.schedules_exp import PLATEAU_TOL, learned, plateau_gain, train_rise
 
 # the study's setting and the quick preset's stand-in (see each experiment's summary). The
 # quick preset runs 5 epochs: with three seeds the five experiments must fit in a few minutes
@@ -106,6 +106,10 @@ class Group:
         """Per seed, the train-accuracy change over the last fifth of the epochs (~0 once the
         run has converged; `schedules_exp.plateau_gain`)."""
         return [plateau_gain(r.epochs) if r.status == "completed" else None for r in self.runs]
+
+    def rise(self) -> list[float | None]:
+        """Per seed, the train-accuracy rise since the initial weights (`learned`)."""
+        return [train_rise(r.epochs) if r.status == "completed" else None for r in self.runs]
 
     def curve(self, metric: str, x: str = "epoch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(x, mean over seeds, sd over seeds) of a per-epoch metric; seeds are aligned by
@@ -318,11 +322,13 @@ def converged(g: Group) -> Gate:
 
 
 def converged_all(*groups: Group) -> list[Gate]:
-    """`converged` for every distinct arm a claim compares."""
+    """`converged` and `learned` (a flat run must also have trained) for every distinct arm a
+    claim compares."""
     seen: dict[str, Group] = {}
     for g in groups:
         seen.setdefault(g.name, g)
-    return [converged(g) for g in seen.values()]
+    return [gate for g in seen.values()
+            for gate in (converged(g), learned(g.name, g.rise()))]
 
 
 def per_seed_series(groups: Sequence[Group], x: Sequence[float], metric: str
