@@ -443,6 +443,26 @@ def test_plan_cli_prints_one_json_object(tmp_path, run_main, capsys):
     # per checkpoint seed (3 by default): 2 regimes x (2 trials x 2 b + 4 decomposition x 1 b)
     assert plan["trials"] == 3 * 2 * (2 * 2 + 4 * 1) and plan["runs"] == 3
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))
+    assert "fastest" in plan["probe_rule"] and "cpu_load" in plan
+
+
+def test_probe_keeps_the_fastest_block(monkeypatch):
+    """A busy CPU slows some blocks of a timing; the probe keeps the fastest, so a burst of
+    load at the start does not inflate the projection (a fake clock: no real timing)."""
+    import batchlab.experiments.plan_probe as pp
+
+    clock = [0.0]
+    monkeypatch.setattr(pp.time, "perf_counter", lambda: clock[0])
+    calls = [0]
+
+    def work() -> None:  # the first 4 timed calls run on a busy CPU: 10x slower
+        calls[0] += 1
+        clock[0] += 0.1 if calls[0] <= 2 + 4 else 0.01
+
+    t = pp._timed(work, pp.torch.device("cpu"), min_seconds=0.5, warmup=2, blocks=5)
+    assert t == pytest.approx(0.01)
+    mean_rule = (4 * 0.1 + 0.01 * 10) / 14  # what one long block would have reported
+    assert t < mean_rule / 3
 
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class Plan:
     workers: int
     experiments: list[ExperimentPlan]
     probe_seconds: float
+    cpu_load: float | None = None  # 1-minute load average when the probe started (None: unknown)
 
     def to_json(self) -> dict[str, Any]:
         tot = {k: sum(getattr(e, k) for e in self.experiments)
@@ -92,6 +94,7 @@ class Plan:
             "flops": tot.pop("flops"), **tot,
             "peak_memory_bytes": max((e.peak_memory_bytes for e in self.experiments), default=0),
             "probe_seconds": self.probe_seconds,
+            "probe_rule": PROBE_RULE, "cpu_load": self.cpu_load, "cpus": os.cpu_count(),
             "experiments": [vars(e) for e in self.experiments],
         }
 
@@ -100,6 +103,9 @@ class Plan:
         j = self.to_json()
         out = [f"plan on {self.device}, executor {self.executor} ({self.workers} worker(s)); "
                f"throughput probe {self.probe_seconds:.1f}s"]
+        if self.cpu_load is not None and self.cpu_load > 0.5 * (os.cpu_count() or 1):
+            out.append(f"  note: the CPU was busy (load {self.cpu_load:.1f} on {os.cpu_count()} "
+                       f"cores); {PROBE_RULE}, so the projection leans to an idle machine")
         for e in self.experiments:
             out.append(
                 f"  {e.name:<22} runs {e.runs:>4} (+{e.runs_stored} stored)  trials "
@@ -114,6 +120,16 @@ class Plan:
         return out
 
 
+PROBE_RULE = "each timing keeps the fastest of 5 blocks (a busy CPU only slows a block)"
+
+
+def cpu_load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
 def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15) -> Plan:
     """The plan of running each (experiment name, its context) in order; nothing is trained.
     `probe_seconds`: the least time each throughput timing runs."""
@@ -122,7 +138,7 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     first = items[0][1]
     device = resolve_device(first.device)
     workers = _workers(first, device)
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), cpu_load()
     probe = Probe(device, threads=1 if first.executor == "ray" else torch.get_num_threads(),
                   min_seconds=probe_seconds)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
@@ -132,7 +148,7 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
         pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
         pctx = dataclasses.replace(pctx, opts=opts, options=opts.model_dump(exclude_none=True))
         plans.append(_plan_one(name, pctx, probe, workers, planned))
-    return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0)
+    return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
 
 def print_plan(items: Sequence[tuple[str, Context]], as_json: bool = False) -> Plan:
