@@ -72,6 +72,25 @@ def test_stt_claims_on_a_known_curve() -> None:
     assert c["noise-scale-predicts"].interval.n == 3
 
 
+def test_degenerate_fit_does_not_crash_g2(monkeypatch) -> None:
+    """A fit with E_min ~ 1e-300 (no gain from the batch size at all) has a B_crit whose ratio
+    to B_simple underflows to 0: G2's log ratio must stay finite and the claims be written
+    (this crashed a quick preset on mnist-5k)."""
+    import batchlab.experiments.steps_to_target_claims as stc
+
+    real = stc.fit_scaling
+
+    def degenerate(b, s):  # the fitted curve, with B_crit at the bottom of the float range
+        return {**real(b, s), "e_min": 1e-319, "b_crit": 1e-321}
+
+    monkeypatch.setattr(stc, "fit_scaling", degenerate)
+    c = {x.id: x for x in stc.stt_claims(_grid(), _noise())}
+    _doc_ok(list(c.values()))
+    g2 = c["noise-scale-predicts"]
+    assert g2.interval.n == 3 and g2.verdict != "reproduced"
+    assert all(math.isfinite(v) for v in g2.interval.replicates)
+
+
 def test_right_censored_arms_are_excluded_and_counted() -> None:
     from batchlab.experiments.steps_to_target_claims import per_seed_steps, stt_claims
 

@@ -125,8 +125,11 @@ def stt_claims(rows: Rows, ns: dict[int, dict[str, Any]]) -> list[Claim]:
                          {"tuned": series},
                          reading="Shallue et al.'s tuned-lr reading of 'a larger lr compensates'",
                          primary=False))
-    logs = [math.log(fits[sd]["b_crit"] / ns[sd]["late"]) for sd in sorted(fits)
-            if sd in ns and fits[sd]["b_crit"] > 0 and ns[sd]["late"] > 0]
+    # a difference of logs: a degenerate fit (E_min ~ 1e-300, no gain from batch at all) gives
+    # a ratio that underflows to 0, while its log is finite
+    logs = [math.log(fits[sd]["b_crit"]) - math.log(ns[sd]["late"]) for sd in sorted(fits)
+            if sd in ns and fits[sd]["b_crit"] > 0 and ns[sd]["late"] > 0
+            and math.isfinite(fits[sd]["b_crit"])]
     g2 = I.replicate_mean(logs, what="log(B_crit / late B_simple)").map(
         math.exp, "exp of a t interval over seeds of log(B_crit / late B_simple), paired by seed")
     out.append(Claim("noise-scale-predicts", "G2", "B_simple late in training predicts the "
