@@ -81,7 +81,7 @@ def test_degenerate_fit_does_not_crash_g2(monkeypatch) -> None:
     real = stc.fit_scaling
 
     def degenerate(b, s):  # the fitted curve, with B_crit at the bottom of the float range
-        return {**real(b, s), "e_min": 1e-319, "b_crit": 1e-321}
+        return {**real(b, s), "e_min": 1e-320, "b_crit": 1e-322}
 
     monkeypatch.setattr(stc, "fit_scaling", degenerate)
     c = {x.id: x for x in stc.stt_claims(_grid(), _noise())}
