@@ -126,7 +126,7 @@ class Sharpness(Options):
     k7_samples: PositiveInt | None = opt("K7: training examples of the full-batch lr sweep and its "
                                          "lambda_max (default 1024 quick, 4096 paper)")
     k7_steps: PositiveInt | None = opt("K7: GD steps per lr of the sweep to divergence (default 20 "
-                                       "quick, 100 paper)", le=100_000)
+                                       "quick, 50 paper)", le=100_000)
 
 
 class StepLengths(Options):

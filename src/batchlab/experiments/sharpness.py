@@ -68,7 +68,7 @@ def run(ctx: Context) -> Output:
     slq_steps = int(o.get("slq_steps", 60 if ctx.paper else 20))
     p_sub = int(o.get("subspace_dim", 100))
     n_k7 = int(o.get("k7_samples", 4096 if ctx.paper else 1024))
-    k7_steps = int(o.get("k7_steps", 100 if ctx.paper else 20))
+    k7_steps = int(o.get("k7_steps", 50 if ctx.paper else 20))
     seeds = list(range(max(ctx.seeds, 2)))  # a verdict over seeds needs at least two
 
     probe = ctx.config(seed=0)
@@ -134,7 +134,7 @@ def run(ctx: Context) -> Output:
     got = batch.run(ctx)
     k7 = [{"seed": sd, **got[i]} for sd, i in k7_at.items()]
     for s in k7:
-        ctx.log(f"sharpness K7 seed {s['seed']}: lambda_max {s['lambda_max']:.4g}, lr_max "
+        ctx.log(f"sharpness K7 seed {s['seed']}: lambda_max {s['lambda_max']}, lr_max "
                 f"{s['lr_max']}, first diverged {s['lr_diverged']}, ratio {s['ratio']}")
     for row in rows:
         if (row["seed"], row["regime"]) in units:

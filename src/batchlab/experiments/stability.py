@@ -70,7 +70,7 @@ def sweep(model: nn.Module, data: tuple[torch.Tensor, ...], seed: int, steps: in
     eig = C.hessian_eigenvalues(model, xy, k=1, tol=1e-3, max_iter=100, seed=seed,
                                 criterion=criterion)
     lam = float(eig.top)
-    out: dict[str, Any] = {"lambda_max": lam, "lambda_converged": bool(eig.converged),
+    out: dict[str, Any] = {"lambda_max": _num(lam), "lambda_converged": bool(eig.converged),
                            "steps": steps, "blowup": blowup, "n_examples": int(xy[0].shape[0])}
     if not (math.isfinite(lam) and lam > 0):
         return {**out, "grid": [], "runs": [], "lr_max": None, "lr_diverged": None,
