@@ -1,7 +1,8 @@
 """Planted cases for the curvature and step experiments' claims (sharpness, step-lengths,
 large-batch-fixes) on the v3 verdict engine: n is the number of training seeds, an
 undertrained or non-comparable arm makes K1-K3 untestable, identities and sampling-theory
-facts are construction checks, K7 says why it is not tested, and every claim rechecks."""
+facts are construction checks, K7 without its lr sweep is unmeasured (the sweep's planted
+cases are in test_k7.py), and every claim rechecks."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_undertrained_large_batch_makes_k1_k3_untestable() -> None:
     """A large batch stopped early (train accuracy still rising, 5 points below the small
     batch): its gap and curvature are not Keskar's claims, so they come out untestable."""
     interp = {s: _line() for s in SEEDS}
-    c = _clean(sharpness_claims(_rows(0.94, 0.03), interp, 4, 0.01, 1000))
+    c = _clean(sharpness_claims(_rows(0.94, 0.03), interp, 4, 1000))
     for cid in ("generalization-gap", "larger-top-eigenvalue", "sharpness-vs-gap"):
         assert c[cid]["verdict"] == "untestable" and c[cid]["reason"]["code"] == "regime"
         assert "large converged" in c[cid]["reason"]["text"]
@@ -70,15 +71,26 @@ def test_undertrained_large_batch_makes_k1_k3_untestable() -> None:
 
 
 def test_converged_comparable_arms_are_decided_with_n_seeds() -> None:
-    c = _clean(sharpness_claims(_rows(0.99, 0.001), {s: _line() for s in SEEDS}, 4, 0.01, 1000))
+    c = _clean(sharpness_claims(_rows(0.99, 0.001), {s: _line() for s in SEEDS}, 4, 1000))
     assert c["generalization-gap"]["verdict"] == "reproduced"
     assert c["larger-top-eigenvalue"]["verdict"] == "reproduced"
     assert all(c[k]["n"] == 3 for k in ("generalization-gap", "larger-top-eigenvalue",
                                         "sharpness-vs-gap", "large-basin-steeper",
                                         "noise-flattens"))
-    # K7 cannot be tested without an lr sweep: untestable with the reason, never "reproduced"
+    # K7 without its lr sweep: unmeasured, never "reproduced"
     assert c["curvature-bounds-lr"]["verdict"] == "untestable"
+    assert c["curvature-bounds-lr"]["reason"]["code"] == "unmeasured"
     assert "lr sweep" in c["curvature-bounds-lr"]["reason"]["text"]
+
+
+def test_k7_sweeps_enter_the_sharpness_claims() -> None:
+    """The per-seed sweeps given to sharpness_claims decide K7 (n = seeds), beside K1-K5."""
+    sweeps = [{"seed": s, "lambda_max": 5.0 + s, "lr_max": 0.3, "lr_diverged": 0.36,
+               "censored": None, "ratio": 0.3 * (5.0 + s) / 2, "runs": []} for s in SEEDS]
+    c = _clean(sharpness_claims(_rows(0.99, 0.001), {s: _line() for s in SEEDS}, 4, 1000,
+                                sweeps))["curvature-bounds-lr"]
+    assert c["verdict"] == "reproduced" and c["n"] == 3 and c["region"] == {"between": [0.5, 2.0]}
+    assert [p["ratio"] for p in c["evidence"]["per_seed"]] == [s["ratio"] for s in sweeps]
 
 
 def _quality(seeds: tuple[int, ...] = SEEDS) -> dict:

@@ -123,6 +123,10 @@ class Sharpness(Options):
     trace_samples: PositiveInt | None = opt("Hutchinson probes (default 8 quick, 50 paper)")
     slq_steps: PositiveInt | None = opt("Lanczos steps of the spectral density (default 20 quick, 60 paper)")
     subspace_dim: PositiveInt | None = opt("dimension of Keskar's random subspace (default 100)")
+    k7_samples: PositiveInt | None = opt("K7: training examples of the full-batch lr sweep and its "
+                                         "lambda_max (default 1024 quick, 4096 paper)")
+    k7_steps: PositiveInt | None = opt("K7: GD steps per lr of the sweep to divergence (default 20 "
+                                       "quick, 50 paper)", le=100_000)
 
 
 class StepLengths(Options):

@@ -42,6 +42,7 @@ from batchlab.experiments.plan_trials import add_trials, checkpoint_configs
 
 MEASURES_ITSELF = {"throughput"}  # experiments that time things instead of training
 CURVATURE_HVPS = {"eps-sharpness": 12, "lambda-max": 40}  # per measurement, typical
+K7_TYPICAL_LRS = 14  # sharpness's K7 sweep: 0.25 x 2 / lambda_max up to the first divergence
 
 
 class Planned(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -277,6 +278,12 @@ def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     n_eval = sum(len(y) for _, y in td.eval_sets.values())
     plan.seconds += hvps * probe.hvp_seconds(dims, min(n_curv, td.n_train))
     plan.seconds += 31 * n_eval * probe.eval_seconds_per_sample(dims)
+    # K7's lr sweep per seed: lambda_max at the initial weights, then full-batch GD steps
+    n_k7 = min(int(o.get("k7_samples", 4096 if ctx.paper else 1024)), td.n_train)
+    gd = max(ctx.seeds, 2) * K7_TYPICAL_LRS * int(o.get("k7_steps", 50 if ctx.paper else 20))
+    plan.curvature_hvps += max(ctx.seeds, 2) * CURVATURE_HVPS["lambda-max"]
+    plan.flops += gd * 6 * mlp_params(dims) * n_k7
+    plan.seconds += gd * probe.step_seconds(dims, n_k7, 1, False)
 
 
 def _h(x: float) -> str:

@@ -13,8 +13,12 @@ K1-K3 are decided only when both arms have converged (train-accuracy plateau) an
 train accuracies are within COMPARABLE_TOL (paired by seed); otherwise they are untestable at
 this budget, with the failed premise as the reason.
 
+K7 (the safe lr is limited by the curvature) is tested apart from the trained models, at
+each seed's initial weights: lambda_max there against the largest lr that full-batch GD
+survives from the same weights (`stability`).
+
 Options (--set): epochs, large_epochs, lr, curvature_samples, trace_samples, slq_steps,
-subspace_dim.
+subspace_dim, k7_samples, k7_steps.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import intervals as I
 from batchlab.experiments import sharpness_units as U
+from batchlab.experiments import stability as K7
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
 from batchlab.experiments.base import QUICK_HIDDEN
@@ -44,11 +49,6 @@ COMPARABLE_TOL = 0.02
 """Keskar et al. compare minimizers at comparable train accuracy: the paired train-accuracy
 difference (interval over seeds) must lie within +-this, else K1-K3 are untestable here."""
 
-K7_UNTESTED = ("not run: K7 needs an lr sweep to divergence (the largest stable lr against "
-               "2 (1 + momentum) / lambda_max), several extra training runs per seed that the "
-               "quick budget does not hold")
-"""Why K7 is untestable: the old check (lr x lambda_max at the end of a run that did not
-diverge) could not fail, since a run that trains at all has lr x lambda_max below the limit."""
 def final_model(res: TrainResult, epoch: int) -> torch.nn.Module:
     """The model of a (possibly cached) run with its stored weights at `epoch`."""
     cfg = res.config
@@ -67,10 +67,13 @@ def run(ctx: Context) -> Output:
     n_trace = int(o.get("trace_samples", 50 if ctx.paper else 8))
     slq_steps = int(o.get("slq_steps", 60 if ctx.paper else 20))
     p_sub = int(o.get("subspace_dim", 100))
+    n_k7 = int(o.get("k7_samples", 4096 if ctx.paper else 1024))
+    k7_steps = int(o.get("k7_steps", 50 if ctx.paper else 20))
     seeds = list(range(max(ctx.seeds, 2)))  # a verdict over seeds needs at least two
 
     probe = ctx.config(seed=0)
     n_train = get_data(probe, resolve_device(probe.device)).n_train
+    n_k7 = min(n_k7, n_train)
     big = max(65, n_train // 10)
     # "switch": the large-batch run continued at the small batch (K5: does less noise or more
     # noise decide the basin? shrinking the batch should move the large-batch solution to flat)
@@ -119,7 +122,20 @@ def run(ctx: Context) -> Output:
         dens_at = {reg: batch.add("spectral-density", [models[(s0, reg)]], data,
                                   {"n_vectors": 1, "n_steps": slq_steps, "seed": s0},
                                   U.density, slq_steps, s0) for reg in ("small", "large")}
+    # K7: per seed, lambda_max at the initial weights and an lr sweep from them (one unit each)
+    k7_at = {}
+    for sd in seeds:
+        cfg0 = ctx.config(seed=sd)
+        td0 = get_data(cfg0, resolve_device(cfg0.device))
+        init = build_model(cfg0, td0).to(td0.x_train.device)
+        k7_at[sd] = batch.add("k7-lr-sweep", [init], (td0.x_train[:n_k7], td0.y_train[:n_k7]),
+                              {"steps": k7_steps, "grid": [K7.GRID_LOW, K7.GRID_HIGH, K7.PER_OCTAVE],
+                               "blowup": K7.BLOWUP, "seed": sd}, K7.sweep, sd, k7_steps)
     got = batch.run(ctx)
+    k7 = [{"seed": sd, **got[i]} for sd, i in k7_at.items()]
+    for s in k7:
+        ctx.log(f"sharpness K7 seed {s['seed']}: lambda_max {s['lambda_max']}, lr_max "
+                f"{s['lr_max']}, first diverged {s['lr_diverged']}, ratio {s['ratio']}")
     for row in rows:
         if (row["seed"], row["regime"]) in units:
             row.update(U.curvature_row(units[(row["seed"], row["regime"])], got))
@@ -127,7 +143,9 @@ def run(ctx: Context) -> Output:
                     f"{row['lambda_max']:.4g}, sharpness(1e-3) {row['sharp_full_0.001']:.4g}")
     ok = [r for r in rows if r.get("status") == "completed"]
     interp = {sd: got[i]["rows"] for sd, i in interp_at.items()}
-    claims = sharpness_claims(ok, interp, p_sub, lr, ctx.test_size())
+    claims = sharpness_claims(ok, interp, p_sub, ctx.test_size(), k7,
+                              f"from the seed's initial weights, first {n_k7} training examples, "
+                              f"{k7_steps} steps per lr")
     figures = {"sharpness_bars.png": _bars(ok, p_sub)}
     if dens_at:
         dens = {reg: _spectral(got[i]) for reg, i in dens_at.items()}
@@ -146,7 +164,7 @@ def run(ctx: Context) -> Output:
         "Keskar's 100 (max f - f(x)) / (1 + f(x)) over the box eps (|x| + 1), L-BFGS-B with "
         f"10 iterations, full space and a random {p_sub}-dim subspace; lambda_max by Lanczos "
         f"(tol 1e-3); trace by Hutchinson ({n_trace} Rademacher probes, +- standard error).\n\n"
-        + md_table(ok, cols)
+        + md_table(ok, cols) + "\n\n" + K7.summary(k7, n_k7, k7_steps)
     )
     for r in rows:
         r.pop("correct", None)  # per-example bits: in the claims' intervals, not in rows.csv
@@ -178,10 +196,12 @@ def premise(ok: list[dict[str, Any]]) -> list[Gate]:
 
 
 def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, float]]],
-                     p_sub: int, lr: float, n_test: int) -> list[Claim]:
-    """K1-K5 and K7 from the final models' measurements (one row per seed and regime). n is
-    always the number of training seeds: every interval is over one value per seed (paired by
-    seed where two arms are compared)."""
+                     p_sub: int, n_test: int, k7: list[dict[str, Any]] | None = None,
+                     k7_where: str = "") -> list[Claim]:
+    """K1-K5 from the final models' measurements (one row per seed and regime) and K7 from
+    one lr sweep per seed (`stability.sweep`; None: not run, unmeasured). n is always the number
+    of training seeds: every interval is over one value per seed (paired by seed where two arms
+    are compared)."""
     ok = sorted(ok, key=lambda r: r["seed"])
     both = sorted({r["seed"] for r in ok if r["regime"] == "small"}
                   & {r["seed"] for r in ok if r["regime"] == "large"})
@@ -263,14 +283,7 @@ def sharpness_claims(ok: list[dict[str, Any]], interp: dict[int, list[dict[str, 
                      "paired by seed", {"switch": col("switch", "lambda_max", sw),
                                         "large": col("large", "lambda_max", sw)},
                      reading="noise by shrinking the batch (not by injecting Gaussian noise)"))
-    # SGD with momentum b is stable on a quadratic only while lr x lambda < 2 (1 + b); at the
-    # final weights of a run that trained this is always so, so it is evidence only as a sweep
-    stab = [r["lambda_max"] * lr / (2 * (1 + 0.9)) for r in ok]
-    out.append(Claim("curvature-bounds-lr", "K7", "the largest stable lr is set by the curvature: "
-                     "it lies near 2 (1 + momentum) / lambda_max", I.nan_interval(K7_UNTESTED),
-                     V.within(0.5, 1.0), "largest stable lr x lambda_max / (2 (1 + 0.9))",
-                     {"final_lr_x_lambda_over_limit": stab},
-                     reading="an lr sweep to divergence (not run at this budget)"))
+    out.append(K7.k7_claim(k7, k7_where))
     return out
 
 
