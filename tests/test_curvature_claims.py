@@ -49,7 +49,7 @@ def test_flat_but_untrained_large_batch_is_not_converged() -> None:
     """A large batch that never trained (train accuracy flat near chance) has a zero plateau
     change; the learned gate keeps it from passing as converged."""
     interp = {s: _line() for s in SEEDS}
-    c = _clean(sharpness_claims(_rows(0.12, 0.0, rise_large=0.01), interp, 4, 0.01, 1000))
+    c = _clean(sharpness_claims(_rows(0.12, 0.0, rise_large=0.01), interp, 4, 1000))
     gap = c["generalization-gap"]
     assert gap["verdict"] == "untestable" and "large has learned" in gap["reason"]["text"]
     assert "large converged" not in gap["reason"]["text"]
