@@ -68,7 +68,8 @@ def test_interrupted_sharpness_run_resumes_at_the_next_measurement(tmp_path, mon
     for n, fn in real.items():
         monkeypatch.setattr(C, n, counting(n, fn, fail_at=3 if n == "hessian_trace" else None))
     # 2 seeds x 3 regimes x (4 eps-sharpness + lambda_max + trace) + 2 interpolations + 2 densities
-    total = 6 * 6 + 2 + 2
+    # + K7's lr sweep per seed (one lambda_max at the initial weights each)
+    total = 6 * 6 + 2 + 2 + 2
     with Store(tmp_path / "runs.db") as st:
         ctx = Context(preset="quick", seeds=2, out_dir=tmp_path / "out", store=st, options=opts)
         with pytest.raises(KeyboardInterrupt):

@@ -105,11 +105,11 @@ def test_read_only_folder_and_full_disk_are_named_not_damage(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import sqlite3
 
-    from batchlab.runs import store as store_mod
+    from batchlab.runs import store_schema
     from batchlab.runs.store import StoreUnavailable
 
     path = _store(tmp_path)
-    monkeypatch.setattr(store_mod, "_writable_folder", lambda folder: False)
+    monkeypatch.setattr(store_schema, "writable_folder", lambda folder: False)
     with Store(path, readonly=True) as st:  # read without the -shm SQLite cannot create
         assert [r.run_id for r in st.runs()] == ["run0001"] and st.check() == []
     with pytest.raises(StoreUnavailable, match="read-only") as e:
@@ -117,7 +117,7 @@ def test_read_only_folder_and_full_disk_are_named_not_damage(tmp_path: Path,
     assert "damaged" not in str(e.value) and "intact" in str(e.value)
     with Store(path, readonly=True) as st, pytest.raises(StoreUnavailable, match="read-only"), st._guard():
         raise sqlite3.OperationalError("unable to open database file")
-    monkeypatch.setattr(store_mod, "_low_space", lambda folder: True)
+    monkeypatch.setattr(store_schema, "low_space", lambda folder: True)
     with Store(path, readonly=True) as st:
         for msg in ("database or disk is full", "disk I/O error"):
             with pytest.raises(StoreUnavailable, match="full") as e, st._guard():

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchlab.errors import BatchlabError
+from batchlab.runs.measurement_files import checksum, resolve, stored_path, verify_row
 from batchlab.runs.store import Store
 
 SCHEMA = """
@@ -99,10 +99,6 @@ def tensors_sha256(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _checksum(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 class Measurements:
     """Keyed, checksummed rows in a store. The process that holds it is the only writer (the
     executors send results back to the driver), so a row is written once, whole."""
@@ -122,8 +118,8 @@ class Measurements:
             (key,)).fetchone()
         if row is None:
             return None
-        text, checksum, files_json = row
-        problem = verify_row(self.store, text, checksum, files_json)
+        text, recorded, files_json = row
+        problem = verify_row(self.store, text, recorded, files_json)
         if problem is not None:
             msg = f"stored {kind} {key[:12]} is not trusted: {problem}; recomputing it"
             self.warn(msg)
@@ -138,11 +134,11 @@ class Measurements:
         on every later load. Returns the row key."""
         key = spec_key(kind, spec)
         text = canonical(payload)
-        recorded = {name: [_stored_path(self.store, p), sha256_file(p)]
+        recorded = {name: [stored_path(self.store, p), sha256_file(p)]
                     for name, p in (files or {}).items()}
         with self.store.transaction() as c:
             c.execute("INSERT OR REPLACE INTO measurements VALUES (?,?,?,?,?,?,?)",
-                      (key, kind, canonical(spec), text, _checksum(text),
+                      (key, kind, canonical(spec), text, checksum(text),
                        json.dumps(recorded, sort_keys=True), time.time()))
         return key
 
@@ -269,68 +265,9 @@ def _restore(obj: Any) -> Any:
     return obj
 
 
-ARTIFACTS_TAG = "@artifacts/"
-
-
-def _stored_path(store: Store, path: str | Path) -> str:
-    """A measurement file's path as stored: `@artifacts/REL` inside the store's artifact
-    folder, else relative to the store's folder (both move with the store), absolute only
-    when neither applies (another drive)."""
-    rel = store.relative_artifact(path)
-    if not Path(rel).is_absolute():
-        return ARTIFACTS_TAG + rel
-    import os
-
-    try:
-        return Path(os.path.relpath(rel, store.path.absolute().parent)).as_posix()
-    except ValueError:
-        return rel
-
-
-def _resolve(store: Store, stored: str) -> Path:
-    """A stored measurement file path as a path to open now (absolute: written by an older
-    batchlab, used as it is)."""
-    if stored.startswith(ARTIFACTS_TAG):
-        return store.artifacts_dir / stored[len(ARTIFACTS_TAG):]
-    p = Path(stored)
-    return p if p.is_absolute() else store.path.absolute().parent / p
-
-
-def verify_row(store: Store, text: str, checksum: str, files_json: str) -> str | None:
-    """Why a measurement row cannot be trusted (None: it can): payload checksum, JSON, and
-    the sha256 of every file it refers to."""
-    if _checksum(str(text)) != checksum:
-        return "its checksum does not match (edited or corrupted)"
-    try:
-        json.loads(text)
-        files = json.loads(files_json)
-    except (json.JSONDecodeError, TypeError):
-        return "it is not valid JSON"
-    if not isinstance(files, dict):
-        return "its file list is malformed"
-    return _check_files(store, files)
-
-
-def _check_files(store: Store, files: Mapping[str, Any]) -> str | None:
-    for name, entry in files.items():
-        try:
-            path, sha = entry
-        except (TypeError, ValueError):
-            return f"file entry {name!r} is malformed"
-        p = _resolve(store, str(path))
-        if not p.is_file():
-            return f"its file {p} is missing"
-        try:
-            if sha256_file(p) != sha:
-                return f"its file {p} does not match its sha256"
-        except OSError as e:
-            raise BatchlabError(f"cannot read {p}: {e}") from None
-    return None
-
-
 def files_of(store: Store, kind: str, spec: Mapping[str, Any]) -> dict[str, str]:
     """name -> path of the files a stored row refers to (after `get` verified them)."""
     row = store.conn.execute("SELECT files_json FROM measurements WHERE key = ?",
                              (spec_key(kind, spec),)).fetchone()
-    return {} if row is None else {n: str(_resolve(store, e[0]))
+    return {} if row is None else {n: str(resolve(store, e[0]))
                                    for n, e in json.loads(row[0]).items()}
