@@ -67,6 +67,22 @@ def not_a_model():
 
 def broken():
     raise RuntimeError("disk on fire")
+
+class Flaky(nn.Module):
+    # passes the boundary's check, then fails in its third training step
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = make(), 0
+
+    def forward(self, x):
+        if self.training and torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls > 2:
+                raise RuntimeError("boom mid-training")
+        return self.net(x)
+
+def flaky():
+    return Flaky()
 """
 
 _names = (f"um_user_{i}" for i in itertools.count())
@@ -286,6 +302,23 @@ def test_cli_train_and_batch_size_experiment_on_a_user_cnn(run_main, mod, tmp_pa
         runs = st.runs()
     assert {r.config["batch_size"] for r in runs} == {32, 64, 128}
     assert all(r.config["model"] == f"{mod}:make" for r in runs)
+
+
+def test_experiment_whose_every_run_failed_exits_non_zero(run_main, mod, tmp_path, capsys):
+    """Every run failing inside training is stored as failed; the experiment still writes its
+    outputs but exits 1 with one line saying so (and --json gives one error object)."""
+    args = ["--model", f"{mod}:flaky", "--data", f"{mod}:load", "--set", "epochs=1",
+            "--set", "batch_sizes=[32,128]", "--store", tmp_path / "s.db"]
+    rc = run_main("experiment", "batch-size", *args, "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert rc == 1 and "every one of its" in err and "runs failed" in err
+    assert "Traceback" not in err and "internal error" not in err
+    rc = run_main("reproduce", "--only", "batch-size", *args, "--out", tmp_path / "out2", "--json")
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert rc == 1 and doc["code"] == 1 and "batch-size: every one" in doc["error"]
+    with Store(tmp_path / "s.db") as st:
+        assert {r.status for r in st.runs()} == {"failed"}
 
 
 def test_cli_bad_user_model_fails_before_the_store_is_written(run_main, mod, tmp_path, capsys):

@@ -15,3 +15,10 @@ class DataError(BatchlabError):
 
 class ConfigError(BatchlabError):
     """A configuration that cannot be run."""
+
+
+class AllRunsFailed(BatchlabError):
+    """Every training run of an experiment failed: its outputs hold no measurement. Exit code
+    1 (not 2): the input was accepted, the work was not done."""
+
+    exit_code = 1

@@ -157,7 +157,7 @@ def _run(entry: Callable[[], Any]) -> None:
         if e.__cause__ is not None and type(e).__name__ == "UserCodeError":
             log = write_crash_log(e.__cause__, "error in the user's code")
             msg += f" (traceback in {log})" if log else ""
-        _fail(msg, USER_ERROR)
+        _fail(msg, getattr(e, "exit_code", USER_ERROR))
     except ValidationError as e:
         _fail(format_validation_error(e), USER_ERROR)
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from rich.table import Table
 from batchlab.cli.boundary import emit_json
 from batchlab.cli.runs import check_store_folder, warn_distrusted
 from batchlab.engine.setup import resolve_device
+from batchlab.errors import AllRunsFailed
 from batchlab.experiments import REGISTRY
 from batchlab.experiments.options import describe
 
@@ -129,6 +130,8 @@ def _make_command(name: str) -> Any:
         if not quiet:
             print_claims(output.claims)
             err.print(f"wrote {escape(str(path))} in {seconds:.0f}s", highlight=False)
+        if (why := ctx.all_failed()) is not None:
+            raise AllRunsFailed(f"experiment {name}: {why}")
         if as_json:
             doc = {"experiment": name, "out": str(path), "seconds": seconds,
                    "claims": [c.to_json() for c in output.claims]}
@@ -223,6 +226,7 @@ def register(app: typer.Typer) -> None:
         all_claims: list[dict[str, Any]] = []
         numbers: list[Any] = []
         timings: dict[str, float] = {}
+        failed: list[str] = []  # experiments whose every run failed
         with Store(store) as st:
             if plan:
                 _print_plan([(n, _context(preset, seeds, data_dir, out, st, executor, ray_address,
@@ -241,6 +245,8 @@ def register(app: typer.Typer) -> None:
                     err.print(f"  skipped: {escape(str(e))}", highlight=False)
                     continue
                 timings[n] = time.perf_counter() - t0
+                if (why := ctx.all_failed()) is not None:
+                    failed.append(f"{n}: {why}")
                 all_claims += [{"experiment": n, **c.to_json()} for c in output.claims]
                 numbers += output.study_numbers
                 if not quiet:
@@ -252,6 +258,8 @@ def register(app: typer.Typer) -> None:
         report = write_report(out, [n for n in names if n in timings], timings, preset=preset.value)
         if not quiet:
             err.print(f"wrote {escape(str(report))} ({sum(timings.values()):.0f}s)", highlight=False)
+        if failed:
+            raise AllRunsFailed("; ".join(failed))
         if as_json:
             doc = {"out": str(out), "report": str(report), "seconds": timings,
                    "claims": all_claims}

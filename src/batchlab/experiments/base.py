@@ -56,6 +56,15 @@ class Context:
     opts: Any = None  # the typed options (set by run_experiment from `options`)
     # progress(description, done, total) as long work advances (the CLI draws a bar from it)
     progress: Callable[[str, float, float], None] | None = None
+    statuses: list[str] = field(default_factory=list)  # of every run `run_many` returned
+
+    def all_failed(self) -> str | None:
+        """A one-line reason when the experiment trained runs and every one of them failed
+        (the CLI then exits non-zero: its outputs hold no measurement); None otherwise."""
+        if not self.statuses or any(s != "failed" for s in self.statuses):
+            return None
+        return (f"every one of its {len(self.statuses)} training runs failed (their errors: "
+                f"`batchlab runs list --status failed`)")
 
     @property
     def paper(self) -> bool:
@@ -115,8 +124,10 @@ class Context:
         if self.store is None:
             raise ConfigError("experiments need a results store")
         self.require_task(configs, label)
-        return run_configs(list(configs), self.store, executor=self.executor,
-                           ray_address=self.ray_address, label=label, progress=self.progress)
+        results = run_configs(list(configs), self.store, executor=self.executor,
+                              ray_address=self.ray_address, label=label, progress=self.progress)
+        self.statuses.extend(r.status for r in results)
+        return results
 
     def require_task(self, configs: Sequence[TrainConfig], what: str) -> None:
         """The experiments' claims are about classification accuracy on resident tensors: a
