@@ -154,3 +154,18 @@ def test_a_store_in_a_missing_folder_is_refused_not_created(run_main, tmp_path: 
     assert run_main("train", "--dataset", "digits", "--epochs", "0", "--store", deep) == 2
     assert "does not exist" in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "nonexistent").exists()
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["epochs=true"], "a number is expected"),          # pydantic would read it as 1 epoch
+    (["batch_sizes=[64,false]"], "a number is expected"),
+    (["epochs=2", "epochs=3"], "given twice"),          # the last one silently winning
+])
+def test_set_values_that_would_be_misread_are_refused(run_main, tmp_path: Path, sets: list[str],
+                                                      needle: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    args = [a for s in sets for a in ("--set", s)]
+    code = run_main("experiment", "batch-size", *args, "--store", tmp_path / "s.db",
+                    "--out", tmp_path / "out")
+    assert code == 2 and needle in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "s.db").exists()

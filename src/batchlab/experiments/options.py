@@ -202,11 +202,17 @@ def parse_pairs(items: list[str] | None) -> dict[str, Any]:
         k = k.strip()
         if not k:
             raise ConfigError(f"--set expects KEY=VALUE, got {it!r}")
+        if k in out:  # the last one silently winning hides a typo in a long command line
+            raise ConfigError(f"--set {k} is given twice; keep one")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def _has_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v))
 
 
 def validate(name: str, raw: dict[str, Any]) -> Options:
@@ -216,6 +222,12 @@ def validate(name: str, raw: dict[str, Any]) -> Options:
     if unknown:
         known = ", ".join(sorted(model.model_fields)) or "none"
         raise ConfigError(f"unknown option {unknown[0]!r} for experiment {name}; known: {known}")
+    for k, v in raw.items():  # pydantic reads true as 1: `epochs=true` would run one epoch
+        ann = str(model.model_fields[k].annotation)
+        if _has_bool(v) and "bool" not in ann:
+            what = "a number" if ("int" in ann or "float" in ann) else "a word"
+            raise ConfigError(f"option {k} of experiment {name}: {what} is expected, got "
+                              f"{json.dumps(v)}")
     try:
         return model(**raw)
     except ValidationError as e:
