@@ -448,21 +448,34 @@ def test_plan_cli_prints_one_json_object(tmp_path, run_main, capsys):
 
 def test_probe_keeps_the_fastest_block(monkeypatch):
     """A busy CPU slows some blocks of a timing; the probe keeps the fastest, so a burst of
-    load at the start does not inflate the projection (a fake clock: no real timing)."""
+    load at the start does not inflate the projection; and a job that keeps the probe off the
+    cores (wall time passes, CPU time does not) inflates nothing (fake clocks: no real timing)."""
     import batchlab.experiments.plan_probe as pp
 
-    clock = [0.0]
-    monkeypatch.setattr(pp.time, "perf_counter", lambda: clock[0])
+    threads = pp.torch.get_num_threads()
+    wall, cpu = [0.0], [0.0]
+    monkeypatch.setattr(pp.time, "perf_counter", lambda: wall[0])
+    monkeypatch.setattr(pp.time, "process_time", lambda: cpu[0])
     calls = [0]
 
-    def work() -> None:  # the first 4 timed calls run on a busy CPU: 10x slower
+    def work(descheduled: bool) -> None:  # the first 4 timed calls: 10x slower wall time
         calls[0] += 1
-        clock[0] += 0.1 if calls[0] <= 2 + 4 else 0.01
+        slow = calls[0] <= 2 + 4
+        wall[0] += 0.1 if slow else 0.01
+        cpu[0] += threads * (0.01 if descheduled or not slow else 0.1)
 
-    t = pp._timed(work, pp.torch.device("cpu"), min_seconds=0.5, warmup=2, blocks=5)
+    t = pp._timed(lambda: work(False), pp.torch.device("cpu"), min_seconds=0.5, warmup=2, blocks=5)
     assert t == pytest.approx(0.01)
     mean_rule = (4 * 0.1 + 0.01 * 10) / 14  # what one long block would have reported
     assert t < mean_rule / 3
+    calls[0] = 0  # sustained: every block's wall time is slow, its CPU time is not
+    wall[0] = cpu[0] = 0.0
+
+    def busy() -> None:
+        wall[0] += 0.1
+        cpu[0] += threads * 0.01
+
+    assert pp._timed(busy, pp.torch.device("cpu"), min_seconds=0.5, blocks=5) == pytest.approx(0.01)
 
 
 

@@ -121,7 +121,8 @@ class Plan:
         return out
 
 
-PROBE_RULE = "each timing keeps the fastest of 5 blocks (a busy CPU only slows a block)"
+PROBE_RULE = ("each timing keeps the fastest of 5 blocks, a block timed by min(wall time, CPU "
+              "time per thread): another job on the CPU inflates neither")
 
 
 def cpu_load() -> float | None:

@@ -3,7 +3,8 @@
 Each timing runs the code the real work runs (the fused SGD stepper for K stacked MLPs, or
 autograd + SGD where the run cannot use it; a gradient trial through `run_trial_block` on one
 thread; a Hessian-vector product through the curvature module), after a warm-up, for about
-`min_seconds` in a few blocks, keeping the fastest block (a busy CPU only slows blocks down).
+`min_seconds` in a few blocks, keeping the fastest block, each block timed by the smaller of
+its wall time and its CPU time per thread (so another job on the CPU does not inflate it).
 Small shapes are timed directly; nothing is extrapolated from FLOP counts.
 """
 
@@ -30,18 +31,20 @@ def mlp_params(dims: Sequence[int]) -> int:
 
 def _timed(fn: Callable[[], object], device: torch.device, min_seconds: float,
            max_reps: int = 200, warmup: int = 2, blocks: int = 5) -> float:
-    """Seconds per call: the fastest of up to `blocks` timed blocks (about min_seconds in all).
-    Why the minimum: another process on a busy CPU can only slow a block down, never speed it
-    up, so the fastest block is the closest to what the work costs on an idle machine (the rule
-    of Python's timeit); a mean over one long block moved plan projections by 2x between two
-    runs an hour apart."""
+    """Seconds per call on an idle machine, estimated in up to `blocks` timed blocks (about
+    min_seconds in all), keeping the fastest. On a CPU a block's time is the smaller of its
+    wall time and the process's CPU time over torch's threads: a thread that another job
+    keeps off a core accrues no CPU time, so the CPU-time estimate does not grow with a
+    sustained competing job (the wall time does: 6.9x under one here), and the fastest block
+    drops a burst (the rule of Python's timeit). On a GPU it is the wall time (synchronized)."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    threads = max(1, torch.get_num_threads())
     best, done, spent = math.inf, 0, 0.0
     while done < max_reps and spent < min_seconds:
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while True:
             fn()
             n += 1
@@ -50,7 +53,9 @@ def _timed(fn: Callable[[], object], device: torch.device, min_seconds: float,
             t = time.perf_counter() - t0
             if t >= min_seconds / blocks or done + n >= max_reps:
                 break
-        best, done, spent = min(best, t / n), done + n, spent + t
+        cpu = (time.process_time() - c0) / threads
+        block = t if device.type == "cuda" else min(t, cpu)
+        best, done, spent = min(best, block / n), done + n, spent + t
     return best
 
 
