@@ -273,6 +273,12 @@ def build(work: Path, py: list[str]) -> list[Case]:
     for args in (["goyal", "--batch-size", "256"], ["smith", "--config", str(step)],
                  ["hoffer", "--batch-size", "512", "--table", "base"]):
         cases.append(Case("schedule-preset", ["schedule-preset", *args], OK))
+    # --set values that would be misread (true as 1 epoch; a repeated key silently winning)
+    for sets in (["epochs=true"], ["batch_sizes=[64,false]"], ["epochs=2", "epochs=3"]):
+        args = [a for kv in sets for a in ("--set", kv)]
+        cases.append(Case("experiment", ["experiment", "batch-size", *args, "--store",
+                                         str(work / "set.db"), "--out", str(work / "set-out")],
+                          ERR))
     # top level
     for args, expect in (([], ANY), (["--version"], OK), (["--help"], OK), (["nosuch"], ERR),
                          (["train", "--help"], OK), (["runs"], ANY), (["--bogus"], ERR)):
