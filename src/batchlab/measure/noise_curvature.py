@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from batchlab.measure.noise import (
     EvalMode,
@@ -65,7 +66,9 @@ def b_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_h: torch.Tenso
     chunk = chunk or max(1, auto_chunk(model) // 2)
     n = len(x)
     qs, gsum, sq = [], None, 0.0
-    with EvalMode(model):
+    # attention's fused CPU/GPU kernels have no forward-mode derivative (the jvp below); the
+    # math kernel computes the same attention from plain ops that have one
+    with EvalMode(model), sdpa_kernel(SDPBackend.MATH):
         for g in per_example_grads(model, x, y, loss_fn=loss_fn, chunk=chunk):
             hg = vmap(hvp_flat)(g)
             qs.append((g.double() * hg.double()).sum(1))
