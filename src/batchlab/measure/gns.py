@@ -102,7 +102,55 @@ def grads_unscaled(scaler: Any) -> bool:
     return any(getattr(st.get("stage"), "name", "") == "UNSCALED" for st in states.values())
 
 
-class GradientNoiseScale:
+class SmoothedNoiseScale:
+    """The results both estimators share (`GradientNoiseScale`, `MicroBatchNoiseScale`): the
+    bias-corrected EMAs of |G|^2 and tr(Sigma), their ratio, and the per-step history. A
+    subclass keeps `beta`, `_n_ema`, `_ema_g`, `_ema_s`, `_history` and a `_flush()` that
+    folds pending measurements in (the host sync happens only when a result is read)."""
+
+    beta: float
+    _n_ema: int
+    _ema_g: float
+    _ema_s: float
+    _history: Any
+
+    def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _smoothed(self) -> tuple[float, float]:
+        if self._n_ema == 0:
+            return math.nan, math.nan
+        corr = 1.0 - self.beta**self._n_ema
+        return self._ema_g / corr, self._ema_s / corr
+
+    @property
+    def b_simple(self) -> float:
+        """Smoothed B_simple = trace_sigma / grad_sq (nan before the first measured step)."""
+        self._flush()
+        gs, ss = self._smoothed()
+        return noise_ratio(ss, gs) if self._n_ema else math.nan
+
+    @property
+    def grad_sq(self) -> float:
+        """Smoothed unbiased estimate of |G|^2 (the squared norm of the true gradient)."""
+        self._flush()
+        return self._smoothed()[0]
+
+    @property
+    def trace_sigma(self) -> float:
+        """Smoothed unbiased estimate of tr(Sigma) (the per-example gradient variance)."""
+        self._flush()
+        return self._smoothed()[1]
+
+    @property
+    def history(self) -> list[GNSRecord]:
+        """One record per measured step: raw and smoothed estimates (for micro-batches,
+        `batch_size` is B_big)."""
+        self._flush()
+        return list(self._history)
+
+
+class GradientNoiseScale(SmoothedNoiseScale):
     """Measures B_simple from the batches of a training loop: call `step()` after each backward.
 
     Args:
@@ -282,37 +330,6 @@ class GradientNoiseScale:
                                            b_simple=noise_ratio(ss, gs)))
         self._pending = []
 
-    def _smoothed(self) -> tuple[float, float]:
-        if self._n_ema == 0:
-            return math.nan, math.nan
-        corr = 1.0 - self.beta**self._n_ema
-        return self._ema_g / corr, self._ema_s / corr
-
-    # -- results -----------------------------------------------------------------------------
-    @property
-    def b_simple(self) -> float:
-        """Smoothed B_simple = trace_sigma / grad_sq (nan before the first batch of B >= 2)."""
-        self._flush()
-        gs, ss = self._smoothed()
-        return noise_ratio(ss, gs) if self._n_ema else math.nan
-
-    @property
-    def grad_sq(self) -> float:
-        """Smoothed unbiased estimate of |G|^2 (the squared norm of the true gradient)."""
-        self._flush()
-        return self._smoothed()[0]
-
-    @property
-    def trace_sigma(self) -> float:
-        """Smoothed unbiased estimate of tr(Sigma) (the per-example gradient variance)."""
-        self._flush()
-        return self._smoothed()[1]
-
-    @property
-    def history(self) -> list[GNSRecord]:
-        """One record per measured step: raw and smoothed estimates."""
-        self._flush()
-        return list(self._history)
 
     def state_dict(self) -> dict[str, float | int]:
         """The averages and the step count (not the history): what a resumed run needs to go

@@ -57,6 +57,7 @@ from torch import nn
 from batchlab.errors import BatchlabError
 from batchlab.measure.gns import (
     GNSRecord,
+    SmoothedNoiseScale,
     grads_unscaled,
     loss_scale,
     mccandlish_estimates,
@@ -64,7 +65,7 @@ from batchlab.measure.gns import (
 )
 
 
-class MicroBatchNoiseScale:
+class MicroBatchNoiseScale(SmoothedNoiseScale):
     """B_simple from micro-batch (or per-rank) gradients against the accumulated (or
     all-reduced) one. See the module docstring for the loop and the conventions.
 
@@ -212,35 +213,6 @@ class MicroBatchNoiseScale:
                                            trace_sigma_smooth=ss, b_simple=noise_ratio(ss, gs),
                                            skipped=skipped))
         self._pending = []
-
-    def _smoothed(self) -> tuple[float, float]:
-        if self._n_ema == 0:
-            return math.nan, math.nan
-        corr = 1.0 - self.beta**self._n_ema
-        return self._ema_g / corr, self._ema_s / corr
-
-    @property
-    def b_simple(self) -> float:
-        """Smoothed B_simple = trace_sigma / grad_sq (nan before the first measured step)."""
-        self._flush()
-        gs, ss = self._smoothed()
-        return noise_ratio(ss, gs) if self._n_ema else math.nan
-
-    @property
-    def grad_sq(self) -> float:
-        self._flush()
-        return self._smoothed()[0]
-
-    @property
-    def trace_sigma(self) -> float:
-        self._flush()
-        return self._smoothed()[1]
-
-    @property
-    def history(self) -> list[GNSRecord]:
-        """One record per measured step (`batch_size` is B_big there)."""
-        self._flush()
-        return list(self._history)
 
     def state_dict(self) -> dict[str, Any]:
         """The averages and the step count (history left out): a resumed run goes on from

@@ -270,18 +270,22 @@ class Store:
     def get(self, key_or_id: str, with_epochs: bool = True) -> RunRecord | None:
         """A run by config hash, run id, or a unique prefix of either (a literal prefix: `_`
         and `%` are characters, not wildcards). A damaged row raises `DamagedRow`."""
+        row = self._lookup(self._select(), key_or_id)
+        return self._record(row, with_epochs) if row else None
+
+    def _lookup(self, select: str, key_or_id: str) -> tuple | None:
+        """The one row of `select` whose config hash or run id is `key_or_id`, else the one
+        whose either starts with it (4+ characters, a literal prefix); None if none or several."""
         with self._guard():
-            row = self.conn.execute(
-                f"{self._select()} WHERE config_hash = ? OR run_id = ?", (key_or_id, key_or_id)
-            ).fetchone()
+            row = self.conn.execute(f"{select} WHERE config_hash = ? OR run_id = ?",
+                                    (key_or_id, key_or_id)).fetchone()
             if row is None and len(key_or_id) >= 4:
                 n = len(key_or_id)
                 rows = self.conn.execute(
-                    f"{self._select()} WHERE substr(run_id, 1, ?) = ? OR "
-                    f"substr(config_hash, 1, ?) = ?", (n, key_or_id, n, key_or_id),
-                ).fetchall()
+                    f"{select} WHERE substr(run_id, 1, ?) = ? OR substr(config_hash, 1, ?) = ?",
+                    (n, key_or_id, n, key_or_id)).fetchall()
                 row = rows[0] if len(rows) == 1 else None
-        return self._record(row, with_epochs) if row else None
+        return row
 
     def finished(self, config_hash: str) -> RunRecord | None:
         """The stored run for this hash if it completed or diverged (both are final results)
@@ -315,16 +319,9 @@ class Store:
     def runs(self, label: str | None = None, status: str | None = None,
              with_epochs: bool = False) -> list[RunRecord]:
         """Stored runs, oldest first; damaged rows are passed over and listed in `skipped`."""
-        sql, args = f"{self._select()} WHERE 1=1", []
-        if label is not None:
-            sql += " AND label = ?"
-            args.append(label)
-        if status is not None:
-            sql += " AND status = ?"
-            args.append(status)
-        sql += " ORDER BY created_at"
+        where, args = _filters(label, status)
         with self._guard():
-            rows = self.conn.execute(sql, args).fetchall()
+            rows = self.conn.execute(f"{self._select()}{where} ORDER BY created_at", args).fetchall()
         out = []
         for r in rows:
             try:
@@ -336,28 +333,15 @@ class Store:
     def match(self, key_or_id: str) -> str | None:
         """The run id of a run by id, config hash or unique prefix, without reading the row
         (a damaged row can be matched, to delete it)."""
-        with self._guard():
-            row = self.conn.execute("SELECT run_id FROM runs WHERE config_hash = ? OR run_id = ?",
-                                    (key_or_id, key_or_id)).fetchone()
-            if row is None and len(key_or_id) >= 4:
-                n = len(key_or_id)
-                rows = self.conn.execute(
-                    "SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? OR "
-                    "substr(config_hash, 1, ?) = ?", (n, key_or_id, n, key_or_id)).fetchall()
-                row = rows[0] if len(rows) == 1 else None
+        row = self._lookup("SELECT run_id FROM runs", key_or_id)
         return None if row is None else str(row[0])
 
     def run_ids(self, label: str | None = None, status: str | None = None) -> list[str]:
         """Ids of stored runs (damaged rows included: for deleting)."""
-        sql, args = "SELECT run_id FROM runs WHERE 1=1", []
-        if label is not None:
-            sql += " AND label = ?"
-            args.append(label)
-        if status is not None:
-            sql += " AND status = ?"
-            args.append(status)
+        where, args = _filters(label, status)
         with self._guard():
-            return [str(r) for (r,) in self.conn.execute(sql + " ORDER BY created_at", args)]
+            return [str(r) for (r,) in self.conn.execute(
+                f"SELECT run_id FROM runs{where} ORDER BY created_at", args)]
 
     def count(self) -> int:
         with self._guard():
@@ -389,3 +373,10 @@ class Store:
         safetensors files or (for a completed run) holding NaN/inf weights, and measurement
         rows or files that fail their checksums. Empty when all is well."""
         return [p for _, p in self.check_runs()]
+
+
+def _filters(label: str | None, status: str | None) -> tuple[str, list[str]]:
+    """The WHERE clause (and its arguments) of a listing by label and/or status."""
+    conds = [(c, v) for c, v in (("label = ?", label), ("status = ?", status)) if v is not None]
+    where = " WHERE " + " AND ".join(c for c, _ in conds) if conds else ""
+    return where, [v for _, v in conds]
