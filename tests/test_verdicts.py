@@ -341,6 +341,18 @@ def test_construction_checks_never_decide_a_finding():
     assert fv["S1"].verdict == UNTESTABLE  # a failed premise still blocks: only construction is set aside
 
 
+def test_a_mixed_finding_says_its_parts_disagree():
+    from batchlab.report.answers import verdicts_markdown
+
+    claims = [{"id": "step", "finding": "S4", "primary": True, "verdict": REPRODUCED,
+               "estimate": 0.1, "ci": [0.05, 0.15], "region": {"above": 0.0}},
+              {"id": "sqrt", "finding": "S4", "primary": True, "verdict": NOT_REPRODUCED,
+               "estimate": 0.1, "ci": [0.05, 0.15], "region": {"between": [0.35, 0.65]}}]
+    md = verdicts_markdown(claims)
+    assert "| S4 | mixed |  | nothing more: its parts are decided and disagree (step " \
+           "reproduced, sqrt not_reproduced) |" in md
+
+
 def test_open_findings_say_what_would_decide_them():
     from batchlab.report.answers import verdicts_markdown, what_decides
 

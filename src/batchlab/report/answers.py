@@ -155,6 +155,9 @@ def open_findings(fvs: dict[str, FindingVerdict]) -> list[tuple[str, str, list[t
             continue
         rows = [(c["id"], what_decides(c)) for c in fv.basis
                 if c["verdict"] in ("inconclusive", "untestable")]
+        if not rows and fv.verdict == MIXED:  # every part decided, and they disagree
+            rows = [("", "nothing more: its parts are decided and disagree ("
+                     + ", ".join(f"{c['id']} {c['verdict']}" for c in fv.basis) + ")")]
         out.append((fid, fv.verdict, rows))
     return out
 
