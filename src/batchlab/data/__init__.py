@@ -103,6 +103,7 @@ def prepare(
     split_seed: int = 0,
     max_train: int | None = None,
     max_test: int | None = None,
+    train_eval_size: int | None = None,
     device: torch.device | str = "cpu",
 ) -> TensorData:
     """Scale, split and move to `device`.
@@ -113,6 +114,8 @@ def prepare(
     `val_fraction` holds out a seeded random part of the training set as "val".
     `max_train` / `max_test` keep a stratified subset (`stratified_subset`), never the first
     rows: the files of some sets are sorted by class.
+    `train_eval_size` scores the train metrics on a stratified subset of that many training
+    rows (`TrainConfig.train_eval_size`); the model still trains on all of them.
     """
     if normalize not in ("unit", "standardize"):
         raise DataError(f"unknown normalize {normalize!r}; use 'unit' or 'standardize'")
@@ -152,6 +155,9 @@ def prepare(
 
     evals = {k: to_t(*v) for k, v in eval_np.items()}
     x_train_t, y_train_t = evals["train"]
+    if train_eval_size is not None and train_eval_size < len(y_tr):
+        keep = torch.from_numpy(subset(y_tr, train_eval_size)).to(dev)
+        evals["train"] = (x_train_t[keep], y_train_t[keep])
     return TensorData(
         x_train=x_train_t,
         y_train=y_train_t,

@@ -276,13 +276,14 @@ class Loop:
         if self.vectorized:
             row["vectorized_k"] = k_active
         t = time.perf_counter()
-        mt = eval_metrics(net, self.td, self.eval_objective)
+        # a run with eval_every > 1 skips the metrics between evaluations (`evaluates`)
+        mt = eval_metrics(net, self.td, self.eval_objective) if cfg.evaluates(epoch) else {}
         vals = torch.stack([running, *mt.values()]).tolist()  # the epoch's one host sync
         row["running_loss"] = vals[0]
         row.update(dict(zip(mt.keys(), vals[1:])))
         for p in self.probes[k]:
             row.update(p.on_epoch_end(self.ctxs[k], epoch))
-        row["gap"] = self._gap(row)
+        row["gap"] = self._gap(row) if mt else None
         row["eval_seconds"] = time.perf_counter() - t
         self.own_seconds[k] += seconds + row["eval_seconds"]
         res.epochs.append(row)
@@ -292,7 +293,7 @@ class Loop:
             self.reporter.epoch(row)
         if self.on_epoch:
             self.on_epoch(row)
-        if not all(math.isfinite(row[m]) for m in ("running_loss", "train_loss")):
+        if not all(math.isfinite(row[m]) for m in ("running_loss", "train_loss") if m in row):
             res.status = "diverged"
             res.final["diverged_epoch"] = epoch
             return False

@@ -86,12 +86,13 @@ def get_data(cfg: TrainConfig, device: torch.device, objective: Any = None) -> T
                               f"built-in datasets are classification")
         raw = load_dataset(cfg.dataset, cfg.data_dir)
     k = (raw.fingerprint, raw.x_train.shape[1:], str(raw.x_train.dtype), cfg.normalize,
-         cfg.val_fraction, cfg.max_train, cfg.max_test, str(device))
+         cfg.val_fraction, cfg.max_train, cfg.max_test, cfg.train_eval_size, str(device))
     if k not in _TD_CACHE:
         if len(_TD_CACHE) > 4:
             _TD_CACHE.clear()
         _TD_CACHE[k] = prepare(raw, normalize=cfg.normalize, val_fraction=cfg.val_fraction,
-                               max_train=cfg.max_train, max_test=cfg.max_test, device=device)
+                               max_train=cfg.max_train, max_test=cfg.max_test,
+                               train_eval_size=cfg.train_eval_size, device=device)
     return _TD_CACHE[k]
 
 

@@ -82,10 +82,12 @@ class Context:
         return {"dataset": "mnist-5k"}
 
     def generic_fields(self) -> dict[str, Any]:
-        """The options that apply to every config (hidden widths, dataset, max_train)."""
-        from batchlab.experiments.options import GENERIC
+        """The options that apply to every config (hidden widths, dataset, max_train, the
+        train-evaluation subset: 10,000 examples in the paper preset, `PAPER_TRAIN_EVAL`)."""
+        from batchlab.experiments.options import GENERIC, PAPER_TRAIN_EVAL
 
-        return {k: self.options[k] for k in GENERIC if self.options.get(k) is not None}
+        out = {"train_eval_size": PAPER_TRAIN_EVAL} if self.paper and not self.data else {}
+        return {**out, **{k: self.options[k] for k in GENERIC if self.options.get(k) is not None}}
 
     def config(self, **fields: Any) -> TrainConfig:
         user = {k: v for k, v in (("model", self.model), ("data", self.data), ("loss", self.loss))

@@ -249,9 +249,11 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
         for epochs, b in _phases(cfg):
             steps = epochs * math.ceil(td.n_train / b)
             plan.sgd_steps += k * steps
-            plan.flops += k * epochs * (6 * params * td.n_train + 2 * params * n_eval)
+            plan.flops += k * epochs * 6 * params * td.n_train
             seconds += steps * probe.step_seconds(dims, b, k, fused)
-            seconds += k * epochs * n_eval * probe.eval_seconds_per_sample(dims)
+        evals = cfg.evaluated_epochs()  # epoch 0 and every evaluated epoch (`eval_every`)
+        plan.flops += k * evals * 2 * params * n_eval
+        seconds += k * evals * n_eval * probe.eval_seconds_per_sample(dims)
         bmax = max(b for _, b in _phases(cfg))
         act = 4 * bmax * k * sum(dims) * 3
         plan.peak_memory_bytes = max(plan.peak_memory_bytes,
