@@ -15,8 +15,10 @@ constant, on a name bound in the same file to a literal (`for mod in ("batchlab.
 or a subscript of one (`_LAZY = {"Store": "batchlab.runs.store"}`, `_LAZY[name]`), or on an
 f-string: `f"batchlab.experiments.{REGISTRY[name]}"` imports the modules the literal REGISTRY
 names, `f"batchlab.probes.{name}"` may import any module under `batchlab.probes`, so it
-counts as importing all of them. Why: a lazy import is still a dependency; reading only
-`import` statements let two modules import each other, one by string, unnoticed.
+counts as importing all of them. A name imported from a package that loads it lazily
+through such a dict (`from batchlab import Store`) imports the module the dict names.
+Why: a lazy import is still a dependency; reading only `import` statements let two modules
+import each other, one by string, unnoticed.
 
 Each rule is proven able to fail on a small planted package (`test_planted_violation`); the
 real package must come out exactly as `ALLOWED` (empty: nothing is tolerated).
@@ -89,17 +91,23 @@ def scan(root: Path) -> dict[str, Module]:
         parts = list(path.relative_to(root.parent).with_suffix("").parts)
         paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     known = set(paths)
-    return {mod: Module(mod, len(path.read_text().splitlines()),
-                        tuple(_imports(path, mod, known, root.name)))
+    trees = {mod: ast.parse(path.read_text()) for mod, path in paths.items()}
+    found = {mod: list(_imports(trees[mod], mod, path.name == "__init__.py", known, root.name))
+             for mod, path in paths.items()}
+    lazy = {mod: _lazy_attributes(tree, known) for mod, tree in trees.items()}
+    for imports in found.values():  # `from batchlab import Store`: the module the facade loads it from
+        imports += [(lazy[dep][n], ()) for dep, names in list(imports) if dep in lazy
+                    for n in names if n in lazy[dep]]
+    return {mod: Module(mod, len(path.read_text().splitlines()), tuple(found[mod]))
             for mod, path in paths.items()}
 
 
-def _imports(path: Path, mod: str, known: set[str], top: str) -> Iterable[tuple[str, tuple[str, ...]]]:
-    tree = ast.parse(path.read_text())
+def _imports(tree: ast.AST, mod: str, is_pkg: bool, known: set[str], top: str
+             ) -> Iterable[tuple[str, tuple[str, ...]]]:
     bound = _string_bindings(tree)
-    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    pkg = mod if is_pkg else mod.rsplit(".", 1)[0]
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and node.args and _call_name(node) in ("import_module", "__import__"):
+        if isinstance(node, ast.Call) and _is_import_call(node):
             for text in _named(node.args[0], bound, known):
                 if text.split(".")[0] == top and (dep := _resolve(text, known)):
                     yield dep, ()
@@ -130,9 +138,31 @@ def _imports(path: Path, mod: str, known: set[str], top: str) -> Iterable[tuple[
                 yield dep, rest
 
 
-def _call_name(node: ast.Call) -> str:
+def _is_import_call(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Call) or not node.args:
+        return False
     f = node.func
-    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+    name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+    return name in ("import_module", "__import__")
+
+
+def _lazy_attributes(tree: ast.AST, known: set[str]) -> dict[str, str]:
+    """name -> module for names a package loads lazily through a literal dict that an import
+    call is subscripted with (`_PUBLIC = {"Store": "batchlab.runs.store"}` and
+    `importlib.import_module(_PUBLIC[name])` in its `__getattr__`)."""
+    dicts: dict[str, dict[str, str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict):
+            pairs = {k.value: v.value for k, v in zip(node.value.keys, node.value.values)
+                     if isinstance(k, ast.Constant) and isinstance(k.value, str)
+                     and isinstance(v, ast.Constant) and isinstance(v.value, str)}
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(t, ast.Name):
+                    dicts[t.id] = pairs
+    used = {n.args[0].value.id for n in ast.walk(tree) if _is_import_call(n)
+            and isinstance(n.args[0], ast.Subscript) and isinstance(n.args[0].value, ast.Name)}
+    return {k: dep for d in used for k, v in dicts.get(d, {}).items()
+            if (dep := _resolve(v, known)) and "." in dep}
 
 
 def _string_bindings(tree: ast.AST) -> dict[str, set[str]]:
@@ -289,6 +319,9 @@ def test_the_scanner_sees_the_real_dynamic_imports() -> None:
     assert "batchlab.runs.store" in imports["batchlab"]
     assert "batchlab.cli.experiment" in imports["batchlab.cli.root"]
     assert "batchlab.probes.geometry" in imports["batchlab.probes"]
+    assert "batchlab.experiments.sharpness" in imports["batchlab.experiments"]
+    assert _lazy_attributes(ast.parse((SRC / "__init__.py").read_text()), set(scan(SRC)))["Store"] \
+        == "batchlab.runs.store"
 
 
 # --- every rule fails on a planted case --------------------------------------------------
@@ -311,9 +344,12 @@ def plant(tmp_path: Path, files: dict[str, str]) -> Path:
 
 LOOP = {"engine/loop.py": "def train_one() -> None: ...\n"}
 LAZY = "import importlib\n\n\ndef load(name):\n    return importlib.import_module({})\n"
+FACADE_INIT = ("import importlib\n_PUBLIC = {'train_one': 'batchlab.engine.loop'}\n\n\n"
+               "def __getattr__(name):\n    return getattr(importlib.import_module(_PUBLIC[name]), name)\n")
 CASES: list[tuple[Callable[[Path], set[str]], dict[str, str], set[str]]] = [
     (homeless, {"helpers.py": "x = 1\n"}, {"layer: batchlab.helpers is in no layer"}),
-    *[(upward, {**LOOP, "data/x.py": code}, {"upward: batchlab.data.x (data) imports batchlab.engine.loop (engine)"})
+    *[(upward, {**LOOP, "__init__.py": FACADE_INIT, "data/x.py": code},
+       {"upward: batchlab.data.x (data) imports batchlab.engine.loop (engine)"})
       for code in [
           "from batchlab.engine.loop import train_one\n",
           "import batchlab.engine.loop\n",
@@ -324,7 +360,9 @@ CASES: list[tuple[Callable[[Path], set[str]], dict[str, str], set[str]]] = [
           # a module list, as the CLI registers its plugins
           "import importlib\nfor mod in ('batchlab.data.y', 'batchlab.engine.loop'):\n"
           "    importlib.import_module(mod)\n",
-          # a name -> module dict, as the package facade loads its public names
+          # a name the package facade loads lazily from a module above
+    "from batchlab import train_one\n",
+    # a name -> module dict, as the package facade loads its public names
           "import importlib\n_LAZY = {'train': 'batchlab.engine.loop'}\n\n\n"
           "def __getattr__(name):\n    return getattr(importlib.import_module(_LAZY[name]), name)\n",
       ]],
