@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.intervals import (
     Interval,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine.result import TrainResult
@@ -57,6 +57,9 @@ class Context:
     # progress(description, done, total) as long work advances (the CLI draws a bar from it)
     progress: Callable[[str, float, float], None] | None = None
     statuses: list[str] = field(default_factory=list)  # of every run `run_many` returned
+    # True for `--plan`'s PlanContext (run_many records configs instead of training): an
+    # experiment asks this instead of importing the planner, which imports every experiment
+    planning: ClassVar[bool] = False
 
     def all_failed(self) -> str | None:
         """A one-line reason when the experiment trained runs and every one of them failed

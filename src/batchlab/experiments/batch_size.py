@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 
 from batchlab.errors import ConfigError
-from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import intervals as I
 from batchlab.experiments.accuracies import test_set_var
+from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, rows_to_csv
 from batchlab.experiments.study import (

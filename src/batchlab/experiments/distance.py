@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.errors import ConfigError
-from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.intervals import correlation, ratio
 from batchlab.experiments.outputs import md_table, plt

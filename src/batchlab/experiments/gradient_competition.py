@@ -45,8 +45,8 @@ from batchlab.analysis.gradcomp_trials import TrialRun
 from batchlab.config import Phase, TrainConfig
 from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import ConfigError
-from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import gradient_competition_stats as GS
+from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.gradient_competition_claims import (
     REGIMES,
     Design,

@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 
 from batchlab.config import Phase
-from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
-from batchlab.experiments.base import QUICK_HIDDEN
+from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 

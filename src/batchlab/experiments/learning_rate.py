@@ -11,7 +11,7 @@ is gated on its arms having converged (`study.converged`) and is `untestable` ot
 from __future__ import annotations
 
 from batchlab.errors import ConfigError
-from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.study import (

@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,7 +36,8 @@ from batchlab.config import TrainConfig
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import get_data, resolve_device
 from batchlab.engine.vectorized import plan_groups
-from batchlab.experiments import Context, get
+from batchlab.experiments import get
+from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import Probe, mlp_params
 from batchlab.experiments.plan_trials import add_trials, checkpoint_configs
 
@@ -54,6 +55,7 @@ class PlanContext(Context):
     """A Context whose `run_many` records configs instead of training them."""
 
     recorded: list[TrainConfig] = field(default_factory=list)
+    planning: ClassVar[bool] = True
 
     def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
         self.recorded.extend(configs)

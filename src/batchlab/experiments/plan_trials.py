@@ -15,8 +15,8 @@ from batchlab.config import TrainConfig
 from batchlab.data import load_dataset
 from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import BatchlabError
-from batchlab.experiments import Context
 from batchlab.experiments import gradient_competition as G
+from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import mlp_params
 from batchlab.runs.measurements import (
     Measurements,

@@ -31,13 +31,12 @@ import torch
 from batchlab.config import Phase
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import build_model, get_data, resolve_device
-from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import intervals as I
 from batchlab.experiments import sharpness_units as U
 from batchlab.experiments import stability as K7
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
-from batchlab.experiments.base import QUICK_HIDDEN
+from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim, Gate
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.experiments.schedules_exp import converged, learned, plateau_gain, train_rise

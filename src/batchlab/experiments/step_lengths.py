@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
+from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
 

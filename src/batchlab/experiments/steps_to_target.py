@@ -41,9 +41,8 @@ from batchlab.analysis.scaling import (
     scaling_efficiency,
 )
 from batchlab.engine.result import TrainResult
-from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import intervals as I
-from batchlab.experiments.base import QUICK_HIDDEN
+from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.steps_to_target_claims import (
     censored_counts,
@@ -134,13 +133,11 @@ def halving(ctx: Context, s: dict[str, Any], n_train: int, tiny: list) -> tuple[
     """One successive-halving search per (batch size, seed), their rounds trained together (one
     `run_many` per round; the tiny batch's runs go with the first). Under `--plan` the worst
     case is recorded: every round of every search, as if no lr reached the target early."""
-    from batchlab.experiments.plan import PlanContext
-
     batches = [b for b in s["batch_sizes"] if b <= n_train]
     lower = s["target_metric"].endswith("loss")
     searches = {(b, sd): HalvingSearch(list(s["lrs"]), int(s["max_epochs"]), lower)
                 for b in batches for sd in ctx.seed_list}
-    if isinstance(ctx, PlanContext):
+    if ctx.planning:
         worst = [one_config(ctx, s, b, lr, sd, ep) for (b, sd), h in searches.items()
                  for n, ep in h.schedule for lr in sorted(s["lrs"])[:n]]
         ctx.run_many(worst + tiny, label="steps-to-target")  # records them and stops

@@ -27,10 +27,11 @@ import numpy as np
 
 from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
-from batchlab.experiments import Context, findings
+from batchlab.experiments import findings
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.accuracies import accuracy, accuracy_difference, bits_to_array
+from batchlab.experiments.base import Context
 from batchlab.experiments.claims import Gate
 from batchlab.experiments.intervals import Interval
 from batchlab.experiments.outputs import rows_to_csv

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from batchlab.config import Phase
 from batchlab.errors import ConfigError
-from batchlab.experiments import Context, Experiment, Output
+from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.study import (

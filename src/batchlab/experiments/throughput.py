@@ -23,10 +23,9 @@ from batchlab.analysis.throughput import (
     measure_stored,
     time_to_target,
 )
-from batchlab.experiments import Context, Experiment, Output
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
-from batchlab.experiments.base import QUICK_HIDDEN
+from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.intervals import Interval
 from batchlab.experiments.outputs import md_table

@@ -18,56 +18,9 @@ clean evaluations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from batchlab.probes.base import PROBES, Probe, ProbeContext, register
 
-import torch
-from torch import nn
-
-
-@dataclass
-class ProbeContext:
-    """What a probe may look at: the live model, its initial weights, the optimizer (None on
-    the fused path), the run config, the data (resident TensorData, or StreamData: draw
-    examples with `batchlab.data.stream.sample_data`) and the run's objective."""
-
-    model: nn.Module
-    init_state: dict[str, torch.Tensor]
-    config: Any
-    data: Any
-    optimizer: torch.optim.Optimizer | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    objective: Any = None  # the run's batchlab.task.Objective (None: classification)
-
-
-class Probe:
-    name: str = "probe"
-    every_steps: int | None = None
-    needs_grad: bool = False
-
-    def on_start(self, ctx: ProbeContext) -> dict[str, float]:
-        """Called once before training; may return metrics for epoch 0."""
-        return {}
-
-    def on_step(self, ctx: ProbeContext, step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
-        """Called after the update of every `every_steps`-th step (see the module doc: the
-        weights after `step` steps; `.grad` = the batch's pre-update gradient when
-        `needs_grad`)."""
-
-    def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
-        return {}
-
-
-PROBES: dict[str, Callable[[], Probe]] = {}
-
-
-def register(name: str) -> Callable[[Callable[[], Probe]], Callable[[], Probe]]:
-    def deco(factory: Callable[[], Probe]) -> Callable[[], Probe]:
-        PROBES[name] = factory
-        return factory
-
-    return deco
+__all__ = ["PROBES", "Probe", "ProbeContext", "make_probes", "register"]
 
 
 def make_probes(names: list[str]) -> list[Probe]:

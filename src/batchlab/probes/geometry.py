@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from batchlab.probes import Probe, ProbeContext, register
+from batchlab.probes.base import Probe, ProbeContext, register
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -27,7 +27,7 @@ import torch
 from batchlab.data.stream import sample_data
 from batchlab.measure.metrics import evaluate, evaluate_objective
 from batchlab.measure.noise import averaged, b_simple, default_loss
-from batchlab.probes import Probe, ProbeContext, register
+from batchlab.probes.base import Probe, ProbeContext, register
 from batchlab.task import Classification, objective_for, resolve_target
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from batchlab.probes import Probe, ProbeContext, register
+from batchlab.probes.base import Probe, ProbeContext, register
 
 
 class StepLengthProbe(Probe):
