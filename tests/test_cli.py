@@ -321,7 +321,7 @@ def test_enumerated_options_are_choices_in_help_and_match_the_library(
     import typing
 
     monkeypatch.setenv("COLUMNS", "250")
-    from batchlab.cli import root
+    from batchlab.cli import options as root
     from batchlab.config import INITS, OPTIMIZERS
     from batchlab.data import DATASETS
 

@@ -1,0 +1,94 @@
+"""One option name, one meaning: every command's options, walked from the click tree.
+
+The check that would have caught the drift of `--store`/`--quiet`/`--seed` across commands
+(each declared per command, with its own help text and type)."""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import typer
+
+from batchlab.cli import app
+
+
+def commands(cmd: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    if hasattr(cmd, "commands"):
+        for name, sub in cmd.commands.items():
+            yield from commands(sub, (*path, name))
+    else:
+        yield " ".join(path), cmd
+
+
+def options(cmd: Any) -> Iterator[Any]:
+    return (p for p in cmd.params if p.param_type_name == "option" and p.name != "help")
+
+
+def kind(param: Any) -> tuple[Any, ...]:
+    """What a value of the option may be: its type (Optional stripped), choices and range."""
+    ann = param.type_descriptor.annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if typing.get_origin(ann) is typing.Union and len(args) == 1:
+        ann = args[0]
+    choices = tuple(str(getattr(c, "value", c)) for c in param.type_descriptor.choices or ())
+    return ann, choices, param.min, param.max
+
+
+ROOT = typer.main.get_command(app)
+ALL = list(commands(ROOT))
+
+
+def test_an_option_name_has_one_help_text_and_one_type_on_every_command() -> None:
+    seen: dict[str, dict[tuple[Any, ...], list[str]]] = {}
+    for path, cmd in ALL:
+        for p in options(cmd):
+            for name in p.opts:
+                seen.setdefault(name, {}).setdefault((p.help, kind(p)), []).append(path)
+    drift = {name: {str(k)[:120]: v[:3] for k, v in variants.items()}
+             for name, variants in seen.items() if len(variants) > 1}
+    assert not drift, f"options declared differently on different commands: {drift}"
+    shared = [n for n, v in seen.items() if len(next(iter(v.values()))) > 1]
+    assert {"--store", "--json", "--quiet", "--seed", "--dataset", "--data-dir"} <= set(shared)
+
+
+@pytest.mark.parametrize("path", [p for p, _ in ALL])
+def test_boolean_flags_show_no_type(path: str) -> None:
+    cmd = dict(ALL)[path]
+    flags = [p for p in options(cmd) if p.is_flag]
+    assert all(p.metavar == "" for p in flags), [p.opts for p in flags if p.metavar != ""]
+
+
+def test_seed_and_dataset_are_the_same_checked_choice_on_train_and_recommend() -> None:
+    from batchlab.config import MAX_SEED
+    from batchlab.data import DATASETS
+
+    by = dict(ALL)
+    for cmd in ("train", "recommend"):
+        ps = {p.name: p for p in options(by[cmd])}
+        assert kind(ps["seed"])[2:] == (0, MAX_SEED)
+        assert kind(ps["dataset"])[1] == DATASETS
+
+
+@pytest.mark.parametrize("path", ["data", "runs export", "schedule-preset", "train", "runs list"])
+def test_commands_that_print_take_json(path: str) -> None:
+    assert any("--json" in p.opts for p in options(dict(ALL)[path]))
+
+
+def test_experiment_and_reproduce_share_their_options() -> None:
+    by = dict(ALL)
+    exp = [p.name for p in options(by["experiment batch-size"])]
+    rep = [p.name for p in options(by["reproduce"])]
+    from batchlab.cli.experiment import COMMON_PARAMS
+
+    common = [n for n, _, _ in COMMON_PARAMS]
+    assert exp[:len(common)] == rep[:len(common)] == common
+
+
+def test_root_help_offers_shell_completion(run_main: Any, capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run_main("--help") == 0
+    assert "--install-completion" in capsys.readouterr().out
