@@ -92,3 +92,18 @@ def test_root_help_offers_shell_completion(run_main: Any, capsys: pytest.Capture
     monkeypatch.setenv("COLUMNS", "200")
     assert run_main("--help") == 0
     assert "--install-completion" in capsys.readouterr().out
+
+
+def test_json_of_data_and_schedule_preset_is_what_they_print(
+        run_main: Any, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    assert run_main("data", "digits", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dataset"] == "digits" and doc["train"] > 0 and len(doc["sha256"]) == 64
+    assert run_main("schedule-preset", "goyal", "--batch-size", "1024", "--base-batch", "64",
+                    "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["preset"] == "goyal" and doc["fields"]["batch_size"] == 1024
+    assert run_main("schedule-preset", "goyal", "--batch-size", "0", "--json") == 2
+    assert "--batch-size must be >= 1" in json.loads(capsys.readouterr().out)["error"]
