@@ -17,12 +17,12 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from batchlab.config import INITS, MAX_SEED, OPTIMIZERS
+from batchlab.config import INITS, MAX_SEED, optimizer_names
 from batchlab.data import DATASETS
 
 # typer reads choices from a Literal; these are built from the library's tables at import
 Dataset = Literal[DATASETS]  # type: ignore[valid-type]
-Optimizer = Literal[OPTIMIZERS]  # type: ignore[valid-type]
+Optimizer = Literal[optimizer_names()]  # type: ignore[valid-type]  (batchlab.nn.registry)
 Init = Literal[INITS]  # type: ignore[valid-type]
 Executor = Literal["local", "ray"]
 Amp = Literal["off", "bf16", "fp16"]
