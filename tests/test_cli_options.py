@@ -107,3 +107,39 @@ def test_json_of_data_and_schedule_preset_is_what_they_print(
     assert doc["preset"] == "goyal" and doc["fields"]["batch_size"] == 1024
     assert run_main("schedule-preset", "goyal", "--batch-size", "0", "--json") == 2
     assert "--batch-size must be >= 1" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_every_scalar_train_config_field_is_a_train_flag() -> None:
+    """Scalar fields are flags; the others (lists, tuples, dicts) are --config TOML, and
+    `train --help` says so."""
+    from batchlab.cli.trainflags import scalar_fields
+    from batchlab.config import TrainConfig
+
+    flags = {o for p in options(dict(ALL)["train"]) for o in p.opts}
+    scalars = scalar_fields()
+    assert {"lr", "batch_size", "warmup_epochs", "engine", "nesterov"} <= set(scalars)
+    missing = [n for n in scalars if "--" + n.replace("_", "-") not in flags]
+    assert not missing, f"TrainConfig fields no train flag reaches: {missing}"
+    config_only = sorted(set(TrainConfig.model_fields) - set(scalars))
+    assert "hidden" in config_only and "schedule" in config_only
+    assert "--config" in flags
+
+
+def test_generated_train_flags_reach_the_config_and_override_config_toml(
+        run_main: Any, capsys: pytest.CaptureFixture, tmp_path: Any) -> None:
+    import json
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('dataset = "digits"\nhidden = [16]\nepochs = 1\nwarmup_epochs = 2.0\n'
+                    'decay = "cosine"\n')
+    store = tmp_path / "s.db"
+    assert run_main("train", "--config", toml, "--warmup-epochs", "0.5", "--nesterov",
+                    "--momentum", "0.9", "--max-train", "200", "--store", store, "--json") == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert (cfg["warmup_epochs"], cfg["nesterov"], cfg["max_train"]) == (0.5, True, 200)
+    assert cfg["decay"] == "cosine" and cfg["hidden"] == [16]  # from the TOML, not a flag
+    assert run_main("train", "--dataset", "digits", "--epochs", "0", "--engine", "warp",
+                    "--store", store) == 2
+    assert run_main("train", "--dataset", "digits", "--epochs", "0", "--eps", "0",
+                    "--store", store) == 2
+    assert "eps" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import typer
 
 from batchlab.cli.boundary import emit_json
 from batchlab.cli.options import BatchSizeOpt, ConfigOpt, JsonOpt, MaxBatchOpt
+from batchlab.cli.trainflags import FIELD_HELP
 from batchlab.engine.presets import ALIASES, Fields, apply_preset, preset_toml
 from batchlab.errors import ConfigError
 
@@ -26,7 +27,7 @@ def register(app: Any) -> None:
         config: ConfigOpt = None,
         batch_size: BatchSizeOpt = None,
         base_batch: Annotated[Optional[int], typer.Option("--base-batch", help="Batch of the recipe (>= 1).")] = None,
-        warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Warmup length in epochs (goyal).")] = 5.0,
+        warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help=FIELD_HELP["warmup_epochs"])] = 5.0,
         max_batch: MaxBatchOpt = None,
         table: Annotated[Optional[str], typer.Option("--table", help="Write the fields under this TOML table, e.g. base (a sweep file).")] = None,
         as_json: JsonOpt = False,

@@ -8,7 +8,7 @@ stdout stays machine-readable.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -41,6 +41,7 @@ from batchlab.cli.options import (
 )
 from batchlab.cli.progress import ProgressBars
 from batchlab.cli.runs import cell, check_store_folder, col, print_table, runs_app, warn_distrusted
+from batchlab.cli.trainflags import given, with_config_flags
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Study how batch size shapes neural-network training.")
@@ -103,6 +104,7 @@ class RichReporter:
 
 
 @app.command()
+@with_config_flags
 def train(
     ctx: typer.Context,
     dataset: DatasetOpt = "mnist-5k",
@@ -124,8 +126,12 @@ def train(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    extra: Optional[dict[str, Any]] = None,
 ) -> None:
-    """Train one run (stored; an identical finished run is returned from the store)."""
+    """Train one run (stored; an identical finished run is returned from the store).
+
+    Every scalar TrainConfig field has a flag; list-valued ones (hidden, betas, schedule,
+    decay_epochs, ...) are set in the --config TOML."""
     from batchlab.atomic import check_writable
     from batchlab.config import make_config
     from batchlab.engine.setup import resolve_device
@@ -140,8 +146,9 @@ def train(
                  optimizer=optimizer, loss=loss, amp=amp, momentum=momentum, weight_decay=weight_decay, init=init,
                  seed=seed, device=device, data_dir=data_dir)
     for k, v in flags.items():
-        if config is None or _given(ctx, k):
+        if config is None or given(ctx, k):
             fields[k] = v
+    fields.update(extra or {})  # the generated flags given explicitly
     cfg = make_config(**fields)
     check_store_folder(store)
     check_writable(store, "--store")
@@ -159,11 +166,6 @@ def train(
     out.print(f"run [bold]{res.run_id}[/] {res.status}{tag}: test_{m} {f.get(f'test_{m}') or 0:.4f}"
               f"  train_{m} {f.get(f'train_{m}') or 0:.4f}  epochs {f.get('epoch')}"
               f"  train {f.get('train_seconds', 0):.1f}s")
-
-
-def _given(ctx: Any, name: str) -> bool:
-    src = ctx.get_parameter_source(name)
-    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 @app.command()
