@@ -143,3 +143,21 @@ def test_generated_train_flags_reach_the_config_and_override_config_toml(
     assert run_main("train", "--dataset", "digits", "--epochs", "0", "--eps", "0",
                     "--store", store) == 2
     assert "eps" in capsys.readouterr().err
+
+
+def test_recommend_takes_the_built_in_models_its_model_help_names(
+        run_main: Any, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Any) -> None:
+    """`--model cnn` (shared help: mlp, cnn or module:factory) builds the CNN on recommend too
+    (it used to be read as module:factory and refused)."""
+    import json
+
+    from batchlab.cli import recommend as cmd
+
+    def fake(net: Any, td: Any, **kw: Any) -> dict[str, Any]:
+        return {"net": type(net).__name__, "convs": sum("Conv" in type(m).__name__ for m in net.modules())}
+
+    monkeypatch.setattr(cmd, "recommend", fake)
+    assert run_main("recommend", "--dataset", "digits", "--model", "cnn", "--quiet", "--json",
+                    "--store", tmp_path / "s.db", "--out", tmp_path / "o") == 0
+    assert json.loads(capsys.readouterr().out)["convs"] > 0

@@ -38,7 +38,7 @@ from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import recommend
 from batchlab.recommend.run import check_settings
 from batchlab.runs.store import DEFAULT_STORE, Store
-from batchlab.usercode import check_model_on_data, user_data, user_model
+from batchlab.usercode import BUILTIN_MODELS, check_model_on_data, user_data, user_model
 
 
 class StageProgress:
@@ -111,7 +111,9 @@ def register(app: typer.Typer) -> None:
         from batchlab.usercode import user_output
 
         out_obj = user_output(data) if data is not None else None
-        task = loss != "cross_entropy" or isinstance(out_obj, Data) or is_source(out_obj)
+        # another loss, a streamed source or a built-in model (--model cnn): the engine's setup
+        task = (loss != "cross_entropy" or isinstance(out_obj, Data) or is_source(out_obj)
+                or model in BUILTIN_MODELS)
         if data is not None and not task:
             x, y, *test = user_data(data, Classification(), out_obj)  # test: [X_test, y_test]
         else:
