@@ -321,12 +321,12 @@ def test_enumerated_options_are_choices_in_help_and_match_the_library(
     import typing
 
     monkeypatch.setenv("COLUMNS", "250")
-    from batchlab.cli import root
-    from batchlab.config import INITS, OPTIMIZERS
+    from batchlab.cli import options as root
+    from batchlab.config import INITS, optimizer_names
     from batchlab.data import DATASETS
 
     assert typing.get_args(root.Dataset) == DATASETS
-    assert typing.get_args(root.Optimizer) == OPTIMIZERS
+    assert typing.get_args(root.Optimizer) == optimizer_names()
     assert typing.get_args(root.Init) == INITS
     def squeezed() -> str:  # rich wraps long choice lists inside its box
         return "".join(capsys.readouterr().out.replace("│", "").split())

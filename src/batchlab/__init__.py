@@ -23,6 +23,7 @@ _PUBLIC = {
     "Store": "batchlab.runs.store",
     "TrainResult": "batchlab.engine.result",
     "train": "batchlab.runs.training",
+    "register_optimizer": "batchlab.nn.registry",
 }
 _MODULES = {  # submodules reachable as `from batchlab import curvature`
     "curvature": "batchlab.measure.curvature",

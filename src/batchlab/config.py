@@ -18,7 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from batchlab.errors import ConfigError
 from batchlab.usercode import BUILTIN_MODELS, is_spec
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "lars", "cblr", "mclr")
+# The names `optimizer` may take: the table behind `batchlab.nn.registry`, which is where an
+# optimizer is registered (`register_optimizer(name, build)` adds its name here). Names only, so
+# validating a config never imports torch or the nn layer; the built-ins are listed here
+# because a config naming one must validate before batchlab.nn is imported.
+_optimizer_names: dict[str, None] = dict.fromkeys(("sgd", "adam", "adamw", "lars", "cblr", "mclr"))
 INITS = ("glorot", "torch", "kaiming")
 # Edges of what a run can mean. A config beyond them is a typo or an attack, not an experiment:
 # it is refused with one line instead of running for ever or overflowing.
@@ -75,7 +79,7 @@ class TrainConfig(BaseModel):
     batchnorm: bool = False
     ghost_batch_size: int | None = Field(default=None, gt=0)
     # optimization
-    optimizer: Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"] = "sgd"
+    optimizer: str = "sgd"  # a registered name: see batchlab.nn.registry
     lr: float = 0.01
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
     nesterov: bool = False
@@ -119,6 +123,13 @@ class TrainConfig(BaseModel):
             raise ValueError(f"lr must be a positive finite number, got {v}")
         if v > MAX_LR:
             raise ValueError(f"lr {v:g} is beyond any trainable value (at most {MAX_LR:g})")
+        return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_registered(cls, v: str) -> str:
+        if v not in _optimizer_names:
+            raise ValueError(f"unknown optimizer {v[:80]!r}; registered: {', '.join(_optimizer_names)}")
         return v
 
     @field_validator("betas")
@@ -260,6 +271,24 @@ class TrainConfig(BaseModel):
         if not self.schedule:
             return [self.batch_size]
         return [p.batch_size or self.batch_size for p in self.schedule]
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """The registered optimizer names, in registration order."""
+    return tuple(_optimizer_names)
+
+
+def add_optimizer_name(name: str) -> None:
+    """Make `name` a valid `TrainConfig.optimizer` (called by `nn.registry.register_optimizer`,
+    which also holds its builder)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", name):
+        raise ConfigError(f"optimizer name must be 1-64 letters, digits or _.:-, got {name!r:.80}")
+    _optimizer_names[name] = None
+
+
+def remove_optimizer_name(name: str) -> None:
+    """Undo `add_optimizer_name` (a test's optimizer, once the test is done)."""
+    _optimizer_names.pop(name, None)
 
 
 def make_config(**fields: Any) -> TrainConfig:

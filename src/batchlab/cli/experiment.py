@@ -7,8 +7,12 @@ JSON object on stdout; progress and verdict lines go to stderr (`--quiet` silenc
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -19,6 +23,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from batchlab.cli.boundary import emit_json
+from batchlab.cli.options import (
+    DataDirOpt,
+    DataOpt,
+    DeviceOpt,
+    ExecutorOpt,
+    JsonOpt,
+    ModelOpt,
+    OutOpt,
+    PlanOpt,
+    PresetOpt,
+    QuietOpt,
+    RayOpt,
+    SeedsOpt,
+    SetOpt,
+    StoreOpt,
+)
 from batchlab.cli.runs import check_store_folder, warn_distrusted
 from batchlab.engine.setup import resolve_device
 from batchlab.errors import AllRunsFailed
@@ -31,32 +51,52 @@ err = Console(stderr=True)
 REPRODUCE_ORDER = tuple(REGISTRY)
 
 
-class Preset(str, Enum):
-    quick = "quick"
-    paper = "paper"
-
-
-class Executor(str, Enum):
-    local = "local"
-    ray = "ray"
-
-
 Names = Enum("Names", {n.replace("-", "_"): n for n in REGISTRY}, type=str)  # type: ignore[misc]
 
-PresetOpt = Annotated[Preset, typer.Option(help="quick (CPU minutes) or paper (the study's settings).")]
-SeedsOpt = Annotated[int, typer.Option(min=1, max=1000, help="Seeds per configuration (intervals over seeds).")]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the four IDX files of mnist or fashion-mnist (default: the cache, else a download).")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output directory.")]
-StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite results store (runs are reused and resumed).")]
-ExecutorOpt = Annotated[Executor, typer.Option(help="Where runs execute: here, or on a Ray cluster.")]
-RayOpt = Annotated[Optional[str], typer.Option("--ray-address", help="auto or HOST:PORT; none starts a local Ray.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="mlp (default), cnn, or module:factory returning your nn.Module.")]
-DataOpt = Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or verdict lines on stderr.")]
-PlanOpt = Annotated[bool, typer.Option("--plan", help="Print what would run (minus what is stored): runs, trials, SGD steps, FLOPs, memory, disk and a projected time from a measured probe; trains nothing.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Experiment option KEY=VALUE (repeatable; see `batchlab experiment options NAME`).")]
+
+@dataclass
+class Common:
+    """The settings `batchlab experiment NAME` and `batchlab reproduce` share."""
+
+    preset: str
+    seeds: int
+    data_dir: str | None
+    out: Path
+    store: Path
+    executor: str
+    ray_address: str | None
+    device: str
+    model: str | None
+    data: str | None
+
+
+# (name, annotation, default) of Common's fields as command options, declared once for both
+# commands; `with_common` adds them to a command's signature
+COMMON_PARAMS: tuple[tuple[str, Any, Any], ...] = (
+    ("preset", PresetOpt, "quick"), ("seeds", SeedsOpt, 3), ("data_dir", DataDirOpt, None),
+    ("out", OutOpt, Path("out")), ("store", StoreOpt, Path("batchlab.db")),
+    ("executor", ExecutorOpt, "local"), ("ray_address", RayOpt, None), ("device", DeviceOpt, "auto"),
+    ("model", ModelOpt, None), ("data", DataOpt, None),
+)
+
+
+def with_common(fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn(common, **own options)` as a typer command taking COMMON_PARAMS too, in front of
+    its own options (one declaration, so the two commands cannot drift apart)."""
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "common"]
+    shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+              for n, a, d in COMMON_PARAMS]
+    names = [n for n, _, _ in COMMON_PARAMS]
+
+    @functools.wraps(fn)
+    def command(**kw: Any) -> None:
+        fn(Common(**{n: kw.pop(n) for n in names}), **kw)
+
+    del command.__wrapped__  # typer must read the signature below, not fn's
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*shared, *(p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own)])
+    command.__annotations__ = {}
+    return command
 
 
 def options_text(name: str) -> str:
@@ -66,18 +106,16 @@ def options_text(name: str) -> str:
     return "\n\n".join(lines)
 
 
-def _context(preset: Preset, seeds: int, data_dir: str | None, out: Path, store: Any,
-             executor: Executor, ray_address: str | None, device: str, model: str | None,
-             data: str | None, options: dict[str, Any], quiet: bool) -> Any:
+def _context(c: Common, store: Any, options: dict[str, Any], quiet: bool) -> Any:
     from batchlab.cli.progress import ProgressBars
     from batchlab.experiments import Context
 
     console = Console(stderr=True, quiet=quiet)
-    return Context(preset=preset.value, seeds=seeds, data_dir=data_dir, out_dir=out, store=store,
-                   executor=executor.value, ray_address=ray_address, device=device,
+    return Context(preset=c.preset, seeds=c.seeds, data_dir=c.data_dir, out_dir=c.out, store=store,
+                   executor=c.executor, ray_address=c.ray_address, device=c.device,
                    log_fn=lambda line: console.print(line, markup=False, highlight=False,
                                                      soft_wrap=True),  # greppable logs
-                   options=options, model=model, data=data,
+                   options=options, model=c.model, data=c.data,
                    progress=ProgressBars(console, enabled=not quiet))
 
 
@@ -90,17 +128,9 @@ def _check_out(out: Path, store: Path, writes: tuple[str, ...]) -> None:
 
 
 def _make_command(name: str) -> Any:
+    @with_common
     def command(
-        preset: PresetOpt = Preset.quick,
-        seeds: SeedsOpt = 3,
-        data_dir: DataDirOpt = None,
-        out: OutOpt = Path("out"),
-        store: StoreOpt = Path("batchlab.db"),
-        executor: ExecutorOpt = Executor.local,
-        ray_address: RayOpt = None,
-        device: DeviceOpt = "auto",
-        model: ModelOpt = None,
-        data: DataOpt = None,
+        common: Common,
         option: SetOpt = None,
         as_json: JsonOpt = False,
         quiet: QuietOpt = False,
@@ -112,12 +142,11 @@ def _make_command(name: str) -> Any:
 
         opts = parse_pairs(option)
         validate(name, opts)  # a bad --set fails before the store is opened
-        resolve_device(device)
-        check_store_folder(store)
-        _check_out(out, store, (name,))
-        with Store(store) as st:
-            ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device, model,
-                           data, opts, quiet)
+        resolve_device(common.device)
+        check_store_folder(common.store)
+        _check_out(common.out, common.store, (name,))
+        with Store(common.store) as st:
+            ctx = _context(common, st, opts, quiet)
             if plan:
                 _print_plan([(name, ctx)], as_json)
                 return
@@ -192,19 +221,11 @@ def register(app: typer.Typer) -> None:
         exp_app.command(name)(_make_command(name))
 
     @app.command()
+    @with_common
     def reproduce(
-        preset: PresetOpt = Preset.quick,
-        seeds: SeedsOpt = 3,
-        data_dir: DataDirOpt = None,
-        out: OutOpt = Path("out"),
-        store: StoreOpt = Path("batchlab.db"),
-        executor: ExecutorOpt = Executor.local,
-        ray_address: RayOpt = None,
-        device: DeviceOpt = "auto",
-        model: ModelOpt = None,
-        data: DataOpt = None,
+        common: Common,
         only: Annotated[Optional[list[Names]], typer.Option("--only", help="Run just these experiments (repeatable).")] = None,
-        option: Annotated[Optional[list[str]], typer.Option("--set", help="KEY=VALUE for every experiment that has option KEY, or NAME.KEY=VALUE for one (repeatable).")] = None,
+        option: SetOpt = None,
         as_json: JsonOpt = False,
         quiet: QuietOpt = False,
         plan: PlanOpt = False,
@@ -219,7 +240,8 @@ def register(app: typer.Typer) -> None:
 
         names = [n.value for n in only] if only else [n for n in REPRODUCE_ORDER if n in available()]
         per_exp = split_options(parse_pairs(option), names)
-        resolve_device(device)
+        out, store = common.out, common.store
+        resolve_device(common.device)
         check_store_folder(store)
         _check_out(out, store, (*names, "claims.json", "study_numbers.csv", "report.html",
                                 "verdicts.md"))
@@ -229,13 +251,10 @@ def register(app: typer.Typer) -> None:
         failed: list[str] = []  # experiments whose every run failed
         with Store(store) as st:
             if plan:
-                _print_plan([(n, _context(preset, seeds, data_dir, out, st, executor, ray_address,
-                                         device, model, data, per_exp[n], quiet))
-                            for n in names], as_json)
+                _print_plan([(n, _context(common, st, per_exp[n], quiet)) for n in names], as_json)
                 return
             for n in names:
-                ctx = _context(preset, seeds, data_dir, out, st, executor, ray_address, device,
-                               model, data, per_exp[n], quiet)
+                ctx = _context(common, st, per_exp[n], quiet)
                 if not quiet:
                     err.print(f"[bold]== {n}[/]")
                 t0 = time.perf_counter()
@@ -255,7 +274,7 @@ def register(app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "claims.json", claims_json(all_claims))
         atomic_write(out / "study_numbers.csv", findings.to_csv(findings.merge(numbers)))
-        report = write_report(out, [n for n in names if n in timings], timings, preset=preset.value)
+        report = write_report(out, [n for n in names if n in timings], timings, preset=common.preset)
         if not quiet:
             err.print(f"wrote {escape(str(report))} ({sum(timings.values()):.0f}s)", highlight=False)
         if failed:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
 
+from batchlab.cli.boundary import emit_json
+from batchlab.cli.options import BatchSizeOpt, ConfigOpt, JsonOpt, MaxBatchOpt
+from batchlab.cli.trainflags import FIELD_HELP
 from batchlab.engine.presets import ALIASES, Fields, apply_preset, preset_toml
 from batchlab.errors import ConfigError
 
@@ -22,12 +24,13 @@ def register(app: Any) -> None:
     def schedule_preset(
         name: Annotated[Preset, typer.Argument(help="Preset (linear-warmup = goyal, increase-batch = "
                                                "smith, regime-adaptation = hoffer).")],
-        config: Annotated[Optional[Path], typer.Option("--config", help="TOML of the small-batch recipe.")] = None,
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Large batch (goyal, hoffer).")] = None,
-        base_batch: Annotated[Optional[int], typer.Option("--base-batch", min=1, help="Batch of the recipe.")] = None,
-        warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Warmup length in epochs (goyal).")] = 5.0,
-        max_batch: Annotated[Optional[int], typer.Option("--max-batch", min=1, help="Largest batch (smith).")] = None,
+        config: ConfigOpt = None,
+        batch_size: BatchSizeOpt = None,
+        base_batch: Annotated[Optional[int], typer.Option("--base-batch", help="Batch of the recipe (>= 1).")] = None,
+        warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help=FIELD_HELP["warmup_epochs"])] = 5.0,
+        max_batch: MaxBatchOpt = None,
         table: Annotated[Optional[str], typer.Option("--table", help="Write the fields under this TOML table, e.g. base (a sweep file).")] = None,
+        as_json: JsonOpt = False,
     ) -> None:
         """Print a large-batch schedule preset's TrainConfig fields as TOML."""
         from batchlab.config import make_config
@@ -45,6 +48,14 @@ def register(app: Any) -> None:
             raise ConfigError(f"preset {name} needs --batch-size (the large batch)")
         kw: dict[str, Any] = {"base_batch": base_batch, "warmup_epochs": warmup_epochs,
                               "max_batch": max_batch}
+        for flag_name, v in (("--batch-size", batch_size), ("--base-batch", base_batch),
+                             ("--max-batch", max_batch)):
+            if v is not None and v < 1:
+                raise ConfigError(f"{flag_name} must be >= 1, got {v}")
         if batch_size is not None:
             kw["batch_size"] = batch_size
-        typer.echo(preset_toml(apply_preset(name, base, **kw), table), nl=False)
+        fields = apply_preset(name, base, **kw)
+        if as_json:
+            emit_json({"preset": name, "table": table, "fields": fields})
+            return
+        typer.echo(preset_toml(fields, table), nl=False)

@@ -13,13 +13,32 @@ from rich.table import Table
 from torch import nn
 
 from batchlab.cli.boundary import emit_json
+from batchlab.cli.options import (
+    AmpOpt,
+    BatchSizeOpt,
+    DataDirOpt,
+    DataOpt,
+    DatasetOpt,
+    DeviceOpt,
+    EpochsOpt,
+    JsonOpt,
+    LossOpt,
+    LrOpt,
+    MaxBatchOpt,
+    ModelOpt,
+    OptimizerOpt,
+    OutOpt,
+    QuietOpt,
+    SeedOpt,
+    StoreOpt,
+)
 from batchlab.cli.runs import check_store_folder
 from batchlab.data.tensors import tensor_data
 from batchlab.errors import BatchlabError, DataError
 from batchlab.recommend import recommend
 from batchlab.recommend.run import check_settings
 from batchlab.runs.store import DEFAULT_STORE, Store
-from batchlab.usercode import check_model_on_data, user_data, user_model
+from batchlab.usercode import BUILTIN_MODELS, check_model_on_data, user_data, user_model
 
 
 class StageProgress:
@@ -52,26 +71,26 @@ class StageProgress:
 def register(app: typer.Typer) -> None:
     @app.command("recommend")
     def recommend_cmd(
-        dataset: Annotated[str, typer.Option(help="Built-in dataset (ignored with --data).")] = "mnist-5k",
-        data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the four IDX files of mnist or fashion-mnist (default: the cache, else a download).")] = None,
-        model: Annotated[Optional[str], typer.Option("--model", help="module:factory returning an nn.Module.")] = None,
-        data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y).")] = None,
+        dataset: DatasetOpt = "mnist-5k",
+        data_dir: DataDirOpt = None,
+        model: ModelOpt = None,
+        data: DataOpt = None,
         hidden: Annotated[Optional[str], typer.Option(help="Built-in MLP widths, e.g. 1024,1024.")] = None,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the measurement run.")] = 128,
-        lr: Annotated[float, typer.Option(help="lr of the measurement run (the lr search starts there).")] = 0.1,
-        lr_search: Annotated[bool, typer.Option("--lr-search/--no-lr-search", help="Search the lr at --batch-size in factors of 2 (fewest steps to the measurement run's loss).")] = True,
-        epochs: Annotated[Optional[int], typer.Option(help="Measurement-run epochs (default ~50k examples).")] = None,
-        thorough: Annotated[bool, typer.Option("--thorough", help="Also run a small steps-to-target sweep.")] = False,
-        max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch size to time.")] = 8192,
-        out: Annotated[Path, typer.Option("--out", help="Directory for the figure and JSON.")] = Path("out/recommend"),
-        device: Annotated[str, typer.Option(help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N.")] = "auto",
-        store: Annotated[Path, typer.Option("--store", help="Results store: keeps the throughput points, timed once per device, model shape and batch size.")] = Path(DEFAULT_STORE),
-        seed: Annotated[int, typer.Option(help="Seed of the measurement run and estimators (0 .. 9.2e12).")] = 0,
-        optimizer: Annotated[str, typer.Option(help="sgd, adam or adamw: the optimizer of every run and timing (the lr rule follows it: McCandlish's for sgd, square-root scaling for adam/adamw).")] = "sgd",
-        loss: Annotated[str, typer.Option("--loss", help="cross_entropy (classification), mse, next_token or module:factory returning a batchlab.task.Objective.")] = "cross_entropy",
-        amp: Annotated[str, typer.Option("--amp", help="Mixed precision of every run and timing: off, bf16 (CPU or GPU) or fp16 (GPU, with GradScaler).")] = "off",
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
+        batch_size: BatchSizeOpt = 128,
+        lr: LrOpt = 0.1,
+        lr_search: Annotated[bool, typer.Option("--lr-search/--no-lr-search", metavar="", help="Search the lr at --batch-size in factors of 2 (fewest steps to the measurement run's loss).")] = True,
+        epochs: EpochsOpt = None,
+        thorough: Annotated[bool, typer.Option("--thorough", metavar="", help="Also run a small steps-to-target sweep.")] = False,
+        max_batch: MaxBatchOpt = 8192,
+        out: OutOpt = Path("out/recommend"),
+        device: DeviceOpt = "auto",
+        store: StoreOpt = Path(DEFAULT_STORE),
+        seed: SeedOpt = 0,
+        optimizer: OptimizerOpt = "sgd",
+        loss: LossOpt = "cross_entropy",
+        amp: AmpOpt = "off",
+        as_json: JsonOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
         """Measure the gradient noise scale and throughput; recommend a batch size and lr."""
         from batchlab.config import make_config
@@ -92,7 +111,9 @@ def register(app: typer.Typer) -> None:
         from batchlab.usercode import user_output
 
         out_obj = user_output(data) if data is not None else None
-        task = loss != "cross_entropy" or isinstance(out_obj, Data) or is_source(out_obj)
+        # another loss, a streamed source or a built-in model (--model cnn): the engine's setup
+        task = (loss != "cross_entropy" or isinstance(out_obj, Data) or is_source(out_obj)
+                or model in BUILTIN_MODELS)
         if data is not None and not task:
             x, y, *test = user_data(data, Classification(), out_obj)  # test: [X_test, y_test]
         else:

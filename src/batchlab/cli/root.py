@@ -8,7 +8,7 @@ stdout stays machine-readable.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -17,25 +17,39 @@ from rich.table import Table
 from rich.text import Text
 
 from batchlab.cli.boundary import emit_json, run_guarded
+from batchlab.cli.options import (
+    AmpOpt,
+    BatchSizeOpt,
+    ConfigOpt,
+    DataDirOpt,
+    DataOpt,
+    Dataset,
+    DatasetOpt,
+    DeviceOpt,
+    EpochsOpt,
+    ExecutorOpt,
+    Init,
+    JsonOpt,
+    LossOpt,
+    LrOpt,
+    ModelOpt,
+    OptimizerOpt,
+    QuietOpt,
+    RayOpt,
+    SeedOpt,
+    StoreOpt,
+)
 from batchlab.cli.progress import ProgressBars
-from batchlab.cli.runs import JsonOpt, StoreOpt, cell, check_store_folder, col, print_table, runs_app, warn_distrusted
+from batchlab.cli.runs import cell, check_store_folder, col, print_table, runs_app, warn_distrusted
+from batchlab.cli.trainflags import given, with_config_flags
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Study how batch size shapes neural-network training.")
 app.add_typer(runs_app, name="runs")
 
 err = Console(stderr=True)
 out = Console()
 
-# Choices shown in --help and checked by the parser (exit 2 before any work); the tests check
-# they equal the library's lists (batchlab.data.DATASETS, batchlab.config.OPTIMIZERS/INITS).
-Dataset = Literal["mnist", "fashion-mnist", "cifar10", "mnist-5k", "digits"]
-Optimizer = Literal["sgd", "adam", "adamw", "lars", "cblr", "mclr"]
-Init = Literal["glorot", "torch", "kaiming"]
-Executor = Literal["local", "ray"]
-Amp = Literal["off", "bf16", "fp16"]
-DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Folder holding the four IDX files of mnist or fashion-mnist (default: the cache, else a download).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
 
 
 def _version(value: bool) -> None:
@@ -48,7 +62,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Study how batch size shapes neural-network training."""
@@ -90,29 +104,34 @@ class RichReporter:
 
 
 @app.command()
+@with_config_flags
 def train(
     ctx: typer.Context,
-    dataset: Annotated[Dataset, typer.Option(help="Data set.")] = "mnist-5k",
-    model: Annotated[str, typer.Option("--model", help="mlp, cnn or module:factory (your nn.Module).")] = "mlp",
-    data: Annotated[Optional[str], typer.Option("--data", help="module:loader returning (X, y) or (X_train, y_train, X_test, y_test); replaces --dataset.")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per SGD step (>= 1).")] = 64,
-    lr: Annotated[float, typer.Option(help="Base learning rate (> 0).")] = 0.01,
-    epochs: Annotated[int, typer.Option(help="Passes over the training set (0 evaluates the initial weights only).")] = 30,
-    optimizer: Annotated[Optimizer, typer.Option(help="Optimizer.")] = "sgd",
-    loss: Annotated[str, typer.Option("--loss", help="cross_entropy (classification), mse, next_token or module:factory returning a batchlab.task.Objective.")] = "cross_entropy",
-    amp: Annotated[Amp, typer.Option("--amp", help="Mixed precision on the autograd engine: off, bf16 (CPU or GPU) or fp16 (GPU, with GradScaler).")] = "off",
+    dataset: DatasetOpt = "mnist-5k",
+    model: ModelOpt = "mlp",
+    data: DataOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    lr: LrOpt = 0.01,
+    epochs: EpochsOpt = 30,
+    optimizer: OptimizerOpt = "sgd",
+    loss: LossOpt = "cross_entropy",
+    amp: AmpOpt = "off",
     momentum: Annotated[float, typer.Option(help="Momentum in [0, 1).")] = 0.0,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay (>= 0).")] = 0.0,
     init: Annotated[Init, typer.Option(help="Weight initialization.")] = "glorot",
-    seed: Annotated[int, typer.Option(help="Seed of init and shuffles (0 .. 9.2e12).")] = 0,
-    device: Annotated[str, typer.Option(help="auto (cuda when available, else cpu), cpu, mps, cuda or cuda:N.")] = "auto",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
     data_dir: DataDirOpt = None,
     store: StoreOpt = Path("batchlab.db"),
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML file of TrainConfig fields (flags given explicitly override it).")] = None,
+    config: ConfigOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    extra: Optional[dict[str, Any]] = None,
 ) -> None:
-    """Train one run (stored; an identical finished run is returned from the store)."""
+    """Train one run (stored; an identical finished run is returned from the store).
+
+    Every scalar TrainConfig field has a flag; list-valued ones (hidden, betas, schedule,
+    decay_epochs, ...) are set in the --config TOML."""
     from batchlab.atomic import check_writable
     from batchlab.config import make_config
     from batchlab.engine.setup import resolve_device
@@ -127,8 +146,9 @@ def train(
                  optimizer=optimizer, loss=loss, amp=amp, momentum=momentum, weight_decay=weight_decay, init=init,
                  seed=seed, device=device, data_dir=data_dir)
     for k, v in flags.items():
-        if config is None or _given(ctx, k):
+        if config is None or given(ctx, k):
             fields[k] = v
+    fields.update(extra or {})  # the generated flags given explicitly
     cfg = make_config(**fields)
     check_store_folder(store)
     check_writable(store, "--store")
@@ -148,18 +168,13 @@ def train(
               f"  train {f.get('train_seconds', 0):.1f}s")
 
 
-def _given(ctx: Any, name: str) -> bool:
-    src = ctx.get_parameter_source(name)
-    return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
 @app.command()
 def sweep(
     grid: Annotated[Path, typer.Argument(
         help="TOML file: a 'base' table of train fields, a 'grid' table of lists.")],
     store: StoreOpt = Path("batchlab.db"),
-    executor: Annotated[Executor, typer.Option(help="Where runs execute (ray needs batchlab's ray extra).")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="auto or HOST:PORT; none starts a local Ray.")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -198,13 +213,19 @@ def sweep(
 
 @app.command()
 def data(
-    dataset: Annotated[Dataset, typer.Argument(help="Data set.")],
+    dataset: Annotated[Dataset, typer.Argument(help="Built-in data set.")],
     data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Load (downloading into the cache if needed), validate and describe a dataset."""
     from batchlab.data import load_dataset
 
     raw = load_dataset(dataset, data_dir)
+    if as_json:
+        emit_json({"dataset": dataset, "train": len(raw.y_train), "test": len(raw.y_test),
+                   "image_shape": list(raw.image_shape), "source": str(raw.source),
+                   "sha256": raw.fingerprint})
+        return
     out.print(Text(f"{dataset}: {len(raw.y_train)} train, {len(raw.y_test)} test, images {raw.image_shape}, "
                    f"source {raw.source}, sha256 {raw.fingerprint[:16]}"), soft_wrap=True)
 

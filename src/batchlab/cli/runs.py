@@ -16,14 +16,13 @@ from rich.table import Table
 from rich.text import Text
 
 from batchlab.cli.boundary import emit_json, say_warning
+from batchlab.cli.options import JsonOpt, LabelOpt, StoreOpt
 from batchlab.errors import BatchlabError
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect, check and export stored runs.")
 out = Console()
 err = Console(stderr=True)
 
-StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite results store.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
 def open_existing(store: Path) -> Any:
@@ -76,7 +75,7 @@ def print_table(t: Table) -> None:
 @runs_app.command("list")
 def runs_list(
     store: StoreOpt = Path("batchlab.db"),
-    label: Annotated[Optional[str], typer.Option(help="Only runs stored under this label.")] = None,
+    label: LabelOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List stored runs."""
@@ -136,7 +135,8 @@ def runs_export(
     store: StoreOpt = Path("batchlab.db"),
     fmt: Annotated[Literal["csv", "parquet"], typer.Option("--format", help="File format (parquet needs pyarrow).")] = "csv",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default runs.FORMAT); missing folders are created.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file (a results store is never replaced).")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace an existing output file (a results store is never replaced).")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Export every (run, epoch) row as CSV or Parquet."""
     from batchlab.atomic import check_output
@@ -147,7 +147,10 @@ def runs_export(
     with open_existing(store) as st:
         n = st.export(output, fmt)
         warn_skipped(st)
-    sys.stderr.write(f"wrote {n} rows to {output}\n")
+    if as_json:
+        emit_json({"store": str(store), "output": str(output), "format": fmt, "rows": n})
+    else:
+        sys.stderr.write(f"wrote {n} rows to {output}\n")
 
 
 @runs_app.command("check")
@@ -191,9 +194,9 @@ def runs_check(store: StoreOpt = Path("batchlab.db"), as_json: JsonOpt = False) 
 def runs_delete(
     keys: Annotated[Optional[list[str]], typer.Argument(help="Run ids or config hashes (or unique prefixes, 4+ characters).")] = None,
     store: StoreOpt = Path("batchlab.db"),
-    label: Annotated[Optional[str], typer.Option(help="Every run stored under this label.")] = None,
+    label: LabelOpt = None,
     status: Annotated[Optional[str], typer.Option(help="Every run of this status (completed, diverged, failed).")] = None,
-    damaged: Annotated[bool, typer.Option("--damaged", help="Every run `batchlab runs check` finds damaged.")] = False,
+    damaged: Annotated[bool, typer.Option("--damaged", metavar="", help="Every run `batchlab runs check` finds damaged.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Delete runs (rows and checkpoints), so their configs are recomputed when run again."""
