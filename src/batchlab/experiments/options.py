@@ -100,7 +100,7 @@ class AdamVsSgd(StudyOptions):
 
 
 class GradientCompetition(Options):
-    trials: int | None = opt("trials per batch size and checkpoint seed (default 3 quick, 320 paper)", ge=2)
+    trials: int | None = opt("trials per batch size and checkpoint seed (default 3 quick, 64 paper)", ge=2)
     batch_sizes: Ints | None = opt("batch sizes b (default 1..8, 16..1024)")
     n_samples: PositiveInt | None = opt("samples per trial (default 1024)")
     early_epochs: PositiveInt | None = opt("epoch of the early checkpoint (default 2)")

@@ -78,17 +78,21 @@ def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
     if "hidden" in s:
         base["hidden"] = s["hidden"]
     big = min(s["large_batch"], n_train)
+    # the equal-steps arms run big/base times the epochs: evaluated every big/base epochs they
+    # are scored at the baseline's points in steps (and over the same last fifth), at a
+    # (big/base)-th of the evaluation cost (`TrainConfig.eval_every`)
+    ratio = max(1, round(big / s["base_batch"]))
     arms = {
         "small": base,
         "large": {**base, "batch_size": big},
         "goyal": apply_preset("goyal", base, batch_size=big, warmup_epochs=s["warmup_epochs"]),
         "smith": apply_preset("smith", base, max_batch=n_train),
-        "hoffer": apply_preset("hoffer", base, batch_size=big),
+        "hoffer": {**apply_preset("hoffer", base, batch_size=big), "eval_every": ratio},
     }
     if s.get("gbn") and s.get("model", "mlp") == "mlp":  # BatchNorm arms: the built-in MLP's
         bn = {**base, "batchnorm": True}
         arms["small-bn"] = bn
-        arms["hoffer-gbn"] = apply_preset("hoffer", bn, batch_size=big)
+        arms["hoffer-gbn"] = {**apply_preset("hoffer", bn, batch_size=big), "eval_every": ratio}
     return arms
 
 
@@ -258,8 +262,9 @@ def figure(curves: dict[str, list]):
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, eps in curves.items():
+        eps = [e for e in eps if e.get("test_acc") is not None]  # evaluated epochs only
         ep = [e["epoch"] for e in eps]
-        acc = [e.get("test_acc") for e in eps]
+        acc = [e["test_acc"] for e in eps]
         st = [e.get("steps") for e in eps]
         ls = "--" if "bn" in name else "-"
         a1.plot(ep, acc, ls, label=name)

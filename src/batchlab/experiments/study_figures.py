@@ -27,6 +27,8 @@ def plot_curves(ax: Any, groups: Sequence[Group], metric: str, *, x: str = "epoc
         if last is not None:
             xs, m, s = xs[-last:], m[-last:], s[-last:]
             xs = np.arange(1, len(xs) + 1)
+        ok = np.isfinite(m)  # epochs a run did not evaluate (`eval_every`) are gaps: join over them
+        xs, m, s = xs[ok], m[ok], s[ok]
         color = (colors or {}).get(g.name, f"C{i % 10}")
         ax.plot(xs, m * scale, style, color=color,
                 label=(g.name + label_suffix) if legend else None)
