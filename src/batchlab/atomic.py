@@ -14,6 +14,7 @@ sharing a folder or a store.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -83,6 +84,16 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` (bytes, or text as UTF-8) to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (checkpoints and archives can be large): the one
+    digest every stored artifact, cached download and measurement file is checked against."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _writer_pid(p: Path) -> int | None:

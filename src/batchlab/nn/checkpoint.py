@@ -27,7 +27,7 @@ def load_state(path: Path, device: str | torch.device = "cpu", *, sha256: str | 
     """Tensors of a checkpoint. With `sha256` (the digest the store recorded when the file was
     written) the bytes are verified first: a replaced or corrupted file is an error, never
     used. NaN/inf weights are refused too (`allow_nonfinite` for diverged runs on purpose)."""
-    from batchlab.data.idx import sha256_file
+    from batchlab.atomic import sha256_file
 
     path = Path(path)
     try:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab.atomic import sha256_file
 from batchlab.runs.measurement_files import checksum, resolve, stored_path, verify_row
 from batchlab.runs.store import Store
 
@@ -66,14 +67,6 @@ def _finite(obj: Any) -> Any:
 def spec_key(kind: str, spec: Mapping[str, Any]) -> str:
     """The row key: sha256 of the kind and the canonical spec."""
     return hashlib.sha256(canonical({"kind": kind, "spec": spec}).encode()).hexdigest()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from batchlab.atomic import sha256_file
 from batchlab.config import TrainConfig, make_config
 from batchlab.data import TensorData, prepare
-from batchlab.data.idx import sha256_file
 from batchlab.data.stream import StreamData, default_identity, is_source
 from batchlab.data.tensors import flatten, raw_from_tensors
 from batchlab.engine.loop import EpochHook, train_one
