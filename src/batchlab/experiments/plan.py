@@ -155,12 +155,13 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
 
 def print_plan(items: Sequence[tuple[str, Context]], as_json: bool = False) -> Plan:
     """Make the plan and print it on stdout: text, or one JSON object with `as_json`."""
-    import json
     import sys
+
+    from batchlab.atomic import to_json
 
     plan = make_plan(items)
     if as_json:
-        sys.stdout.write(json.dumps(plan.to_json()) + "\n")
+        sys.stdout.write(to_json(plan.to_json()) + "\n")
     else:
         sys.stdout.write("\n".join(plan.lines()) + "\n")
     return plan
