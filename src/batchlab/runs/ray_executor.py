@@ -39,7 +39,7 @@ from safetensors.torch import save as st_save
 from batchlab.config import TrainConfig
 from batchlab.data import RawData, TensorData, load_dataset, prepare
 from batchlab.engine.result import TrainResult
-from batchlab.engine.setup import build_model, resolve_device
+from batchlab.engine.setup import build_model, resolve_device, run_key
 from batchlab.engine.vectorized import plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.runs.store import Store
@@ -131,7 +131,7 @@ def train_unit(configs: list[TrainConfig], raw: RawData, num_threads: int,
     # Ray exposes only the GPU it assigned, always as cuda:0; device is not part of the key
     cfgs = [c.model_copy(update={"device": "cuda"}) if c.device.startswith("cuda") else c
             for c in configs]
-    keys = [c.key(raw.fingerprint) for c in cfgs]
+    keys = [run_key(c, raw) for c in cfgs]
     try:
         td = _worker_data(cfgs[0], raw, resolve_device(cfgs[0].device))
     except Exception as e:
@@ -278,7 +278,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
     todo: dict[str, TrainConfig] = {}  # key -> config (identical configs train once)
     keys: list[str] = []
     for cfg in configs:
-        key = cfg.key(load_dataset(cfg.dataset, cfg.data_dir).fingerprint)
+        key = run_key(cfg, load_dataset(cfg.dataset, cfg.data_dir))
         keys.append(key)
         if key in results or key in todo:
             continue

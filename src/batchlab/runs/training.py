@@ -187,7 +187,7 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
     and goes on (sweeps). A `BatchlabError` (bad input) always raises. `on_done(n)` is called
     as n more configs are done (progress)."""
     cfgs = [as_config(c) for c in configs]
-    keys = [c.key(get_data(c, resolve_device(c.device)).fingerprint) for c in cfgs]
+    keys = [run_key(c, get_data(c, resolve_device(c.device))) for c in cfgs]
     results: list[TrainResult | None] = [None] * len(cfgs)
     first: dict[str, int] = {}
     todo: list[int] = []
