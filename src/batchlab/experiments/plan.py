@@ -148,7 +148,7 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     for name, ctx in items:
         opts = validate(name, get(name).options_for(ctx))
         pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
-        pctx = dataclasses.replace(pctx, opts=opts, options=opts.model_dump(exclude_none=True))
+        pctx = dataclasses.replace(pctx, options=opts.model_dump(exclude_none=True))
         plans.append(_plan_one(name, pctx, probe, workers, planned))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
