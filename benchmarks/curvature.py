@@ -1,4 +1,4 @@
-"""batchlab.curvature vs the `pyhessian` package, side by side in one process.
+"""batchlab.measure.curvature vs the `pyhessian` package, side by side in one process.
 
 Same model (a trained 784-128-128-10 MLP by default), same data (the first --samples training
 images), same criterion (NLLLoss on the log-softmax outputs), same numbers of probes:

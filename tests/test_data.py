@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchlab import atomic
 from batchlab.data import idx, load_dataset, prepare, sources
 from batchlab.data.idx import parse_idx, read_idx, write_idx
 from batchlab.errors import DataError
@@ -293,7 +294,8 @@ def test_validation_split_is_seeded_and_disjoint() -> None:
 def test_sha256_helper(tmp_path: Path) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"batchlab")
-    assert idx.sha256_file(p) == hashlib.sha256(b"batchlab").hexdigest()
+    assert atomic.sha256_file(p) == hashlib.sha256(b"batchlab").hexdigest()
+    assert atomic.sha256_file(p, chunk=3) == hashlib.sha256(b"batchlab").hexdigest()  # chunked
 
 
 # -- hostile IDX content and subsets ----------------------------------------------------------

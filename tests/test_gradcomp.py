@@ -500,6 +500,33 @@ def test_plan_counts_unusable_stored_weights_as_to_do_but_hides_no_bug(tmp_path)
             _stored_chunks(ctx, run, cfg, junk, cpu, td)
 
 
+@pytest.mark.parametrize("error, swallowed", [
+    (KeyError("epoch0002"), True),  # the stored run lacks that checkpoint
+    (BatchlabError("checkpoint is damaged"), True),  # a missing, damaged or NaN file
+    (RuntimeError("a bug while loading"), False),
+])
+def test_plan_counts_only_missing_or_damaged_checkpoints_as_to_do(tmp_path, monkeypatch, error,
+                                                                 swallowed):
+    """The stored checkpoint run's weights: a checkpoint it lacks or a file that cannot be
+    used makes the plan count that seed's trials as to do; any other error propagates."""
+    from batchlab.experiments import gradient_competition as G
+    from batchlab.experiments.plan_trials import _stored_states
+
+    class Stored:
+        def checkpoint(self, epoch: int) -> dict:
+            raise error
+
+    monkeypatch.setattr(Context, "run_many", lambda self, cfgs, label: [Stored()])
+    with Store(tmp_path / "runs.db") as st:
+        ctx = _ctx(tmp_path, st)
+        cfg = G.checkpoint_config(ctx, G.options(ctx), 0)
+        if swallowed:
+            assert _stored_states(ctx, cfg, object(), 1, 2) == {}
+        else:
+            with pytest.raises(RuntimeError, match="a bug"):
+                _stored_states(ctx, cfg, object(), 1, 2)
+
+
 # -- the claims on planted records (no training) --------------------------------------------
 def _record(norms, values, blowup=None):
     """A trial record of every mode: `norms[m]` per trial, `values[m]` [trials, width]."""

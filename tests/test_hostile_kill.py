@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from batchlab.data.idx import sha256_file
+from batchlab.atomic import sha256_file
 
 CFG = 'dataset = "digits"\nhidden = [32]\nepochs = 2\nbatch_size = 32\nlr = 0.1\ncheckpoint_epochs = [0, 2]\n'
 

@@ -60,6 +60,43 @@ def _one_thread(fn, *args, **kw):
         torch.set_num_threads(before)
 
 
+def hooked_unit(hook):
+    """A Ray task body that calls `hook(cfg)` inside the worker just before each config trains
+    (alone or in a vectorized pass), so a test can count runs or inject faults there; the
+    production task takes no hook. Pickled by value (a closure), so it needs no import on the
+    worker beyond batchlab."""
+
+    def unit(configs, raw, num_threads):
+        from batchlab.runs import ray_executor as rx
+
+        train, group = rx.train, rx.train_group
+
+        def hooked_train(cfg, **kw):
+            hook(cfg)
+            return train(cfg, **kw)
+
+        def hooked_group(cfgs, td):
+            for c in cfgs:
+                hook(c)
+            return group(cfgs, td)
+
+        rx.train, rx.train_group = hooked_train, hooked_group
+        try:
+            return rx.train_unit(configs, raw, num_threads)
+        finally:
+            rx.train, rx.train_group = train, group
+
+    return unit
+
+
+@pytest.fixture
+def task_hook(monkeypatch: pytest.MonkeyPatch):
+    """`task_hook(hook)`: the Ray tasks submitted afterwards in this test run through `hook`."""
+    import batchlab.runs.ray_executor as rx
+
+    return lambda hook: monkeypatch.setattr(rx, "_remote_unit", ray.remote(hooked_unit(hook)))
+
+
 def _counting_hook(log_dir: Path):
     """A task hook (pickled by value: it is a closure) that logs every run a task starts."""
 
@@ -74,7 +111,7 @@ def _executed(log_dir: Path) -> int:
     return sum(len(p.read_text().split()) for p in log_dir.glob("*.log"))
 
 
-def test_ray_matches_local_and_resumes(cluster, tmp_path: Path) -> None:
+def test_ray_matches_local_and_resumes(cluster, tmp_path: Path, task_hook) -> None:
     configs = _grid()
     with Store(tmp_path / "ray.db") as st:
         via_ray = run_configs(configs, st, executor="ray", label="grid")
@@ -99,12 +136,13 @@ def test_ray_matches_local_and_resumes(cluster, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     logs.mkdir()
     with Store(tmp_path / "ray.db") as st:
-        again = run_ray(configs, st, task_hook=_counting_hook(logs))
+        task_hook(_counting_hook(logs))
+        again = run_ray(configs, st)
         assert st.count() == 4
     assert all(r.cached for r in again) and _executed(logs) == 0
 
 
-def test_killed_worker_is_retried_and_stored_once(cluster, tmp_path: Path) -> None:
+def test_killed_worker_is_retried_and_stored_once(cluster, tmp_path: Path, task_hook) -> None:
     marker = tmp_path / "killed"
 
     def kill_once(cfg):
@@ -117,7 +155,8 @@ def test_killed_worker_is_retried_and_stored_once(cluster, tmp_path: Path) -> No
 
     configs = _grid(batch_sizes=(32, 1024))  # a vectorized pair and two single runs
     with Store(tmp_path / "r.db") as st:
-        results = run_ray(configs, st, max_retries=2, task_hook=kill_once)
+        task_hook(kill_once)
+        results = run_ray(configs, st, max_retries=2)
         runs = st.runs(with_epochs=True)
     assert marker.exists(), "the fault was never injected"
     assert int(marker.read_text()) != os.getpid()  # it killed a worker, not the driver
@@ -130,7 +169,7 @@ def test_killed_worker_is_retried_and_stored_once(cluster, tmp_path: Path) -> No
             assert _strip(r.epochs) == _strip(st.get(r.config_hash).epochs)
 
 
-def test_deterministic_failure_is_stored_not_retried(cluster, tmp_path: Path) -> None:
+def test_deterministic_failure_is_stored_not_retried(cluster, tmp_path: Path, task_hook) -> None:
     attempts = tmp_path / "attempts"
 
     def explode(cfg):
@@ -142,7 +181,8 @@ def test_deterministic_failure_is_stored_not_retried(cluster, tmp_path: Path) ->
     # autograd runs are never vectorized: one run per task, so one hook call per attempt
     configs = [c.model_copy(update={"engine": "autograd"}) for c in _grid(batch_sizes=(32,))]
     with Store(tmp_path / "r.db") as st:
-        results = run_ray(configs, st, max_retries=3, task_hook=explode)
+        task_hook(explode)
+        results = run_ray(configs, st, max_retries=3)
         recs = {r.seed: r for r in st.runs()}
     assert attempts.read_text() == "x"  # one attempt: exceptions are not retried
     assert [r.status for r in results] == ["completed", "failed"]
@@ -198,9 +238,12 @@ def test_cli_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
 
 KILLING_CLI = """
 import os, signal, sys
+import ray
 from batchlab.runs import ray_executor
 
 marker = sys.argv[1]
+sys.path.insert(0, sys.argv[2])
+from test_ray import hooked_unit
 
 
 def kill_once(cfg):
@@ -210,10 +253,11 @@ def kill_once(cfg):
         os.kill(os.getpid(), signal.SIGKILL)  # a Ray worker dies mid-run
 
 
-ray_executor.run_ray.__kwdefaults__.update(task_hook=kill_once, num_cpus=2)
+ray_executor._remote_unit = ray.remote(hooked_unit(kill_once))
+ray_executor.run_ray.__kwdefaults__.update(num_cpus=2)
 from batchlab.cli.root import main
 
-sys.argv = ["batchlab", *sys.argv[2:]]
+sys.argv = ["batchlab", *sys.argv[3:]]
 main()
 """
 
@@ -230,7 +274,7 @@ def test_json_stdout_is_one_object_even_when_a_ray_worker_dies(tmp_path: Path) -
                     'batch_size = 32\n[grid]\nseed = [0, 1]\n')
     marker = tmp_path / "killed"
     proc = subprocess.run(
-        [sys.executable, "-c", KILLING_CLI, str(marker), "sweep", str(grid), "--store",
+        [sys.executable, "-c", KILLING_CLI, str(marker), str(Path(__file__).parent), "sweep", str(grid), "--store",
          str(tmp_path / "r.db"), "--executor", "ray", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 0, proc.stderr[-2000:]

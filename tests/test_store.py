@@ -12,8 +12,8 @@ from conftest import TINY
 from safetensors.torch import save_file
 
 from batchlab import train
+from batchlab.atomic import sha256_file
 from batchlab.config import make_config
-from batchlab.data.idx import sha256_file
 from batchlab.errors import BatchlabError
 from batchlab.nn.checkpoint import load_into, load_state, read_meta, save_model, save_state
 from batchlab.nn.models import build_mlp

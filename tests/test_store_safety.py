@@ -230,7 +230,7 @@ def test_edited_rows_nan_weights_and_bad_values_are_flagged(run_main, tmp_path: 
     from safetensors.torch import load_file, save_file
 
     from batchlab import train
-    from batchlab.data.idx import sha256_file
+    from batchlab.atomic import sha256_file
     from batchlab.runs.store import RUN_COLUMNS, row_checksum
 
     cfg, path = _trained(tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from batchlab.data.idx import sha256_file
+from batchlab.atomic import sha256_file
 from batchlab.errors import ConfigError
 from batchlab.runs.sweep import expand, load_grid, validate_against_data
 

@@ -3,9 +3,12 @@
 A reader (or a crash at any instant) sees the old file or the new one, never half of one. The
 temporary names share one pattern (`.NAME.PID.RANDOM.tmp`), so leftovers of a killed process can
 be found and removed by `leftovers()`: the writer's pid in the name tells a live writer's file
-(never touched) from a dead one's. `check_writable` tells, before any work starts, whether a
-path the user gave can be written at all; `check_output` also refuses a path that is (or links
-to) a results store, its WAL/SHM or its artifact folder, and an existing file unless forced.
+(never touched) from a dead one's. `to_json` is the one encoder of every JSON document
+batchlab writes: JSON has no NaN or infinity, so a non-finite float becomes null (a reader of
+claims.json, recommend.json or a stored run record never meets the invalid token `NaN`).
+`check_writable` tells, before any work starts, whether a path the user gave can be written
+at all; `check_output` also refuses a path that is (or links to) a results store, its WAL/SHM
+or its artifact folder, and an existing file unless forced.
 
 Files get the mode a plain `open()` would give them (0666 less the user's umask): `mkstemp`
 creates 0600, which made every report, CSV and checkpoint unreadable to the rest of a lab
@@ -14,13 +17,17 @@ sharing a folder or a store.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from batchlab.errors import BatchlabError
 
@@ -83,6 +90,37 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` (bytes, or text as UTF-8) to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (checkpoints and archives can be large): the one
+    digest every stored artifact, cached download and measurement file is checked against."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def jsonable(v: Any, nonfinite: Callable[[float], Any] = lambda x: None) -> Any:
+    """`v` as plain JSON values: numpy/torch scalars and arrays become Python numbers and lists,
+    tuples lists, keys strings, and a non-finite float `nonfinite(x)` (None, i.e. null, unless
+    a caller needs them told apart: the measurement cache keeps its tagged strings, which its
+    row keys are hashed from)."""
+    if hasattr(v, "tolist") and not isinstance(v, (str, bytes)):
+        v = v.tolist()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else nonfinite(v)
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x, nonfinite) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x, nonfinite) for x in v]
+    return v
+
+
+def to_json(v: Any, **kwargs: Any) -> str:
+    """Strict JSON text of `v` (NaN and +-inf as null; `kwargs` go to `json.dumps`)."""
+    return json.dumps(jsonable(v), allow_nan=False, **kwargs)
 
 
 def _writer_pid(p: Path) -> int | None:

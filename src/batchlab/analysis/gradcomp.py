@@ -148,11 +148,6 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str = "che
     return model
 
 
-def last_layer_width(model: nn.Module) -> int:
-    """Values per trial record: the last Linear layer's weight count."""
-    return _linears(model)[-1].weight.numel()
-
-
 def _linears(model: nn.Module) -> list[nn.Linear]:
     lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not lins:

@@ -181,7 +181,7 @@ def _print_plan(items: list[tuple[str, Any]], as_json: bool) -> None:
 
 
 def _strict_json(doc: Any) -> str:
-    from batchlab.experiments.claims import jsonable
+    from batchlab.atomic import jsonable
 
     return json.dumps(jsonable(doc), allow_nan=False)
 

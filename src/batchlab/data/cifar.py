@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchlab.atomic import atomic_path
+from batchlab.atomic import atomic_path, sha256_file
 from batchlab.data.sources import RawData, cache_root
 from batchlab.errors import DataError
 
@@ -115,14 +115,6 @@ def read_directory(directory: Path, spec: ArchiveSpec) -> RawData | None:
                 raise DataError(f"cannot read {d}: {e.strerror}") from None
             return _assemble(parts, spec, str(d))
     return None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> None:

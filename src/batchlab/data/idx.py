@@ -8,7 +8,6 @@ error naming the file rather than a silently short dataset.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import zlib
 from pathlib import Path
 
@@ -130,11 +129,3 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
     payload = header + np.ascontiguousarray(arr, dtype=dt).tobytes()
     path = Path(path)
     path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

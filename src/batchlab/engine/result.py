@@ -3,7 +3,6 @@ callbacks (`Reporter`) it calls while training. Storing results is the runs laye
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab.atomic import jsonable
 from batchlab.config import TrainConfig
 from batchlab.nn.checkpoint import load_state
 
@@ -60,8 +60,8 @@ class TrainResult:
             "run_id": self.run_id,
             "status": self.status,
             "config": self.config.model_dump(mode="json"),
-            "epochs": [clean(e) for e in self.epochs],
-            "final": clean(self.final),
+            "epochs": [jsonable(e) for e in self.epochs],
+            "final": jsonable(self.final),
             "error": self.error,
             "cached": self.cached,
         }
@@ -74,8 +74,3 @@ class Reporter:
     def steps(self, done: int, total: int) -> None: ...
     def epoch(self, metrics: dict[str, Any]) -> None: ...
     def finish(self) -> None: ...
-
-
-def clean(d: dict[str, Any]) -> dict[str, Any]:
-    """Non-finite floats -> None, so metrics are valid JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from batchlab.config import TrainConfig
-from batchlab.data import TensorData, load_dataset, prepare
+from batchlab.data import RawData, TensorData, load_dataset, prepare
 from batchlab.data.stream import StreamData
 from batchlab.data.tensors import load_user
 from batchlab.errors import ConfigError
@@ -112,10 +112,15 @@ def check_batch_sizes(cfg: TrainConfig, data: TensorData | StreamData) -> None:
             raise ConfigError(f"batch size {bs} is larger than the training set ({data.n_train})")
 
 
-def run_key(cfg: TrainConfig, data: TensorData | StreamData, model: nn.Module | None = None) -> str:
+def run_key(cfg: TrainConfig, data: TensorData | StreamData | RawData,
+            model: nn.Module | None = None) -> str:
     """The store key of a run: the config with the data's fingerprint; the initial weights
     enter too when they are not a function of the config (a user's factory, or a module
-    passed by the caller: `model`, freshly built). See `nn.factory.run_fingerprint`."""
+    passed by the caller: `model`, freshly built). See `nn.factory.run_fingerprint`. Every
+    place that looks a run up (train, train_many, the Ray driver and its tasks) asks this one
+    function, so a key can never differ between where a run is stored and where it is sought.
+    `RawData` (only its fingerprint is read) serves the built-in models, which is all the Ray
+    executor trains."""
     if model is None and not cfg.builtin_model:
         torch.manual_seed(cfg.seed)  # as the loop builds it: a factory may use the global RNG
         model = build_model(cfg, data)

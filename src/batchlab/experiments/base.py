@@ -53,7 +53,6 @@ class Context:
     model: str | None = None  # "cnn" or "module:factory" of a user model (default: the built-in MLP)
     data: str | None = None  # "module:loader" of user data
     loss: str | None = None  # the task's loss (batchlab.task); the experiments measure accuracy
-    opts: Any = None  # the typed options (set by run_experiment from `options`)
     # progress(description, done, total) as long work advances (the CLI draws a bar from it)
     progress: Callable[[str, float, float], None] | None = None
     statuses: list[str] = field(default_factory=list)  # of every run `run_many` returned

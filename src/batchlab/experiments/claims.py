@@ -40,11 +40,11 @@ Schema (version 3), one object per claim:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchlab.atomic import jsonable, to_json
 from batchlab.experiments.interval_audit import recompute, replicates_to_decide
 from batchlab.experiments.intervals import Interval
 from batchlab.experiments.verdicts import (
@@ -132,19 +132,6 @@ JSON_SCHEMA: dict[str, Any] = {
         },
     },
 }
-
-
-def jsonable(v: Any) -> Any:
-    """Non-finite floats -> None (JSON has no NaN/inf); numpy scalars -> Python numbers."""
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def _ci(iv: Interval) -> list[float | None]:
@@ -275,7 +262,7 @@ def claims_document(claims: list[dict[str, Any]]) -> dict[str, Any]:
 
 def dumps(claims: list[dict[str, Any]]) -> str:
     """The document as strict JSON (raises on NaN rather than writing it)."""
-    return json.dumps(claims_document(jsonable(claims)), indent=2, allow_nan=False)
+    return to_json(claims_document(claims), indent=2)
 
 
 def _bounds(ci: list[float | None]) -> tuple[float, float]:

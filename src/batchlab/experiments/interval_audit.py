@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from batchlab.atomic import jsonable
 from batchlab.experiments.intervals import (
     INF,
     Interval,
@@ -21,22 +22,11 @@ from batchlab.experiments.intervals import (
 
 def interval_json(iv: Interval) -> dict[str, Any]:
     """What claims.json records of an interval besides estimate/ci/n/method."""
-    return {"estimate": _num(iv.estimate), "ci": [_num(iv.lo), _num(iv.hi)], "n": iv.n,
-            "replicates": [_num(v) for v in iv.replicates], "spec": _clean(iv.spec)}
+    def num(v: float | None) -> float | None:
+        return None if v is None else float(v)
 
-
-def _num(v: float) -> float | None:
-    return float(v) if v is not None and math.isfinite(v) else None
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, float):
-        return _num(v)
-    return v
+    return jsonable({"estimate": num(iv.estimate), "ci": [num(iv.lo), num(iv.hi)], "n": iv.n,
+                     "replicates": [num(v) for v in iv.replicates], "spec": iv.spec})
 
 
 def recompute(replicates: Sequence[float], spec: dict[str, Any]) -> tuple[float, float, float] | None:

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from batchlab.atomic import atomic_write  # noqa: E402
+from batchlab.atomic import atomic_write, to_json  # noqa: E402
 from batchlab.experiments import findings  # noqa: E402
 from batchlab.experiments.base import Experiment, Output  # noqa: E402
 from batchlab.experiments.claims import dumps  # noqa: E402
@@ -29,7 +29,7 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
     for r in rows:
-        w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
+        w.writerow({k: (to_json(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
     return buf.getvalue()
 
 

@@ -150,19 +150,20 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     for name, ctx in items:
         opts = validate(name, get(name).options_for(ctx))
         pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
-        pctx = dataclasses.replace(pctx, opts=opts, options=opts.model_dump(exclude_none=True))
+        pctx = dataclasses.replace(pctx, options=opts.model_dump(exclude_none=True))
         plans.append(_plan_one(name, pctx, probe, workers, planned))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
 
 def print_plan(items: Sequence[tuple[str, Context]], as_json: bool = False) -> Plan:
     """Make the plan and print it on stdout: text, or one JSON object with `as_json`."""
-    import json
     import sys
+
+    from batchlab.atomic import to_json
 
     plan = make_plan(items)
     if as_json:
-        sys.stdout.write(json.dumps(plan.to_json()) + "\n")
+        sys.stdout.write(to_json(plan.to_json()) + "\n")
     else:
         sys.stdout.write("\n".join(plan.lines()) + "\n")
     return plan

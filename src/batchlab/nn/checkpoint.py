@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from batchlab.atomic import atomic_path
+from batchlab.atomic import atomic_path, to_json
 from batchlab.errors import BatchlabError
 
 
@@ -19,7 +19,7 @@ def save_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None =
     """Atomic write (temp file + rename): a crash never leaves a half checkpoint."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={"batchlab": json.dumps(meta or {})})
+        save_file(flat, str(tmp), metadata={"batchlab": to_json(meta or {})})
 
 
 def load_state(path: Path, device: str | torch.device = "cpu", *, sha256: str | None = None,
@@ -27,7 +27,7 @@ def load_state(path: Path, device: str | torch.device = "cpu", *, sha256: str | 
     """Tensors of a checkpoint. With `sha256` (the digest the store recorded when the file was
     written) the bytes are verified first: a replaced or corrupted file is an error, never
     used. NaN/inf weights are refused too (`allow_nonfinite` for diverged runs on purpose)."""
-    from batchlab.data.idx import sha256_file
+    from batchlab.atomic import sha256_file
 
     path = Path(path)
     try:

@@ -20,19 +20,17 @@ into the recommendation. Progress goes to a plain callback `progress(stage, done
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from batchlab.analysis.throughput import measure_stored
-from batchlab.atomic import atomic_path, atomic_write
+from batchlab.atomic import atomic_path, atomic_write, jsonable, to_json
 from batchlab.config import TrainConfig, make_config
 from batchlab.data.stream import sample_data
 from batchlab.engine.result import Reporter
@@ -274,19 +272,6 @@ def recommend(model: nn.Module, td: Any, *, device: torch.device, base_batch: in
             figure(report, tmp)
         report["evidence"]["figure"] = str(fig_path)
         report["evidence"]["seconds"] = time.perf_counter() - t_start
-        atomic_write(out_dir / "recommend.json", json.dumps(jsonable(report), indent=2))
+        atomic_write(out_dir / "recommend.json", to_json(report, indent=2))
     report["evidence"]["seconds"] = time.perf_counter() - t_start
     return jsonable(report)
-
-
-def jsonable(o: Any) -> Any:
-    """Numpy scalars to Python, non-finite floats to None (valid JSON)."""
-    if isinstance(o, dict):
-        return {str(k): jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [jsonable(v) for v in o]
-    if isinstance(o, (np.floating, np.integer)):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o

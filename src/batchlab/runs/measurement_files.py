@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from batchlab.data.idx import sha256_file
+from batchlab.atomic import sha256_file
 from batchlab.errors import BatchlabError
 
 

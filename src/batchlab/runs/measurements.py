@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from batchlab.atomic import jsonable, sha256_file
 from batchlab.runs.measurement_files import checksum, resolve, stored_path, verify_row
 from batchlab.runs.store import Store
 
@@ -46,34 +46,17 @@ Warn = Callable[[str], None]
 
 
 def canonical(obj: Any) -> str:
-    """Deterministic JSON: sorted keys, no whitespace, NaN/inf written as strings so the text is
-    valid JSON and hashes the same everywhere."""
-    return json.dumps(_finite(obj), sort_keys=True, separators=(",", ":"))
-
-
-def _finite(obj: Any) -> Any:
-    if hasattr(obj, "tolist") and not isinstance(obj, (list, tuple, str)):
-        obj = obj.tolist()  # numpy / torch scalars and arrays
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return repr(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    """Deterministic JSON: sorted keys, no whitespace, NaN/inf written as the strings "nan",
+    "inf", "-inf" (not null, as every other document): row keys are the sha256 of this text,
+    so its form is part of every stored key, and a reader gets nan and inf back told apart
+    (`decode`)."""
+    return json.dumps(jsonable(obj, nonfinite=repr), sort_keys=True, separators=(",", ":"),
+                      allow_nan=False)
 
 
 def spec_key(kind: str, spec: Mapping[str, Any]) -> str:
     """The row key: sha256 of the kind and the canonical spec."""
     return hashlib.sha256(canonical({"kind": kind, "spec": spec}).encode()).hexdigest()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(model: nn.Module) -> str:

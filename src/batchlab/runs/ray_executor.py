@@ -39,14 +39,11 @@ from safetensors.torch import save as st_save
 from batchlab.config import TrainConfig
 from batchlab.data import RawData, TensorData, load_dataset, prepare
 from batchlab.engine.result import TrainResult
-from batchlab.engine.setup import build_model, resolve_device
+from batchlab.engine.setup import build_model, resolve_device, run_key
 from batchlab.engine.vectorized import plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.runs.store import Store
 from batchlab.runs.training import save_result, train
-
-# Test-only fault injection: called in the task with each config just before it trains.
-TaskHook = Callable[[TrainConfig], None]
 
 
 @dataclass
@@ -110,20 +107,17 @@ def _failure(key: str, error: BaseException, rows: list[dict[str, Any]] | None =
                       error=config_error or f"{type(error).__name__}: {error}")
 
 
-def _train_one(cfg: TrainConfig, td: TensorData, key: str, hook: TaskHook | None) -> RunOutcome:
+def _train_one(cfg: TrainConfig, td: TensorData, key: str) -> RunOutcome:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
-        if hook is not None:
-            hook(cfg)
         res = train(cfg, data=td, on_epoch=rows.append)
     except Exception as e:  # deterministic: stored as failed, never retried
         return _failure(key, e, rows, time.perf_counter() - t0)
     return _outcome(res, time.perf_counter() - t0)
 
 
-def train_unit(configs: list[TrainConfig], raw: RawData, num_threads: int,
-               hook: TaskHook | None = None) -> list[RunOutcome]:
+def train_unit(configs: list[TrainConfig], raw: RawData, num_threads: int) -> list[RunOutcome]:
     """Body of one Ray task: one run, or a group that `run_local` would also train in one
     vectorized pass (`batchlab.engine.vectorized`), so both executors compute exactly the same thing.
     A plain function, so it is testable without Ray."""
@@ -131,7 +125,7 @@ def train_unit(configs: list[TrainConfig], raw: RawData, num_threads: int,
     # Ray exposes only the GPU it assigned, always as cuda:0; device is not part of the key
     cfgs = [c.model_copy(update={"device": "cuda"}) if c.device.startswith("cuda") else c
             for c in configs]
-    keys = [c.key(raw.fingerprint) for c in cfgs]
+    keys = [run_key(c, raw) for c in cfgs]
     try:
         td = _worker_data(cfgs[0], raw, resolve_device(cfgs[0].device))
     except Exception as e:
@@ -139,16 +133,13 @@ def train_unit(configs: list[TrainConfig], raw: RawData, num_threads: int,
     if len(cfgs) > 1:
         t0 = time.perf_counter()
         try:
-            if hook is not None:
-                for c in cfgs:
-                    hook(c)
             group = train_group(cfgs, td)
             return [_outcome(r, (time.perf_counter() - t0) / len(cfgs)) for r in group]
         except ConfigError as e:
             return [_failure(k, e) for k in keys]
         except Exception as e:  # as run_local: every run of the pass failed, none is retried
             return [_failure(k, e, seconds=time.perf_counter() - t0) for k in keys]
-    return [_train_one(c, td, k, hook) for c, k in zip(cfgs, keys)]
+    return [_train_one(c, td, k) for c, k in zip(cfgs, keys)]
 
 
 _remote_unit = ray.remote(train_unit)
@@ -257,14 +248,12 @@ def _crash_outcome(key: str, error: Exception, max_retries: int) -> RunOutcome:
 def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None = None,
             label: str | None = None, progress: Callable[[str, float, float], None] | None = None, max_retries: int = 3,
             num_cpus_per_task: int = 1, num_gpus_per_task: float = 1.0,
-            num_cpus: int | None = None, task_hook: TaskHook | None = None
-            ) -> list[TrainResult]:
+            num_cpus: int | None = None) -> list[TrainResult]:
     """Train `configs` as Ray tasks and store each run as it finishes; results in input order.
 
     address: "auto" or "HOST:PORT" of a running cluster; None starts a local Ray with
     `num_cpus` (default: all cores). num_gpus_per_task < 1 packs several small runs on a GPU.
     Runs that `run_local` would train in one vectorized pass form one task here as well.
-    task_hook: test-only fault injection, called in the task before each config trains.
     """
     from batchlab.runs.sweep import validate_against_data
 
@@ -278,7 +267,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
     todo: dict[str, TrainConfig] = {}  # key -> config (identical configs train once)
     keys: list[str] = []
     for cfg in configs:
-        key = cfg.key(load_dataset(cfg.dataset, cfg.data_dir).fingerprint)
+        key = run_key(cfg, load_dataset(cfg.dataset, cfg.data_dir))
         keys.append(key)
         if key in results or key in todo:
             continue
@@ -292,7 +281,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
         ensure_ray(address, num_cpus)
         _submit_and_collect(todo, results, store, label=label, progress=progress,
                             max_retries=max_retries, num_cpus_per_task=num_cpus_per_task,
-                            num_gpus_per_task=num_gpus_per_task, task_hook=task_hook,
+                            num_gpus_per_task=num_gpus_per_task,
                             n_cached=len(results))
     return [results[k] for k in keys]
 
@@ -300,7 +289,7 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
 def _submit_and_collect(todo: dict[str, TrainConfig], results: dict[str, TrainResult],
                         store: Store, *, label: str | None, progress: Callable[[str, float, float], None] | None,
                         max_retries: int, num_cpus_per_task: int, num_gpus_per_task: float,
-                        task_hook: TaskHook | None, n_cached: int) -> None:
+                        n_cached: int) -> None:
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     todo_keys = list(todo)
     units = []  # (keys, configs, task options), all checked before anything is submitted
@@ -327,7 +316,7 @@ def _submit_and_collect(todo: dict[str, TrainConfig], results: dict[str, TrainRe
             if raw.fingerprint not in data_refs:
                 data_refs[raw.fingerprint] = ray.put(raw)
             ref = _remote_unit.options(**opts).remote(cfgs, data_refs[raw.fingerprint],
-                                                      num_cpus_per_task, task_hook)
+                                                      num_cpus_per_task)
             pending[ref] = unit_keys
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

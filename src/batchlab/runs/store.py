@@ -27,7 +27,6 @@ named as such (`StoreUnavailable`), never as damaged (`DamagedStore`).
 
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 from collections.abc import Iterator
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from batchlab.atomic import check_writable
+from batchlab.atomic import check_writable, to_json
 from batchlab.errors import BatchlabError
 from batchlab.runs import store_schema as schema
 from batchlab.runs.store_schema import (
@@ -200,11 +199,12 @@ class Store:
     # -- writing ------------------------------------------------------------------------------
     def save_run(self, rec: RunRecord) -> None:
         """Insert or replace a run with all its epochs and artifacts, atomically, signed with
-        its checksum; artifact paths are stored relative to the artifact folder."""
-        row = (rec.run_id, rec.config_hash, json.dumps(rec.config, sort_keys=True),
+        its checksum; artifact paths are stored relative to the artifact folder. Metrics are
+        strict JSON (a NaN loss is stored as null)."""
+        row = (rec.run_id, rec.config_hash, to_json(rec.config, sort_keys=True),
                rec.seed, rec.status, rec.error, rec.label, rec.created_at,
-               rec.wall_seconds, json.dumps(rec.env), json.dumps(rec.final))
-        epochs = [(int(e["epoch"]), json.dumps(e)) for e in rec.epochs]
+               rec.wall_seconds, to_json(rec.env), to_json(rec.final))
+        epochs = [(int(e["epoch"]), to_json(e)) for e in rec.epochs]
         arts = [(n, self.relative_artifact(p), s) for n, (p, s) in rec.artifacts.items()]
         with self.transaction() as c:
             c.execute("DELETE FROM runs WHERE config_hash = ? OR run_id = ?",

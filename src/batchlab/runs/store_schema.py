@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from batchlab.atomic import to_json
 from batchlab.errors import BatchlabError
 
 FINISHED = ("completed", "diverged")
@@ -260,4 +261,4 @@ def salvage(path: Path) -> tuple[int, int]:
 
 
 def scalar(v: Any) -> Any:
-    return json.dumps(v) if isinstance(v, (list, dict, tuple)) else v
+    return to_json(v) if isinstance(v, (list, dict, tuple)) else v

@@ -16,13 +16,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from batchlab.atomic import sha256_file
 from batchlab.config import TrainConfig, make_config
 from batchlab.data import TensorData, prepare
-from batchlab.data.idx import sha256_file
 from batchlab.data.stream import StreamData, default_identity, is_source
 from batchlab.data.tensors import flatten, raw_from_tensors
 from batchlab.engine.loop import EpochHook, train_one
-from batchlab.engine.result import Reporter, TrainResult, clean
+from batchlab.engine.result import Reporter, TrainResult
 from batchlab.engine.setup import check_batch_sizes, get_data, resolve_device, run_key
 from batchlab.engine.vectorized import plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
@@ -187,7 +187,7 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
     and goes on (sweeps). A `BatchlabError` (bad input) always raises. `on_done(n)` is called
     as n more configs are done (progress)."""
     cfgs = [as_config(c) for c in configs]
-    keys = [c.key(get_data(c, resolve_device(c.device)).fingerprint) for c in cfgs]
+    keys = [run_key(c, get_data(c, resolve_device(c.device))) for c in cfgs]
     results: list[TrainResult | None] = [None] * len(cfgs)
     first: dict[str, int] = {}
     todo: list[int] = []
@@ -274,7 +274,7 @@ def save_result(store: Store, result: TrainResult, label: str | None,
     store.save_run(RunRecord(
         run_id=result.run_id, config_hash=result.key,
         config=result.config.model_dump(mode="json"), seed=result.config.seed,
-        status=result.status, epochs=[clean(e) for e in result.epochs],
-        final=clean(result.final), error=result.error, label=label,
+        status=result.status, epochs=result.epochs,
+        final=result.final, error=result.error, label=label,
         wall_seconds=result.wall_seconds, env=result.env, artifacts=artifacts,
     ))

@@ -48,7 +48,7 @@ def check_artifacts(rows: Iterable[tuple[str, str, str, str]], weights: bool = F
     """Problems of (run_id, name, path, sha256) artifact rows: missing files, changed bytes;
     with `weights`, also checkpoints that are not safetensors files or hold NaN/inf weights
     (a completed run's weights are finite; a diverged run's may not be)."""
-    from batchlab.data.idx import sha256_file
+    from batchlab.atomic import sha256_file
 
     problems = []
     for run_id, name, path, sha in rows:

@@ -1,6 +1,7 @@
 """PyHessian's interface on batchlab's operators, for users moving code over:
 
-    from pyhessian import hessian                  from batchlab.curvature import Hessian
+    PyHessian                                      batchlab
+    from pyhessian import hessian                  from batchlab.measure.curvature import Hessian
     h = hessian(model, criterion, data=(X, y),     h = Hessian(model, criterion, data=(X, y),
                 cuda=False)                                    cuda=False)
     h.eigenvalues(maxIter=100, tol=1e-3, top_n=5)  h.eigenvalues(maxIter=100, tol=1e-3, top_n=5)
