@@ -24,7 +24,7 @@ def test_eval_every_skips_metrics_but_not_the_trajectory() -> None:
     sparse = train(make_config(**LONG, eval_every=3, checkpoint_epochs=[5]))
     assert [e["epoch"] for e in sparse.epochs] == list(range(8))  # a row per epoch still
     scored = [e["epoch"] for e in sparse.epochs if "test_acc" in e]
-    assert scored == [0, 3, 5, 6, 7]  # every 3rd, the checkpoint, the last
+    assert scored == [0, 3, 5, 6, 7]  # every 3rd, the checkpoint (and plateau start), the last
     for a, b in zip(every.epochs, sparse.epochs):
         # the same steps: running loss and weights-only probes every epoch, bit-identical
         assert a.get("running_loss") == b.get("running_loss") and a["dist_init_w"] == b["dist_init_w"]
@@ -38,8 +38,11 @@ def test_eval_every_skips_metrics_but_not_the_trajectory() -> None:
 
 def test_eval_every_counts_its_evaluations_and_refuses_a_target() -> None:
     cfg = make_config(**LONG, eval_every=3)
+    # every 3rd, the last, and the start of the last fifth (7 - round(7/5) = 6)
     assert [e for e in range(8) if cfg.evaluates(e)] == [0, 3, 6, 7]
     assert cfg.evaluated_epochs() == 4 and make_config(**LONG).evaluated_epochs() == 8
+    cfg = make_config(**{**LONG, "epochs": 24}, eval_every=5)
+    assert [e for e in range(25) if cfg.evaluates(e)] == [0, 5, 10, 15, 19, 20, 24]
     with pytest.raises(ConfigError, match="eval_every must be 1"):
         make_config(**LONG, eval_every=2, target_metric="test_acc", target_value=0.9)
     with pytest.raises(ConfigError):
@@ -74,3 +77,18 @@ def test_train_eval_size_scores_a_stratified_subset_and_trains_on_all() -> None:
     # the train accuracy is measured on the subset: a multiple of 1/500
     assert b.final["train_acc"] * 500 == pytest.approx(round(b.final["train_acc"] * 500), abs=1e-3)
     assert a.final["train_acc"] * 1437 == pytest.approx(round(a.final["train_acc"] * 1437), abs=1e-3)
+
+
+def test_the_convergence_gate_spans_the_same_epochs_whatever_the_evaluation() -> None:
+    """plateau_gain counts the last fifth in epochs: a run evaluated every k epochs gives the
+    number the every-epoch run gives (the gate's verdicts cannot move with eval_every)."""
+    from batchlab.experiments.schedules_exp import plateau_gain
+
+    every = train(make_config(**{**TINY, "epochs": 9}))
+    sparse = train(make_config(**{**TINY, "epochs": 9}, eval_every=4))
+    assert plateau_gain(sparse.epochs) == plateau_gain(every.epochs) is not None
+    rows = [{"epoch": e, "train_acc": a} for e, a in [(0, .1), (1, .5), (2, .6), (3, .7), (4, .8),
+                                                       (5, .9), (6, .91), (7, .92), (8, .93),
+                                                       (9, .94), (10, .95)]]
+    assert plateau_gain(rows) == pytest.approx(0.95 - 0.93)  # epochs 8 -> 10
+    assert plateau_gain(rows[:2]) is None  # one epoch: nothing to compare

@@ -260,7 +260,7 @@ class TrainConfig(BaseModel):
     def evaluates(self, epoch: int) -> bool:
         """Whether epoch `epoch` (0 = the initial weights) is evaluated (`eval_every`)."""
         return (epoch % self.eval_every == 0 or epoch == self.epochs
-                or epoch in self.checkpoint_epochs)
+                or epoch in self.checkpoint_epochs or epoch == plateau_start(self.epochs))
 
     def evaluated_epochs(self) -> int:
         """How many evaluations the run makes, epoch 0 included (for plans: FLOPs, time)."""
@@ -289,6 +289,13 @@ def add_optimizer_name(name: str) -> None:
 def remove_optimizer_name(name: str) -> None:
     """Undo `add_optimizer_name` (a test's optimizer, once the test is done)."""
     _optimizer_names.pop(name, None)
+
+
+def plateau_start(last_epoch: int) -> int:
+    """The epoch a run's convergence gate compares its last epoch with: a fifth of the run
+    earlier (`experiments.schedules_exp.plateau_gain`). Every run evaluates it, so the gate
+    spans the same epochs whatever `eval_every` is."""
+    return last_epoch - max(1, round(last_epoch / 5))
 
 
 def make_config(**fields: Any) -> TrainConfig:

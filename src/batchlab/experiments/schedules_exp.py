@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from batchlab.config import plateau_start
 from batchlab.engine.presets import apply_preset
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
@@ -152,11 +153,16 @@ def run(ctx: Context) -> Output:
 
 def plateau_gain(epochs: list[dict[str, Any]]) -> float | None:
     """A run's train-accuracy change over the last fifth of its epochs (at least one epoch):
-    ~0 once it has converged."""
-    acc = [e.get("train_acc") for e in epochs if e.get("epoch", 0) >= 1]
-    acc = [float(a) for a in acc if isinstance(a, (int, float))]
-    k = max(1, round(len(acc) / 5))
-    return acc[-1] - acc[-1 - k] if len(acc) > k else None
+    ~0 once it has converged. Counted in epochs, not evaluations: a run evaluated every k
+    epochs (`TrainConfig.eval_every`, which always evaluates the start of the last fifth,
+    `plateau_start`) gives the same number as one evaluated every epoch."""
+    acc = [(int(e["epoch"]), float(a)) for e in epochs
+           if e.get("epoch", 0) >= 1 and isinstance(a := e.get("train_acc"), (int, float))]
+    if not acc:
+        return None
+    last, at_last = acc[-1]
+    before = [a for ep, a in acc if ep <= plateau_start(last)]
+    return at_last - before[-1] if before else None
 
 
 def converged(arm: str, gains: list[float | None]) -> Gate:
