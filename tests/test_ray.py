@@ -94,7 +94,7 @@ def task_hook(monkeypatch: pytest.MonkeyPatch):
     """`task_hook(hook)`: the Ray tasks submitted afterwards in this test run through `hook`."""
     import batchlab.runs.ray_executor as rx
 
-    return lambda hook: monkeypatch.setattr(rx, "_remote_unit", ray.remote(hooked_unit(hook)))
+    return lambda hook: monkeypatch.setattr(rx, "_task_body", hooked_unit(hook))
 
 
 def _counting_hook(log_dir: Path):
@@ -211,12 +211,13 @@ def test_interrupt_leaves_resumable_store(cluster, tmp_path: Path) -> None:
 
 def test_bad_cluster_input_fails_fast() -> None:
     from batchlab.errors import BatchlabError, ConfigError
-    from batchlab.runs.ray_executor import _check_reachable, _wants_gpu
+    from batchlab.runs.ray_executor import _wants_gpu
+    from batchlab.runs.tasks import check_reachable
 
     with pytest.raises(ConfigError, match="HOST:PORT"):
-        _check_reachable("nohost")
+        check_reachable("nohost")
     with pytest.raises(BatchlabError, match="cannot reach"):  # a closed port, not a long hang
-        _check_reachable("127.0.0.1:1", timeout=2.0)
+        check_reachable("127.0.0.1:1", timeout=2.0)
     cuda = make_config(**{**TINY, "device": "cuda:1"})
     with pytest.raises(ConfigError, match="no GPU"):
         _wants_gpu(cuda, cluster_gpus=0)
@@ -238,7 +239,6 @@ def test_cli_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
 
 KILLING_CLI = """
 import os, signal, sys
-import ray
 from batchlab.runs import ray_executor
 
 marker = sys.argv[1]
@@ -253,7 +253,7 @@ def kill_once(cfg):
         os.kill(os.getpid(), signal.SIGKILL)  # a Ray worker dies mid-run
 
 
-ray_executor._remote_unit = ray.remote(hooked_unit(kill_once))
+ray_executor._task_body = hooked_unit(kill_once)
 ray_executor.run_ray.__kwdefaults__.update(num_cpus=2)
 from batchlab.cli.root import main
 
@@ -327,3 +327,71 @@ def test_curvature_units_as_ray_tasks_match_local(cluster, tmp_path: Path) -> No
             got[executor] = batch.run(Context(store=st, executor=executor))
             assert len(st.conn.execute("SELECT key FROM measurements").fetchall()) == len(batch.units)
     assert got["ray"] == got["local"]
+
+
+def test_task_lost_beyond_its_retries_is_stored_failed_in_one_line(cluster, tmp_path: Path,
+                                                                   task_hook) -> None:
+    """A worker that dies on every attempt exhausts the retries: the runs of that task are
+    stored as failed with the pool's one-line message, the others complete."""
+
+    def always_die(cfg):
+        import os
+        import signal
+
+        if cfg.seed == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    configs = [c.model_copy(update={"engine": "autograd"}) for c in _grid(batch_sizes=(32,))]
+    with Store(tmp_path / "r.db") as st:
+        task_hook(always_die)
+        results = run_ray(configs, st, max_retries=0)
+        recs = {r.seed: r for r in st.runs()}
+    assert [r.status for r in results] == ["completed", "failed"]
+    assert recs[1].status == "failed"
+    assert recs[1].error.startswith("a Ray task was lost after 0 retries")
+    assert "\n" not in recs[1].error
+
+
+def test_pool_task_errors_are_one_line(cluster) -> None:
+    """The pool's caller sees a task's bad-input error as itself, any other exception as one
+    `TaskFailed` line naming the task (not Ray's remote traceback)."""
+    from batchlab.errors import DataError
+    from batchlab.runs.tasks import RayPool, TaskFailed
+
+    def _raises(kind: str) -> None:  # a closure: pickled by value, no test import on the worker
+        if kind == "bad input":
+            raise DataError("no such column")
+        raise RuntimeError("boom in a task\nsecond line of detail")
+
+    pool = RayPool(max_retries=0)
+    try:
+        bad = pool.submit(_raises, "bad input")
+        with pytest.raises(DataError, match="no such column"):
+            pool.next_done()
+        crash = pool.submit(_raises, "bug")
+        with pytest.raises(TaskFailed) as err:
+            pool.next_done()
+        assert err.value.task == crash != bad
+        assert str(err.value) == "a Ray task raised RuntimeError: boom in a task"
+        assert pool.pending() == 0
+    finally:
+        pool.close()
+
+
+def test_task_prepares_data_as_the_local_executor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ray task prepares its tensors with the local executor's own `prepare_for`: every
+    option of the config reaches it (a copy on the worker once dropped `train_eval_size`, so
+    train metrics came from all rows on Ray and from the subset locally)."""
+    import batchlab.runs.ray_executor as rx
+    from batchlab.data import load_dataset
+    from batchlab.engine.setup import get_data
+
+    cfg = make_config(**{**TINY, "train_eval_size": 50, "epochs": 1})
+    got = []
+    monkeypatch.setattr(rx, "_train_one", lambda c, td, k: got.append(td))
+    rx.train_unit([cfg], load_dataset(cfg.dataset, cfg.data_dir), 1)
+    local = get_data(cfg, torch.device("cpu"))
+    assert len(got[0].eval_sets["train"][1]) == 50
+    for split, (x, y) in local.eval_sets.items():
+        assert torch.equal(got[0].eval_sets[split][0], x)
+        assert torch.equal(got[0].eval_sets[split][1], y)

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from batchlab.data.sources import RawData, load_digits, load_mnist_5k, load_remote
 from batchlab.errors import DataError
+
+if TYPE_CHECKING:
+    from batchlab.config import TrainConfig
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "mnist-5k", "digits")
 DEFAULT_DATASET = "mnist-5k"
@@ -93,6 +97,25 @@ class TensorData:
     @property
     def n_train(self) -> int:
         return int(self.x_train.shape[0])
+
+
+_PREPARED: dict[tuple, TensorData] = {}
+
+
+def prepare_for(raw: RawData, cfg: TrainConfig, device: torch.device) -> TensorData:
+    """`prepare` with a run config's data options, memoized per process: a sweep, or a Ray
+    worker across its tasks, prepares each variant once. The one place that maps a config
+    onto `prepare`, so the tensors of a run are the same whichever executor prepares them
+    (the Ray worker's own copy once left out `train_eval_size`)."""
+    k = (raw.fingerprint, raw.x_train.shape[1:], str(raw.x_train.dtype), cfg.normalize,
+         cfg.val_fraction, cfg.max_train, cfg.max_test, cfg.train_eval_size, str(device))
+    if k not in _PREPARED:
+        if len(_PREPARED) > 4:
+            _PREPARED.clear()
+        _PREPARED[k] = prepare(raw, normalize=cfg.normalize, val_fraction=cfg.val_fraction,
+                               max_train=cfg.max_train, max_test=cfg.max_test,
+                               train_eval_size=cfg.train_eval_size, device=device)
+    return _PREPARED[k]
 
 
 def prepare(

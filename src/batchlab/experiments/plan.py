@@ -173,7 +173,7 @@ def _workers(ctx: Context, device: torch.device) -> int:
     if ctx.executor == "ray":
         import ray
 
-        from batchlab.runs.ray_executor import ensure_ray
+        from batchlab.runs.tasks import ensure_ray
 
         ensure_ray(ctx.ray_address, None)
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
