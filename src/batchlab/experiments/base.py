@@ -172,14 +172,3 @@ class Experiment:
         if ctx.paper or ctx.model not in (None, "mlp"):
             return dict(ctx.options)
         return {**self.quick_options, **ctx.options}
-
-
-def load_model(res: TrainResult, epoch: int) -> Any:
-    """The model of a (possibly cached) run with its stored weights at `epoch`."""
-    from batchlab.engine.setup import build_model, get_data, resolve_device
-
-    cfg = res.config
-    td = get_data(cfg, resolve_device(cfg.device))
-    model = build_model(cfg, td).to(td.x_train.device)
-    model.load_state_dict(res.checkpoint(epoch))
-    return model

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 from batchlab.config import Phase
-from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.experiments import intervals as I
 from batchlab.experiments import sharpness_units as U
@@ -41,20 +40,13 @@ from batchlab.experiments.claims import Claim, Gate
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.experiments.schedules_exp import converged, learned, plateau_gain, train_rise
 from batchlab.measure import curvature as C
+from batchlab.runs.training import load_model
 
 EPSILONS = (1e-3, 5e-4)
 
 COMPARABLE_TOL = 0.02
 """Keskar et al. compare minimizers at comparable train accuracy: the paired train-accuracy
 difference (interval over seeds) must lie within +-this, else K1-K3 are untestable here."""
-
-def final_model(res: TrainResult, epoch: int) -> torch.nn.Module:
-    """The model of a (possibly cached) run with its stored weights at `epoch`."""
-    cfg = res.config
-    td = get_data(cfg, resolve_device(cfg.device))
-    model = build_model(cfg, td).to(td.x_train.device)
-    model.load_state_dict(res.checkpoint(epoch))
-    return model
 
 
 def run(ctx: Context) -> Output:
@@ -101,7 +93,7 @@ def run(ctx: Context) -> Output:
         if res.status != "completed":
             rows.append({"seed": seed, "regime": regime, "status": res.status})
             continue
-        model = final_model(res, res.config.epochs)
+        model = load_model(res, res.config.epochs)
         models[(seed, regime)] = model
         td = get_data(res.config, resolve_device(res.config.device))
         data = (td.x_train[:n_curv], td.y_train[:n_curv])

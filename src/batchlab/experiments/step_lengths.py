@@ -63,9 +63,9 @@ def _gradient_quality(ctx: Context, configs: list, results: list, epochs: int) -
     """Minibatch-gradient direction and spread, LARS's secant vs Hessian curvature per layer,
     and batch normalization's signal: measured at each run's final weights."""
     from batchlab.engine.setup import get_data, resolve_device
-    from batchlab.experiments.base import load_model
     from batchlab.measure import minibatch
     from batchlab.measure.curvature import hessian_eigenvalues
+    from batchlab.runs.training import load_model
 
     probe_sizes = [1, 4, 16, 64, 256]
     out: dict[str, Any] = {"rows": [], "cos": {}, "dev": {}, "secant": [], "lam": [],

@@ -23,7 +23,7 @@ from batchlab.data.stream import StreamData, default_identity, is_source
 from batchlab.data.tensors import flatten, raw_from_tensors
 from batchlab.engine.loop import EpochHook, train_one
 from batchlab.engine.result import Reporter, TrainResult
-from batchlab.engine.setup import check_batch_sizes, get_data, resolve_device, run_key
+from batchlab.engine.setup import build_model, check_batch_sizes, get_data, resolve_device, run_key
 from batchlab.engine.vectorized import plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.nn.checkpoint import save_state
@@ -257,6 +257,17 @@ def cached_result(store: Store, cfg: TrainConfig, key: str) -> TrainResult | Non
     return TrainResult(run_id=rec.run_id, key=key, config=cfg, status=rec.status,
                        epochs=rec.epochs, final=rec.final, artifacts=rec.artifacts,
                        env=rec.env, wall_seconds=rec.wall_seconds or 0.0, cached=True)
+
+
+def load_model(res: TrainResult, epoch: int) -> nn.Module:
+    """A fresh model of the run's config holding the run's weights at `epoch` (from memory, or
+    from the store's checkpoint file for a cached run), on the device of the run's data: how
+    experiments measure a run after it trained, the same way everywhere."""
+    cfg = res.config
+    td = get_data(cfg, resolve_device(cfg.device))
+    model = build_model(cfg, td).to(td.x_train.device)
+    model.load_state_dict(res.checkpoint(epoch))
+    return model
 
 
 def save_result(store: Store, result: TrainResult, label: str | None,
