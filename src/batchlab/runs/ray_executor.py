@@ -47,7 +47,7 @@ from batchlab.engine.vectorized import plan_groups, train_group
 from batchlab.errors import ConfigError
 from batchlab.runs.store import Store
 from batchlab.runs.tasks import RayPool, TaskFailed
-from batchlab.runs.training import cached_result, save_result, train
+from batchlab.runs.training import save_result, stored_or_todo, train
 
 
 @dataclass
@@ -186,19 +186,9 @@ def run_ray(configs: Sequence[TrainConfig], store: Store, *, address: str | None
         raise ConfigError(f"num_cpus_per_task must be >= 1, got {num_cpus_per_task}")
     validate_against_data(configs)  # bad input fails before the cluster is touched
 
-    results: dict[str, TrainResult] = {}
-    todo: dict[str, TrainConfig] = {}  # key -> config (identical configs train once)
-    keys: list[str] = []
-    for cfg in configs:
-        key = run_key(cfg, load_dataset(cfg.dataset, cfg.data_dir))
-        keys.append(key)
-        if key in results or key in todo:
-            continue
-        cached = cached_result(store, cfg, key)
-        if cached is not None:
-            results[key] = cached
-        else:
-            todo[key] = cfg
+    keys = [run_key(cfg, load_dataset(cfg.dataset, cfg.data_dir)) for cfg in configs]
+    results, first = stored_or_todo(store, configs, keys)
+    todo = {key: configs[i] for key, i in first.items()}  # identical configs train once
 
     if todo:
         pool = RayPool(address, max_retries, num_cpus)

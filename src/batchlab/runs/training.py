@@ -188,18 +188,8 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
     as n more configs are done (progress)."""
     cfgs = [as_config(c) for c in configs]
     keys = [run_key(c, get_data(c, resolve_device(c.device))) for c in cfgs]
-    results: list[TrainResult | None] = [None] * len(cfgs)
-    first: dict[str, int] = {}
-    todo: list[int] = []
-    for i, key in enumerate(keys):
-        if key in first:
-            continue
-        first[key] = i
-        cached = cached_result(store, cfgs[i], key) if store is not None else None
-        if cached is not None:
-            results[i] = cached
-        else:
-            todo.append(i)
+    results, first = stored_or_todo(store, cfgs, keys)
+    todo = list(first.values())
     if on_done is not None:
         on_done(len(cfgs) - len(todo))
     for unit in plan_groups([cfgs[i] for i in todo]):
@@ -207,8 +197,8 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
         if len(idxs) >= 2 and isinstance(get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device)),
                                          StreamData):
             for i in idxs:  # streamed data trains one run at a time (autograd)
-                results[i] = _train_alone(cfgs[i], keys[i], store, label, on_error)
-                exc = results[i].exception
+                results[keys[i]] = _train_alone(cfgs[i], keys[i], store, label, on_error)
+                exc = results[keys[i]].exception
                 if exc is not None and (on_error == "raise" or isinstance(exc, BatchlabError)):
                     _raise_failed(exc, cfgs[i])
             if on_done is not None:
@@ -223,13 +213,13 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
         else:
             group = [_train_alone(cfgs[idxs[0]], keys[idxs[0]], store, label, on_error)]
         for i, res in zip(idxs, group):
-            results[i] = res
+            results[keys[i]] = res
         failed = next((r.exception for r in group if r.exception is not None), None)
         if failed is not None and (on_error == "raise" or isinstance(failed, BatchlabError)):
             _raise_failed(failed, cfgs[idxs[0]])
         if on_done is not None:
             on_done(len(idxs))
-    return [r if r is not None else results[first[k]] for r, k in zip(results, keys)]
+    return [results[k] for k in keys]
 
 
 def _train_alone(cfg: TrainConfig, key: str, store: Store | None, label: str | None,
@@ -247,6 +237,24 @@ def _train_alone(cfg: TrainConfig, key: str, store: Store | None, label: str | N
 
 def as_config(config: TrainConfig | dict[str, Any]) -> TrainConfig:
     return config if isinstance(config, TrainConfig) else make_config(**config)
+
+
+def stored_or_todo(store: Store | None, cfgs: Sequence[TrainConfig], keys: Sequence[str]
+                   ) -> tuple[dict[str, TrainResult], dict[str, int]]:
+    """Each distinct key once (a config listed twice trains once): the finished run the store
+    holds under it, as a cached result, or else the index of its first config, to train (in
+    the configs' order). Both executors start a list of configs here."""
+    stored: dict[str, TrainResult] = {}
+    todo: dict[str, int] = {}
+    for i, (cfg, key) in enumerate(zip(cfgs, keys, strict=True)):
+        if key in stored or key in todo:
+            continue
+        cached = cached_result(store, cfg, key) if store is not None else None
+        if cached is not None:
+            stored[key] = cached
+        else:
+            todo[key] = i
+    return stored, todo
 
 
 def cached_result(store: Store, cfg: TrainConfig, key: str) -> TrainResult | None:
