@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from batchlab.config import TrainConfig
-from batchlab.data import RawData, TensorData, load_dataset, prepare
+from batchlab.data import RawData, TensorData, load_dataset, prepare_for
 from batchlab.data.stream import StreamData
 from batchlab.data.tensors import load_user
 from batchlab.errors import ConfigError
@@ -61,9 +61,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-_TD_CACHE: dict[tuple, TensorData] = {}
-
-
 def get_data(cfg: TrainConfig, device: torch.device, objective: Any = None) -> TensorData | StreamData:
     """The data of this config: resident tensors (memoized: a sweep prepares each variant
     once) of the named dataset or of the user's loader (`cfg.data`), flattened for the built-in
@@ -85,15 +82,7 @@ def get_data(cfg: TrainConfig, device: torch.device, objective: Any = None) -> T
             raise ConfigError(f"loss {cfg.loss} needs your data (--data module:loader): the "
                               f"built-in datasets are classification")
         raw = load_dataset(cfg.dataset, cfg.data_dir)
-    k = (raw.fingerprint, raw.x_train.shape[1:], str(raw.x_train.dtype), cfg.normalize,
-         cfg.val_fraction, cfg.max_train, cfg.max_test, cfg.train_eval_size, str(device))
-    if k not in _TD_CACHE:
-        if len(_TD_CACHE) > 4:
-            _TD_CACHE.clear()
-        _TD_CACHE[k] = prepare(raw, normalize=cfg.normalize, val_fraction=cfg.val_fraction,
-                               max_train=cfg.max_train, max_test=cfg.max_test,
-                               train_eval_size=cfg.train_eval_size, device=device)
-    return _TD_CACHE[k]
+    return prepare_for(raw, cfg, device)  # memoized: a sweep prepares each variant once
 
 
 def build_model(cfg: TrainConfig, data: TensorData | StreamData, objective: Any = None) -> nn.Module:
