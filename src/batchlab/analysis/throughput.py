@@ -2,8 +2,10 @@
 
 A larger batch is cheaper per example only until the device saturates; past that, steps cost
 proportionally more and only the steps saved (steps-to-target) still help. Samples/s is timed
-on the engine `train()` uses (the fused SGD path for batchlab's MLPs, autograd + SGD for other
-models) with resident data and `index_select` batches, after warm-up steps. Peak memory: on
+on the stepper `train()` builds for the run (`engine.steppers.make_stepper`, of the kind
+`engine.choice.choose_engine` names: fused SGD for batchlab's MLPs, autograd with the run's
+optimizer, loss and amp otherwise) with resident data and `index_select` batches, after
+warm-up steps. Peak memory: on
 CUDA `torch.cuda.max_memory_allocated`; on the CPU the growth of the process's peak RSS
 (`ru_maxrss`) while that batch size ran, plus the peak itself (a peak only grows, so batch
 sizes run in increasing order). An out-of-memory error at one batch size is recorded and the
@@ -33,13 +35,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from batchlab.analysis.scaling import predicted_steps
-from batchlab.engine.fused import FusedMLPSGD
-from batchlab.nn.models import MLP
+from batchlab.config import TrainConfig, make_config
+from batchlab.engine import steppers
+from batchlab.engine.choice import choose_engine
 from batchlab.runs.store import Store
+from batchlab.task import objective_for
 
 Progress = Callable[[int, int], None]
 
@@ -56,15 +59,22 @@ CREATE TABLE IF NOT EXISTS throughput (
 """
 
 
+def timing_config(optimizer: str = "sgd", amp: str = "off", lr: float = 0.01) -> TrainConfig:
+    """The config of a timed step: the run's optimizer and amp at their default settings, no
+    momentum or weight decay (a step's cost hardly depends on them; the stored keys never
+    carried them)."""
+    return make_config(optimizer=optimizer, amp=amp, lr=lr, momentum=0.0, weight_decay=0.0)
+
+
 def engine_for(model: nn.Module, optimizer: str = "sgd", amp: str = "off",
                objective: Any = None) -> str:
-    """The engine `train()` would use on this model: "fused" for plain SGD on batchlab's MLPs
-    with the classification loss, else "autograd", suffixed with the optimizer, amp and loss
-    where they are not the defaults (they change a step's cost, so they key its timing)."""
-    default = optimizer == "sgd" and amp == "off" and objective is None
-    fused = default and isinstance(model, MLP) and not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if fused:
+    """The engine `train()` would use on this model (`choose_engine`: "fused" for plain SGD
+    on batchlab's MLPs with the classification loss, else "autograd"), suffixed with the
+    optimizer, amp and loss where they are not the defaults (they change a step's cost, so
+    they key its timing)."""
+    choice = choose_engine(timing_config(optimizer, amp), model=model,
+                           loss_object=objective is not None)
+    if choice.fused:
         return "fused"
     extra = [v for v in (optimizer if optimizer != "sgd" else None,
                          f"amp-{amp}" if amp != "off" else None,
@@ -203,21 +213,16 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
     """Samples/s, s/step and peak memory per batch size for steps on `model` (trained on a
     copy: the caller's weights are untouched). `progress(i, n)` is called after each size.
     `optimizer` (sgd, adam, adamw), `amp` (off, bf16, fp16) and `objective` (a
-    `batchlab.task` loss; None: cross-entropy) make the timed step the one a run would take."""
-    from batchlab.engine.steppers import amp_context
-
-    loss_fn = F.cross_entropy if objective is None else objective
-    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-               "adamw": torch.optim.AdamW}.get(optimizer)
-    if opt_cls is None:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
+    `batchlab.task` loss; None: the classification NLL the engine trains with) make the timed
+    step the one a run would take: it is the step of the stepper a run builds."""
+    cfg = timing_config(optimizer, amp, lr)
+    loss = None if objective is None else objective_for(objective)
     dev = x.device
     rows = []
     gen = torch.Generator().manual_seed(0)
     for i, bs in enumerate(sorted(batch_sizes)):
         net = copy.deepcopy(model).to(dev).train()
         engine = engine_for(net, optimizer, amp, objective)
-        fused = engine == "fused"
         row: dict[str, Any] = {"batch_size": bs, "engine": engine}
         reset = _reset_peak_rss()
         rss0 = _rss_mb() if reset else _peak_rss_mb()
@@ -225,28 +230,11 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            if fused:
-                stepper = FusedMLPSGD.from_mlps([net])
+            # the stepper a run of this config builds (fused or autograd, its loss and amp)
+            stepper = steppers.make_stepper([cfg], [net], [[]], objective=loss)
 
-                def step(xb: torch.Tensor, yb: torch.Tensor, stepper=stepper) -> None:
-                    stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), lr)
-            else:
-                opt = opt_cls(net.parameters(), lr=lr)
-                autocast, scaler = amp_context(amp, dev.type)
-
-                def step(xb: torch.Tensor, yb: torch.Tensor, net=net, opt=opt,
-                         autocast=autocast, scaler=scaler) -> None:
-                    with autocast():
-                        out = net(xb)
-                    loss = loss_fn(out.float(), yb)
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        opt.step()
+            def step(xb: torch.Tensor, yb: torch.Tensor, stepper=stepper) -> None:
+                stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), (lr,))
             n = len(y)
             steps, t = 0, 0.0
             for s in range(warmup + max_steps):
