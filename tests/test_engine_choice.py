@@ -152,3 +152,82 @@ def test_plan_probe_times_the_stepper_the_engine_builds(monkeypatch: pytest.Monk
         probe.step_seconds([6, 8, 3], 4, 3, cfg)
         assert built == ["fused"]
 
+
+
+# -- throughput points live in the checksummed measurements table ------------------------------
+OLD_SCHEMA = """
+CREATE TABLE throughput (key TEXT PRIMARY KEY, device TEXT NOT NULL, model_sig TEXT NOT NULL,
+    batch_size INTEGER NOT NULL, engine TEXT NOT NULL, row_json TEXT NOT NULL,
+    created_at REAL NOT NULL);
+"""
+
+
+def test_throughput_points_are_checksummed_measurements(tmp_path, monkeypatch) -> None:
+    from batchlab.analysis import throughput as tput
+    from batchlab.runs.measurements import Measurements
+    from batchlab.runs.store import Store
+
+    x, y = torch.rand(64, 6), torch.randint(0, 3, (64,))
+    model = build_mlp(6, [8], 3, seed=0)
+    with Store(tmp_path / "s.db") as st:
+        first = tput.measure_stored(model, x, y, [8, 16], st, min_seconds=0.0, max_steps=2)
+        assert [r["cached"] for r in first] == [False, False]
+        meas = Measurements(st)
+        assert meas.count(tput.KIND) == 2
+        has_old = st.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'throughput'")
+        assert has_old.fetchone() is None  # the legacy table is never created
+        # a damaged row is not trusted: deleted and measured again
+        st.conn.execute("UPDATE measurements SET payload_json = replace(payload_json, "
+                        "'\"steps\":2', '\"steps\":9') WHERE kind = 'throughput'")
+        st.conn.commit()
+        again = tput.measure_stored(model, x, y, [8, 16], st, min_seconds=0.0, max_steps=2)
+        assert [r["cached"] for r in again] == [False, False]
+        assert all(r["steps"] == 2 for r in again)
+
+
+def test_an_old_stores_throughput_points_are_kept_and_moved(tmp_path, monkeypatch) -> None:
+    """A store written before the move keeps its points in its own `throughput` table, keyed
+    by the sha256 of a JSON list: they are found (not re-timed), copied into `measurements`
+    with a checksum, and left where they were."""
+    import hashlib
+    import json
+
+    from batchlab.analysis import throughput as tput
+    from batchlab.runs.measurements import Measurements
+    from batchlab.runs.store import Store
+
+    x = torch.rand(64, 6)
+    y = torch.randint(0, 3, (64,))
+    model = build_mlp(6, [8], 3, seed=0)
+    dev = tput.device_signature(x.device)
+    sig = tput.model_signature(model, (6,))
+    rows = {bs: {"batch_size": bs, "engine": "fused", "status": "ok", "steps": 7,
+                 "seconds_per_step": 0.125 * bs, "samples_per_s": 8.0,
+                 "memory_method": tput.MEMORY_RSS, "peak_rss_mb": 1.5, "peak_memory_mb": 0.25}
+            for bs in (8, 16)}
+    with Store(tmp_path / "old.db") as st:
+        st.ensure_schema(OLD_SCHEMA)
+        for rep in (0, 3):
+            for bs, row in rows.items():
+                # the key as the old code wrote it
+                parts = [dev, sig, bs, "fused", torch.__version__] + ([rep] if rep else [])
+                key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+                assert key == tput.legacy_key(dev, sig, bs, "fused", rep)
+                st.conn.execute("INSERT INTO throughput VALUES (?,?,?,?,?,?,?)",
+                                (key, dev, sig, bs, "fused", json.dumps(row), 0.0))
+        st.conn.commit()
+
+    def boom(*a: Any, **k: Any) -> None:
+        raise AssertionError("re-timed a stored point")
+
+    monkeypatch.setattr(tput, "measure", boom)
+    with Store(tmp_path / "old.db") as st:
+        for rep in (0, 3):
+            got = tput.measure_stored(model, x, y, [16, 8], st, replicate=rep)
+            assert got == [{**rows[8], "cached": True}, {**rows[16], "cached": True}]
+        assert Measurements(st).count(tput.KIND) == 4
+        assert st.conn.execute("SELECT COUNT(*) FROM throughput").fetchone()[0] == 4
+        st.conn.execute("DELETE FROM throughput")  # from now on the measurements rows answer
+        st.conn.commit()
+        got = tput.measure_stored(model, x, y, [8, 16], st, replicate=3)
+        assert [r["steps"] for r in got] == [7, 7]
