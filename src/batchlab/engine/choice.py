@@ -46,8 +46,9 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def fused_blocker(cfg: TrainConfig, probes: Sequence[Probe] = (), *, model: nn.Module | None = None,
-                  streamed: bool = False, loss_object: bool = False) -> str | None:
+def _fused_blocker(cfg: TrainConfig, probes: Sequence[Probe] = (), *,
+                   model: nn.Module | None = None, streamed: bool = False,
+                   loss_object: bool = False) -> str | None:
     """Why the fused stepper cannot train this run (None: it can). Without `model` the config
     names the model (planning, before a module exists); with it, the module itself must be
     batchlab's MLP without batchnorm layers (the fused backward has no batchnorm: a user's MLP
@@ -85,7 +86,7 @@ def choose_engine(cfg: TrainConfig, probes: Sequence[Probe] = (), *,
     autograd); `model`: the built module when there is one; `streamed`: data that arrives in
     batches; `loss_object`: the loss is a Python object rather than a config name.
     engine='fused' for a run the fused path cannot do is a one-line ConfigError."""
-    blocker = fused_blocker(cfg, probes, model=model, streamed=streamed, loss_object=loss_object)
+    blocker = _fused_blocker(cfg, probes, model=model, streamed=streamed, loss_object=loss_object)
     if blocker is not None:
         if cfg.engine == "fused":
             raise ConfigError("engine='fused' needs plain/momentum SGD on an MLP without "

@@ -87,10 +87,6 @@ class Probe:
 
         return choose_engine(cfg, make_probes(cfg.probes))
 
-    def fused(self, cfg: TrainConfig) -> bool:
-        """Whether a run trains on the fused stepper (`engine`)."""
-        return self.engine(cfg).fused
-
     def _memo_get(self, key: tuple, fn: Callable[[], float]) -> float:
         if key not in self._memo:
             with threads(self.threads), torch.no_grad():
