@@ -2,14 +2,17 @@
 
 A larger batch is cheaper per example only until the device saturates; past that, steps cost
 proportionally more and only the steps saved (steps-to-target) still help. Samples/s is timed
-on the engine `train()` uses (the fused SGD path for batchlab's MLPs, autograd + SGD for other
-models) with resident data and `index_select` batches, after warm-up steps. Peak memory: on
+on the stepper `train()` builds for the run (`engine.steppers.make_stepper`, of the kind
+`engine.choice.choose_engine` names: fused SGD for batchlab's MLPs, autograd with the run's
+optimizer, loss and amp otherwise) with resident data and `index_select` batches, after
+warm-up steps. Peak memory: on
 CUDA `torch.cuda.max_memory_allocated`; on the CPU the growth of the process's peak RSS
 (`ru_maxrss`) while that batch size ran, plus the peak itself (a peak only grows, so batch
 sizes run in increasing order). An out-of-memory error at one batch size is recorded and the
 grid goes on.
 
-`measure_stored` keeps every point in the results store, keyed by what changes it: the device
+`measure_stored` keeps every point in the results store (its checksummed `measurements` table,
+kind "throughput"), keyed by what changes it: the device
 (its name and thread count), the model's shape (its module tree and parameter shapes; not its
 weights), the batch size, the engine (with the optimizer, amp and loss when they are not plain
 SGD, full precision and cross-entropy: `recommend --optimizer adam` times Adam's steps) and the
@@ -33,38 +36,42 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from batchlab.analysis.scaling import predicted_steps
-from batchlab.engine.fused import FusedMLPSGD
-from batchlab.nn.models import MLP
+from batchlab.config import TrainConfig, make_config
+from batchlab.engine import steppers
+from batchlab.engine.choice import choose_engine
+from batchlab.runs.measurements import Measurements
 from batchlab.runs.store import Store
+from batchlab.task import objective_for
 
 Progress = Callable[[int, int], None]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS throughput (
-    key TEXT PRIMARY KEY,
-    device TEXT NOT NULL,
-    model_sig TEXT NOT NULL,
-    batch_size INTEGER NOT NULL,
-    engine TEXT NOT NULL,
-    row_json TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
+KIND = "throughput"
+"""The `measurements` kind of a stored timing point (`batchlab.runs.measurements`)."""
+LEGACY_TABLE = "throughput"
+"""The table older stores kept timing points in (raw JSON rows, no checksum). It is read, never
+written: a point found only there is copied into `measurements` (checksummed) the first time
+it is asked for, and the old row stays where it was, so nothing stored is lost."""
+
+
+def timing_config(optimizer: str = "sgd", amp: str = "off", lr: float = 0.01) -> TrainConfig:
+    """The config of a timed step: the run's optimizer and amp at their default settings, no
+    momentum or weight decay (a step's cost hardly depends on them; the stored keys never
+    carried them)."""
+    return make_config(optimizer=optimizer, amp=amp, lr=lr, momentum=0.0, weight_decay=0.0)
 
 
 def engine_for(model: nn.Module, optimizer: str = "sgd", amp: str = "off",
                objective: Any = None) -> str:
-    """The engine `train()` would use on this model: "fused" for plain SGD on batchlab's MLPs
-    with the classification loss, else "autograd", suffixed with the optimizer, amp and loss
-    where they are not the defaults (they change a step's cost, so they key its timing)."""
-    default = optimizer == "sgd" and amp == "off" and objective is None
-    fused = default and isinstance(model, MLP) and not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if fused:
+    """The engine `train()` would use on this model (`choose_engine`: "fused" for plain SGD
+    on batchlab's MLPs with the classification loss, else "autograd"), suffixed with the
+    optimizer, amp and loss where they are not the defaults (they change a step's cost, so
+    they key its timing)."""
+    choice = choose_engine(timing_config(optimizer, amp), model=model,
+                           loss_object=objective is not None)
+    if choice.fused:
         return "fused"
     extra = [v for v in (optimizer if optimizer != "sgd" else None,
                          f"amp-{amp}" if amp != "off" else None,
@@ -103,33 +110,65 @@ def model_signature(model: nn.Module, input_shape: tuple[int, ...]) -> str:
     return h.hexdigest()[:24]
 
 
+def point_spec(device_sig: str, model_sig: str, batch_size: int, engine: str,
+               replicate: int = 0) -> dict[str, Any]:
+    """What a timing point depends on: its `measurements` spec (`replicate` only when > 0)."""
+    spec: dict[str, Any] = {"device": device_sig, "model": model_sig, "batch_size": batch_size,
+                            "engine": engine, "torch": torch.__version__}
+    if replicate:
+        spec["replicate"] = replicate
+    return spec
+
+
+def legacy_key(device_sig: str, model_sig: str, batch_size: int, engine: str,
+               replicate: int = 0) -> str:
+    """The key a point had in the legacy `throughput` table."""
+    parts: list[Any] = [device_sig, model_sig, batch_size, engine, torch.__version__]
+    payload = json.dumps(parts + [replicate] if replicate else parts)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _legacy_row(store: Store, key: str) -> dict[str, Any] | None:
+    """A point of the legacy table, or None (also when the store never had that table)."""
+    has_table = store.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                                   "name = ?", (LEGACY_TABLE,)).fetchone()
+    if has_table is None:
+        return None
+    row = store.conn.execute(f"SELECT row_json FROM {LEGACY_TABLE} WHERE key = ?",
+                             (key,)).fetchone()
+    return None if row is None else json.loads(row[0])
+
+
 def measure_stored(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: list[int],
                    store: Store | None, *, progress: Progress | None = None,
                    replicate: int = 0, **kw: Any) -> list[dict[str, Any]]:
     """`measure`, but each (device, model shape, batch size, engine) point is read from the
-    store when it is there and written to it when it is measured. Rows carry `cached`.
-    `replicate` > 0 keys an independent repetition of the timing (the throughput experiment
-    times the grid once per seed, so timing noise is in its intervals); 0 is the shared one."""
+    store's checksummed `measurements` table when it is there and written to it when it is
+    measured (a point of an older store's `throughput` table is moved over on first use).
+    Rows carry `cached`. `replicate` > 0 keys an independent repetition of the timing (the
+    throughput experiment times the grid once per seed, so timing noise is in its intervals);
+    0 is the shared one."""
     if store is None:
         return measure(model, x, y, batch_sizes, progress=progress, **kw)
-    store.ensure_schema(SCHEMA)
+    meas = Measurements(store)
     dev_sig = device_signature(x.device)
     m_sig = model_signature(model, tuple(x.shape[1:]))
     engine = engine_for(model, kw.get("optimizer", "sgd"), kw.get("amp", "off"),
                         kw.get("objective"))
     sizes = sorted(batch_sizes)
 
-    def key(bs: int) -> str:
-        parts: list[Any] = [dev_sig, m_sig, bs, engine, torch.__version__]
-        payload = json.dumps(parts + [replicate] if replicate else parts)
-        return hashlib.sha256(payload.encode()).hexdigest()
+    def spec(bs: int) -> dict[str, Any]:
+        return point_spec(dev_sig, m_sig, bs, engine, replicate)
 
     have: dict[int, dict[str, Any]] = {}
     for bs in sizes:
-        row = store.conn.execute("SELECT row_json FROM throughput WHERE key = ?",
-                                 (key(bs),)).fetchone()
-        if row is not None:
-            have[bs] = {**json.loads(row[0]), "cached": True}
+        got = meas.get(KIND, spec(bs))
+        if got is None:
+            got = _legacy_row(store, legacy_key(dev_sig, m_sig, bs, engine, replicate))
+            if got is not None:  # an older store's point: checksummed from now on
+                meas.put(KIND, spec(bs), got)
+        if got is not None:
+            have[bs] = {**got, "cached": True}
     todo = [b for b in sizes if b not in have]
     done = len(have)
 
@@ -140,10 +179,7 @@ def measure_stored(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     if progress:
         progress(done, len(sizes))
     for r in measure(model, x, y, todo, progress=prog, **kw) if todo else []:
-        with store.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO throughput VALUES (?,?,?,?,?,?,?)",
-                      (key(r["batch_size"]), dev_sig, m_sig, r["batch_size"], engine,
-                       json.dumps(r), time.time()))
+        meas.put(KIND, spec(r["batch_size"]), r)
         have[r["batch_size"]] = {**r, "cached": False}
     return [have[b] for b in sizes]
 
@@ -203,21 +239,16 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
     """Samples/s, s/step and peak memory per batch size for steps on `model` (trained on a
     copy: the caller's weights are untouched). `progress(i, n)` is called after each size.
     `optimizer` (sgd, adam, adamw), `amp` (off, bf16, fp16) and `objective` (a
-    `batchlab.task` loss; None: cross-entropy) make the timed step the one a run would take."""
-    from batchlab.engine.steppers import amp_context
-
-    loss_fn = F.cross_entropy if objective is None else objective
-    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-               "adamw": torch.optim.AdamW}.get(optimizer)
-    if opt_cls is None:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
+    `batchlab.task` loss; None: the classification NLL the engine trains with) make the timed
+    step the one a run would take: it is the step of the stepper a run builds."""
+    cfg = timing_config(optimizer, amp, lr)
+    loss = None if objective is None else objective_for(objective)
     dev = x.device
     rows = []
     gen = torch.Generator().manual_seed(0)
     for i, bs in enumerate(sorted(batch_sizes)):
         net = copy.deepcopy(model).to(dev).train()
         engine = engine_for(net, optimizer, amp, objective)
-        fused = engine == "fused"
         row: dict[str, Any] = {"batch_size": bs, "engine": engine}
         reset = _reset_peak_rss()
         rss0 = _rss_mb() if reset else _peak_rss_mb()
@@ -225,28 +256,11 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_sizes: lis
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            if fused:
-                stepper = FusedMLPSGD.from_mlps([net])
+            # the stepper a run of this config builds (fused or autograd, its loss and amp)
+            stepper = steppers.make_stepper([cfg], [net], [[]], objective=loss)
 
-                def step(xb: torch.Tensor, yb: torch.Tensor, stepper=stepper) -> None:
-                    stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), lr)
-            else:
-                opt = opt_cls(net.parameters(), lr=lr)
-                autocast, scaler = amp_context(amp, dev.type)
-
-                def step(xb: torch.Tensor, yb: torch.Tensor, net=net, opt=opt,
-                         autocast=autocast, scaler=scaler) -> None:
-                    with autocast():
-                        out = net(xb)
-                    loss = loss_fn(out.float(), yb)
-                    opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        opt.step()
+            def step(xb: torch.Tensor, yb: torch.Tensor, stepper=stepper) -> None:
+                stepper.step(xb.unsqueeze(0), yb.unsqueeze(0), (lr,))
             n = len(y)
             steps, t = 0, 0.0
             for s in range(warmup + max_steps):

@@ -9,6 +9,10 @@ checkpoints, stopping - and is the same for every stepper.
 
 (`engine/deferred.py`, the deferred low-rank SGD pass, needs a whole pass's batches in advance
 and so is not a per-step stepper; gradient-competition drives it directly.)
+
+Which one a run gets is decided in one place, `engine.choice.choose_engine`; `make_stepper`
+builds what it names, and the throughput measurements and the `--plan` probe time steppers
+built here, so they time the step a run takes.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import torch
 from torch import nn
 
 from batchlab.config import TrainConfig
+from batchlab.engine.choice import choose_engine, refusal_or_choice
 from batchlab.engine.fused import FusedMLPSGD
 from batchlab.errors import BatchlabError, ConfigError
-from batchlab.nn.models import MLP
 from batchlab.nn.optim import build_optimizer
 from batchlab.probes import Probe
 from batchlab.task import Objective, objective_for
@@ -176,49 +180,25 @@ class FusedStepper:
         self._lr_t = None
 
 
-def fused_blocker(cfg: TrainConfig, model: nn.Module, probes: Sequence[Probe],
-                  streamed: bool = False, loss_object: bool = False) -> str | None:
-    """Why the fused stepper cannot train this model (None: it can)."""
-    if cfg.optimizer != "sgd":
-        return f"optimizer {cfg.optimizer} runs on autograd"
-    if not isinstance(model, MLP):
-        return f"the model ({type(model).__name__}) is not batchlab's MLP"
-    if cfg.batchnorm:
-        return "batchnorm runs on autograd"
-    if cfg.discard_fraction > 0:
-        return "discard_fraction > 0 runs on autograd"
-    if cfg.loss != "cross_entropy":
-        return f"loss {cfg.loss} runs on autograd"
-    if cfg.amp != "off":
-        return "amp runs on autograd"
-    if streamed:
-        return "streamed data runs on autograd"
-    if loss_object:
-        return "a loss object runs on autograd"
-    grad = [p.name for p in probes if p.needs_grad]
-    if grad:
-        return f"probe {grad[0]} needs gradients (autograd)"
-    return None
-
-
 def make_stepper(cfgs: Sequence[TrainConfig], models: Sequence[nn.Module],
                  probes: Sequence[Sequence[Probe]], *, objective: Objective | None = None,
                  streamed: bool = False) -> Stepper:
-    """The stepper for a pass: K > 1 is always fused (the caller checked `fused_blocker`);
-    K = 1 is fused when it applies and the config does not ask for autograd. `objective`: the
-    run's loss when it is a Python object (else the config's `loss` names it)."""
-    blocked = [fused_blocker(c, m, p, streamed, objective is not None)
-               for c, m, p in zip(cfgs, models, probes)]
+    """The stepper for a pass, of the kind `choose_engine` names: K > 1 is always fused (the
+    planner grouped fused-eligible configs; anything else is a BatchlabError); K = 1 is the
+    config's choice. `objective`: the run's loss when it is a Python object (else the config's
+    `loss` names it)."""
     if len(models) > 1:
-        if any(blocked) or any(c.engine == "autograd" for c in cfgs):
-            why = next(filter(None, blocked), "engine='autograd' was asked for")
+        choices = [refusal_or_choice(c, p, model=m, streamed=streamed,
+                                     loss_object=objective is not None)
+                   for c, m, p in zip(cfgs, models, probes)]
+        why = next((c.reason for c in choices if not c.fused), None)
+        if why is not None:
             raise BatchlabError(f"a vectorized pass needs the fused engine: {why}")
         return FusedStepper(cfgs[0], models)
-    cfg, model, reason = cfgs[0], models[0], blocked[0]
-    if cfg.engine == "fused" and reason is not None:
-        raise ConfigError("engine='fused' needs plain/momentum SGD on an MLP without batchnorm, "
-                          f"discarding or gradient probes ({reason})")
-    if reason is None and cfg.engine != "autograd":
+    cfg, model = cfgs[0], models[0]
+    choice = choose_engine(cfg, probes[0], model=model, streamed=streamed,
+                           loss_object=objective is not None)
+    if choice.fused:
         return FusedStepper(cfg, models)
     return AutogradStepper(cfg, model, keep_grads=any(p.needs_grad for p in probes[0]),
                            objective=objective)

@@ -31,10 +31,10 @@ from typing import Any
 from batchlab.config import TrainConfig
 from batchlab.data import TensorData
 from batchlab.engine import schedules
+from batchlab.engine.choice import refusal_or_choice
 from batchlab.engine.loop import Loop, train_one
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import build_model, check_batch_sizes, resolve_device
-from batchlab.engine.steppers import fused_blocker
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.probes import make_probes
 
@@ -53,24 +53,16 @@ MAX_K = 4
 
 # -- grouping ---------------------------------------------------------------------------------
 def ineligible(cfg: TrainConfig) -> str | None:
-    """Why `cfg` cannot join a vectorized pass (None: it can)."""
-    if cfg.optimizer != "sgd":
-        return f"optimizer {cfg.optimizer} runs on autograd"
-    if cfg.model != "mlp":
-        return f"model {cfg.model} is not batchlab's MLP"
-    if cfg.batchnorm:
-        return "batchnorm runs on autograd"
-    if cfg.discard_fraction > 0:
-        return "discard_fraction > 0 runs on autograd"
-    if cfg.loss != "cross_entropy" or cfg.amp != "off":
-        return "a loss other than cross_entropy, or amp, runs on autograd"
-    if cfg.engine == "autograd":
-        return "engine='autograd' was asked for"
+    """Why `cfg` cannot join a vectorized pass (None: it can): it must train on the fused
+    engine (`choose_engine`, the one decision) with no probe that runs every few steps."""
     try:
         probes = make_probes(cfg.probes)
     except ConfigError as e:
         return str(e)
-    hooked = [p.name for p in probes if p.every_steps or p.needs_grad]
+    choice = refusal_or_choice(cfg, probes)
+    if not choice.fused:
+        return choice.reason
+    hooked = [p.name for p in probes if p.every_steps]
     if hooked:
         return f"probe {hooked[0]} runs every few steps (not vectorized)"
     return None
@@ -144,7 +136,8 @@ def train_group(configs: Sequence[TrainConfig], data: TensorData) -> list[TrainR
     device = resolve_device(configs[0].device)
     nets = [build_model(c, data).to(device) for c in configs]
     probes = [make_probes(c.probes) for c in configs]
-    blocked = [r for r in (fused_blocker(c, n, p) for c, n, p in zip(configs, nets, probes)) if r]
+    blocked = [ch.reason for ch in (refusal_or_choice(c, p, model=n)
+                                    for c, n, p in zip(configs, nets, probes)) if not ch.fused]
     if blocked:
         log.warning("%d configs cannot share a vectorized pass (%s); training them one by one",
                     len(configs), blocked[0])

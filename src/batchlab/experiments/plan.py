@@ -248,12 +248,11 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
         dims = [td.input_dim, *cfg.hidden, td.n_classes]
         params = mlp_params(dims)
         n_eval = sum(len(y) for _, y in td.eval_sets.values())
-        fused = probe.fused(cfg)
         for epochs, b in _phases(cfg):
             steps = epochs * math.ceil(td.n_train / b)
             plan.sgd_steps += k * steps
             plan.flops += k * epochs * 6 * params * td.n_train
-            seconds += steps * probe.step_seconds(dims, b, k, fused)
+            seconds += steps * probe.step_seconds(dims, b, k, cfg)
         evals = cfg.evaluated_epochs()  # epoch 0 and every evaluated epoch (`eval_every`)
         plan.flops += k * evals * 2 * params * n_eval
         seconds += k * evals * n_eval * probe.eval_seconds_per_sample(dims)
@@ -289,7 +288,7 @@ def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     gd = max(ctx.seeds, 2) * K7_TYPICAL_LRS * int(o.get("k7_steps", 50 if ctx.paper else 20))
     plan.curvature_hvps += max(ctx.seeds, 2) * CURVATURE_HVPS["lambda-max"]
     plan.flops += gd * 6 * mlp_params(dims) * n_k7
-    plan.seconds += gd * probe.step_seconds(dims, n_k7, 1, False)
+    plan.seconds += gd * probe.gd_step_seconds(dims, n_k7)
 
 
 def _h(x: float) -> str:

@@ -1,8 +1,10 @@
 """The throughput probe behind `--plan`: short timings on this device, memoized per shape.
 
-Each timing runs the code the real work runs (the fused SGD stepper for K stacked MLPs, or
-autograd + SGD where the run cannot use it; a gradient trial through `run_trial_block` on one
-thread; a Hessian-vector product through the curvature module), after a warm-up, for about
+Each timing runs the code the real work runs (the stepper `engine.steppers.make_stepper` builds
+for the engine `engine.choice.choose_engine` picks: fused SGD for K stacked MLPs, or autograd
+with the run's optimizer where the run cannot use it; a gradient trial through
+`run_trial_block` on one thread; a Hessian-vector product through the curvature module), after
+a warm-up, for about
 `min_seconds` in a few blocks, keeping the fastest block, each block timed by the smaller of
 its wall time and its CPU time per thread (so another job on the CPU does not inflate it).
 Small shapes are timed directly; nothing is extrapolated from FLOP counts.
@@ -15,10 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from batchlab.config import TrainConfig
-from batchlab.engine.fused import FusedMLPSGD
+from batchlab.config import TrainConfig, make_config
+from batchlab.engine.choice import EngineChoice, EngineKind, choose_engine
+from batchlab.engine.steppers import make_stepper
 from batchlab.nn.models import build_mlp
 from batchlab.runs.tasks import threads
 
@@ -27,6 +29,16 @@ PROBE_STEPS = 64  # steps of a timed gradient-trial pass (the per-step cost does
 
 def mlp_params(dims: Sequence[int]) -> int:
     return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _step_config(cfg: TrainConfig, dims: Sequence[int], kind: EngineKind) -> TrainConfig:
+    """The config of a timed step of `cfg`: its optimizer settings and amp on an MLP of
+    `dims`, forced onto the engine `cfg` trains on (its loss, probes and data are not timed:
+    the probe's batches are random classification batches)."""
+    return make_config(hidden=list(dims[1:-1]), lr=1e-3, engine=kind, optimizer=cfg.optimizer,
+                       momentum=cfg.momentum, nesterov=cfg.nesterov,
+                       weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
+                       amp=cfg.amp)
 
 
 def _timed(fn: Callable[[], object], device: torch.device, min_seconds: float,
@@ -67,15 +79,13 @@ class Probe:
         self.device, self.threads, self.min_seconds = device, threads, min_seconds
         self._memo: dict[tuple, float] = {}
 
-    def fused(self, cfg: TrainConfig) -> bool:
-        """Whether a run trains on the fused stepper (as `engine.steppers.fused_blocker` decides
-        for a plain MLP with SGD and no gradient probes: a probe that needs each step's
-        gradients keeps the run on autograd, which is slower per step)."""
+    def engine(self, cfg: TrainConfig) -> EngineChoice:
+        """The engine a run of `cfg` trains on: `engine.choice.choose_engine`, the decision the
+        run itself takes (a probe that needs each step's gradients, another optimizer, amp or
+        loss keeps it on autograd, which is slower per step)."""
         from batchlab.probes import make_probes
 
-        return (cfg.optimizer == "sgd" and not cfg.batchnorm and cfg.discard_fraction == 0
-                and cfg.engine != "autograd"
-                and not any(p.needs_grad for p in make_probes(cfg.probes)))
+        return choose_engine(cfg, make_probes(cfg.probes))
 
     def _memo_get(self, key: tuple, fn: Callable[[], float]) -> float:
         if key not in self._memo:
@@ -83,28 +93,37 @@ class Probe:
                 self._memo[key] = fn()
         return self._memo[key]
 
-    def step_seconds(self, dims: Sequence[int], b: int, k: int, fused: bool) -> float:
-        """Seconds per SGD step of k stacked runs at batch size b."""
-        key = ("step", tuple(dims), b, k, fused)
-        return self._memo_get(key, lambda: self._step(list(dims), b, k, fused))
+    def step_seconds(self, dims: Sequence[int], b: int, k: int, cfg: TrainConfig) -> float:
+        """Seconds per step of k stacked runs of `cfg` at batch size b, on the stepper the
+        engine builds for it (`steppers.make_stepper` on the kind `engine(cfg)` names, with the
+        run's optimizer settings and amp)."""
+        timed = _step_config(cfg, dims, self.engine(cfg).kind)
+        key = ("step", tuple(dims), b, k, timed.engine, timed.optimizer, timed.momentum,
+               timed.nesterov, timed.weight_decay, tuple(timed.betas), timed.eps, timed.amp)
+        return self._memo_get(key, lambda: self._step(list(dims), b, k, timed))
 
-    def _step(self, dims: list[int], b: int, k: int, fused: bool) -> float:
+    def gd_step_seconds(self, dims: Sequence[int], n: int) -> float:
+        """Seconds per full-batch gradient-descent step on n samples (sharpness's K7 sweep):
+        plain SGD on autograd."""
+        return self.step_seconds(dims, n, 1, make_config(hidden=list(dims[1:-1]),
+                                                         engine="autograd"))
+
+    def _step(self, dims: list[int], b: int, k: int, cfg: TrainConfig) -> float:
         dev = self.device
         nets = [build_mlp(dims[0], dims[1:-1], dims[-1], seed=i).to(dev) for i in range(k)]
         x = torch.rand(k, b, dims[0], device=dev)
         y = torch.randint(0, dims[-1], (k, b), device=dev)
-        if fused:
-            stepper = FusedMLPSGD.from_mlps(nets)
-            return _timed(lambda: stepper.step(x, y, 1e-3), dev, self.min_seconds)
-        opts = [torch.optim.SGD(n.parameters(), lr=1e-3) for n in nets]
+        lrs = [cfg.lr] * k
+        if cfg.engine == "fused":
+            stepper = make_stepper([cfg] * k, nets, [[]] * k)
+            return _timed(lambda: stepper.step(x, y, lrs), dev, self.min_seconds)
+        # autograd is K = 1: k runs step one after another
+        alone = [make_stepper([cfg], [n], [[]]) for n in nets]
 
         def step() -> None:
             with torch.enable_grad():
-                for i, (net, opt) in enumerate(zip(nets, opts)):
-                    loss = F.nll_loss(net(x[i]), y[i])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                for i, st in enumerate(alone):
+                    st.step(x[i : i + 1], y[i : i + 1], lrs[:1])
 
         return _timed(step, dev, self.min_seconds)
 
