@@ -73,7 +73,8 @@ def run_experiment(name: str, ctx: Context) -> tuple[Output, Path]:
     if exp.mlp_only:
         ctx.require_mlp(exp.mlp_only)
     opts = validate(name, exp.options_for(ctx))
-    ctx = dataclasses.replace(ctx, options=opts.model_dump(exclude_none=True))
+    ctx = dataclasses.replace(ctx, options=opts.model_dump(exclude_none=True),
+                              opts=opts.resolve(ctx.preset))
     output = exp.run(ctx)
     path = write_outputs(exp, output, ctx.out(name))
     return output, path
