@@ -13,10 +13,10 @@ from batchlab.analysis.gradcomp_stats import HIST_BINS, HIST_RANGE, TAIL_K, norm
 from batchlab.experiments.gradient_competition_claims import REGIMES, Replicate
 
 
-def figures(rows: list[dict], fits: list[dict], reps: list[Replicate], o: dict) -> dict[str, Any]:
+def figures(rows: list[dict], fits: list[dict], reps: list[Replicate], o: Any) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
-    modes = o["modes"]
+    modes = o.modes
     figs: dict[str, Any] = {}
     colors = {"early": "tab:blue", "late": "tab:red"}
     fit = {(f["regime"], f["mode"]): f for f in fits}

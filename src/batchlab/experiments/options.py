@@ -147,6 +147,8 @@ class AdamVsSgd(StudyOptions):
 
 
 class GradientCompetition(Options):
+    # trials and decomposition cells are PER CHECKPOINT (one per training seed); see the
+    # resolution argument in gradient_competition's docstring. quick: mnist-5k, CPU minutes.
     trials: int | None = opt("trials per batch size and checkpoint seed", preset(3, 64), ge=2)
     batch_sizes: Ints | None = opt("batch sizes b", GC_BATCH_SIZES)
     n_samples: PositiveInt | None = opt("samples per trial", 1024)
@@ -160,7 +162,7 @@ class GradientCompetition(Options):
     same_samples: bool | None = opt("every batch size sees the same samples", False)
     k: PositiveInt | None = opt("trials stacked per batched matmul", unset("the device's"))
     threads: PositiveInt | None = opt("parallel single-threaded workers", unset("torch threads"))
-    chunk: PositiveInt | None = opt("trials per task and stored chunk", unset("the trial runner's"))
+    chunk: PositiveInt | None = opt("trials per task and stored chunk", unset("16, rounded up to a multiple of k"))
     engine: Literal["fused", "deferred"] | None = opt("trial engine", unset("deferred on CPU"))
     blowup_loss: PositiveFloat | None = opt("a trial whose loss exceeds this is flagged", 100.0)
     seed: int | None = opt("seed of the trials", 0, ge=0, lt=2**63)

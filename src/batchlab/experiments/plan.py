@@ -36,7 +36,7 @@ from batchlab.config import TrainConfig
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import get_data, resolve_device
 from batchlab.engine.vectorized import plan_groups
-from batchlab.experiments import get
+from batchlab.experiments import get, prepared
 from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import Probe, mlp_params
 from batchlab.experiments.plan_trials import add_trials, checkpoint_configs
@@ -137,8 +137,6 @@ def cpu_load() -> float | None:
 def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15) -> Plan:
     """The plan of running each (experiment name, its context) in order; nothing is trained.
     `probe_seconds`: the least time each throughput timing runs."""
-    from batchlab.experiments.options import validate
-
     first = items[0][1]
     device = resolve_device(first.device)
     workers = _workers(first, device)
@@ -148,10 +146,8 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
     plans = []
     for name, ctx in items:
-        opts = validate(name, get(name).options_for(ctx))
+        ctx = prepared(name, ctx)
         pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
-        pctx = dataclasses.replace(pctx, options=opts.model_dump(exclude_none=True),
-                                   opts=opts.resolve(ctx.preset))
         plans.append(_plan_one(name, pctx, probe, workers, planned))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
