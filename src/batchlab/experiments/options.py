@@ -132,6 +132,9 @@ class Switch(StudyOptions):
 
 
 class Distance(StudyOptions):
+    # The quick preset's grid: batch 256 stands in for the study's 1024, because the
+    # steps-matched long run (large / small x E epochs) is most of the cost: at 1024 it would be
+    # 16 x E epochs per seed, 55% of the five study experiments' quick budget; at 256 it is 4 x E.
     batch_sizes: Ints | None = opt("batch sizes of the W/B/A grid",
                                    preset([64, 256], [64, 128, 256, 512, 1024]))
     lrs: Floats | None = opt("learning rates of the grid", preset([0.01, 0.1], [0.01, 0.03, 0.1, 0.3]))
