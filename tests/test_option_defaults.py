@@ -48,3 +48,20 @@ def test_gradient_competition_constants_match_the_analysis() -> None:
 
     assert list(gc.BATCH_SIZES) == GC_BATCH_SIZES
     assert list(gc.MODES) == GC_MODES
+
+
+def test_no_meaning_carries_a_prose_default() -> None:
+    """A default written into the description could drift from the declared one again."""
+    for name in OPTIONS:
+        for row in describe(name):
+            assert "default" not in row["meaning"].lower(), (name, row)
+
+
+def test_prepared_context_carries_the_users_options_and_the_resolved_ones() -> None:
+    from batchlab.experiments import Context, prepared
+
+    ctx = prepared("sharpness", Context(preset="paper", options={"epochs": 4}))
+    assert ctx.options == {"epochs": 4}
+    assert (ctx.opts.epochs, ctx.opts.large_epochs, ctx.opts.k7_steps) == (4, 12, 50)
+    quick = prepared("sharpness", Context())
+    assert quick.options == {"hidden": [256, 256]} and quick.opts.hidden == [256, 256]
