@@ -13,6 +13,7 @@ from batchlab.experiments.gradient_competition_claims import (
     PRIMARY_READING,
     READINGS,
 )
+from batchlab.experiments.options import GradientCompetition as GCOptions
 from batchlab.experiments.outputs import md_table
 
 
@@ -23,7 +24,7 @@ def _iv(lo: float, hi: float) -> str:
     return f"[{f(lo)}, {f(hi)}]"
 
 
-def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: Any, cfg: Any,
+def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: GCOptions, cfg: Any,
                T: int, n_reps: int) -> str:
     by_id = {c.id: c for c in claims}
     reading_rows, dependent = [], []
