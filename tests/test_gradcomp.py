@@ -20,7 +20,7 @@ from batchlab.analysis import gradcomp_runner as gcr
 from batchlab.analysis import gradcomp_trials as gct
 from batchlab.atomic import leftovers
 from batchlab.errors import BatchlabError, ConfigError
-from batchlab.experiments import Context, run_experiment
+from batchlab.experiments import Context, prepared, run_experiment
 from batchlab.experiments.claims import check_document
 from batchlab.nn.models import build_mlp
 from batchlab.runs.store import Store
@@ -487,7 +487,7 @@ def test_plan_counts_unusable_stored_weights_as_to_do_but_hides_no_bug(tmp_path)
     from batchlab.experiments.plan_trials import _stored_chunks
 
     with Store(tmp_path / "runs.db") as st:
-        ctx = _ctx(tmp_path, st)
+        ctx = prepared(G.NAME, _ctx(tmp_path, st))
         o = G.options(ctx)
         cfg = G.checkpoint_config(ctx, o, 0)
         td = get_data(cfg, torch.device("cpu"))
@@ -518,7 +518,7 @@ def test_plan_counts_only_missing_or_damaged_checkpoints_as_to_do(tmp_path, monk
 
     monkeypatch.setattr(Context, "run_many", lambda self, cfgs, label: [Stored()])
     with Store(tmp_path / "runs.db") as st:
-        ctx = _ctx(tmp_path, st)
+        ctx = prepared(G.NAME, _ctx(tmp_path, st))
         cfg = G.checkpoint_config(ctx, G.options(ctx), 0)
         if swallowed:
             assert _stored_states(ctx, cfg, object(), 1, 2) == {}

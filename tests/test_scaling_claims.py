@@ -201,10 +201,11 @@ def test_memory_half_unmeasured_says_why(kind: str) -> None:
 
 
 def _arms() -> dict:
+    from batchlab.experiments.options import Schedules
     from batchlab.experiments.schedules_exp import arm_fields
 
-    s = {"base_batch": 32, "large_batch": 256, "lr": 0.1, "epochs": 10, "decay_epochs": [5],
-         "decay_factor": 0.1, "warmup_epochs": 1.0, "gbn": False}
+    s = Schedules(base_batch=32, large_batch=256, lr=0.1, epochs=10, decay_epochs=[5],
+                  decay_factor=0.1, warmup_epochs=1.0, gbn=False).resolve("quick")
     return arm_fields(s, 4096)
 
 

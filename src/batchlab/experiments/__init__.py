@@ -59,6 +59,18 @@ def available() -> list[str]:
             if importlib.util.find_spec(f"batchlab.experiments.{m}") is not None]
 
 
+def prepared(name: str, ctx: Context) -> Context:
+    """`ctx` as experiment `name` reads it: `options` the user's (with the experiment's
+    quick-preset defaults under them) validated, `opts` those typed and resolved for the preset
+    (every unset field at its declared default). `run_experiment` and the planner both start
+    from it, so a plan and a run see the same values."""
+    from batchlab.experiments.options import validate
+
+    opts = validate(name, get(name).options_for(ctx))
+    return dataclasses.replace(ctx, options=opts.model_dump(exclude_none=True),
+                               opts=opts.resolve(ctx.preset))
+
+
 def run_experiment(name: str, ctx: Context) -> tuple[Output, Path]:
     """Run one experiment and write its outputs to `ctx.out_dir/name`."""
     from batchlab.experiments.outputs import write_outputs
@@ -67,13 +79,10 @@ def run_experiment(name: str, ctx: Context) -> tuple[Output, Path]:
         raise ConfigError(f"unknown preset {ctx.preset!r}; use quick or paper")
     if ctx.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    from batchlab.experiments.options import validate
-
     exp = get(name)
     if exp.mlp_only:
         ctx.require_mlp(exp.mlp_only)
-    opts = validate(name, exp.options_for(ctx))
-    ctx = dataclasses.replace(ctx, options=opts.model_dump(exclude_none=True))
+    ctx = prepared(name, ctx)
     output = exp.run(ctx)
     path = write_outputs(exp, output, ctx.out(name))
     return output, path

@@ -96,8 +96,7 @@ def second_layer_margin(g: Group) -> Interval:
 
 def run(ctx: Context) -> Output:
     st = Study(ctx)
-    bs = st.int_option("batch_size", 64)
-    adam_lr = float(st.opts.get("adam_lr", BASE_LR))
+    bs, adam_lr = st.opts.batch_size, st.opts.adam_lr
     sgd_name, adam_name = f"SGD (lr {BASE_LR:g}, bs {bs})", f"Adam (lr {adam_lr:g}, bs {bs})"
     groups = st.run({sgd_name: st.spec(bs),
                      adam_name: st.spec(bs, adam_lr, optimizer="adam")}, label=NAME)

@@ -49,7 +49,11 @@ class Context:
     device: str = "auto"
     # log(line): one line of running commentary (the CLI prints it to stderr; None: silent)
     log_fn: Callable[[str], None] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # what the user set (validated)
+    # the experiment's typed options with every unset field filled from its declared preset
+    # default (`options.Options.resolve`): set by `run_experiment` and the planner, read by
+    # the experiments (`ctx.opts.epochs`), so a default lives only in its declaration
+    opts: Any = None
     model: str | None = None  # "cnn" or "module:factory" of a user model (default: the built-in MLP)
     data: str | None = None  # "module:loader" of user data
     loss: str | None = None  # the task's loss (batchlab.task); the experiments measure accuracy

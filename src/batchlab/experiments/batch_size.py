@@ -42,8 +42,6 @@ from batchlab.experiments.study_figures import accuracy_figure, zoom_floor
 from batchlab.experiments.verdicts import above, below
 
 NAME = "batch-size"
-QUICK_BATCHES = (64, 256, 1024)
-PAPER_BATCHES = (2, 64, 256, 1024)
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "best_test_acc")
 
 
@@ -53,7 +51,7 @@ def name_of(bs: int) -> str:
 
 def run(ctx: Context) -> Output:
     st = Study(ctx)
-    batches = st.list_option("batch_sizes", PAPER_BATCHES if ctx.paper else QUICK_BATCHES, int)
+    batches = st.distinct(st.opts.batch_sizes)
     if len(batches) < 2:
         raise ConfigError("batch-size needs at least two batch sizes")
     groups = st.run({name_of(b): st.spec(b) for b in batches}, label=NAME)

@@ -54,11 +54,6 @@ from batchlab.experiments.study_geometry import distance_numbers, growth_slope
 from batchlab.experiments.verdicts import above, below, between
 
 NAME = "distance"
-QUICK_GRID = ((64, 256), (0.01, 0.1))
-"""The quick preset's grid: batch 256 stands in for the study's 1024, because the steps-matched
-long run (large / small x E epochs) is most of the cost: at 1024 it would be 16 x E epochs per
-seed, 55% of the five study experiments' quick budget; at 256 it is 4 x E."""
-PAPER_GRID = ((64, 128, 256, 512, 1024), (0.01, 0.03, 0.1, 0.3))
 MIN_TAU = 0.35
 """"Farther is better": Kendall tau of W vs accuracy above 0.35 - the tau of a Spearman rho of
 0.5 (the earlier threshold) under a bivariate normal, tau = (2/pi) arcsin(2 sin(pi rho / 6))."""
@@ -72,14 +67,12 @@ def cell(bs: int, lr: float) -> str:
 
 def run(ctx: Context) -> Output:
     st = Study(ctx)
-    grid0 = PAPER_GRID if ctx.paper else QUICK_GRID
-    bss = st.list_option("batch_sizes", grid0[0], int)
-    lrs = st.list_option("lrs", grid0[1], float)
+    bss, lrs = st.distinct(st.opts.batch_sizes), st.distinct(st.opts.lrs)
     if len(bss) < 2 or len(lrs) < 2:
         raise ConfigError("distance needs at least two batch sizes and two learning rates")
     small, large = bss[0], bss[-1]
     lr_ref = next((x for x in lrs if math.isclose(x, BASE_LR)), lrs[0])  # the study's lr
-    long_e = st.int_option("long_epochs", (large // small) * st.epochs)
+    long_e = st.opts.long_epochs  # default: steps-matched, (large // small) x E
     specs = {cell(b, lr): st.spec(b, lr) for b in bss for lr in lrs}
     long_name = f"bs {large}, lr {lr_ref:g}, {long_e} epochs"
     # evaluated every long_e / E epochs: the reference's number of points (and the same last

@@ -31,10 +31,9 @@ thirtieth of the regions' width; the tail counts (S7) pool T x 10,240 gradient v
 (the earlier paper default, about the study's 1,000 over three seeds) cost 0.51 PFLOP more,
 an eighth of the whole paper preset.
 
-Options (`--set KEY=VALUE`): trials (per checkpoint), batch_sizes, n_samples, early_epochs,
-late_epochs, late_batch_size, lr, modes, keep_tensors, same_samples, decomp_sets,
-decomp_orders, decomp_batch_sizes, k, threads, chunk, engine, blowup_loss, seed (of the
-trials), checkpoint_early, checkpoint_late, tensor_dir, hidden.
+Options (`--set KEY=VALUE`): `options.GradientCompetition` declares them with their defaults
+(`batchlab experiment options gradient-competition`); trials and decomposition cells count per
+checkpoint.
 """
 
 from __future__ import annotations
@@ -62,84 +61,47 @@ from batchlab.experiments.gradient_competition_claims import (
 )
 from batchlab.experiments.gradient_competition_figures import figures
 from batchlab.experiments.gradient_competition_summary import summary_md
+from batchlab.experiments.options import GradientCompetition as GCOptions
 from batchlab.nn.checkpoint import load_state
 
 NAME = "gradient-competition"
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    # trials and decomposition cells are PER CHECKPOINT (one per training seed); see the
-    # resolution argument above. quick: mnist-5k, CPU minutes; paper: ~the study's 1000 per b
-    "quick": {"trials": 3, "late_epochs": 10, "decomp_sets": 3, "decomp_orders": 2,
-              "decomp_batch_sizes": [1, 8, 64, 1024]},
-    "paper": {"trials": 64, "late_epochs": 30, "decomp_sets": 4, "decomp_orders": 5,
-              "decomp_batch_sizes": list(gc.BATCH_SIZES)},
-}
-COMMON: dict[str, Any] = {
-    "batch_sizes": list(gc.BATCH_SIZES), "n_samples": 1024, "early_epochs": 2,
-    "late_batch_size": 1024, "lr": 0.01, "modes": list(gc.MODES), "keep_tensors": True,
-    "same_samples": False, "k": None, "threads": None, "engine": None, "blowup_loss": 100.0,
-    "chunk": None,
-    "seed": 0,
-    "checkpoint_early": None, "checkpoint_late": None, "tensor_dir": None,
-    "hidden": [1024, 1024],  # the study's MLP; smaller only for tests and demos
-}
-
-
-def options(ctx: Context) -> dict[str, Any]:
-    """Preset defaults overridden by --set options (unknown keys are an error)."""
-    opts = {**COMMON, **DEFAULTS["paper" if ctx.paper else "quick"]}
-    unknown = sorted(set(ctx.options) - set(opts))
-    if unknown:
-        raise ConfigError(f"unknown option(s) for {NAME}: {', '.join(unknown)}; "
-                          f"known: {', '.join(sorted(opts))}")
-    opts.update(ctx.options)
-    for key in ("batch_sizes", "modes", "decomp_batch_sizes"):
-        if not isinstance(opts[key], list):
-            opts[key] = [opts[key]]
-    n = int(opts["n_samples"])
-    opts["batch_sizes"] = gc.validate_batch_sizes(opts["batch_sizes"], n)
-    opts["decomp_batch_sizes"] = gc.validate_batch_sizes(opts["decomp_batch_sizes"], n)
-    if int(opts["trials"]) < 2:
-        raise ConfigError("trials must be at least 2 (a standard deviation is reported)")
-    if int(opts["decomp_sets"]) < 2 or int(opts["decomp_orders"]) < 2:
-        raise ConfigError("decomp_sets and decomp_orders must be at least 2")
-    bad = [m for m in opts["modes"] if m not in gc.MODES]
-    if bad:
-        raise ConfigError(f"unknown modes {bad}; choose from {', '.join(gc.MODES)}")
-    for key in ("k", "threads", "chunk"):  # unset = the device's default
-        v = opts[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"{key} must be a positive integer, got {v!r}")
-    if opts["engine"] is not None and opts["engine"] not in gc.ENGINES:
-        raise ConfigError(f"unknown engine {opts['engine']!r}; choose from {', '.join(gc.ENGINES)}")
-    if not 1 <= int(opts["early_epochs"]) < int(opts["late_epochs"]):
+def options(ctx: Context) -> GCOptions:
+    """The resolved options (`ctx.opts`; `options.GradientCompetition` declares every default
+    and checks every field) with the checks that span two fields: batch sizes sorted, unique
+    and within 1..n_samples, and 1 <= early_epochs < late_epochs."""
+    o: GCOptions = ctx.opts
+    n = o.n_samples
+    o = o.model_copy(update={"batch_sizes": gc.validate_batch_sizes(o.batch_sizes, n),
+                             "decomp_batch_sizes": gc.validate_batch_sizes(o.decomp_batch_sizes, n)})
+    if not o.early_epochs < o.late_epochs:
         raise ConfigError("need 1 <= early_epochs < late_epochs")
-    return opts
+    return o
 
 
 # -- checkpoints -------------------------------------------------------------------------
-def checkpoint_config(ctx: Context, o: dict[str, Any], seed: int) -> TrainConfig:
+def checkpoint_config(ctx: Context, o: GCOptions, seed: int) -> TrainConfig:
     """The run of training seed `seed` that saves both checkpoints."""
-    e, late = int(o["early_epochs"]), int(o["late_epochs"])
-    fields: dict[str, Any] = dict(lr=o["lr"], init="glorot", batch_size=1024, epochs=late,
-                                  hidden=list(o["hidden"]), seed=int(seed),
+    e, late = o.early_epochs, o.late_epochs
+    fields: dict[str, Any] = dict(lr=o.lr, init="glorot", batch_size=1024, epochs=late,
+                                  hidden=list(o.hidden), seed=int(seed),
                                   checkpoint_epochs=[e, late])
-    if int(o["late_batch_size"]) != 1024:
+    if o.late_batch_size != 1024:
         fields["schedule"] = [Phase(epochs=e, batch_size=1024),
-                              Phase(epochs=late - e, batch_size=int(o["late_batch_size"]))]
+                              Phase(epochs=late - e, batch_size=o.late_batch_size)]
     return ctx.config(**fields)
 
 
-def user_checkpoints(o: dict[str, Any]) -> bool:
+def user_checkpoints(o: GCOptions) -> bool:
     """True when the user gives both checkpoint files (one replicate); one alone is an error."""
-    given = [bool(o["checkpoint_early"]), bool(o["checkpoint_late"])]
+    given = [o.checkpoint_early, o.checkpoint_late]
     if any(given) and not all(given):
         raise ConfigError("give both checkpoint_early and checkpoint_late (one pair of "
                           "checkpoint files is one replicate), or neither")
     return all(given)
 
 
-def checkpoint_configs(ctx: Context, o: dict[str, Any]) -> list[TrainConfig]:
+def checkpoint_configs(ctx: Context, o: GCOptions) -> list[TrainConfig]:
     """One checkpoint run per training seed (none with user checkpoint files)."""
     if user_checkpoints(o):
         return []
@@ -153,18 +115,18 @@ def _train_acc(res: Any, epoch: int) -> float:
     return math.nan
 
 
-def checkpoints(ctx: Context, o: dict[str, Any]):
+def checkpoints(ctx: Context, o: GCOptions):
     """(config, data, [(replicate id, {regime: state}, late train accuracy)]): each seed's
     checkpoints from its training run through the store (resumable), or the user's files."""
-    late = int(o["late_epochs"])
+    late = o.late_epochs
     cfg = checkpoint_config(ctx, o, ctx.seed_list[0] if ctx.seed_list else 0)
     data = get_data(cfg, resolve_device(cfg.device))
-    if int(o["n_samples"]) > data.n_train:
-        raise ConfigError(f"n_samples {o['n_samples']} exceeds the training set ({data.n_train})")
+    if o.n_samples > data.n_train:
+        raise ConfigError(f"n_samples {o.n_samples} exceeds the training set ({data.n_train})")
     if user_checkpoints(o):
         states = {}
         for regime in REGIMES:
-            p = Path(o[f"checkpoint_{regime}"])
+            p = Path(getattr(o, f"checkpoint_{regime}"))
             if not p.is_file():
                 raise ConfigError(f"checkpoint file {p} does not exist")
             states[regime] = load_state(p)
@@ -174,38 +136,38 @@ def checkpoints(ctx: Context, o: dict[str, Any]):
     for c, res in zip(cfgs, ctx.run_many(cfgs, label=NAME)):
         if res.status != "completed":
             raise ConfigError(f"checkpoint training run {res.run_id} {res.status}")
-        reps.append((int(c.seed), {"early": res.checkpoint(int(o["early_epochs"])),
+        reps.append((int(c.seed), {"early": res.checkpoint(o.early_epochs),
                                    "late": res.checkpoint(late)}, _train_acc(res, late)))
     return cfg, data, reps
 
 
 # -- the experiment ----------------------------------------------------------------------
-def trial_runs(o: dict[str, Any], regime: str, replicate: int | str = 0
+def trial_runs(o: GCOptions, regime: str, replicate: int | str = 0
                ) -> tuple[TrialRun, TrialRun]:
     """The main and the decomposition trial designs of one regime of one replicate (trial
     seeds recorded; a pure function of the trial seed, the replicate and the regime)."""
-    seed, T = int(o["seed"]), int(o["trials"])
+    seed, T = o.seed, o.trials
     stream = f"ckpt{replicate}/{regime}"
-    common = dict(n_samples=int(o["n_samples"]), lr=float(o["lr"]),
-                  blowup_loss=float(o["blowup_loss"]), k=o["k"], threads=o["threads"],
-                  engine=o["engine"], chunk=o["chunk"])
-    fixed = gc.trial_seeds(seed, f"{stream}/samples", 1)[0] if o["same_samples"] else None
+    common = dict(n_samples=o.n_samples, lr=o.lr,
+                  blowup_loss=o.blowup_loss, k=o.k, threads=o.threads,
+                  engine=o.engine, chunk=o.chunk)
+    fixed = gc.trial_seeds(seed, f"{stream}/samples", 1)[0] if o.same_samples else None
     main = TrialRun(f"{regime}-{replicate}", gc.trial_seeds(seed, stream, T), [fixed] * T,
-                    o["batch_sizes"], o["modes"], **common)
-    S, R = int(o["decomp_sets"]), int(o["decomp_orders"])
+                    o.batch_sizes, o.modes, **common)
+    S, R = o.decomp_sets, o.decomp_orders
     set_seeds = gc.trial_seeds(seed, f"{stream}/sets", S)
-    dmodes = [m for m in ("displacement", "sample-sum") if m in o["modes"]] or ["displacement"]
+    dmodes = [m for m in ("displacement", "sample-sum") if m in o.modes] or ["displacement"]
     dec = TrialRun(f"{regime}-{replicate}-decomp", gc.trial_seeds(seed, f"{stream}/orders", S * R),
-                   [s for s in set_seeds for _ in range(R)], o["decomp_batch_sizes"], dmodes,
+                   [s for s in set_seeds for _ in range(R)], o.decomp_batch_sizes, dmodes,
                    **common)
     return main, dec
 
 
-def _trials(ctx: Context, run: TrialRun, model, data, o: dict[str, Any]) -> dict[int, dict]:
+def _trials(ctx: Context, run: TrialRun, model, data, o: GCOptions) -> dict[int, dict]:
     """`run_trials` through the store and the context's executor; progress is reported in
     SGD steps (a b=1 trial is 1024 steps, a b=1024 trial one), so time remaining means
     something; the CLI draws it (`ctx.progress`)."""
-    tdir = Path(o["tensor_dir"]) if o["tensor_dir"] else ctx.out(NAME) / "tensors"
+    tdir = Path(o.tensor_dir) if o.tensor_dir else ctx.out(NAME) / "tensors"
     steps = {b: run.steps(b) for b in run.batch_sizes}
     total = len(run.seeds) * sum(steps.values())
     done = [0]
@@ -218,7 +180,7 @@ def _trials(ctx: Context, run: TrialRun, model, data, o: dict[str, Any]) -> dict
             bar(label, done[0], total)
 
     return run_trials(run, model, data.x_train, data.y_train, ctx.store,
-                      tensor_dir=tdir, keep_tensors=bool(o["keep_tensors"]),
+                      tensor_dir=tdir, keep_tensors=o.keep_tensors,
                       executor=ctx.executor, ray_address=ctx.ray_address, progress=ctx.log,
                       advance=advance)
 
@@ -293,8 +255,8 @@ def run(ctx: Context) -> Output:
         raise ConfigError("gradient-competition needs a results store")
     cfg, data, ckpts = checkpoints(ctx, o)
     model = build_model(cfg, data)
-    T = int(o["trials"])
-    design = Design(list(o["modes"]), int(o["decomp_sets"]), int(o["decomp_orders"]))
+    T = o.trials
+    design = Design(list(o.modes), o.decomp_sets, o.decomp_orders)
     reps: list[Replicate] = []
     trial_rows = []
     for rid, states, acc in ckpts:
@@ -305,7 +267,7 @@ def run(ctx: Context) -> Output:
             rep.recs[regime] = _trials(ctx, main, model, data, o)
             rep.decomp[regime] = _trials(ctx, dec, model, data, o)
             for b, rec in rep.recs[regime].items():
-                for m in o["modes"]:
+                for m in o.modes:
                     mm = rec["modes"][m]
                     trial_rows += [{"replicate": rid, "regime": regime, "mode": m, "b": b,
                                     "trial": t, "seed": s, "sample_seed": ss,
@@ -322,11 +284,11 @@ def run(ctx: Context) -> Output:
     from batchlab.experiments.outputs import rows_to_csv
 
     note = (f"preset {ctx.preset}, {len(reps)} checkpoint seed(s) x {T} trials per b, "
-            f"checkpoints after epochs {o['early_epochs']} and {o['late_epochs']}")
+            f"checkpoints after epochs {o.early_epochs} and {o.late_epochs}")
     return Output(rows=rows, summary=summary, claims=claims,
                   figures=figures(rows, fits, reps, o),
                   extra_files={"trials.csv": rows_to_csv(trial_rows)},
-                  study_numbers=study_numbers(reps, claims, list(o["modes"]), note))
+                  study_numbers=study_numbers(reps, claims, list(o.modes), note))
 
 
 EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", run,

@@ -11,12 +11,13 @@ import numpy as np
 
 from batchlab.analysis.gradcomp_stats import HIST_BINS, HIST_RANGE, TAIL_K, norms_array
 from batchlab.experiments.gradient_competition_claims import REGIMES, Replicate
+from batchlab.experiments.options import GradientCompetition as GCOptions
 
 
-def figures(rows: list[dict], fits: list[dict], reps: list[Replicate], o: dict) -> dict[str, Any]:
+def figures(rows: list[dict], fits: list[dict], reps: list[Replicate], o: GCOptions) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
-    modes = o["modes"]
+    modes = o.modes
     figs: dict[str, Any] = {}
     colors = {"early": "tab:blue", "late": "tab:red"}
     fit = {(f["regime"], f["mode"]): f for f in fits}

@@ -13,6 +13,7 @@ from batchlab.experiments.gradient_competition_claims import (
     PRIMARY_READING,
     READINGS,
 )
+from batchlab.experiments.options import GradientCompetition as GCOptions
 from batchlab.experiments.outputs import md_table
 
 
@@ -23,7 +24,7 @@ def _iv(lo: float, hi: float) -> str:
     return f"[{f(lo)}, {f(hi)}]"
 
 
-def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: dict[str, Any], cfg: Any,
+def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: GCOptions, cfg: Any,
                T: int, n_reps: int) -> str:
     by_id = {c.id: c for c in claims}
     reading_rows, dependent = [], []
@@ -65,19 +66,19 @@ def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: dict[str, Any],
     dec_rows = [x for x in rows if x["kind"] == "decomposition"]
     se = [f["within_se"] for f in fits if math.isfinite(f["within_se"])]
     lines = [
-        f"Checkpoints: default MLP, Glorot, SGD lr {o['lr']}, batch 1024 on {cfg.dataset}; "
-        f"early = epoch {o['early_epochs']}, late = epoch {o['late_epochs']}"
-        f" (late batch size {o['late_batch_size']}). **{n_reps} replicate(s)** = the checkpoints "
+        f"Checkpoints: default MLP, Glorot, SGD lr {o.lr}, batch 1024 on {cfg.dataset}; "
+        f"early = epoch {o.early_epochs}, late = epoch {o.late_epochs}"
+        f" (late batch size {o.late_batch_size}). **{n_reps} replicate(s)** = the checkpoints "
         f"of {n_reps} training seed(s); {T} trials per batch size, regime and checkpoint, "
-        f"{o['n_samples']} samples each (fresh samples per trial"
-        f"{'; SAME sample set in every trial' if o['same_samples'] else ''}). Every interval is "
+        f"{o.n_samples} samples each (fresh samples per trial"
+        f"{'; SAME sample set in every trial' if o.same_samples else ''}). Every interval is "
         "taken across checkpoints, over one estimate per checkpoint (its trials summarised "
         "first); one checkpoint gives an unbounded interval. "
         "Remainder rule: floor(n/b) steps of b, then one step with the n mod b left over. "
         f"Engine: {', '.join(sorted({str(x['engine']) for x in norm_rows}))} "
         "(`batchlab.analysis.gradcomp`; every trial replays from its seed in trials.csv).",
         "",
-        "Readings: " + "; ".join(f"`{m}` = {READINGS[m]}" for m in o["modes"]) + ". "
+        "Readings: " + "; ".join(f"`{m}` = {READINGS[m]}" for m in o.modes) + ". "
         f"The primary reading of every claim is `{PRIMARY_READING}`: algebra alone makes it "
         "independent of b, so what depends on b is the data's. In `displacement` the claims "
         "about a scale that varies with b are decided by algebra (the 1/b of a mean-reduced "
@@ -107,7 +108,7 @@ def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: dict[str, Any],
         "## Diverged trials",
         "",
         f"{n_div} of {n_all} trial records diverged (a step loss non-finite or > "
-        f"{o['blowup_loss']:g} nats, or a non-finite sum); they are kept in the tensor files "
+        f"{o.blowup_loss:g} nats, or a non-finite sum); they are kept in the tensor files "
         "and trials.csv, excluded from every statistic, and counted in each claim's evidence.",
         "",
         (md_table(blow, ["regime", "mode", "replicate", "b", "trials", "diverged"]) if blow
@@ -123,8 +124,8 @@ def summary_md(rows: list[dict[str, Any]], claims: list[Any], o: dict[str, Any],
         "## Open question 1: functional form of std(norm) vs b (seeds' mean std)", "",
         md_table(form_rows),
         "## Open question 2: the norm's spread across sample sets", "",
-        f"Nested design per checkpoint: {o['decomp_sets']} fixed sample sets x "
-        f"{o['decomp_orders']} orders each. With a fixed set and plain SGD the only remaining "
+        f"Nested design per checkpoint: {o.decomp_sets} fixed sample sets x "
+        f"{o.decomp_orders} orders each. With a fixed set and plain SGD the only remaining "
         "randomness is the order of the samples (which samples share a batch, the sequence of "
         "steps): at b = n it reduces to float summation order, so `share_samples` is 1 there "
         "by construction. S6 is judged on `relative_spread` = sd of the sets' mean norms / "

@@ -10,7 +10,8 @@ small-batch steps early improve what large batches reach: the first quarter of t
 B / 8, the rest at B, with the lr linearly scaled to each phase's batch size (a "small first,
 then large" schedule; the study's exact switch points are not reproduced).
 
-Options (--set): batch_size, epochs, base_lr, lars_lr, trust, discard, curvature_every.
+Options (--set): `options.LargeBatchFixes` declares them with their defaults
+(`batchlab experiment options large-batch-fixes`).
 """
 
 from __future__ import annotations
@@ -40,24 +41,21 @@ def paper_schedule(batch_size: int, epochs: int, base_lr: float) -> list[Phase]:
 
 
 def methods(ctx: Context) -> dict[str, dict[str, Any]]:
-    o = ctx.options
-    B = int(o.get("batch_size", 4096 if ctx.paper else 1000))
-    epochs = int(o.get("epochs", 30 if ctx.paper else 10))
-    base_lr = float(o.get("base_lr", 0.01))
+    o = ctx.opts  # options.LargeBatchFixes, resolved for the preset
+    B, epochs, base_lr, trust = o.batch_size, o.epochs, o.base_lr, o.trust
     scaled = base_lr * B / BASE_BATCH
     warm = max(1.0, epochs / 10)
-    trust = float(o.get("trust", 0.002))
     common = {"batch_size": B, "epochs": epochs, "momentum": 0.9, "probes": ["geometry"]}
     sw = {"lr": scaled, "warmup_epochs": warm}
     return {
         "sgd": {**common, "lr": base_lr},
         "sgd+scaling+warmup": {**common, **sw},
-        "lars": {**common, "optimizer": "lars", "lr": float(o.get("lars_lr", 0.01 / trust)),
+        "lars": {**common, "optimizer": "lars", "lr": o.lars_lr,
                  "trust_coefficient": trust, "warmup_epochs": warm},
         "cblr": {**common, **sw, "optimizer": "cblr",
-                 "curvature_every": int(o.get("curvature_every", 10))},
+                 "curvature_every": o.curvature_every},
         "mclr": {**common, **sw, "optimizer": "mclr"},
-        "discard-small-loss": {**common, **sw, "discard_fraction": float(o.get("discard", 0.2))},
+        "discard-small-loss": {**common, **sw, "discard_fraction": o.discard},
         "batch-size-schedule": {**common, "lr": scaled,
                                 "schedule": paper_schedule(B, epochs, base_lr)},
     }

@@ -41,11 +41,11 @@ def label(bs: int, lr: float) -> str:
 
 def run(ctx: Context) -> Output:
     st = Study(ctx)
-    batches = st.list_option("batch_sizes", (64, 1024), int)
+    batches = st.distinct(st.opts.batch_sizes)
     if len(batches) != 2:
         raise ConfigError("learning-rate takes exactly two batch sizes (small, large)")
     small, large = batches
-    big_lr = float(st.opts.get("large_lr", 0.1))
+    big_lr = st.opts.large_lr
     if big_lr <= BASE_LR:
         raise ConfigError(f"large_lr must exceed the reference lr {BASE_LR}")
     cells = [(small, BASE_LR), (large, BASE_LR), (large, big_lr)]

@@ -36,7 +36,7 @@ from batchlab.config import TrainConfig
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import get_data, resolve_device
 from batchlab.engine.vectorized import plan_groups
-from batchlab.experiments import get
+from batchlab.experiments import get, prepared
 from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import Probe, mlp_params
 from batchlab.experiments.plan_trials import add_trials, checkpoint_configs
@@ -137,8 +137,6 @@ def cpu_load() -> float | None:
 def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15) -> Plan:
     """The plan of running each (experiment name, its context) in order; nothing is trained.
     `probe_seconds`: the least time each throughput timing runs."""
-    from batchlab.experiments.options import validate
-
     first = items[0][1]
     device = resolve_device(first.device)
     workers = _workers(first, device)
@@ -148,9 +146,8 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
     plans = []
     for name, ctx in items:
-        opts = validate(name, get(name).options_for(ctx))
+        ctx = prepared(name, ctx)
         pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
-        pctx = dataclasses.replace(pctx, options=opts.model_dump(exclude_none=True))
         plans.append(_plan_one(name, pctx, probe, workers, planned))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
@@ -266,10 +263,10 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
 def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     """Sharpness's curvature measurements per final model (not counting stored ones: each is
     keyed by the trained weights, unknown until the runs exist)."""
-    o = ctx.options
-    n_curv = int(o.get("curvature_samples", 10_000 if ctx.paper else 1000))
-    n_trace = int(o.get("trace_samples", 50 if ctx.paper else 8))
-    slq = int(o.get("slq_steps", 60 if ctx.paper else 20))
+    from batchlab.experiments.sharpness import ALPHAS  # the interpolation's points
+
+    o = ctx.opts  # options.Sharpness, resolved: the defaults the experiment itself reads
+    n_curv, n_trace, slq = o.curvature_samples, o.trace_samples, o.slq_steps
     models = plan.runs + plan.runs_stored
     if not models:
         return
@@ -282,10 +279,10 @@ def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     plan.flops += hvps * 12 * mlp_params(dims) * min(n_curv, td.n_train)
     n_eval = sum(len(y) for _, y in td.eval_sets.values())
     plan.seconds += hvps * probe.hvp_seconds(dims, min(n_curv, td.n_train))
-    plan.seconds += 31 * n_eval * probe.eval_seconds_per_sample(dims)
+    plan.seconds += len(ALPHAS) * n_eval * probe.eval_seconds_per_sample(dims)
     # K7's lr sweep per seed: lambda_max at the initial weights, then full-batch GD steps
-    n_k7 = min(int(o.get("k7_samples", 4096 if ctx.paper else 1024)), td.n_train)
-    gd = max(ctx.seeds, 2) * K7_TYPICAL_LRS * int(o.get("k7_steps", 50 if ctx.paper else 20))
+    n_k7 = min(o.k7_samples, td.n_train)
+    gd = max(ctx.seeds, 2) * K7_TYPICAL_LRS * o.k7_steps
     plan.curvature_hvps += max(ctx.seeds, 2) * CURVATURE_HVPS["lambda-max"]
     plan.flops += gd * 6 * mlp_params(dims) * n_k7
     plan.seconds += gd * probe.gd_step_seconds(dims, n_k7)

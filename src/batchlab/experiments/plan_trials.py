@@ -35,7 +35,7 @@ def add_trials(ctx: Context, plan: Any, probe: Any, workers: int) -> None:
     """Add every checkpoint's trials to `plan` (an ExperimentPlan), minus the chunks in the
     store."""
     o = G.options(ctx)
-    e, late = int(o["early_epochs"]), int(o["late_epochs"])
+    e, late = o.early_epochs, o.late_epochs
     user = G.user_checkpoints(o)
     cfgs = G.checkpoint_configs(ctx, o)
     cfg = cfgs[0] if cfgs else G.checkpoint_config(ctx, o, 0)
@@ -65,7 +65,7 @@ def add_trials(ctx: Context, plan: Any, probe: Any, workers: int) -> None:
                         2 if "sum-loss" in run.modes and b > 1 else 1)
                     seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
                                                           run.engine)
-                    if o["keep_tensors"]:
+                    if o.keep_tensors:
                         plan.tensor_disk_bytes += todo * len(run.modes) * width * 4
     plan.seconds += seconds / max(1, workers)
     plan.peak_memory_bytes = max(plan.peak_memory_bytes,

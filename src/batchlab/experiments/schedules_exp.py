@@ -21,6 +21,7 @@ from batchlab.experiments import verdicts as V
 from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
 from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim, Gate
+from batchlab.experiments.options import Schedules as SchedulesOptions
 from batchlab.experiments.outputs import md_table
 
 PLATEAU_TOL = 0.005
@@ -35,16 +36,6 @@ or with an lr too small to move, is flat too - without this gate it would pass a
 
 COMPARABLE_TOL = 0.01
 """Train accuracies within this of each other count as comparable (K1's premise)."""
-
-QUICK = dict(base_batch=128, large_batch=512, lr=0.1, epochs=10, decay_epochs=[5, 8],
-             decay_factor=0.1, warmup_epochs=1.0, tolerance=0.01, gbn=True)
-PAPER = dict(base_batch=128, large_batch=1024, lr=0.1, epochs=30, decay_epochs=[15, 25],
-             decay_factor=0.1, warmup_epochs=2.0, tolerance=0.01, gbn=True)
-
-"""The paper preset's large batch is the study's largest, 1024: Hoffer's equal-steps arms run
-(large / base) x epochs, so 4096 (a sixth of mnist-24k per step) made two arms of 960 epochs
-- 93% of the experiment and a third of the whole paper preset - for a regime the study never
-trained. `--set large_batch=4096` still runs it."""
 
 # arm -> (what it is compared with, fairness basis)
 ARMS = {
@@ -66,31 +57,24 @@ CLAIMS = {
 }
 
 
-def settings(ctx: Context) -> dict[str, Any]:
-    s = dict(PAPER if ctx.paper else QUICK)
-    s.update({k: v for k, v in ctx.options.items() if k in {*QUICK, "hidden"}})
-    return s
-
-
-def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
-    """TrainConfig fields (without data/seed) of every arm."""
-    base = {"batch_size": s["base_batch"], "lr": s["lr"], "epochs": s["epochs"], "decay": "step",
-            "decay_epochs": list(s["decay_epochs"]), "decay_factor": s["decay_factor"]}
-    if "hidden" in s:
-        base["hidden"] = s["hidden"]
-    big = min(s["large_batch"], n_train)
+def arm_fields(s: SchedulesOptions, n_train: int, model: str = "mlp") -> dict[str, dict[str, Any]]:
+    """TrainConfig fields (without data, seed and the generic options `Context.config` adds)
+    of every arm; `model`: what the configs train (BatchNorm arms only for the built-in MLP)."""
+    base = {"batch_size": s.base_batch, "lr": s.lr, "epochs": s.epochs, "decay": "step",
+            "decay_epochs": list(s.decay_epochs), "decay_factor": s.decay_factor}
+    big = min(s.large_batch, n_train)
     # the equal-steps arms run big/base times the epochs: evaluated every big/base epochs they
     # are scored at the baseline's points in steps (and over the same last fifth), at a
     # (big/base)-th of the evaluation cost (`TrainConfig.eval_every`)
-    ratio = max(1, round(big / s["base_batch"]))
+    ratio = max(1, round(big / s.base_batch))
     arms = {
         "small": base,
         "large": {**base, "batch_size": big},
-        "goyal": apply_preset("goyal", base, batch_size=big, warmup_epochs=s["warmup_epochs"]),
+        "goyal": apply_preset("goyal", base, batch_size=big, warmup_epochs=s.warmup_epochs),
         "smith": apply_preset("smith", base, max_batch=n_train),
         "hoffer": {**apply_preset("hoffer", base, batch_size=big), "eval_every": ratio},
     }
-    if s.get("gbn") and s.get("model", "mlp") == "mlp":  # BatchNorm arms: the built-in MLP's
+    if s.gbn and model == "mlp":  # BatchNorm arms: the built-in MLP's
         bn = {**base, "batchnorm": True}
         arms["small-bn"] = bn
         arms["hoffer-gbn"] = {**apply_preset("hoffer", bn, batch_size=big), "eval_every": ratio}
@@ -100,10 +84,10 @@ def arm_fields(s: dict[str, Any], n_train: int) -> dict[str, dict[str, Any]]:
 def run(ctx: Context) -> Output:
     from batchlab.engine.setup import get_data, resolve_device
 
-    s = {**settings(ctx), "model": ctx.model or "mlp"}
+    s = ctx.opts  # options.Schedules, resolved for the preset
     probe = ctx.config()
     n_train = get_data(probe, resolve_device(probe.device)).n_train
-    arms = arm_fields(s, n_train)
+    arms = arm_fields(s, n_train, ctx.model or "mlp")
     names, cfgs = [], []
     for name, fields in arms.items():
         for seed in ctx.seed_list:
@@ -134,7 +118,7 @@ def run(ctx: Context) -> Output:
             curves[name] = res.epochs
     acc = {a: [r["test_acc"] for r in rows if r["arm"] == a] for a in arms}
     steps = {a: [r["steps"] for r in rows if r["arm"] == a] for a in arms}
-    claims = schedule_claims(acc, steps, arms, float(s["tolerance"]), n_test, s["base_batch"],
+    claims = schedule_claims(acc, steps, arms, float(s.tolerance), n_test, s.base_batch,
                              correct=correct, plateau=plateau, train_acc=train_acc, rise=rise)
     table = []
     for a in arms:
@@ -142,8 +126,8 @@ def run(ctx: Context) -> Output:
         table.append({"arm": a, "basis": ARMS[a][1], "batch_sizes": rs[0]["batch_sizes"],
                       "lr": rs[0]["lr"], "epochs": rs[0]["epochs"], "steps": _mean([r["steps"] for r in rs]),
                       "test_acc": _mean(acc[a]), "train_loss": _mean([r["train_loss"] for r in rs])})
-    summary = (f"{ctx.model_name()}. Baseline: batch {s['base_batch']}, lr {s['lr']}, {s['epochs']} epochs, lr x "
-               f"{s['decay_factor']} at epochs {s['decay_epochs']}; large batch "
+    summary = (f"{ctx.model_name()}. Baseline: batch {s.base_batch}, lr {s.lr}, {s.epochs} epochs, lr x "
+               f"{s.decay_factor} at epochs {s.decay_epochs}; large batch "
                f"{arms['large']['batch_size']}. Seeds: {ctx.seeds}.\n\n"
                + md_table(table, ["arm", "basis", "batch_sizes", "lr", "epochs", "steps",
                                   "test_acc", "train_loss"]))

@@ -17,8 +17,8 @@ K7 (the safe lr is limited by the curvature) is tested apart from the trained mo
 each seed's initial weights: lambda_max there against the largest lr that full-batch GD
 survives from the same weights (`stability`).
 
-Options (--set): epochs, large_epochs, lr, curvature_samples, trace_samples, slq_steps,
-subspace_dim, k7_samples, k7_steps.
+Options (--set): `options.Sharpness` declares them with their defaults
+(`batchlab experiment options sharpness`).
 """
 
 from __future__ import annotations
@@ -50,16 +50,10 @@ difference (interval over seeds) must lie within +-this, else K1-K3 are untestab
 
 
 def run(ctx: Context) -> Output:
-    o = ctx.options
-    epochs = int(o.get("epochs", 30 if ctx.paper else 8))
-    lr = float(o.get("lr", 0.01))
-    large_epochs = int(o.get("large_epochs", 3 * epochs))
-    n_curv = int(o.get("curvature_samples", 10_000 if ctx.paper else 1000))
-    n_trace = int(o.get("trace_samples", 50 if ctx.paper else 8))
-    slq_steps = int(o.get("slq_steps", 60 if ctx.paper else 20))
-    p_sub = int(o.get("subspace_dim", 100))
-    n_k7 = int(o.get("k7_samples", 4096 if ctx.paper else 1024))
-    k7_steps = int(o.get("k7_steps", 50 if ctx.paper else 20))
+    o = ctx.opts  # options.Sharpness, resolved for the preset
+    epochs, lr, large_epochs = o.epochs, o.lr, o.large_epochs
+    n_curv, n_trace, slq_steps = o.curvature_samples, o.trace_samples, o.slq_steps
+    p_sub, n_k7, k7_steps = o.subspace_dim, o.k7_samples, o.k7_steps
     seeds = list(range(max(ctx.seeds, 2)))  # a verdict over seeds needs at least two
 
     probe = ctx.config(seed=0)

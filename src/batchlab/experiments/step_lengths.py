@@ -24,10 +24,8 @@ METRICS = ("step_grad_norm", "step_update_norm", "step_loss_update")
 
 
 def run(ctx: Context) -> Output:
-    o = ctx.options
-    sizes = list(o.get("batch_sizes", [64, 256, 1024, 4096] if ctx.paper else [64, 256, 1024]))
-    epochs = int(o.get("epochs", 20 if ctx.paper else 4))
-    lr = float(o.get("lr", 0.01))
+    o = ctx.opts  # options.StepLengths, resolved for the preset
+    sizes, epochs, lr = list(o.batch_sizes), o.epochs, o.lr
     seeds = ctx.seed_list
     configs = [ctx.config(batch_size=b, epochs=epochs, lr=lr, seed=s, checkpoint_epochs=[epochs],
                           probes=["geometry", "steplengths"]) for b in sizes for s in seeds]

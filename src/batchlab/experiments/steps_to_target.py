@@ -43,6 +43,7 @@ from batchlab.analysis.scaling import (
 from batchlab.engine.result import TrainResult
 from batchlab.experiments import intervals as I
 from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
+from batchlab.experiments.options import StepsToTarget as StepsToTargetOptions
 from batchlab.experiments.outputs import md_table
 from batchlab.experiments.steps_to_target_claims import (
     censored_counts,
@@ -52,44 +53,27 @@ from batchlab.experiments.steps_to_target_claims import (
     tiny_batch_claims,
 )
 
-QUICK = dict(batch_sizes=[16, 64, 256, 1024], lrs=[0.03, 0.1, 0.3, 1.0], max_epochs=15,
-             target_metric="test_acc", target_value=0.90, tiny_batch=1, tiny_epochs=2,
-             lr_search="grid")
-PAPER = dict(batch_sizes=[16, 64, 256, 1024, 4096],
-             lrs=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], max_epochs=60,
-             target_metric="test_acc", target_value=0.97, tiny_batch=1, tiny_epochs=5,
-             lr_search="halving")
-"""The paper grid steps by 4x, as the quick one does: S(B) = S_min + E_min/B has two
-parameters and bends over about a decade of B around B_crit, so five points over 16..4096
-(2.4 decades) still sample both the perfect-scaling and the saturated side of any B_crit in
-64..1024 - and a factor-2 grid doubled the preset's largest cost for neighbours the fit cannot
-tell apart within one seed's noise.
-8192 is gone: above a third of mnist-24k per step, a 60-epoch budget is 180 steps, censored
-whatever the lr."""
+
+def settings(ctx: Context) -> StepsToTargetOptions:
+    """The experiment's options resolved for the preset (`options.StepsToTarget` declares the
+    grids and budgets of both presets; throughput shares them)."""
+    return ctx.opts
 
 
-def settings(ctx: Context) -> dict[str, Any]:
-    s = dict(PAPER if ctx.paper else QUICK, fine_steps=True)
-    s.update({k: v for k, v in ctx.options.items() if k in
-              ("batch_sizes", "lrs", "max_epochs", "target_metric", "target_value", "momentum",
-               "hidden", "fine_steps", "tiny_batch", "tiny_epochs", "lr_search")})
-    return s
-
-
-def configs(ctx: Context, s: dict[str, Any], n_train: int, tiny: bool = False) -> list:
+def configs(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: bool = False) -> list:
     """The grid's configs, or (`tiny`) the tiny batch's: every lr of the grid, a short budget."""
-    batches = [int(s["tiny_batch"])] if tiny else [b for b in s["batch_sizes"] if b <= n_train]
-    epochs = int(s["tiny_epochs"] if tiny else s["max_epochs"])
+    batches = [int(s.tiny_batch)] if tiny else [b for b in s.batch_sizes if b <= n_train]
+    epochs = int(s.tiny_epochs if tiny else s.max_epochs)
     return [one_config(ctx, s, bs, lr, seed, epochs)
-            for bs in batches for lr in s["lrs"] for seed in ctx.seed_list]
+            for bs in batches for lr in s.lrs for seed in ctx.seed_list]
 
 
-def one_config(ctx: Context, s: dict[str, Any], bs: int, lr: float, seed: int, epochs: int) -> Any:
-    extra = {"hidden": s["hidden"]} if "hidden" in s else {}
-    return ctx.config(batch_size=bs, lr=lr, momentum=float(s.get("momentum", 0.0)),
-                      epochs=epochs, seed=seed, target_metric=s["target_metric"],
-                      target_value=float(s["target_value"]),
-                      probes=["target_step"] if s["fine_steps"] else [], **extra)
+def one_config(ctx: Context, s: StepsToTargetOptions, bs: int, lr: float, seed: int,
+               epochs: int) -> Any:
+    return ctx.config(batch_size=bs, lr=lr, momentum=s.momentum,
+                      epochs=epochs, seed=seed, target_metric=s.target_metric,
+                      target_value=float(s.target_value),
+                      probes=["target_step"] if s.fine_steps else [])
 
 
 Rows = list[dict[str, Any]]
@@ -106,7 +90,7 @@ def _row(res: TrainResult, n_train: int, budget_epochs: int) -> dict[str, Any]:
             "ran_epochs": res.config.epochs, "seconds_per_step": _sec_per_step(res)}
 
 
-def measure(ctx: Context) -> tuple[Rows, Rows, dict[str, Any], Rows]:
+def measure(ctx: Context) -> tuple[Rows, Rows, StepsToTargetOptions, Rows]:
     """Run (or fetch) the sweep. Returns (rows per run of the lr search, best row per batch
     size, settings, rows of the tiny batch's runs). The tiny batch (P3: batch 1 trains poorly)
     is kept out of the grid's fit: its budget is short because its epochs are slow.
@@ -119,9 +103,9 @@ def measure(ctx: Context) -> tuple[Rows, Rows, dict[str, Any], Rows]:
     probe_cfg = ctx.config()
     n_train = get_data(probe_cfg, resolve_device(probe_cfg.device)).n_train
     tiny = configs(ctx, s, n_train, tiny=True)
-    if s["lr_search"] == "halving":
+    if s.lr_search == "halving":
         grid, tiny_rows = halving(ctx, s, n_train, tiny)
-        return grid, best_from_seeds(grid, s["target_metric"].endswith("loss")), s, tiny_rows
+        return grid, best_from_seeds(grid, s.target_metric.endswith("loss")), s, tiny_rows
     cfgs = configs(ctx, s, n_train)
     results = ctx.run_many(cfgs + tiny, label="steps-to-target")  # one call: one plan, one bar
     rows = [_row(res, n_train, res.config.epochs) for res in results]
@@ -129,17 +113,17 @@ def measure(ctx: Context) -> tuple[Rows, Rows, dict[str, Any], Rows]:
     return grid, best_per_batch(grid), s, rows[len(cfgs):]
 
 
-def halving(ctx: Context, s: dict[str, Any], n_train: int, tiny: list) -> tuple[Rows, Rows]:
+def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> tuple[Rows, Rows]:
     """One successive-halving search per (batch size, seed), their rounds trained together (one
     `run_many` per round; the tiny batch's runs go with the first). Under `--plan` the worst
     case is recorded: every round of every search, as if no lr reached the target early."""
-    batches = [b for b in s["batch_sizes"] if b <= n_train]
-    lower = s["target_metric"].endswith("loss")
-    searches = {(b, sd): HalvingSearch(list(s["lrs"]), int(s["max_epochs"]), lower)
+    batches = [b for b in s.batch_sizes if b <= n_train]
+    lower = s.target_metric.endswith("loss")
+    searches = {(b, sd): HalvingSearch(list(s.lrs), int(s.max_epochs), lower)
                 for b in batches for sd in ctx.seed_list}
     if ctx.planning:
         worst = [one_config(ctx, s, b, lr, sd, ep) for (b, sd), h in searches.items()
-                 for n, ep in h.schedule for lr in sorted(s["lrs"])[:n]]
+                 for n, ep in h.schedule for lr in sorted(s.lrs)[:n]]
         ctx.run_many(worst + tiny, label="steps-to-target")  # records them and stops
     tiny_rows: Rows = []
     first = True
@@ -152,7 +136,7 @@ def halving(ctx: Context, s: dict[str, Any], n_train: int, tiny: list) -> tuple[
             first = False
         by: dict[tuple[int, int], Rows] = {}
         for (key, _, _), res in zip(todo, results):
-            by.setdefault(key, []).append(_row(res, n_train, int(s["max_epochs"])))
+            by.setdefault(key, []).append(_row(res, n_train, int(s.max_epochs)))
         for key, rs in by.items():
             searches[key].report(rs)
     rows = [{k: v for k, v in r.items()} for h in searches.values() for r in h.rows]
@@ -224,7 +208,7 @@ def figure(best: list[dict[str, Any]], fit: dict[str, float] | None, title: str 
     return fig
 
 
-def noise_check(ctx: Context, best: Rows, s: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def noise_check(ctx: Context, best: Rows, s: StepsToTargetOptions) -> dict[int, dict[str, Any]]:
     """seed -> B_simple along training: for every seed, the smallest batch size that reached
     the target (at its best lr, one design shared by all seeds) retrained with the noise-scale
     probe for the whole epoch budget (through the store, so once). It does not stop at the
@@ -235,10 +219,9 @@ def noise_check(ctx: Context, best: Rows, s: dict[str, Any]) -> dict[int, dict[s
     if not reached:
         return {}
     r0 = reached[0]
-    extra = {"hidden": s["hidden"]} if "hidden" in s else {}
-    cfgs = [ctx.config(batch_size=r0["batch_size"], lr=r0["lr"], epochs=int(s["max_epochs"]),
-                       momentum=float(s.get("momentum", 0.0)), probes=["noise_scale"],
-                       seed=seed, **extra) for seed in ctx.seed_list]
+    cfgs = [ctx.config(batch_size=r0["batch_size"], lr=r0["lr"], epochs=int(s.max_epochs),
+                       momentum=s.momentum, probes=["noise_scale"],
+                       seed=seed) for seed in ctx.seed_list]
     out: dict[int, dict[str, Any]] = {}
     for res in ctx.run_many(cfgs, label="steps-to-target:noise"):
         vals = [(e["epoch"], e.get("train_loss"), e.get("b_simple_avg", e.get("b_simple")))
@@ -261,10 +244,10 @@ def run(ctx: Context) -> Output:
         fit = fit_scaling([r["batch_size"] for r in reached], [r["steps_to_target"] for r in reached])
     ns = noise_check(ctx, best, s)
     claims = stt_claims(rows, ns) + (tiny_batch_claims(rows, tiny) if tiny else [])
-    cmp = "<=" if s["target_metric"].endswith("loss") else ">="
-    summary = [f"{ctx.model_name()}. Target: {s['target_metric']} {cmp} "
-               f"{s['target_value']}, budget {s['max_epochs']} epochs, lr grid {s['lrs']}, "
-               f"momentum {s.get('momentum', 0.0)}.", "",
+    cmp = "<=" if s.target_metric.endswith("loss") else ">="
+    summary = [f"{ctx.model_name()}. Target: {s.target_metric} {cmp} "
+               f"{s.target_value}, budget {s.max_epochs} epochs, lr grid {s.lrs}, "
+               f"momentum {s.momentum}.", "",
                md_table(best, ["batch_size", "lr", "reached", "steps_to_target",
                                "examples_to_target", "best_value", "budget_steps"])]
     if fit:
@@ -274,7 +257,7 @@ def run(ctx: Context) -> Output:
     else:
         summary.append("Fewer than two batch sizes reached the target: no fit.")
     if tiny:
-        summary.append(f"\nP3: batch {s['tiny_batch']} over the same lr grid, {s['tiny_epochs']} "
+        summary.append(f"\nP3: batch {s.tiny_batch} over the same lr grid, {s.tiny_epochs} "
                        "epochs each (its steps are slow; a short budget):\n\n"
                        + md_table(tiny, ["lr", "seed", "status", "reached", "steps_to_target",
                                          "best_value", "seconds_per_step"]))
@@ -289,14 +272,14 @@ def run(ctx: Context) -> Output:
     if cens["excluded"]:
         summary.append(f"\nRight-censored (seed, batch size) arms excluded from the fits: "
                        f"{cens['excluded']} ({cens['arms']}).")
-    edge = [r["batch_size"] for r in reached if r["lr"] in (min(s["lrs"]), max(s["lrs"]))]
+    edge = [r["batch_size"] for r in reached if r["lr"] in (min(s.lrs), max(s.lrs))]
     if edge:
         summary.append(f"\nThe best lr lies at the edge of the lr grid for batch sizes {edge}: "
                        "their steps to target may be overestimated (widen `--set lrs=[...]`).")
     missed = [r for r in best if not r["reached"]]
     for r in missed:
         summary.append(f"\nBatch {r['batch_size']}: target not reached within {r['budget_steps']} "
-                       f"steps; best {s['target_metric']} {r['best_value']}.")
+                       f"steps; best {s.target_metric} {r['best_value']}.")
     return Output(rows=rows, summary="\n".join(summary), claims=claims,
                   figures={"steps_vs_batch.png": figure(best, fit)},
                   study_numbers=b_crit_number(ctx, ns))

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from batchlab.engine.result import TrainResult
-from batchlab.errors import ConfigError
 from batchlab.experiments import findings
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
@@ -34,14 +33,16 @@ from batchlab.experiments.accuracies import accuracy, accuracy_difference, bits_
 from batchlab.experiments.base import Context
 from batchlab.experiments.claims import Gate
 from batchlab.experiments.intervals import Interval
+from batchlab.experiments.options import StudyOptions
 from batchlab.experiments.outputs import rows_to_csv
 from batchlab.experiments.schedules_exp import PLATEAU_TOL, learned, plateau_gain, train_rise
 
-# the study's setting and the quick preset's stand-in (see each experiment's summary). The
-# quick preset runs 5 epochs: with three seeds the five experiments must fit in a few minutes
-# of a 2-core CPU (measured; see the summaries), so large-batch runs are far from converged
-PAPER_EPOCHS = 30
-QUICK_EPOCHS = 5
+# the study's E (the paper preset's default) and the quick preset's stand-in, as
+# `options.StudyOptions` declares them (see each experiment's summary). The quick preset runs 5
+# epochs: with three seeds the five experiments must fit in a few minutes of a 2-core CPU
+# (measured; see the summaries), so large-batch runs are far from converged
+PAPER_EPOCHS = StudyOptions().resolve("paper").epochs
+QUICK_EPOCHS = StudyOptions().resolve("quick").epochs
 BASE_LR = 0.01
 # the study's settings as `findings.STUDY_NUMBERS` names them
 SET_64 = "SGD bs 64 lr 0.01 30 epochs"
@@ -133,36 +134,22 @@ class Group:
 class Study:
     """The study's settings for one experiment run: epochs E, model width, dataset, seeds.
 
-    `ctx.options` (from `--set KEY=VALUE`, typed by `options.py`) may override `epochs`,
-    `hidden`, `dataset`, `max_train` and the experiment's own keys.
+    `ctx.opts` (the experiment's options from `--set KEY=VALUE`, typed and resolved for the
+    preset by `options.py`) holds `epochs` and the experiment's own keys; `hidden`, `dataset`
+    and `max_train` reach the configs through `Context.config`.
     """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.opts = ctx.options  # already validated and typed by `options.validate`
-        default_e = PAPER_EPOCHS if ctx.paper else QUICK_EPOCHS
-        self.epochs = self.int_option("epochs", default_e)
+        self.opts = ctx.opts  # an `options.StudyOptions`, every field resolved
+        self.epochs: int = self.opts.epochs
         self.base: dict[str, Any] = {}  # hidden / dataset / max_train: `Context.config` applies them
         self._sizes: tuple[int, int] | None = None
 
-    # -- options ------------------------------------------------------------------------
-    def int_option(self, key: str, default: int) -> int:
-        v = self.opts.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"option {key} must be a positive integer, got {v!r}")
-        return v
-
-    def list_option(self, key: str, default: Sequence[float], kind: type = float) -> list:
-        v = self.opts.get(key, list(default))
-        if not isinstance(v, list) or not v:
-            raise ConfigError(f"option {key} must be a non-empty list, e.g. [64, 1024] or [0.01, 0.1]")
-        try:
-            out = [kind(x) for x in v]
-        except (TypeError, ValueError):
-            raise ConfigError(f"option {key} must hold numbers, got {v!r}") from None
-        if any(x <= 0 for x in out):
-            raise ConfigError(f"option {key} must hold positive numbers")
-        return sorted(set(out))
+    @staticmethod
+    def distinct(values: Sequence[float]) -> list:
+        """A grid option's values sorted, each once (the model has checked their type and sign)."""
+        return sorted(set(values))
 
     # -- configs and runs ---------------------------------------------------------------
     def spec(self, batch_size: int, lr: float = BASE_LR, epochs: int | None = None,

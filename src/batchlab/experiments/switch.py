@@ -64,7 +64,7 @@ def specs(st: Study, small: int, large: int) -> dict[str, dict]:
 
 def run(ctx: Context) -> Output:
     st = Study(ctx)
-    batches = st.list_option("batch_sizes", (64, 1024), int)
+    batches = st.distinct(st.opts.batch_sizes)
     if len(batches) != 2:
         raise ConfigError("switch takes exactly two batch sizes (small, large)")
     small, large = batches

@@ -174,9 +174,7 @@ def run(ctx: Context) -> Output:
     from batchlab.engine.setup import build_model, get_data, resolve_device
     from batchlab.experiments import steps_to_target as stt
 
-    s = stt.settings(ctx)
-    extra = {"hidden": s["hidden"]} if "hidden" in s else {}
-    cfg = ctx.config(**extra)
+    cfg = ctx.config()  # the grid's model: hidden widths come from the options, as in stt's
     dev = resolve_device(cfg.device)
     td = get_data(cfg, dev)
     grid = ctx.options.get("batch_sizes") or [2**k for k in range(4, 14)]
