@@ -102,7 +102,7 @@ def with_common(fn: Callable[..., None]) -> Callable[..., None]:
 def options_text(name: str) -> str:
     rows = describe(name)
     lines = [f"Options (--set KEY=VALUE) of {name}:", ""]
-    lines += [f"  {r['option']} ({r['type']}): {r['meaning']}" for r in rows]
+    lines += [f"  {r['option']} ({r['type']}; default {r['default']}): {r['meaning']}" for r in rows]
     return "\n\n".join(lines)
 
 
