@@ -373,6 +373,7 @@ def test_pool_task_errors_are_one_line(cluster) -> None:
             pool.next_done()
         assert err.value.task == crash != bad
         assert str(err.value) == "a Ray task raised RuntimeError: boom in a task"
+        assert err.value.exit_code == 1  # the work failed, not the input: not exit 2
         assert pool.pending() == 0
     finally:
         pool.close()

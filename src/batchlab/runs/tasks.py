@@ -130,9 +130,12 @@ def call_task(fn: Callable[..., Any], *args: Any) -> Any:
 class TaskFailed(BatchlabError):
     """A Ray task that gave no result: it raised, or its worker or node died more often than
     `max_retries` allowed, or the cluster went away. One line (`ray_failure`), so the CLI
-    prints it as it prints bad input; `task` is the handle `submit` returned (None when the
+    prints it as it prints bad input, but exits 1: the input was fine, the work failed;
+    `task` is the handle `submit` returned (None when the
     cluster itself failed and no task can be named), so a driver that keeps going (the
     training executor stores the runs of that task as failed) knows which work it lost."""
+
+    exit_code = 1
 
     def __init__(self, message: str, task: Any = None) -> None:
         super().__init__(message)
