@@ -35,6 +35,7 @@ from batchlab.config import TrainConfig, make_config
 from batchlab.engine.choice import EngineChoice, EngineKind, choose_engine
 from batchlab.engine.steppers import make_stepper
 from batchlab.nn.models import build_mlp
+from batchlab.probes import make_probes
 from batchlab.runs.tasks import threads
 
 PROBE_STEPS = 64  # steps of a timed gradient-trial pass (the per-step cost does not depend on n)
@@ -99,8 +100,6 @@ class Probe:
         """The engine a run of `cfg` trains on: `engine.choice.choose_engine`, the decision the
         run itself takes (a probe that needs each step's gradients, another optimizer, amp or
         loss keeps it on autograd, which is slower per step)."""
-        from batchlab.probes import make_probes
-
         return choose_engine(cfg, make_probes(cfg.probes))
 
     def _memo_get(self, key: tuple, fn: Callable[[], float], n_threads: int | None = None
@@ -219,29 +218,33 @@ class Probe:
         `every_steps`-th step, over one cycle of `record_every` calls for a probe that
         measures every so many calls (`steplengths`: a measurement and a weight copy per 5) -
         and amortized per step."""
-        return self._probe_costs(dims, b, cfg)[0]
+        if not any(p.every_steps for p in make_probes(list(cfg.probes))):
+            return 0.0
+        return self._memo_get(self._probe_key("probe-step", dims, b, cfg),
+                              lambda: self._time_probes(list(dims), b, cfg, True)[0])
 
     def probe_epoch_seconds(self, dims: Sequence[int], cfg: TrainConfig) -> tuple[float, float]:
         """(seconds of the probes' `on_start`, seconds of their `on_epoch_end` per epoch) for
         `cfg`'s probes, e.g. `steplengths`' per-layer Lanczos at each epoch's end."""
-        _, start, epoch = self._probe_costs(dims, min(cfg.batch_sizes()), cfg)
-        return start, epoch
-
-    def _probe_costs(self, dims: Sequence[int], b: int, cfg: TrainConfig
-                     ) -> tuple[float, float, float]:
         if not cfg.probes:
-            return 0.0, 0.0, 0.0
-        key = ("probes", tuple(dims), b, tuple(cfg.probes), self.engine(cfg).kind,
-               cfg.target_metric, cfg.target_value, cfg.dataset, cfg.data_dir, cfg.max_train)
+            return 0.0, 0.0
+        b = min(cfg.batch_sizes())
+        key = self._probe_key("probe-hooks", dims, b, cfg)
         if key not in self._memo:
             with threads(self.threads):
-                self._memo[key] = self._time_probes(list(dims), b, cfg)  # type: ignore[assignment]
+                self._memo[key] = self._time_probes(list(dims), b, cfg, False)[1]
         return self._memo[key]  # type: ignore[return-value]
 
-    def _time_probes(self, dims: list[int], b: int, cfg: TrainConfig
-                     ) -> tuple[float, float, float]:
+    def _probe_key(self, what: str, dims: Sequence[int], b: int, cfg: TrainConfig) -> tuple:
+        return (what, tuple(dims), b, tuple(cfg.probes), self.engine(cfg).kind,
+                cfg.target_metric, cfg.target_value, cfg.dataset, cfg.data_dir, cfg.max_train)
+
+    def _time_probes(self, dims: list[int], b: int, cfg: TrainConfig, steps: bool
+                     ) -> tuple[float, tuple[float, float]]:
+        """`cfg`'s probes on a model of `dims` on the run's stepper and data, started: with
+        `steps` (per-step seconds, (0, 0)), else (0, (on_start, on_epoch_end seconds))."""
         from batchlab.engine.setup import get_data
-        from batchlab.probes import ProbeContext, make_probes
+        from batchlab.probes import ProbeContext
         from batchlab.probes.geometry import snapshot
 
         dev = self.device
@@ -255,8 +258,15 @@ class Probe:
         x = torch.rand(1, b, dims[0], device=dev)
         y = torch.randint(0, dims[-1], (1, b), device=dev)
         with torch.enable_grad():
-            start = _timed(lambda: [p.on_start(ctx) for p in probes], dev, self.min_seconds,
-                           max_reps=5, warmup=0)
+            if not steps:
+                start = _timed(lambda: [p.on_start(ctx) for p in probes], dev,
+                               self.min_seconds, max_reps=5, warmup=0)
+                stepper.step(x, y, [timed.lr])
+                epoch = _timed(lambda: [p.on_epoch_end(ctx, 1) for p in probes], dev,
+                               self.min_seconds, max_reps=5, warmup=1)
+                return 0.0, (start, epoch)
+            for p in probes:
+                p.on_start(ctx)  # a probe may set its cadence from the data (target_step)
             stepper.step(x, y, [timed.lr])  # the gradients a probe reads after the update
             per_step = 0.0
             for p in probes:
@@ -274,9 +284,7 @@ class Probe:
 
                 per_step += _timed(calls, dev, self.min_seconds, max_reps=20,
                                    warmup=1) / (cycle * every)
-            epoch = _timed(lambda: [p.on_epoch_end(ctx, 1) for p in probes], dev,
-                           self.min_seconds, max_reps=5, warmup=1)
-        return per_step, start, epoch
+        return per_step, (0.0, 0.0)
 
     def evaluation_seconds(self, dims: Sequence[int], cfg: TrainConfig) -> float:
         """Seconds of one evaluation as the loop runs it (`eval_metrics` over every evaluation
