@@ -12,10 +12,13 @@ when its checkpoints are stored), sharpness its curvature measurements. Costs:
   evaluates the training and test sets), trials 6 x parameters per sample-step.
 - Time, from a short throughput probe on this device (`plan_probe`): seconds per SGD step of
   each distinct (model, batch size, K stacked runs) the plan trains, measured with the engine
-  the run will use; seconds per evaluated sample; seconds per gradient trial at each batch
-  size (one thread, as trials run); seconds per Hessian-vector product. Trials run on the
-  local executor's parallel workers (or the Ray cluster's CPUs), runs one after the other
-  locally or spread over the cluster's CPUs with Ray.
+  the run will use, plus what its step probes add per step; per run, its evaluations (the
+  loop's own), its probes' start and epoch-end hooks, and its fixed cost (model, correct bits,
+  store row and checkpoint files); seconds per gradient trial at each batch size (one thread,
+  as trials run); for sharpness, seconds per Hessian-vector product and per real
+  eps-sharpness maximisation on one thread, as its tasks run. Trials and curvature tasks run
+  on the local executor's parallel workers (or the Ray cluster's CPUs), runs one after the
+  other locally or spread over the cluster's CPUs with Ray.
 - Peak memory: the resident data set plus K copies of the weights with optimizer state and
   one batch of activations; disk: the gradient tensors kept (float32).
 """
