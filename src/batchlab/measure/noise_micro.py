@@ -62,6 +62,7 @@ from batchlab.measure.gns import (
     loss_scale,
     mccandlish_estimates,
     noise_ratio,
+    sum_sq_norms,
 )
 
 
@@ -162,15 +163,16 @@ class MicroBatchNoiseScale(SmoothedNoiseScale):
         if use_hooks and k < 2:
             raise BatchlabError("big_from='hooks' needs >= 2 micro-batches per process")
         dev = norms[0].device
-        sq = torch.stack([v.to(dev) for v in norms]).double().pow(2).sum()
+        # one stack and one float64 reduction each (a model spread over devices: moved first)
+        if any(v.device != dev for v in norms):
+            norms = [v.to(dev) for v in norms]
+        sq = torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()
         if use_hooks:  # |sum_j g_j|^2 = sum_j |g_j|^2 + 2 sum_j g_j . S_{j-1}, local, pre-clip
-            big = sq + 2 * torch.stack([d.to(dev) for d in dots]).double().sum() if dots else sq
+            big = sq + 2 * torch.stack([d.to(dev) for d in dots]).sum(dtype=torch.float64) if dots else sq
             big_unscaled_grad = False
             b_big, ranks = b * k, w  # each rank's pair, averaged over ranks
         else:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            big = torch.stack([torch.linalg.vector_norm(g.detach()).double().pow(2)
-                               for g in grads]).sum().to(dev)
+            big = sum_sq_norms([p.grad.detach() for p in self.params if p.grad is not None]).to(dev)
             big_unscaled_grad = grads_unscaled(self.scaler)
             b_big, ranks = b * k * w, w
         if self.accumulation == "mean":
