@@ -14,7 +14,8 @@ No per-example gradient is ever materialised where a cheaper identity exists:
   size, L = output positions), g_i = D_i U_i^T per group, with the same choice between the
   Gram form (L x L) and the explicit [C_out, K] gradient; the bias gradient is D_i summed over L.
 
-How: a forward hook keeps the layer's input and registers a hook on its output tensor, which
+How: a forward hook keeps the layer's input (for nn.Linear on [B, in] only |a_i|^2, computed
+there while the input is in cache) and registers a hook on its output tensor, which
 receives the gradient of the output (delta). A tensor hook rather than
 `register_full_backward_hook` because the latter wraps the output in a custom autograd Function
 that an in-place op downstream (`nn.ReLU(inplace=True)`) refuses, and warns on a first layer whose
