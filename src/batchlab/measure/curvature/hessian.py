@@ -180,10 +180,11 @@ def hessian_trace(model: nn.Module, data: DataArg, *, n_samples: int = 100, seed
     measured choice of `objective`); the probes, hence the estimate, do not depend on it.
 
     With `rtol` (or method="hutch++", whose default rtol is 0.01) the probes stop instead when
-    the `confidence` normal interval is within rtol of the estimate (z * se <= rtol |estimate|)
-    or after `max_hvp` products (`converged` False): method "hutchinson" (`hutchinson_adaptive`)
-    or "hutch++" (`hutchpp`: exact trace of a grown low-rank sketch plus Hutchinson on the
-    rest, fewer products for the same accuracy when a few eigenvalues dominate)."""
+    the `confidence` t interval is within rtol of the estimate (t_{n-1} se <= rtol |estimate|,
+    first checked after 2 blocks of probes; `trace._probe_rounds`) or after `max_hvp` products
+    (`converged` False): method "hutchinson" (`hutchinson_adaptive`) or "hutch++" (`hutchpp`:
+    exact trace of a grown low-rank sketch plus Hutchinson on the rest, fewer products for the
+    same accuracy when a few eigenvalues dominate)."""
     if method not in ("hutchinson", "hutch++"):
         raise ConfigError(f"unknown trace method {method!r}; use hutchinson or hutch++")
     if method == "hutch++" or rtol is not None:
