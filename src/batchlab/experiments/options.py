@@ -185,7 +185,10 @@ class Sharpness(Options):
     large_epochs: PositiveInt | None = opt("epochs of the large-batch run",
                                            derived(lambda o: 3 * o.epochs, "3 x epochs"), le=100_000)
     curvature_samples: PositiveInt | None = opt("examples for curvature", preset(1000, 10_000))
-    trace_samples: PositiveInt | None = opt("Hutchinson probes", preset(8, 50))
+    # Hutch++ to 5% at 95% took 24-48 products where 50 Hutchinson probes gave a 95% half-width
+    # of 9-17% (benchmarks/curvature_samples.py): better accuracy for fewer products.
+    trace_rtol: PositiveFloat | None = opt("trace: Hutch++ stops when its 95% interval is within "
+                                           "this fraction of the estimate", 0.05, lt=1)
     slq_steps: PositiveInt | None = opt("Lanczos steps of the spectral density", preset(20, 60))
     subspace_dim: PositiveInt | None = opt("dimension of Keskar's random subspace", 100)
     k7_samples: PositiveInt | None = opt("K7: training examples of the full-batch lr sweep and its "
