@@ -31,7 +31,7 @@ def _hvps(rtol: float, models: int = 6) -> int:
     return plan.curvature_hvps
 
 
-@pytest.mark.parametrize("rtol", [0.05, 0.2])
+@pytest.mark.parametrize("rtol", [0.07, 0.2])
 def test_trace_counted_at_its_typical_products(rtol: float) -> None:
     per_model = 4 * CURVATURE_HVPS["eps-sharpness"] + CURVATURE_HVPS["lambda-max"]
     slq = validate("sharpness", {}).resolve("quick").slq_steps
@@ -41,7 +41,7 @@ def test_trace_counted_at_its_typical_products(rtol: float) -> None:
 
 def test_a_tighter_target_costs_as_the_inverse_square() -> None:
     # residual probes go as 1 / rtol^2: half the tolerance, four times the trace's products
-    assert _hvps(0.025) - _hvps(0.05) == 6 * 3 * TRACE_TYPICAL_HVPS
+    assert _hvps(0.035) - _hvps(0.07) == 6 * 3 * TRACE_TYPICAL_HVPS
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,9 @@ def test_trace_unit_stores_its_accuracy_and_products(tiny) -> None:
     from batchlab.experiments import sharpness_units as U
 
     model, data = tiny
-    got = U.trace(model, data, 0.05, seed=0)
+    got = U.trace(model, data, 0.07, seed=0)
     assert got["trace_converged"] and 0 < got["trace_hvps"] <= U.TRACE_MAX_HVP
-    assert 1.96 * got["trace_se"] <= 0.05 * abs(got["trace"])  # t quantile >= 1.96
+    assert 1.96 * got["trace_se"] <= 0.07 * abs(got["trace"])  # t quantile >= 1.96
 
 
 def test_density_unit_round_trips_with_its_mixture(tiny) -> None:
