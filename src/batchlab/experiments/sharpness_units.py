@@ -30,7 +30,7 @@ FORMAT = 2  # bump when a stored measurement changes meaning: old rows are then 
 #    products it spent; spectral density by Krylov-deflated SLQ at the same products
 
 TRACE_MAX_HVP = 600
-"""The trace's budget of products: Hutch++ to 7% took 56-64 products on the measured models
+"""The trace's budget of products: Hutch++ to 7% took 32-64 products on the measured models
 (benchmarks/curvature_samples.py); a run that needs more stops here, recorded as not
 converged with its standard error."""
 TRACE_TYPICAL_HVPS = 64
