@@ -279,9 +279,16 @@ def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     """Sharpness's curvature measurements per final model (not counting stored ones: each is
     keyed by the trained weights, unknown until the runs exist)."""
     from batchlab.experiments.sharpness import ALPHAS, EPSILONS  # interpolation, eps-sharpness
+    from batchlab.experiments.sharpness_units import TRACE_TYPICAL_HVPS, TRACE_TYPICAL_RTOL
 
     o = ctx.opts  # options.Sharpness, resolved: the defaults the experiment itself reads
-    n_curv, n_trace, slq = o.curvature_samples, o.trace_samples, o.slq_steps
+    # the trace stops at a stated accuracy (Hutch++, trace_rtol), so its products are not an
+    # option: counted as the most it took on the measured models (TRACE_TYPICAL_HVPS at
+    # TRACE_TYPICAL_RTOL), scaled by (that rtol / rtol)^2 for a tighter target (the residual
+    # probes' count goes as 1 / rtol^2; a looser one costs no less: blocks set a floor);
+    # the density's deflated block and probe steps add up to slq_steps, as before
+    n_curv, slq = o.curvature_samples, o.slq_steps
+    n_trace = math.ceil(TRACE_TYPICAL_HVPS * max(1.0, (TRACE_TYPICAL_RTOL / o.trace_rtol) ** 2))
     models = plan.runs + plan.runs_stored
     if not models:
         return
