@@ -192,3 +192,21 @@ def test_a_runs_fixed_cost_saves_it_to_a_store_with_its_checkpoints(one_second, 
     cfg = make_config(hidden=[8])
     assert pp.Probe(torch.device("cpu")).run_fixed_seconds([784, 8, 10], cfg, 2, 5) == 1.0
     assert saved == [(2, 5, "completed")]
+
+
+def test_a_multithreaded_timing_is_checked_on_one_thread() -> None:
+    # a busy core inflates a parallel op's time (its threads wait for the descheduled one) but
+    # not one thread's CPU time: the probe keeps the smaller of the two
+    from batchlab.experiments.plan_probe import Probe
+
+    seen: list[int] = []
+
+    def fake() -> float:
+        seen.append(torch.get_num_threads())
+        return 5.0 if torch.get_num_threads() > 1 else 1.0
+
+    assert Probe(torch.device("cpu"), threads=2)._memo_get(("x",), fake) == 1.0
+    assert seen == [2, 1]
+    seen.clear()
+    assert Probe(torch.device("cpu"), threads=1)._memo_get(("x",), fake) == 1.0
+    assert seen == [1]  # one thread: timed once

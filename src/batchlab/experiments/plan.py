@@ -110,7 +110,9 @@ class Plan:
 
 
 PROBE_RULE = ("each timing keeps the fastest of 5 blocks, a block timed by min(wall time, CPU "
-              "time per thread): another job on the CPU inflates neither")
+              "time per thread), and a multi-threaded timing is repeated on one thread, keeping "
+              "the faster: another job on the CPU inflates neither the one-thread CPU time nor "
+              "the minimum")
 
 
 def cpu_load() -> float | None:

@@ -104,10 +104,21 @@ class Probe:
 
     def _memo_get(self, key: tuple, fn: Callable[[], float], n_threads: int | None = None
                   ) -> float:
-        """fn() once per key, on `n_threads` intra-op threads (default: the runs')."""
+        """fn() once per key, on `n_threads` intra-op threads (default: the runs').
+
+        On a CPU with more than one thread it is also timed on one thread, and the smaller
+        time is kept: when another job holds a core, the threads of a parallel op wait for the
+        one that is off its core (OpenMP spins while it waits, so even CPU time grows: a
+        2-thread step of batch 2 took 12x its idle time at load 5 here), while one thread's CPU
+        time does not grow. On an idle machine N threads are not slower than one, so the
+        minimum is the idle figure either way."""
         if key not in self._memo:
-            with threads(n_threads or self.threads), torch.no_grad():
+            n = n_threads or self.threads
+            with threads(n), torch.no_grad():
                 self._memo[key] = fn()
+            if n > 1 and self.device.type == "cpu":
+                with threads(1), torch.no_grad():
+                    self._memo[key] = min(self._memo[key], fn())
         return self._memo[key]
 
     def step_seconds(self, dims: Sequence[int], b: int, k: int, cfg: TrainConfig,
