@@ -121,7 +121,8 @@ def plan_groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
 
 
 # -- the K > 1 entry point --------------------------------------------------------------------
-def train_group(configs: Sequence[TrainConfig], data: TensorData) -> list[TrainResult]:
+def train_group(configs: Sequence[TrainConfig], data: TensorData,
+                keep_state: Sequence[bool] | None = None) -> list[TrainResult]:
     """Train configs that share a `group_key` together in one pass over `data` (no store:
     see `batchlab.runs.training.train_many`). A crash inside the pass comes back as `failed`
     results (with `exception`); it is never retried. If the built modules cannot be stacked
@@ -141,6 +142,7 @@ def train_group(configs: Sequence[TrainConfig], data: TensorData) -> list[TrainR
     if blocked:
         log.warning("%d configs cannot share a vectorized pass (%s); training them one by one",
                     len(configs), blocked[0])
-        return [train_one(c, data=data) for c in configs]
+        keep = list(keep_state) if keep_state is not None else [False] * len(configs)
+        return [train_one(c, data=data, keep_state=kp) for c, kp in zip(configs, keep)]
     run_keys = [c.key(data.fingerprint) for c in configs]
-    return Loop(configs, nets, data, device, probes, run_keys).run()
+    return Loop(configs, nets, data, device, probes, run_keys, keep_state=keep_state).run()
