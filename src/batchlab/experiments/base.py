@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
+from batchlab.runs.continuation import KeepState
 from batchlab.runs.store import Store
 
 PRESETS = ("quick", "paper")
@@ -125,15 +126,19 @@ class Context:
         cfg = self.config(**fields)
         return len(get_data(cfg, resolve_device(cfg.device)).eval_sets["test"][1])
 
-    def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
-        """Train (or fetch from the store) every config; results in the same order."""
+    def run_many(self, configs: Sequence[TrainConfig], label: str,
+                 keep_state: KeepState = False) -> list[TrainResult]:
+        """Train (or fetch from the store) every config; results in the same order.
+        `keep_state`: the runs keep their end state, for longer configs of a later call to
+        continue (`batchlab.runs.continuation`)."""
         from batchlab.runs.executors import run_configs
 
         if self.store is None:
             raise ConfigError("experiments need a results store")
         self.require_task(configs, label)
         results = run_configs(list(configs), self.store, executor=self.executor,
-                              ray_address=self.ray_address, label=label, progress=self.progress)
+                              ray_address=self.ray_address, label=label, progress=self.progress,
+                              **({"keep_state": True} if keep_state else {}))
         self.statuses.extend(r.status for r in results)
         return results
 

@@ -54,7 +54,8 @@ def run(ctx: Context) -> Output:
     batches = st.distinct(st.opts.batch_sizes)
     if len(batches) < 2:
         raise ConfigError("batch-size needs at least two batch sizes")
-    groups = st.run({name_of(b): st.spec(b) for b in batches}, label=NAME)
+    # kept: switch's and distance's longer runs of these configs continue them
+    groups = st.run({name_of(b): st.spec(b) for b in batches}, label=NAME, keep_state=True)
     gl = [groups[name_of(b)] for b in batches]
     n_train, n_test = st.sizes(gl)
 

@@ -40,6 +40,7 @@ from batchlab.experiments import get, prepared
 from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import Probe, mlp_params
 from batchlab.experiments.plan_trials import add_trials, checkpoint_configs
+from batchlab.runs.continuation import KeepState, continued_epochs
 
 MEASURES_ITSELF = {"throughput"}  # experiments that time things instead of training
 CURVATURE_HVPS = {"eps-sharpness": 12, "lambda-max": 40}  # per measurement, typical
@@ -55,10 +56,14 @@ class PlanContext(Context):
     """A Context whose `run_many` records configs instead of training them."""
 
     recorded: list[TrainConfig] = field(default_factory=list)
+    kept: list[TrainConfig] = field(default_factory=list)  # recorded runs that keep their state
     planning: ClassVar[bool] = True
 
-    def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
+    def run_many(self, configs: Sequence[TrainConfig], label: str,
+                 keep_state: KeepState = False) -> list[TrainResult]:
         self.recorded.extend(configs)
+        self.kept.extend(c for c in configs
+                         if (keep_state(c) if callable(keep_state) else keep_state))
         raise Planned(label)
 
 
@@ -144,11 +149,12 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     probe = Probe(device, threads=1 if first.executor == "ray" else torch.get_num_threads(),
                   min_seconds=probe_seconds)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
+    kept: list[TrainConfig] = []  # runs an earlier experiment trains keeping their state
     plans = []
     for name, ctx in items:
         ctx = prepared(name, ctx)
         pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
-        plans.append(_plan_one(name, pctx, probe, workers, planned))
+        plans.append(_plan_one(name, pctx, probe, workers, planned, kept))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
 
@@ -180,8 +186,8 @@ def _workers(ctx: Context, device: torch.device) -> int:
 
 
 def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int,
-              planned: set[str]) -> ExperimentPlan:
-    pctx.recorded = []
+              planned: set[str], kept: list[TrainConfig] | None = None) -> ExperimentPlan:
+    pctx.recorded, pctx.kept = [], []
     plan = ExperimentPlan(name)
     if name == "gradient-competition":  # its runs and trials, without running it
         pctx.recorded = checkpoint_configs(pctx)
@@ -197,7 +203,10 @@ def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int,
     todo = _not_stored(pctx.recorded, pctx, plan, planned)
     if any(c.target_metric is not None for c in todo):
         plan.notes.append("runs with a target stop early: time is an upper bound")
-    _add_runs(todo, plan, probe, workers if pctx.executor == "ray" else 1)
+    _add_runs(todo, plan, probe, workers if pctx.executor == "ray" else 1, pctx.store,
+              list(kept or []))
+    if kept is not None:
+        kept.extend(pctx.kept)
     if name == "gradient-competition":
         add_trials(pctx, plan, probe, workers)
     elif name == "sharpness":
@@ -229,15 +238,25 @@ def _not_stored(configs: list[TrainConfig], ctx: Context, plan: ExperimentPlan,
     return todo
 
 
-def _phases(cfg: TrainConfig) -> list[tuple[int, int]]:
-    """(epochs, batch size) per phase of a run."""
-    if not cfg.schedule:
-        return [(cfg.epochs, cfg.batch_size)]
-    return [(p.epochs, p.batch_size or cfg.batch_size) for p in cfg.schedule]
+def _phases(cfg: TrainConfig, skip: int = 0) -> list[tuple[int, int]]:
+    """(epochs, batch size) per phase of a run, without its first `skip` epochs."""
+    phases = ([(cfg.epochs, cfg.batch_size)] if not cfg.schedule else
+              [(p.epochs, p.batch_size or cfg.batch_size) for p in cfg.schedule])
+    out = []
+    for epochs, b in phases:
+        cut = min(skip, epochs)
+        skip -= cut
+        if epochs - cut:
+            out.append((epochs - cut, b))
+    return out
 
 
-def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus: int) -> None:
+def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus: int,
+              store: Any = None, kept: Sequence[TrainConfig] = ()) -> None:
     seconds = 0.0
+    # a run continuing a prefix (stored, trained first in the same call, or kept by an earlier
+    # experiment of the plan: `runs.continuation`) trains only the epochs after it
+    done = continued_epochs(todo, store, kept)
     for unit in plan_groups(todo):
         cfgs = [todo[i] for i in unit]
         cfg, k = cfgs[0], len(cfgs)
@@ -245,14 +264,16 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
         dims = [td.input_dim, *cfg.hidden, td.n_classes]
         params = mlp_params(dims)
         n_eval = sum(len(y) for _, y in td.eval_sets.values())
-        for epochs, b in _phases(cfg):
-            steps = epochs * math.ceil(td.n_train / b)
-            plan.sgd_steps += k * steps
-            plan.flops += k * epochs * 6 * params * td.n_train
-            seconds += steps * probe.step_seconds(dims, b, k, cfg)
-        evals = cfg.evaluated_epochs()  # epoch 0 and every evaluated epoch (`eval_every`)
-        plan.flops += k * evals * 2 * params * n_eval
-        seconds += k * evals * n_eval * probe.eval_seconds_per_sample(dims)
+        for i in unit:
+            for epochs, b in _phases(todo[i], done.get(i, 0)):
+                steps = epochs * math.ceil(td.n_train / b)
+                plan.sgd_steps += steps
+                plan.flops += epochs * 6 * params * td.n_train
+                seconds += steps * probe.step_seconds(dims, b, k, cfg) / k
+            # epoch 0 and every evaluated epoch (`eval_every`) not copied from a prefix
+            evals = sum(todo[i].evaluates(e) for e in range(done.get(i, -1) + 1, todo[i].epochs + 1))
+            plan.flops += evals * 2 * params * n_eval
+            seconds += evals * n_eval * probe.eval_seconds_per_sample(dims)
         bmax = max(b for _, b in _phases(cfg))
         act = 4 * bmax * k * sum(dims) * 3
         plan.peak_memory_bytes = max(plan.peak_memory_bytes,

@@ -115,8 +115,11 @@ def measure(ctx: Context) -> tuple[Rows, Rows, StepsToTargetOptions, Rows]:
 
 def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> tuple[Rows, Rows]:
     """One successive-halving search per (batch size, seed), their rounds trained together (one
-    `run_many` per round; the tiny batch's runs go with the first). Under `--plan` the worst
-    case is recorded: every round of every search, as if no lr reached the target early."""
+    `run_many` per round; the tiny batch's runs go with the first). A survivor's run of the
+    next round continues its run of this round instead of retraining its epochs, so the
+    search costs what its longest runs cost plus the first round's others. Under `--plan` the
+    worst case is recorded: every round of every search, as if no lr reached the target early
+    (each survivor charged its added epochs only)."""
     batches = [b for b in s.batch_sizes if b <= n_train]
     lower = s.target_metric.endswith("loss")
     searches = {(b, sd): HalvingSearch(list(s.lrs), int(s.max_epochs), lower)
@@ -130,7 +133,10 @@ def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> 
     while todo := [(key, lr, ep) for key, h in searches.items() for lr, ep in h.next_round()]:
         cfgs = [one_config(ctx, s, b, lr, sd, ep) for (b, sd), lr, ep in todo]
         extra = tiny if first else []
-        results = ctx.run_many(cfgs + extra, label="steps-to-target")
+        # a survivor's next round continues this round's run (`runs.continuation`): the runs
+        # of the search keep their end state unless they already have the whole budget
+        results = ctx.run_many(cfgs + extra, label="steps-to-target",
+                               keep_state=lambda c, mine=cfgs: c.epochs < int(s.max_epochs) and c in mine)
         if first:
             tiny_rows = [_row(r, n_train, r.config.epochs) for r in results[len(cfgs):]]
             first = False

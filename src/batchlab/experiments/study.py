@@ -159,15 +159,18 @@ class Study:
         return {"batch_size": batch_size, "lr": lr,
                 "epochs": self.epochs if epochs is None else epochs, **extra}
 
-    def run(self, specs: dict[str, dict[str, Any]], label: str) -> dict[str, Group]:
+    def run(self, specs: dict[str, dict[str, Any]], label: str,
+            keep_state: bool = False) -> dict[str, Group]:
         """Train (or fetch) every spec with every seed; one `run_many` call so progress and
-        resumption cover the whole experiment."""
+        resumption cover the whole experiment. `keep_state`: the runs keep their end state, so
+        other experiments' longer runs continue them (`runs.continuation`)."""
         configs, owners = [], []
         for name, fields in specs.items():
             for seed in self.ctx.seed_list:
                 configs.append(self.ctx.config(**{**self.base, **fields, "seed": seed}))
                 owners.append(name)
-        results = self.ctx.run_many(configs, label=label)
+        results = self.ctx.run_many(configs, label=label,
+                                    **({"keep_state": True} if keep_state else {}))
         groups = {name: Group(name, fields) for name, fields in specs.items()}
         for name, res in zip(owners, results):
             groups[name].runs.append(res)

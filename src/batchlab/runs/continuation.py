@@ -14,9 +14,11 @@ the same question without loading any tensor (the planner's).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from batchlab.atomic import sha256_file
 from batchlab.config import TrainConfig, make_config
@@ -36,6 +38,8 @@ CREATE TABLE IF NOT EXISTS prefix_states (
 CREATE INDEX IF NOT EXISTS prefix_states_key ON prefix_states (prefix_key);
 """
 STATE_ARTIFACT = "state"
+KeepState = bool | Callable[[TrainConfig], bool]
+"""Which runs keep their end state: all, none, or those a predicate picks."""
 
 
 def probes_continuable(cfg: TrainConfig) -> bool:
@@ -160,3 +164,27 @@ def waves(n: int, after: dict[int, int]) -> list[list[int]]:
         out[d(i)].append(i)
     return out
 
+
+
+def continued_epochs(cfgs: Sequence[TrainConfig], store: Store | None,
+                     kept: Sequence[TrainConfig] = ()) -> dict[int, int]:
+    """For a plan: index -> epochs a config will not train because it continues a prefix -
+    trained first in the same call (`in_call_prefixes`, assuming it runs its whole length: the
+    worst case), planned earlier to keep its state (`kept`), or stored with its state
+    (`prefix_epochs`)."""
+    from batchlab.engine.setup import get_data
+
+    if not cfgs:
+        return {}
+    td = get_data(cfgs[0], torch.device("cpu"))
+    if getattr(td, "streamed", False) or not td.n_train:
+        return {}
+    out = {i: cfgs[j].epochs for i, j in in_call_prefixes(cfgs, td.n_train).items()}
+    for i, c in enumerate(cfgs):
+        n = get_data(c, torch.device("cpu")).n_train
+        earlier = [k.epochs for k in kept if k.target_metric is None
+                   and prefix_reason(k, c, n) is None]
+        best = max([prefix_epochs(store, c, get_data(c, torch.device("cpu"))), *earlier])
+        if best > out.get(i, 0):
+            out[i] = best
+    return out

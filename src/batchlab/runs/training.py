@@ -32,6 +32,7 @@ from batchlab.nn.factory import as_log_probs, model_check_data
 from batchlab.probes import Probe
 from batchlab.runs.continuation import (
     STATE_ARTIFACT,
+    KeepState,
     find_resume,
     in_call_prefixes,
     index_state,
@@ -187,7 +188,7 @@ def _train_and_store(config: TrainConfig | dict[str, Any], *, store: Store | str
 def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | None = None,
                label: str | None = None, *, on_error: Literal["raise", "record"] = "raise",
                on_done: Callable[[int], None] | None = None,
-               keep_state: bool = False) -> list[TrainResult]:
+               keep_state: KeepState = False) -> list[TrainResult]:
     """Train `configs` (results in order), vectorizing the groups `plan_groups` picks and
     training the rest one by one. Runs already finished in `store` come back cached; new ones
     are saved exactly as `train()` saves them; a config listed twice is trained once.
@@ -199,9 +200,9 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
 
     With a store, a run whose training is a prefix of another config's (`engine.continuation`)
     is continued instead of retrained: from a stored run that kept its state, or from a config
-    of this same list (trained first, keeping its state). `keep_state`: every run trained here
-    keeps its state, for configs of a later call to continue (a search that lengthens its
-    survivors)."""
+    of this same list (trained first, keeping its state). `keep_state` (True, or a predicate
+    on the config): the runs trained here keep their state, for configs of a later call to
+    continue (a search that lengthens its survivors)."""
     cfgs = [as_config(c) for c in configs]
     keys = [run_key(c, get_data(c, resolve_device(c.device))) for c in cfgs]
     results, first = stored_or_todo(store, cfgs, keys)
@@ -212,7 +213,8 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
     if store is not None and todo:
         n_train = get_data(cfgs[todo[0]], resolve_device(cfgs[todo[0]].device)).n_train
         after = in_call_prefixes([cfgs[i] for i in todo], n_train or 0) if n_train else {}
-    keep = {todo[j] for j in after.values()} | (set(todo) if keep_state else set())
+    keep = {todo[j] for j in after.values()} | {
+        i for i in todo if (keep_state(cfgs[i]) if callable(keep_state) else keep_state)}
     for wave in waves(len(todo), after):
         _train_wave([todo[j] for j in wave], cfgs, keys, results, store, label, on_error,
                     on_done, keep)
@@ -303,7 +305,7 @@ def _train_unit(idxs: list[int], cfgs: list[TrainConfig], keys: list[str],
 
 
 def _train_alone(cfg: TrainConfig, key: str, store: Store | None, label: str | None,
-                 on_error: str, keep_state: bool = False) -> TrainResult:
+                 on_error: str, keep_state: KeepState = False) -> TrainResult:
     try:
         return _train_and_store(cfg, store=store, label=label,
                                 **({"keep_state": True} if keep_state else {}))
