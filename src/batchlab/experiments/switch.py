@@ -68,7 +68,8 @@ def run(ctx: Context) -> Output:
     if len(batches) != 2:
         raise ConfigError("switch takes exactly two batch sizes (small, large)")
     small, large = batches
-    groups = st.run(specs(st, small, large), label=NAME)
+    # kept: distance's long run of the large batch continues (b) (`runs.continuation`)
+    groups = st.run(specs(st, small, large), label=NAME, keep_state=True)
     a, b, c, d, e = groups.values()
     gl = [a, b, c, d, e]
     last = st.epochs
