@@ -124,3 +124,46 @@ def test_a_damaged_state_file_means_training_from_scratch(tmp_path: Path) -> Non
         [long] = train_many([cfg(epochs=4)], st)
         assert "continued_from" not in long.env
         assert long.status == "completed"
+
+
+def test_halving_continues_its_survivors_and_decides_the_same(tmp_path: Path, monkeypatch) -> None:
+    """The halving search with its survivors continued from their previous round writes the
+    same rows as the search retraining them (only `seconds_per_step` may differ), and its
+    plan charges each survivor its added epochs only."""
+    import csv
+
+    from batchlab.engine.setup import get_data, resolve_device
+    from batchlab.experiments import Context, run_experiment
+    from batchlab.experiments.plan import make_plan
+    from batchlab.runs import training
+    from batchlab.runs.tasks import threads
+
+    opts = {"hidden": [16], "dataset": "digits", "batch_sizes": [64, 256], "lrs": [0.3, 1.0, 3.0],
+            "max_epochs": 6, "target_value": 0.999, "tiny_epochs": 1, "lr_search": "halving"}
+    rows = {}
+    for mode in ("continued", "scratch"):
+        if mode == "scratch":
+            monkeypatch.setattr(training, "find_resume", lambda *a: None)
+        with threads(1), Store(tmp_path / f"{mode}.db") as st:
+            ctx = Context(preset="quick", seeds=1, out_dir=tmp_path / mode, store=st, options=opts)
+            if mode == "continued":
+                plan = make_plan([("steps-to-target", ctx)], 0.01).to_json()
+            _, path = run_experiment("steps-to-target", ctx)
+            if mode == "continued":
+                assert any(r.env.get("continued_from") for r in training.train_many(
+                    [c for c in _last_round(st)], st))
+        rows[mode] = [{k: v for k, v in r.items() if k != "seconds_per_step"}
+                      for r in csv.DictReader((path / "results.csv").open())]
+    assert rows["continued"] == rows["scratch"]
+    assert {r["round"] for r in rows["continued"]} == {"0", "1"}  # nobody reached 0.999
+    # rounds (3 lrs, 2 epochs), (1 lr, 6 epochs): 3 x 2 + (6 - 2) epochs per batch size
+    td = get_data(make_config(dataset="digits"), resolve_device("cpu"))
+    steps = sum((3 * 2 + 4) * -(-td.n_train // b) for b in (64, 256)) + 3 * td.n_train
+    assert plan["sgd_steps"] == steps
+
+
+def _last_round(st: Store) -> list[TrainConfig]:
+    """The configs of the halving's longest runs, from the store."""
+    recs = [r for r in st.runs() if r.config["batch_size"] != 1]
+    top = max(r.config["epochs"] for r in recs)
+    return [make_config(**r.config) for r in recs if r.config["epochs"] == top]
