@@ -7,6 +7,9 @@ decides what is planned; configs already finished in the store are left out. Gra
 competition adds its trials (`gradient_competition.trial_runs`, minus the chunks in the store
 when its checkpoints are stored), sharpness its curvature measurements. Costs:
 
+- A run that continues a prefix (`runs.continuation`: stored with its state, trained first in
+  the same call, or kept by an earlier experiment of the plan) is charged only the epochs
+  (steps, evaluations) after it; with Ray every run is charged whole.
 - SGD steps: per run, epochs x ceil(n_train / batch size) per schedule phase; FLOPs 6 x
   parameters per training sample and 2 x parameters per evaluated sample (every epoch
   evaluates the training and test sets), trials 6 x parameters per sample-step.
@@ -203,8 +206,10 @@ def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int,
     todo = _not_stored(pctx.recorded, pctx, plan, planned)
     if any(c.target_metric is not None for c in todo):
         plan.notes.append("runs with a target stop early: time is an upper bound")
-    _add_runs(todo, plan, probe, workers if pctx.executor == "ray" else 1, pctx.store,
-              list(kept or []))
+    if pctx.executor == "local":  # Ray tasks train every run from scratch
+        _add_runs(todo, plan, probe, 1, pctx.store, list(kept or []))
+    else:
+        _add_runs(todo, plan, probe, workers, continues=False)
     if kept is not None:
         kept.extend(pctx.kept)
     if name == "gradient-competition":
@@ -252,11 +257,11 @@ def _phases(cfg: TrainConfig, skip: int = 0) -> list[tuple[int, int]]:
 
 
 def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus: int,
-              store: Any = None, kept: Sequence[TrainConfig] = ()) -> None:
+              store: Any = None, kept: Sequence[TrainConfig] = (), continues: bool = True) -> None:
     seconds = 0.0
     # a run continuing a prefix (stored, trained first in the same call, or kept by an earlier
     # experiment of the plan: `runs.continuation`) trains only the epochs after it
-    done = continued_epochs(todo, store, kept)
+    done = continued_epochs(todo, store, kept) if continues else {}
     for unit in plan_groups(todo):
         cfgs = [todo[i] for i in unit]
         cfg, k = cfgs[0], len(cfgs)

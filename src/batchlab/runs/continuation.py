@@ -14,6 +14,7 @@ the same question without loading any tensor (the planner's).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,21 +78,23 @@ def _candidates(store: Store, cfg: TrainConfig, fingerprint: str, n_train: int
         return []
     store.ensure_schema(SCHEMA)
     with store.transaction() as c:
-        rows = c.execute("SELECT config_hash FROM prefix_states WHERE prefix_key = ? AND "
-                         "epochs < ? ORDER BY epochs DESC",
+        rows = c.execute("SELECT p.config_hash, r.config_json FROM prefix_states p JOIN runs r "
+                         "ON r.config_hash = p.config_hash WHERE p.prefix_key = ? AND "
+                         "p.epochs < ? ORDER BY p.epochs DESC",
                          (prefix_key(cfg, fingerprint), cfg.epochs)).fetchall()
     out = []
-    for (chash,) in rows:
-        rec = store.finished(chash)
+    for chash, config_json in rows:
+        try:  # the cheap test first: the stored config (verified below with its whole run)
+            short = make_config(**json.loads(config_json))
+        except (BatchlabError, ValueError, TypeError):
+            continue
+        if prefix_reason(short, cfg, n_train) is not None:
+            continue
+        rec = store.finished(chash)  # verifies the row's checksum and every artifact's sha256
         if (rec is None or rec.status != "completed" or STATE_ARTIFACT not in rec.artifacts
-                or "target_epoch" in rec.final):
+                or "target_epoch" in rec.final or make_config(**rec.config) != short):
             continue
-        try:
-            short = make_config(**rec.config)
-        except BatchlabError:
-            continue
-        if prefix_reason(short, cfg, n_train) is None:
-            out.append((short, rec))
+        out.append((short, rec))
     return out
 
 
