@@ -30,6 +30,9 @@ import torch
 
 from batchlab.config import TrainConfig
 from batchlab.engine import schedules
+from batchlab.engine.steppers import FusedStepper
+from batchlab.errors import BatchlabError
+from batchlab.probes.geometry import snapshot
 
 # fields that say how long a run trains, how its lr and batch size change with time, and what
 # it records along the way: they may differ between a prefix and the run continuing it (the
@@ -197,3 +200,35 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Te
     sd = opt.state_dict()
     sd["state"] = state
     opt.load_state_dict(sd)
+
+
+# -- the stepper's side ------------------------------------------------------------------------
+def capture(stepper: Any, pos: int, net: torch.nn.Module, gen: torch.Generator, probes: list[Any],
+            epoch: int, steps: int, samples: int, train_seconds: float) -> State | None:
+    """The state of the model at stacked position `pos` after its last epoch, for a longer
+    run to continue from; None when one of its probes cannot save its state."""
+    saved = [p.save_state() for p in probes]
+    if any(p is None for p in saved):
+        return None
+    if isinstance(stepper, FusedStepper):
+        stepper.sync()
+        opt, scalars = stepper.impl.model_state(pos), {}
+    elif stepper.optimizer is not None:
+        opt, scalars = optimizer_state(stepper.optimizer)
+    else:  # pragma: no cover - every stepper has one of the two
+        return None
+    return State(epoch=epoch, steps=steps, samples=samples, train_seconds=train_seconds,
+                 engine=stepper.engine, weights=snapshot(net), optimizer=opt,
+                 optimizer_scalars=scalars, generator=gen.get_state().clone(), probes=saved)
+
+
+def restore_stepper(stepper: Any, states: list[State], k: int) -> None:
+    """The prefixes' optimizer states into a pass's stepper (its modules already hold the
+    prefixes' weights: a fused stepper stacks them when built)."""
+    if len(states) != k or any(s.engine != stepper.engine for s in states):
+        raise BatchlabError("a continued run must continue every model of its pass, on the "
+                            "engine its prefix trained on")
+    if isinstance(stepper, FusedStepper):
+        stepper.impl.load_state([s.optimizer for s in states])
+    elif stepper.optimizer is not None:
+        load_optimizer_state(stepper.optimizer, states[0].optimizer, states[0].optimizer_scalars)

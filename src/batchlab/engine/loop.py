@@ -21,10 +21,8 @@ much better the metric is on train than on test, and `final` names the metric.
 Probes see the weights at one point in every engine: `on_step(ctx, s, xb, yb)` runs after
 step s's update (see `batchlab.probes`).
 
-A run may continue from a shorter run whose training is its prefix (`engine.continuation`):
-the loop then starts after the prefix's last epoch from its saved `State` (`resume`), and
-`keep_state` asks it to keep the state of a run that trains its whole length (`res.state`),
-so that a longer run can continue it later.
+A run may continue a shorter run that is its prefix (`engine.continuation`): `resume` starts
+after it from its `State`; `keep_state` keeps a full-length run's end state (`res.state`).
 
 A crash inside the loop is a result, not a lost run: every model still training gets status
 `failed` with the error (and `exception`), and nothing is retried. `ConfigError` and Ctrl-C
@@ -43,7 +41,7 @@ from torch import nn
 
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine import schedules
-from batchlab.engine.continuation import Resume, State, load_optimizer_state, optimizer_state
+from batchlab.engine.continuation import Resume, capture, restore_stepper
 from batchlab.engine.result import Reporter, TrainResult
 from batchlab.engine.setup import (
     build_model,
@@ -54,7 +52,7 @@ from batchlab.engine.setup import (
     run_key,
     shuffle_generator,
 )
-from batchlab.engine.steppers import AutogradStepper, FusedStepper, Stepper, make_stepper
+from batchlab.engine.steppers import AutogradStepper, Stepper, make_stepper
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.measure.metrics import correct_bits, eval_metrics
 from batchlab.probes import Probe, ProbeContext, make_probes
@@ -87,28 +85,6 @@ def train_one(config: TrainConfig | dict[str, Any], *, probes: Sequence[Probe] |
     key = run_key(cfg, td, net if model is not None or not cfg.builtin_model else None)
     return Loop([cfg], [net], td, device, [probe_list], [key], reporter=reporter,
                 on_epoch=on_epoch, objective=objective, keep_state=[keep_state]).run()[0]
-
-
-def continue_runs(cfgs: Sequence[TrainConfig], resumes: Sequence[Resume], keys: Sequence[str],
-                  data: Any, *, keep_state: Sequence[bool] | None = None) -> list[TrainResult]:
-    """Train built-in-model configs from the states of their prefixes (`engine.continuation`;
-    found by `batchlab.runs.continuation`), in one pass (K > 1: vectorized, the caller groups
-    them as `plan_groups` does). Each model is built from its seed as a fresh run's is (its
-    init is the geometry probes' reference), then takes its prefix's weights."""
-    device = resolve_device(cfgs[0].device)
-    nets, probes = [], []
-    for cfg, rs in zip(cfgs, resumes, strict=True):
-        check_batch_sizes(cfg, data)
-        torch.manual_seed(cfg.seed)
-        net = build_model(cfg, data).to(device)
-        rs.init_state = snapshot(net)
-        if 0 in cfg.checkpoint_epochs:
-            rs.checkpoints[0] = rs.init_state
-        net.load_state_dict(rs.state.weights)
-        nets.append(net)
-        probes.append(make_probes(cfg.probes))
-    return Loop(cfgs, nets, data, device, probes, keys, resume=resumes,
-                keep_state=keep_state).run()
 
 
 class Loop:
@@ -153,8 +129,8 @@ class Loop:
         self.train_seconds = [0.0] * self.K
         self.active = list(range(self.K))  # model indices still training, in stacked order
         self.gens = [shuffle_generator(c.seed) for c in self.cfgs]
-        if self.resume[0] is not None:
-            self._restore_optimizer()
+        if self.resume[0] is not None:  # the weights are in the modules already
+            restore_stepper(self.stepper, [r.state for r in self.resume if r is not None], self.K)
 
     # -- the pass ---------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
@@ -317,38 +293,6 @@ class Loop:
         if isinstance(self.stepper, AutogradStepper):
             self.stepper.steps = rs.state.steps
 
-    def _restore_optimizer(self) -> None:
-        """The prefix's optimizer state into this pass's stepper (the weights are loaded into
-        the modules before the stepper stacks them)."""
-        states = [r.state for r in self.resume if r is not None]
-        if len(states) != self.K or any(s.engine != self.stepper.engine for s in states):
-            raise BatchlabError("a continued run must continue every model of its pass, on the "
-                                "engine its prefix trained on")
-        if isinstance(self.stepper, FusedStepper):
-            self.stepper.impl.load_state([s.optimizer for s in states])
-        elif self.stepper.optimizer is not None:
-            load_optimizer_state(self.stepper.optimizer, states[0].optimizer,
-                                 states[0].optimizer_scalars)
-
-    def capture(self, k: int, epoch: int, steps: int, samples: int) -> State | None:
-        """Model k's state after its last epoch, for a later run to continue from; None when
-        a probe cannot save its state."""
-        probes = [p.save_state() for p in self.probes[k]]
-        if any(p is None for p in probes):
-            return None
-        if isinstance(self.stepper, FusedStepper):
-            self.stepper.sync()
-            pos = self.active.index(k)
-            opt, scalars = self.stepper.impl.model_state(pos), {}
-        elif self.stepper.optimizer is not None:
-            opt, scalars = optimizer_state(self.stepper.optimizer)
-        else:  # pragma: no cover - every stepper has one of the two
-            return None
-        return State(epoch=epoch, steps=steps, samples=samples,
-                     train_seconds=self.train_seconds[k], engine=self.stepper.engine,
-                     weights=snapshot(self.nets[k]), optimizer=opt, optimizer_scalars=scalars,
-                     generator=self.gens[k].get_state().clone(), probes=probes)  # type: ignore[arg-type]
-
     def _on_step(self, steps: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """Step probes that are due, after this step's update, on their model's batch."""
         due = [(j, k, p) for j, k in enumerate(self.active) for p in self.step_probes[k]
@@ -394,8 +338,9 @@ class Loop:
         if target_hit(cfg, row, self.target[k]):
             res.final.update(target_epoch=epoch, target_steps=steps, target_samples=samples)
             return False
-        if self.keep_state[k] and epoch == cfg.epochs:
-            res.state = self.capture(k, epoch, steps, samples)
+        if self.keep_state[k] and epoch == cfg.epochs:  # for a longer run to continue
+            res.state = capture(self.stepper, self.active.index(k), self.nets[k], self.gens[k],
+                                self.probes[k], epoch, steps, samples, self.train_seconds[k])
         return True
 
     def _finish(self, k: int) -> None:

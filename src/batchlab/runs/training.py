@@ -22,10 +22,10 @@ from batchlab.data import TensorData, prepare
 from batchlab.data.stream import StreamData, default_identity, is_source
 from batchlab.data.tensors import flatten, raw_from_tensors
 from batchlab.engine.continuation import Resume
-from batchlab.engine.loop import EpochHook, continue_runs, train_one
+from batchlab.engine.loop import EpochHook, train_one
 from batchlab.engine.result import Reporter, TrainResult
 from batchlab.engine.setup import build_model, check_batch_sizes, get_data, resolve_device, run_key
-from batchlab.engine.vectorized import plan_groups, train_group
+from batchlab.engine.vectorized import continue_runs, plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.nn.checkpoint import save_state
 from batchlab.nn.factory import as_log_probs, model_check_data
