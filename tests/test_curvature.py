@@ -93,6 +93,50 @@ def test_spectral_density(tiny):
     np.testing.assert_allclose(d.weights.sum(1), 1.0, atol=1e-8)
 
 
+def test_deflated_density_whole_space_is_exact(tiny):
+    """A Krylov block as large as the space is the exact spectrum, weight 1/n per eigenvalue
+    (this Hessian has a repeated zero eigenvalue, so the block stops at an invariant subspace
+    and the probes take the eigenspace left over, which they then also resolve exactly)."""
+    model, data, obj, H = tiny
+    ev = torch.linalg.eigvalsh(H).numpy()
+    d = C.spectral_density(model, data, n_vectors=2, n_steps=obj.dim, deflate=obj.dim, seed=0)
+    atoms, p = d.measure()
+    assert C.wasserstein1(atoms, p, ev, np.ones_like(ev)) < 1e-8
+    assert 0 < d.deflated < obj.dim and d.w1_bound < 1e-8
+    assert abs(float(np.trapezoid(d.density, d.grid)) - 1) < 1e-3
+
+
+def test_deflated_density_is_close_and_bounded(tiny):
+    """A partial block plus probes on its complement: the mixture is a probability measure,
+    the reported bound is 2 beta_{k+1} / n, and with complete Lanczos runs on the complement
+    the only error left is the probes' weights, which many probes average out."""
+    model, data, obj, H = tiny
+    ev = torch.linalg.eigvalsh(H).numpy()
+    k = 10
+    d = C.spectral_density(model, data, n_vectors=200, n_steps=obj.dim - k, deflate=k, seed=1)
+    atoms, p = d.measure()
+    assert d.deflated == k and abs(p.sum() - 1) < 1e-12
+    np.testing.assert_allclose(d.mass[0], k / obj.dim)
+    assert atoms.min() >= ev[0] - 1e-8 and atoms.max() <= ev[-1] + 1e-8
+    assert 0 < d.w1_bound < 2 * float(np.abs(ev).max()) * 2 / obj.dim
+    scale = float(np.abs(ev).mean())
+    err = C.wasserstein1(atoms, p, ev, np.ones_like(ev))
+    assert err <= 0.05 * scale + d.w1_bound
+
+
+def test_wasserstein1_is_the_area_between_cdfs():
+    assert C.wasserstein1(np.array([0.0]), np.array([1.0]), np.array([2.0]), np.array([5.0])) == 2.0
+    # half the mass moved by 1, and unnormalized weights are normalized
+    assert C.wasserstein1(np.array([0.0, 1.0]), np.array([1.0, 1.0]), np.array([0.0, 0.0]),
+                          np.array([3.0, 3.0])) == pytest.approx(0.5)
+
+
+def test_deflate_must_be_non_negative(tiny):
+    model, data, _, _ = tiny
+    with pytest.raises(ConfigError, match="deflate"):
+        C.spectral_density(model, data, deflate=-1)
+
+
 def test_sharpness_nonnegative_and_monotone(tiny):
     model, data, _, _ = tiny
     full = [C.sharpness(model, data, epsilon=e).sharpness for e in (1e-4, 1e-3, 1e-2)]

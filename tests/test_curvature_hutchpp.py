@@ -42,15 +42,25 @@ def test_hutchpp_unbiased_and_accurate(small):
 
 def test_stopping_rule_honours_rtol(small):
     model, data, exact = small
-    z = 1.96  # the 95% normal quantile of the stopping rule
+    from batchlab.measure.curvature.trace import MIN_BLOCKS, t_quantile
+
     r = C.hessian_trace(model, data, method="hutch++", rtol=0.01, seed=5)
     assert r.converged and r.method == "hutch++"
-    assert z * r.stderr <= 0.01 * abs(r.estimate)
+    # the rule: the 95% t interval over the residual probes, and never before two blocks
+    assert t_quantile(0.95, r.n_samples - 1) * r.stderr <= 0.01 * abs(r.estimate)
+    assert r.n_samples >= MIN_BLOCKS * 8
     assert r.n_hvp <= 10_000 and r.sketch_rank > 0
     assert abs(r.estimate - exact) <= 0.03 * abs(exact)
     h = C.hessian_trace(model, data, method="hutchinson", rtol=0.01, seed=5)
-    assert z * h.stderr <= 0.01 * abs(h.estimate)
+    assert t_quantile(0.95, h.n_samples - 1) * h.stderr <= 0.01 * abs(h.estimate)
     assert r.n_hvp < h.n_hvp  # the sketch takes the dominant eigenvalues' share exactly
+
+
+def test_t_quantile_is_wider_than_normal_for_few_probes():
+    from batchlab.measure.curvature.trace import normal_quantile, t_quantile
+
+    assert t_quantile(0.95, 15) == pytest.approx(2.131, abs=1e-3)
+    assert t_quantile(0.95, 15) > t_quantile(0.95, 100) > normal_quantile(0.95)
 
 
 def test_budget_exhausted_is_reported(small):

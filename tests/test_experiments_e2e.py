@@ -49,7 +49,7 @@ def test_step_lengths(tmp_path: Path) -> None:
 
 def test_sharpness(tmp_path: Path) -> None:
     claims = _run(tmp_path, "sharpness", epochs=1, large_epochs=2, curvature_samples=200,
-                  trace_samples=2, slq_steps=5, subspace_dim=5, k7_samples=256, k7_steps=10)
+                  trace_rtol=0.5, slq_steps=5, subspace_dim=5, k7_samples=256, k7_steps=10)
     assert {"K1", "K2", "K3", "K4", "K5", "K7"} <= _findings(claims)
     # K7 is measured: one lr sweep per seed from its initial weights, bracketing 2 / lambda_max
     # (or censored, then untestable by its gate) - never "unmeasured"

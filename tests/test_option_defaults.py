@@ -11,9 +11,9 @@ from batchlab.experiments.options import GC_BATCH_SIZES, GC_MODES, OPTIONS, desc
 
 def test_resolve_fills_unset_fields_per_preset_and_keeps_the_users() -> None:
     quick = validate("sharpness", {}).resolve("quick")
-    paper = validate("sharpness", {"trace_samples": 7}).resolve("paper")
+    paper = validate("sharpness", {"trace_rtol": 0.2}).resolve("paper")
     assert (quick.epochs, quick.large_epochs, quick.curvature_samples) == (8, 24, 1000)
-    assert (paper.epochs, paper.large_epochs, paper.trace_samples) == (30, 90, 7)
+    assert (paper.epochs, paper.large_epochs, paper.trace_rtol) == (30, 90, 0.2)
     assert quick.hidden is None and quick.max_train is None  # unset / no default: stays None
 
 

@@ -320,7 +320,7 @@ def test_curvature_units_as_ray_tasks_match_local(cluster, tmp_path: Path) -> No
     for executor in ("local", "ray"):
         batch = U.Batch()
         for m in (a, b):
-            U.curvature_units(batch, m, data, 0, 4, 2, (1e-3,))
+            U.curvature_units(batch, m, data, 0, 4, 0.5, (1e-3,))
         batch.add("interpolation", [a, b], [*data, *data], {"alphas": [0.0, 0.5]}, U.interpolation,
                   [0.0, 0.5])
         with Store(tmp_path / f"{executor}.db") as st:

@@ -248,6 +248,7 @@ def register(app: typer.Typer) -> None:
         all_claims: list[dict[str, Any]] = []
         numbers: list[Any] = []
         timings: dict[str, float] = {}
+        cpu: dict[str, float] = {}  # CPU seconds of this process (all threads) per experiment
         failed: list[str] = []  # experiments whose every run failed
         with Store(store) as st:
             if plan:
@@ -257,13 +258,14 @@ def register(app: typer.Typer) -> None:
                 ctx = _context(common, st, per_exp[n], quiet)
                 if not quiet:
                     err.print(f"[bold]== {n}[/]")
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 try:
                     output, _ = run_experiment(n, ctx)
                 except MLPOnly as e:  # with --model: run what applies, say what does not
                     err.print(f"  skipped: {escape(str(e))}", highlight=False)
                     continue
                 timings[n] = time.perf_counter() - t0
+                cpu[n] = time.process_time() - c0
                 if (why := ctx.all_failed()) is not None:
                     failed.append(f"{n}: {why}")
                 all_claims += [{"experiment": n, **c.to_json()} for c in output.claims]
@@ -281,7 +283,7 @@ def register(app: typer.Typer) -> None:
             raise AllRunsFailed("; ".join(failed))
         if as_json:
             doc = {"out": str(out), "report": str(report), "seconds": timings,
-                   "claims": all_claims}
+                   "cpu_seconds": cpu, "claims": all_claims}
             emit_json(None, _strict_json(doc))
 
 

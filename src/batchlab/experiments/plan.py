@@ -15,10 +15,13 @@ when its checkpoints are stored), sharpness its curvature measurements. Costs:
   evaluates the training and test sets), trials 6 x parameters per sample-step.
 - Time, from a short throughput probe on this device (`plan_probe`): seconds per SGD step of
   each distinct (model, batch size, K stacked runs) the plan trains, measured with the engine
-  the run will use; seconds per evaluated sample; seconds per gradient trial at each batch
-  size (one thread, as trials run); seconds per Hessian-vector product. Trials run on the
-  local executor's parallel workers (or the Ray cluster's CPUs), runs one after the other
-  locally or spread over the cluster's CPUs with Ray.
+  the run will use, plus what its step probes add per step; per run, its evaluations (the
+  loop's own), its probes' start and epoch-end hooks, and its fixed cost (model, correct bits,
+  store row and checkpoint files); seconds per gradient trial at each batch size (one thread,
+  as trials run); for sharpness, seconds per Hessian-vector product and per real
+  eps-sharpness maximisation on one thread, as its tasks run. Trials and curvature tasks run
+  on the local executor's parallel workers (or the Ray cluster's CPUs), runs one after the
+  other locally or spread over the cluster's CPUs with Ray.
 - Peak memory: the resident data set plus K copies of the weights with optimizer state and
   one batch of activations; disk: the gradient tensors kept (float32).
 """
@@ -270,15 +273,17 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
         params = mlp_params(dims)
         n_eval = sum(len(y) for _, y in td.eval_sets.values())
         for i in unit:
-            for epochs, b in _phases(todo[i], done.get(i, 0)):
+            skip = done.get(i, 0)
+            for epochs, b in _phases(todo[i], skip):
                 steps = epochs * math.ceil(td.n_train / b)
                 plan.sgd_steps += steps
                 plan.flops += epochs * 6 * params * td.n_train
-                seconds += steps * probe.step_seconds(dims, b, k, cfg) / k
+                seconds += steps * (probe.step_seconds(dims, b, k, cfg) / k
+                                    + probe.step_probe_seconds(dims, b, cfg))
             # epoch 0 and every evaluated epoch (`eval_every`) not copied from a prefix
             evals = sum(todo[i].evaluates(e) for e in range(done.get(i, -1) + 1, todo[i].epochs + 1))
             plan.flops += evals * 2 * params * n_eval
-            seconds += evals * n_eval * probe.eval_seconds_per_sample(dims)
+            seconds += _run_overheads(todo[i], dims, evals, probe, skip)
         bmax = max(b for _, b in _phases(cfg))
         act = 4 * bmax * k * sum(dims) * 3
         plan.peak_memory_bytes = max(plan.peak_memory_bytes,
@@ -286,13 +291,32 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
     plan.seconds += seconds / max(1, cpus)
 
 
+def _run_overheads(cfg: TrainConfig, dims: list[int], evals: int, probe: Probe,
+                   skip: int = 0) -> float:
+    """Seconds one run of `cfg` spends besides its steps, each part timed (`plan_probe`): its
+    evaluations, its probes' start and epoch-end hooks (every epoch), and its fixed cost
+    (model, correct bits, the store row and its checkpoint files)."""
+    epochs = sum(e for e, _ in _phases(cfg, skip))  # a continued run's epochs after its prefix
+    start, per_epoch = probe.probe_epoch_seconds(dims, cfg)
+    checkpoints = len({e for e in cfg.checkpoint_epochs if 0 <= e <= cfg.epochs})
+    return (evals * probe.evaluation_seconds(dims, cfg) + start + epochs * per_epoch
+            + probe.run_fixed_seconds(dims, cfg, checkpoints, epochs + 1))
+
+
 def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     """Sharpness's curvature measurements per final model (not counting stored ones: each is
     keyed by the trained weights, unknown until the runs exist)."""
-    from batchlab.experiments.sharpness import ALPHAS  # the interpolation's points
+    from batchlab.experiments.sharpness import ALPHAS, EPSILONS  # interpolation, eps-sharpness
+    from batchlab.experiments.sharpness_units import TRACE_TYPICAL_HVPS, TRACE_TYPICAL_RTOL
 
     o = ctx.opts  # options.Sharpness, resolved: the defaults the experiment itself reads
-    n_curv, n_trace, slq = o.curvature_samples, o.trace_samples, o.slq_steps
+    # the trace stops at a stated accuracy (Hutch++, trace_rtol), so its products are not an
+    # option: counted as the most it took on the measured models (TRACE_TYPICAL_HVPS at
+    # TRACE_TYPICAL_RTOL), scaled by (that rtol / rtol)^2 for a tighter target (the residual
+    # probes' count goes as 1 / rtol^2; a looser one costs no less: blocks set a floor);
+    # the density's deflated block and probe steps add up to slq_steps, as before
+    n_curv, slq = o.curvature_samples, o.slq_steps
+    n_trace = math.ceil(TRACE_TYPICAL_HVPS * max(1.0, (TRACE_TYPICAL_RTOL / o.trace_rtol) ** 2))
     models = plan.runs + plan.runs_stored
     if not models:
         return
@@ -304,14 +328,31 @@ def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     plan.curvature_hvps += hvps
     plan.flops += hvps * 12 * mlp_params(dims) * min(n_curv, td.n_train)
     n_eval = sum(len(y) for _, y in td.eval_sets.values())
-    plan.seconds += hvps * probe.hvp_seconds(dims, min(n_curv, td.n_train))
-    plan.seconds += len(ALPHAS) * n_eval * probe.eval_seconds_per_sample(dims)
+    # seconds as the tasks run (one thread each, `default_workers` in parallel): the HVPs
+    # timed, each eps-sharpness maximisation timed as a real call (not as HVPs), and the
+    # interpolation per seed pair
+    n = min(n_curv, td.n_train)
+    t1 = probe.task_threads
+    sharp = sum(probe.eps_sharpness_seconds(dims, n, dim) for dim in (None, o.subspace_dim))
+    eps_hvps = models * 4 * CURVATURE_HVPS["eps-sharpness"]  # counted above, timed apart
+    seconds = (models * len(EPSILONS) * sharp + (hvps - eps_hvps) * probe.hvp_seconds(dims, n, t1)
+               + max(ctx.seeds, 2) * len(ALPHAS) * n_eval
+               * probe.eval_seconds_per_sample(dims, t1))
     # K7's lr sweep per seed: lambda_max at the initial weights, then full-batch GD steps
     n_k7 = min(o.k7_samples, td.n_train)
     gd = max(ctx.seeds, 2) * K7_TYPICAL_LRS * o.k7_steps
-    plan.curvature_hvps += max(ctx.seeds, 2) * CURVATURE_HVPS["lambda-max"]
+    k7_hvps = max(ctx.seeds, 2) * CURVATURE_HVPS["lambda-max"]
+    plan.curvature_hvps += k7_hvps
     plan.flops += gd * 6 * mlp_params(dims) * n_k7
-    plan.seconds += gd * probe.gd_step_seconds(dims, n_k7)
+    seconds += gd * probe.gd_step_seconds(dims, n_k7) + k7_hvps * probe.hvp_seconds(dims, n_k7, t1)
+    plan.seconds += seconds / _curvature_workers(ctx)
+
+
+def _curvature_workers(ctx: Context) -> int:
+    """Curvature tasks in parallel: `sharpness_units.Batch.run`'s local worker threads."""
+    from batchlab.analysis.gradcomp import default_workers
+
+    return max(1, default_workers(resolve_device(ctx.device)))
 
 
 def _h(x: float) -> str:

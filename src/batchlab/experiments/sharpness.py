@@ -4,8 +4,9 @@ several seeds, with the same optimizer settings and epoch budget.
 
 For each final model: train/test accuracy, Keskar's eps-sharpness (eps 1e-3 and 5e-4, full
 space and a random 100-dim subspace), the top Hessian eigenvalue (Lanczos), the Hessian trace
-(Hutchinson) on a fixed subset of the training set, the spectral density (SLQ, first seed) and
-the 1-D interpolation between the small- and large-batch solutions (first seed).
+(Hutch++ to a stated accuracy) on a fixed subset of the training set, the spectral density
+(Krylov-deflated SLQ, first seed) and the 1-D interpolation between the small- and
+large-batch solutions (first seed).
 
 The large batch trains for `large_epochs` (default 3 x `epochs`) so that both regimes reach a
 similar training accuracy before they are compared (Keskar et al. train both to convergence);
@@ -52,7 +53,7 @@ difference (interval over seeds) must lie within +-this, else K1-K3 are untestab
 def run(ctx: Context) -> Output:
     o = ctx.opts  # options.Sharpness, resolved for the preset
     epochs, lr, large_epochs = o.epochs, o.lr, o.large_epochs
-    n_curv, n_trace, slq_steps = o.curvature_samples, o.trace_samples, o.slq_steps
+    n_curv, trace_rtol, slq_steps = o.curvature_samples, o.trace_rtol, o.slq_steps
     p_sub, n_k7, k7_steps = o.subspace_dim, o.k7_samples, o.k7_steps
     seeds = list(range(max(ctx.seeds, 2)))  # a verdict over seeds needs at least two
 
@@ -94,7 +95,8 @@ def run(ctx: Context) -> Output:
         models[(seed, regime)] = model
         td = get_data(res.config, resolve_device(res.config.device))
         data = (td.x_train[:n_curv], td.y_train[:n_curv])
-        units[(seed, regime)] = U.curvature_units(batch, model, data, seed, p_sub, n_trace, EPSILONS)
+        units[(seed, regime)] = U.curvature_units(batch, model, data, seed, p_sub, trace_rtol,
+                                                     EPSILONS)
         rows.append({"seed": seed, "regime": regime, "batch_size": batches[regime],
                      "status": res.status, "train_acc": res.final["train_acc"],
                      "test_acc": res.final["test_acc"], "train_loss": res.final["train_loss"],
@@ -110,7 +112,8 @@ def run(ctx: Context) -> Output:
     if s0 in pairs:
         data = (td.x_train[:n_curv], td.y_train[:n_curv])
         dens_at = {reg: batch.add("spectral-density", [models[(s0, reg)]], data,
-                                  {"n_vectors": 1, "n_steps": slq_steps, "seed": s0},
+                                  {"n_vectors": 1, "n_steps": slq_steps, "seed": s0,
+                                   "deflate": U.density_split(slq_steps)[0]},
                                   U.density, slq_steps, s0) for reg in ("small", "large")}
     # K7: per seed, lambda_max at the initial weights and an lr sweep from them (one unit each)
     k7_at = {}
@@ -145,7 +148,7 @@ def run(ctx: Context) -> Output:
 
     cols = ["seed", "regime", "batch_size", "train_acc", "test_acc", "sharp_full_0.001",
             "sharp_full_0.0005", f"sharp_sub{p_sub}_0.001", f"sharp_sub{p_sub}_0.0005",
-            "lambda_max", "trace", "trace_se"]
+            "lambda_max", "trace", "trace_se", "trace_hvps"]
     summary = (
         f"{ctx.model_name()}. Small batch ({batches['small']}) vs large batch ({batches['large']}, 10% of the "
         f"{n_train} training samples), SGD momentum 0.9, lr {lr}, {epochs} epochs (small) "
@@ -153,7 +156,8 @@ def run(ctx: Context) -> Output:
         f"seeds {seeds}. Curvature on the first {n_curv} training samples: sharpness = "
         "Keskar's 100 (max f - f(x)) / (1 + f(x)) over the box eps (|x| + 1), L-BFGS-B with "
         f"10 iterations, full space and a random {p_sub}-dim subspace; lambda_max by Lanczos "
-        f"(tol 1e-3); trace by Hutchinson ({n_trace} Rademacher probes, +- standard error).\n\n"
+        f"(tol 1e-3); trace by Hutch++ stopped when its 95% interval is within {trace_rtol:.0%} "
+        "(+- standard error; trace_hvps: the products it took).\n\n"
         + md_table(ok, cols) + "\n\n" + K7.summary(k7, n_k7, k7_steps)
     )
     for r in rows:
@@ -165,10 +169,19 @@ ALPHAS = [float(a) for a in np.linspace(-1, 2, 31)]
 
 
 def _spectral(got: dict[str, Any]) -> C.SpectralDensity:
-    """A stored SLQ spectral density (arrays as lists in the row) as the measure's type."""
+    """A stored SLQ spectral density (one list per quadrature rule in the row; the deflated
+    block's rule is longer than the probes') as the measure's type."""
+    rows = got["nodes"]
+    m = max(len(r) for r in rows)
+    nodes = np.full((len(rows), m), np.nan)
+    weights = np.zeros((len(rows), m))
+    for i, (r, w) in enumerate(zip(rows, got["weights"])):
+        nodes[i, : len(r)], weights[i, : len(w)] = r, w
     return C.SpectralDensity(grid=np.asarray(got["grid"]), density=np.asarray(got["density"]),
-                             nodes=np.asarray(got["nodes"]), weights=np.asarray(got["weights"]),
-                             sigma=float(got["sigma"]))
+                             nodes=nodes, weights=weights, sigma=float(got["sigma"]),
+                             mass=np.asarray(got["mass"]) if got.get("mass") else None,
+                             deflated=int(got.get("deflated", 0)),
+                             w1_bound=float(got.get("w1_bound", 0.0)))
 
 
 def premise(ok: list[dict[str, Any]]) -> list[Gate]:

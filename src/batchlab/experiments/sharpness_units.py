@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +25,19 @@ from batchlab.experiments.base import Context
 from batchlab.measure import curvature as C
 from batchlab.runs.measurements import Big, Measurements, Unit, tensors_sha256, weights_sha256
 
-FORMAT = 1  # bump when a stored measurement changes meaning: old rows are then not reused
+FORMAT = 2  # bump when a stored measurement changes meaning: old rows are then not reused
+# 2: trace by Hutch++ stopped at a stated accuracy (was 50 / 8 Hutchinson probes), with the
+#    products it spent; spectral density by Krylov-deflated SLQ at the same products
+
+TRACE_MAX_HVP = 600
+"""The trace's budget of products: Hutch++ to 7% took 32-64 products on the measured models
+(benchmarks/curvature_samples.py); a run that needs more stops here, recorded as not
+converged with its standard error."""
+TRACE_TYPICAL_HVPS = 64
+"""What `--plan` counts per trace at trace_rtol 0.07: the most Hutch++ spent over the measured
+models (784-256-256-10, small and large batch, 1,000 to 10,000 mnist-24k examples:
+benchmarks/curvature_samples.py)."""
+TRACE_TYPICAL_RTOL = 0.07
 Data = tuple[torch.Tensor, ...]
 
 
@@ -40,15 +53,32 @@ def top_eigenvalue(model: nn.Module, data: Data, seed: int) -> dict[str, Any]:
             "lambda_residual": eig.residuals[0], "lambda_hvps": eig.n_hvp}
 
 
-def trace(model: nn.Module, data: Data, n_samples: int, seed: int) -> dict[str, Any]:
-    tr = C.hessian_trace(model, data, n_samples=n_samples, seed=seed)
-    return {"trace": tr.estimate, "trace_se": tr.stderr}
+def trace(model: nn.Module, data: Data, rtol: float, seed: int) -> dict[str, Any]:
+    """Hutch++ until the 95% t interval is within rtol of the estimate: the accuracy is stated,
+    and the products it took are recorded (a fixed probe count fixed the products instead,
+    leaving the accuracy to the model's spectrum)."""
+    tr = C.hessian_trace(model, data, method="hutch++", rtol=rtol, seed=seed,
+                         max_hvp=TRACE_MAX_HVP)
+    return {"trace": tr.estimate, "trace_se": tr.stderr, "trace_hvps": tr.n_hvp,
+            "trace_converged": tr.converged, "trace_sketch_rank": tr.sketch_rank}
+
+
+def density_split(n_steps: int) -> tuple[int, int]:
+    """(Krylov block, probe steps) for `n_steps` products: two thirds deflated, one third of
+    SLQ on the complement (the cheapest split within 10% of mean |lambda| in Wasserstein-1 in
+    all runs, benchmarks/curvature.py --density-accuracy: 40 + 20 of 60)."""
+    k = (2 * n_steps) // 3
+    return k, max(1, n_steps - k)
 
 
 def density(model: nn.Module, data: Data, n_steps: int, seed: int) -> dict[str, Any]:
-    d = C.spectral_density(model, data, n_vectors=1, n_steps=n_steps, seed=seed)
-    return {"grid": d.grid.tolist(), "density": d.density.tolist(), "nodes": d.nodes.tolist(),
-            "weights": d.weights.tolist(), "sigma": d.sigma}
+    k, steps = density_split(n_steps)
+    d = C.spectral_density(model, data, n_vectors=1, n_steps=steps, deflate=k, seed=seed)
+    rows = [(r[~np.isnan(r)], w[: int((~np.isnan(r)).sum())]) for r, w in zip(d.nodes, d.weights)]
+    return {"grid": d.grid.tolist(), "density": d.density.tolist(),
+            "nodes": [r.tolist() for r, _ in rows], "weights": [w.tolist() for _, w in rows],
+            "mass": [] if d.mass is None else d.mass.tolist(), "sigma": d.sigma,
+            "deflated": d.deflated, "w1_bound": d.w1_bound}
 
 
 def interpolation(small: nn.Module, large: nn.Module, data: Data,
@@ -108,7 +138,7 @@ class Batch:
 
 
 def curvature_units(batch: Batch, model: nn.Module, data: Data, seed: int, p_sub: int,
-                    n_trace: int, epsilons: Sequence[float]) -> dict[str, int]:
+                    trace_rtol: float, epsilons: Sequence[float]) -> dict[str, int]:
     """One final model's curvature measurements: row name -> unit index in `batch`."""
     out = {}
     for eps in epsilons:
@@ -120,8 +150,9 @@ def curvature_units(batch: Batch, model: nn.Module, data: Data, seed: int, p_sub
                 eps_sharpness, eps, dim, seed)
     out["lambda"] = batch.add("lambda-max", [model], data, {"tol": 1e-3, "max_iter": 100, "seed": seed},
                               top_eigenvalue, seed)
-    out["trace"] = batch.add("trace", [model], data, {"n_samples": n_trace, "seed": seed},
-                             trace, n_trace, seed)
+    out["trace"] = batch.add("trace", [model], data, {"method": "hutch++", "rtol": trace_rtol,
+                                                      "max_hvp": TRACE_MAX_HVP, "seed": seed},
+                             trace, trace_rtol, seed)
     return out
 
 

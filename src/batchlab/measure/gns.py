@@ -85,6 +85,18 @@ class GNSRecord:
                 for k, v in asdict(self).items()}
 
 
+def sum_sq_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sum_k |t_k|^2 as a float64 0-d tensor, without a host sync: one pass over each tensor in
+    its own dtype (a float64 copy would cost more than the per-example hooks), fused into one
+    multi-tensor kernel where torch has it (`_foreach_norm` on a GPU); fp16/bf16 tensors are
+    reduced in float32 so that a large (loss-scaled) norm cannot overflow."""
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    else:
+        norms = list(torch._foreach_norm(tensors))
+    return torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()
+
+
 def loss_scale(scaler: Any) -> torch.Tensor | None:
     """The scaler's current loss scale as a tensor (no host sync), None without scaling."""
     if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
@@ -274,15 +286,15 @@ class GradientNoiseScale(SmoothedNoiseScale):
                                 "layer input must be the batch (flattening [B, T, d] to [B*T, d] is not)")
         self._check_unhooked(set(sums))
         b = next(iter(sizes.values()))
-        sq = torch.stack([s.double() for s in sums.values()]).sum(0)
+        # the layers' [B] norms summed in float64 (one stack and one reduction)
+        sq = torch.stack(list(sums.values())).sum(0, dtype=torch.float64)
         grads = [p.grad for p in self._hooks.params(list(sums))]
         if any(g is None for g in grads):
             raise BatchlabError("a hooked layer has no .grad: call gns.step() after loss.backward() "
                                 "and before optimizer.zero_grad()")
-        # one pass over each gradient in its own dtype (a float64 copy would cost more than the hooks)
-        big = torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]).double().pow(2).sum()
+        big = sum_sq_norms([g.detach() for g in grads])
         if self.reduction == "mean":
-            sq = sq * b * b  # the loss was (1/B) sum_i l_i: per-example gradients are B x the hooked ones
+            sq = sq * (b * b)  # the loss was (1/B) sum_i l_i: per-example gradients are B x the hooked ones
         else:
             big = big / (b * b)  # the loss was sum_i l_i: the mean gradient is .grad / B
         scale = loss_scale(self.scaler)

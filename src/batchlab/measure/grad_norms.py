@@ -14,7 +14,8 @@ No per-example gradient is ever materialised where a cheaper identity exists:
   size, L = output positions), g_i = D_i U_i^T per group, with the same choice between the
   Gram form (L x L) and the explicit [C_out, K] gradient; the bias gradient is D_i summed over L.
 
-How: a forward hook keeps the layer's input and registers a hook on its output tensor, which
+How: a forward hook keeps the layer's input (for nn.Linear on [B, in] only |a_i|^2, computed
+there while the input is in cache) and registers a hook on its output tensor, which
 receives the gradient of the output (delta). A tensor hook rather than
 `register_full_backward_hook` because the latter wraps the output in a custom autograd Function
 that an in-place op downstream (`nn.ReLU(inplace=True)`) refuses, and warns on a first layer whose
@@ -55,10 +56,11 @@ Rule = Callable[[nn.Module, list[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
-    """Per-example sum of squares over every dim but the first, in at least float32."""
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    return t.pow(2).flatten(1).sum(1)
+    """Per-example sum of squares over every dim but the first, in at least float32: one
+    reduction (a row norm, squared in place) and no [B, ...] temporary of squares, which
+    costs more than the reduction itself on a CPU."""
+    low = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float32 if low else None).square_()
 
 
 def _outer_sq(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -77,14 +79,11 @@ def linear_sq_norms(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Ten
     a and output gradient d."""
     if a.dim() < 2:
         raise BatchlabError("per-example norms need batched inputs (a leading batch dimension)")
+    if a.dim() == 2:  # the common case
+        return linear_sq_from_input(m, linear_input_factor(m, a), d)
     if a.dtype in (torch.float16, torch.bfloat16):
         a, d = a.float(), d.float()
     w, bias = m.weight.requires_grad, m.bias is not None and m.bias.requires_grad
-    if a.dim() == 2:  # the common case, in as few kernels as possible
-        d2 = _sq(d)
-        if w:
-            return _sq(a) * d2 + d2 if bias else _sq(a) * d2
-        return d2 if bias else torch.zeros_like(d2)
     b = a.shape[0]
     a3, d3 = a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
     out = torch.zeros(b, dtype=a3.dtype, device=a.device)
@@ -93,6 +92,23 @@ def linear_sq_norms(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Ten
     if bias:
         out = out + _sq(d3.sum(1))
     return out
+
+
+def linear_input_factor(m: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
+    """The input's part of a Linear layer's |g_i|^2 on [B, in] inputs, |a_i|^2 (None with a
+    frozen weight): computed in the forward hook, while the input is still in cache."""
+    return _sq(a) if m.weight.requires_grad else None
+
+
+def linear_sq_from_input(m: nn.Module, a_sq: torch.Tensor | None, d: torch.Tensor) -> torch.Tensor:
+    """|g_i|^2 = |a_i|^2 |delta_i|^2 (+ |delta_i|^2 for a trainable bias) of a Linear layer on
+    [B, in] inputs from `linear_input_factor` and the output gradient d [B, out]: one row
+    reduction and one fused multiply-add (each op costs microseconds of dispatch on a CPU)."""
+    d2 = _sq(d)
+    bias = m.bias is not None and m.bias.requires_grad
+    if a_sq is not None:
+        return torch.addcmul(d2, d2, a_sq) if bias else d2.mul_(a_sq)
+    return d2 if bias else d2.zero_()
 
 
 def conv_sq_norms(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -257,10 +273,16 @@ class ExampleNormHooks:
                 return  # (a layer that never reports is caught by the caller's gradient check)
             acts = [t.detach() for t in inputs if isinstance(t, torch.Tensor)]
             rule = self.extra.get(type(m))
+            fast = rule is None and isinstance(m, nn.Linear) and bool(acts) and acts[0].dim() == 2
+            if fast:  # nn.Linear on [B, in]: the input's part now, no reference kept
+                factor = linear_input_factor(m, acts[0])
+                acts = []
 
             def on_grad(d: torch.Tensor) -> None:
                 d = d.detach()
-                if rule is not None:
+                if fast:
+                    sq = linear_sq_from_input(m, factor, d)
+                elif rule is not None:
                     sq = rule(m, acts, d)
                 elif isinstance(m, nn.Linear):
                     sq = linear_sq_norms(m, acts[0], d)
@@ -292,7 +314,10 @@ class ExampleNormHooks:
     def params(self, names: list[str] | None = None) -> Iterator[nn.Parameter]:
         """The trainable parameters of the covered layers (or of `names` among them)."""
         for name in names if names is not None else list(self.layers):
-            yield from (p for _, p in _trainable(self.layers[name]))
+            # the module's own parameter dict (named_parameters' generator machinery costs
+            # more than the rest of gns.step() on a small model)
+            yield from (p for p in self.layers[name]._parameters.values()
+                        if p is not None and p.requires_grad)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -15,12 +15,15 @@ parameter sees the gradient g_j each backward pass brings to it before it is add
 (and before DDP reduces it), and adds its squared norm to a device scalar. |G_big|^2 comes
 from one of two places (`big_from`):
 
-- "hooks" (the default when a process accumulates k >= 2 micro-batches): the same hook adds
-  2 g_j . grad, where `.grad` still holds the sum of the earlier micro-batches, so
-  |sum_j g_j|^2 = sum_j (|g_j|^2 + 2 g_j . S_{j-1}) is the accumulated gradient's squared norm
-  without reading `.grad` at the end: gradient clipping before `step()` (Hugging Face's Trainer
-  clips before its callbacks run) does not matter. B_big = k micro-batches; under DDP each
-  rank's pair is averaged over the ranks (one all-reduce of two scalars).
+- "hooks" (the default when a process accumulates k >= 2 micro-batches): a second hook, run
+  right after a micro-batch's gradient is added to `.grad`, takes the squared norm of the sum
+  S_j from the second micro-batch on (S_1 = g_1 is known); the last one is the accumulated
+  gradient's |S_k|^2, read during the backward pass (while `.grad` is still in cache) and
+  before anything can change it: gradient clipping before `step()` (Hugging Face's Trainer
+  clips before its callbacks run) does not matter. One pass over `.grad` per later
+  micro-batch, where the sum of the cross terms 2 g_j . S_{j-1} would cost two.
+  B_big = k micro-batches; under DDP each rank's pair is averaged over the ranks (one
+  all-reduce of two scalars).
 - "grad" (the default with one micro-batch per process under DDP): `.grad` at `step()`, the
   accumulated gradient all-reduced over W ranks (identical on every rank), B_big = k x W
   micro-batches; call `step()` before clipping.
@@ -62,6 +65,7 @@ from batchlab.measure.gns import (
     loss_scale,
     mccandlish_estimates,
     noise_ratio,
+    sum_sq_norms,
 )
 
 
@@ -101,15 +105,19 @@ class MicroBatchNoiseScale(SmoothedNoiseScale):
         self.big_from = big_from
         self._t = 0
         self._active = True
-        # per hook call: |g| and g . S_{j-1} (0-d tensors, summed at step(): few kernels here)
+        # per hook call |g_j|; per parameter |S_1| = |g_1| and the latest |S_j| (0-d tensors,
+        # summed at step(): few kernels here)
         self._norms: list[torch.Tensor] = []
-        self._dots: list[torch.Tensor] = []
+        self._first: dict[int, torch.Tensor] = {}
+        self._acc: dict[int, torch.Tensor] = {}
         self._calls: dict[int, int] = {}
         self._pending: list[tuple[int, int, int, torch.Tensor]] = []
         self._history: deque[GNSRecord] = deque(maxlen=max_history)
         self._ema_g = self._ema_s = 0.0
         self._n_ema = 0
         self._handles = [p.register_hook(self._hook(i, p)) for i, p in enumerate(self.params)]
+        self._handles += [p.register_post_accumulate_grad_hook(self._after(i))
+                          for i, p in enumerate(self.params)]
 
     coverage = 1.0
     """Every trainable parameter is in both norms."""
@@ -118,13 +126,21 @@ class MicroBatchNoiseScale(SmoothedNoiseScale):
         def on_grad(g: torch.Tensor) -> None:
             if not self._active:
                 return
-            g = g.detach()
-            self._norms.append(torch.linalg.vector_norm(g))
-            prev = p.grad  # the earlier micro-batches' sum: this g is not in it yet
-            if prev is not None and prev.shape == g.shape:
-                self._dots.append(torch.dot(g.reshape(-1), prev.detach().reshape(-1).to(g.dtype)))
-            self._calls[i] = self._calls.get(i, 0) + 1
+            n = torch.linalg.vector_norm(g.detach())
+            self._norms.append(n)
+            c = self._calls.get(i, 0) + 1
+            self._calls[i] = c
+            if c == 1:
+                # S_1 = g_1 unless `.grad` held something (zeros after zero_grad(set_to_none=False))
+                self._first[i] = n if p.grad is None else None
         return on_grad
+
+    def _after(self, i: int):  # noqa: ANN202 - returns a post-accumulate-grad hook
+        def on_accumulated(p: nn.Parameter) -> None:
+            if self._active and self.big_from != "grad" and (
+                    self._calls.get(i, 0) >= 2 or self._first.get(i, 0) is None):
+                self._acc[i] = torch.linalg.vector_norm(p.grad.detach())
+        return on_accumulated
 
     def _world(self) -> int:
         import torch.distributed as dist
@@ -140,8 +156,8 @@ class MicroBatchNoiseScale(SmoothedNoiseScale):
         self._t += 1
         measured = t % self.every == 0
         self._active = self._t % self.every == 0  # whether the next step is measured
-        norms, dots, calls = self._norms, self._dots, self._calls
-        self._norms, self._dots, self._calls = [], [], {}
+        norms, first, acc, calls = self._norms, self._first, self._acc, self._calls
+        self._norms, self._first, self._acc, self._calls = [], {}, {}, {}
         if not measured:
             return
         b = micro_batch_size or self.micro_batch_size
@@ -162,15 +178,21 @@ class MicroBatchNoiseScale(SmoothedNoiseScale):
         if use_hooks and k < 2:
             raise BatchlabError("big_from='hooks' needs >= 2 micro-batches per process")
         dev = norms[0].device
-        sq = torch.stack([v.to(dev) for v in norms]).double().pow(2).sum()
-        if use_hooks:  # |sum_j g_j|^2 = sum_j |g_j|^2 + 2 sum_j g_j . S_{j-1}, local, pre-clip
-            big = sq + 2 * torch.stack([d.to(dev) for d in dots]).double().sum() if dots else sq
+        # one stack and one float64 reduction each (a model spread over devices: moved first)
+        if any(v.device != dev for v in norms):
+            norms = [v.to(dev) for v in norms]
+        sq = torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64).square()
+        if use_hooks:  # |S_k|^2 of each parameter, as accumulated (local, pre-clip)
+            finals = [acc[i] if i in acc else first[i] for i in calls]
+            if any(v is None for v in finals):
+                raise BatchlabError("a gradient never reached .grad (torch.autograd.grad?): "
+                                    "MicroBatchNoiseScale needs loss.backward()")
+            finals = [v.to(dev) for v in finals]
+            big = torch.linalg.vector_norm(torch.stack(finals), dtype=torch.float64).square()
             big_unscaled_grad = False
             b_big, ranks = b * k, w  # each rank's pair, averaged over ranks
         else:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            big = torch.stack([torch.linalg.vector_norm(g.detach()).double().pow(2)
-                               for g in grads]).sum().to(dev)
+            big = sum_sq_norms([p.grad.detach() for p in self.params if p.grad is not None]).to(dev)
             big_unscaled_grad = grads_unscaled(self.scaler)
             b_big, ranks = b * k * w, w
         if self.accumulation == "mean":

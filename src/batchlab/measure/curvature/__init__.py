@@ -41,12 +41,14 @@ from batchlab.measure.curvature.hessian import (
     ConvergenceError,
     EigenResult,
     SpectralDensity,
+    deflated_slq,
     hessian_eigenvalues,
     hessian_trace,
     slq_nodes,
     smooth_density,
     spectral_density,
     top_eigenvalues,
+    wasserstein1,
 )
 from batchlab.measure.curvature.krylov import lanczos, lanczos_many, power_iteration
 from batchlab.measure.curvature.landscape import SharpnessResult, interpolate, sharpness
@@ -62,9 +64,10 @@ from batchlab.measure.layers import parameter_blocks
 
 __all__ = [
     "DEFAULT_CHUNK", "DEFAULT_MEMORY", "ConvergenceError", "EigenResult", "Hessian", "Objective",
-    "SharpnessResult", "SpectralDensity", "TraceResult", "check_log_probs", "hessian_eigenvalues",
+    "SharpnessResult", "SpectralDensity", "TraceResult", "check_log_probs", "deflated_slq",
+    "hessian_eigenvalues",
     "hessian_trace", "hutchinson", "hutchinson_adaptive", "hutchpp", "interpolate", "lanczos",
     "lanczos_many", "nll_criterion",
     "parameter_blocks", "power_iteration", "sharpness", "slq_nodes", "smooth_density",
-    "spectral_density", "top_eigenvalues",
+    "spectral_density", "top_eigenvalues", "wasserstein1",
 ]
