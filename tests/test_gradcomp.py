@@ -521,10 +521,10 @@ def test_plan_counts_only_missing_or_damaged_checkpoints_as_to_do(tmp_path, monk
         ctx = prepared(G.NAME, _ctx(tmp_path, st))
         cfg = G.checkpoint_config(ctx, G.options(ctx), 0)
         if swallowed:
-            assert _stored_states(ctx, cfg, object(), 1, 2) == {}
+            assert _stored_states(ctx, cfg, object(), [1, 2]) == {}
         else:
             with pytest.raises(RuntimeError, match="a bug"):
-                _stored_states(ctx, cfg, object(), 1, 2)
+                _stored_states(ctx, cfg, object(), [1, 2])
 
 
 # -- the claims on planted records (no training) --------------------------------------------

@@ -138,11 +138,14 @@ def test_a_run_is_charged_its_steps_probes_evaluations_and_fixed_cost(probes) ->
 
 def test_curvature_is_charged_per_measured_operation_on_task_threads(tmp_path, monkeypatch
                                                                      ) -> None:
-    monkeypatch.setattr(P, "_curvature_workers", lambda ctx: 2)
+    from batchlab.experiments import get
+
+    monkeypatch.setattr(P, "_curvature_workers", lambda device: 2)
     ctx = prepared("sharpness", Context(preset="quick", seeds=2, out_dir=tmp_path))
     o = ctx.opts
+    unit = get("sharpness").units(ctx).curvature[0]  # as declared: 6 final models
     plan, costs = P.ExperimentPlan("sharpness", runs=6), Costs()
-    P._add_curvature(ctx, plan, costs)  # type: ignore[arg-type]
+    P._add_curvature(unit, plan, costs)  # type: ignore[arg-type]
     # every eps-sharpness is one timed real maximisation (full space and the subspace, at each
     # eps), not a count of HVPs; every other product at the HVP time of one task thread
     eps_hvps = 6 * 4 * P.CURVATURE_HVPS["eps-sharpness"]

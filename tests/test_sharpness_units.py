@@ -21,11 +21,13 @@ class _Probe:
         return lambda *args, **kw: 0.0
 
 
-def _hvps(rtol: float, models: int = 6) -> int:
-    ctx = Context(preset="quick", seeds=2, options={"trace_rtol": rtol})
-    ctx.opts = validate("sharpness", {"trace_rtol": rtol}).resolve("quick")
-    plan = ExperimentPlan("sharpness", runs=models)
-    _add_curvature(ctx, plan, _Probe())
+def _hvps(rtol: float) -> int:
+    from batchlab.experiments import get, prepared
+
+    ctx = prepared("sharpness", Context(preset="quick", seeds=2, options={"trace_rtol": rtol}))
+    unit = get("sharpness").units(ctx).curvature[0]  # 3 regimes x 2 seeds: 6 final models
+    plan = ExperimentPlan("sharpness", runs=unit.models)
+    _add_curvature(unit, plan, _Probe())
     return plan.curvature_hvps
 
 

@@ -24,6 +24,7 @@ _PUBLIC = {
     "TrainResult": "batchlab.engine.result",
     "train": "batchlab.runs.training",
     "register_optimizer": "batchlab.nn.registry",
+    "register_experiment": "batchlab.experiments",
 }
 _MODULES = {  # submodules reachable as `from batchlab import curvature`
     "curvature": "batchlab.measure.curvature",

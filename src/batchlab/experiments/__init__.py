@@ -1,10 +1,13 @@
-"""Experiments: each one a module here with an `EXPERIMENT` object, run by
-`batchlab experiment NAME` and collected by `batchlab reproduce`.
+"""Experiments: each one a declaration (`Experiment`: its options, `units`, `analyze`) in a
+module here with an `EXPERIMENT` object, run by `batchlab experiment NAME` and collected by
+`batchlab reproduce`; one defined elsewhere joins with `register_experiment`.
 
-Data flows one way: the experiment builds configs -> `ctx.run_many` trains them through the
-store (resumable, local or Ray) -> the experiment turns stored metrics into tables, figures and
-claims -> `write_outputs` puts `results.csv`, `summary.md`, `claims.json` and PNGs in
-`OUT/NAME/` -> `report.py` assembles `report.html`.
+Data flows one way: the experiment declares its work (`units` -> `work.Work`: the configs to
+train, the trials, curvature and timings after them) -> `ctx.run_many` trains the configs
+through the store (resumable, local or Ray) -> `analyze` does the work that needs their results
+and turns stored metrics into tables, figures and claims -> `write_outputs` puts
+`results.csv`, `summary.md`, `claims.json` and PNGs in `OUT/NAME/` -> `report.py` assembles
+`report.html`. `--plan` costs the same declaration without running it (`plan.py`).
 
 Verdicts are computed from measurements by the one interval rule in `verdicts.py` (a `Claim`
 in `claims.py` computes its verdict from its interval and region; nothing writes one by hand).
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from batchlab.errors import ConfigError
 from batchlab.experiments.base import PRESETS, Context, Experiment, MLPOnly, Output
+from batchlab.experiments.work import Curvature, Results, Trials, Work
 
 # name -> module under batchlab.experiments (imported lazily); order = report order
 REGISTRY: dict[str, str] = {
@@ -35,11 +39,57 @@ REGISTRY: dict[str, str] = {
     "throughput": "throughput",
     "schedules": "schedules_exp",
 }
-__all__ = ["PRESETS", "REGISTRY", "Context", "Experiment", "MLPOnly", "Output", "available",
-           "get", "run_experiment"]
+_REGISTERED: dict[str, Experiment] = {}  # name -> declaration, by `register_experiment`
+__all__ = ["PRESETS", "REGISTRY", "Context", "Curvature", "Experiment", "MLPOnly", "Output",
+           "Results", "Trials", "Work", "available", "get", "register_experiment",
+           "run_experiment", "unregister_experiment"]
+
+
+def register_experiment(exp: Experiment) -> Experiment:
+    """Make `exp` an experiment of this process, beside the built-in ones: `get`,
+    `run_experiment` and the planner find it by name, its typed options (`exp.options`, an
+    `options.Options` subclass) are validated and resolved like theirs, and its findings
+    (`exp.findings`: id -> title) join the checklist the report lists. One module holding the
+    declaration is all a new experiment needs. Returns `exp` (usable as `EXPERIMENT =
+    register_experiment(Experiment(...))`)."""
+    from batchlab.experiments import findings
+    from batchlab.experiments.options import OPTIONS, Options
+
+    if not isinstance(exp, Experiment):
+        raise ConfigError(f"register_experiment takes an Experiment, got {type(exp).__name__}")
+    if exp.name in REGISTRY or exp.name in _REGISTERED:
+        raise ConfigError(f"experiment {exp.name!r} is already registered")
+    if exp.options is not None and not (isinstance(exp.options, type)
+                                        and issubclass(exp.options, Options)):
+        raise ConfigError(f"experiment {exp.name!r}: options must be an Options subclass")
+    for fid, title in exp.findings.items():
+        if findings.FINDINGS.get(fid, title) != title:
+            raise ConfigError(f"experiment {exp.name!r}: finding {fid} is already "
+                              f"{findings.FINDINGS[fid]!r}")
+    if exp.options is not None:
+        OPTIONS[exp.name] = exp.options
+    for fid, title in exp.findings.items():
+        findings.FINDINGS.setdefault(fid, title)
+    _REGISTERED[exp.name] = exp
+    return exp
+
+
+def unregister_experiment(name: str) -> None:
+    """Undo `register_experiment(name)` (its options and the findings it added go too)."""
+    from batchlab.experiments import findings
+    from batchlab.experiments.options import OPTIONS
+
+    exp = _REGISTERED.pop(name, None)
+    if exp is None:
+        return
+    OPTIONS.pop(name, None)
+    for fid in exp.findings:
+        findings.FINDINGS.pop(fid, None)
 
 
 def get(name: str) -> Experiment:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     if name not in REGISTRY:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(available())}")
     try:
@@ -55,8 +105,9 @@ def available() -> list[str]:
     """Registered experiments whose module exists in this install."""
     import importlib.util
 
-    return [n for n, m in REGISTRY.items()
-            if importlib.util.find_spec(f"batchlab.experiments.{m}") is not None]
+    return [*(n for n, m in REGISTRY.items()
+              if importlib.util.find_spec(f"batchlab.experiments.{m}") is not None),
+            *_REGISTERED]
 
 
 def prepared(name: str, ctx: Context) -> Context:

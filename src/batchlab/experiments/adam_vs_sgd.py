@@ -72,6 +72,7 @@ from batchlab.experiments.study_geometry import (
     norm_change,
 )
 from batchlab.experiments.verdicts import above, below, between, within
+from batchlab.experiments.work import Results, Work
 
 NAME = "adam-vs-sgd"
 MUCH_LARGER = 2.0  # "much larger": at least twice SGD's
@@ -94,12 +95,24 @@ def second_layer_margin(g: Group) -> Interval:
                   "paired cosine differences (layer 2 minus another layer)")
 
 
-def run(ctx: Context) -> Output:
+def names(bs: int, adam_lr: float) -> tuple[str, str]:
+    return f"SGD (lr {BASE_LR:g}, bs {bs})", f"Adam (lr {adam_lr:g}, bs {bs})"
+
+
+def units(ctx: Context) -> Work:
+    """SGD and Adam at one batch size, every seed."""
     st = Study(ctx)
     bs, adam_lr = st.opts.batch_size, st.opts.adam_lr
-    sgd_name, adam_name = f"SGD (lr {BASE_LR:g}, bs {bs})", f"Adam (lr {adam_lr:g}, bs {bs})"
-    groups = st.run({sgd_name: st.spec(bs),
-                     adam_name: st.spec(bs, adam_lr, optimizer="adam")}, label=NAME)
+    sgd_name, adam_name = names(bs, adam_lr)
+    return st.work({sgd_name: st.spec(bs),
+                    adam_name: st.spec(bs, adam_lr, optimizer="adam")}, NAME)
+
+
+def analyze(ctx: Context, results: Results) -> Output:
+    st = Study(ctx)
+    bs, adam_lr = st.opts.batch_size, st.opts.adam_lr
+    sgd_name, adam_name = names(bs, adam_lr)
+    groups = st.groups(results)
     sgd, adam = groups[sgd_name], groups[adam_name]
     lnames = layers(sgd)
 
@@ -277,5 +290,5 @@ def _layer_figure(sgd: Group, adam: Group, lnames: list[str]) -> Any:
     return fig
 
 
-EXPERIMENT = Experiment(NAME, "Adam vs SGD: weight geometry", run,
+EXPERIMENT = Experiment(NAME, "Adam vs SGD: weight geometry", units, analyze,
                         "Distance from init/origin and per-layer cosines, Adam vs SGD.")

@@ -1,16 +1,18 @@
-"""What an experiment is: a `Context` in (preset, seeds, options, store, executor), an
-`Output` out (rows, summary, claims, figures, study numbers)."""
+"""What an experiment is: a declaration (`Experiment`) of the work it needs (`units`, a `Work`)
+and of what it makes of the results (`analyze`); a `Context` in (preset, seeds, options, store,
+executor), an `Output` out (rows, summary, claims, figures, study numbers)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
+from batchlab.experiments.work import Results, Work
 from batchlab.runs.continuation import KeepState
 from batchlab.runs.store import Store
 
@@ -61,9 +63,6 @@ class Context:
     # progress(description, done, total) as long work advances (the CLI draws a bar from it)
     progress: Callable[[str, float, float], None] | None = None
     statuses: list[str] = field(default_factory=list)  # of every run `run_many` returned
-    # True for `--plan`'s PlanContext (run_many records configs instead of training): an
-    # experiment asks this instead of importing the planner, which imports every experiment
-    planning: ClassVar[bool] = False
 
     def all_failed(self) -> str | None:
         """A one-line reason when the experiment trained runs and every one of them failed
@@ -138,7 +137,7 @@ class Context:
         self.require_task(configs, label)
         results = run_configs(list(configs), self.store, executor=self.executor,
                               ray_address=self.ray_address, label=label, progress=self.progress,
-                              **({"keep_state": True} if keep_state else {}))
+                              keep_state=keep_state)
         self.statuses.extend(r.status for r in results)
         return results
 
@@ -165,13 +164,32 @@ class Context:
 
 @dataclass
 class Experiment:
+    """An experiment declared: `units(ctx)` -> the `Work` it needs (training runs, trials,
+    curvature, timings), `analyze(ctx, results)` -> its `Output`. `run` is the same for every
+    experiment, and `--plan` costs `units` without running anything.
+
+    `options`: its typed options model (an `options.Options` subclass; None: the one
+    `options.OPTIONS` holds under its name). `findings`: finding id -> title of findings the
+    sources' checklist (`findings.FINDINGS`) does not hold yet, added on registration."""
+
     name: str
     title: str
-    run: Callable[[Context], Output]
+    units: Callable[[Context], Work]
+    analyze: Callable[[Context, Results], Output]
     description: str = ""
     mlp_only: str | None = None  # why it needs the built-in MLP (it then refuses other models)
     # defaults of the quick preset only (the user's --set wins; the paper preset ignores them)
     quick_options: dict[str, Any] = field(default_factory=dict)
+    options: type | None = None
+    findings: dict[str, str] = field(default_factory=dict)
+
+    def run(self, ctx: Context) -> Output:
+        """Train (or fetch) the declared runs, then analyze them (work that depends on their
+        results - `later_runs`, trials, curvature - is carried out by `analyze`)."""
+        work = self.units(ctx)
+        runs = (ctx.run_many(work.runs, label=work.label, keep_state=work.keep_state)
+                if work.runs else [])
+        return self.analyze(ctx, Results(work, runs))
 
     def options_for(self, ctx: Context) -> dict[str, Any]:
         """The context's options with this experiment's quick-preset defaults under them.

@@ -40,6 +40,7 @@ from batchlab.experiments.study import (
 )
 from batchlab.experiments.study_figures import accuracy_figure, zoom_floor
 from batchlab.experiments.verdicts import above, below
+from batchlab.experiments.work import Results, Work
 
 NAME = "batch-size"
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "best_test_acc")
@@ -49,13 +50,21 @@ def name_of(bs: int) -> str:
     return f"bs {bs}"
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """Every batch size of the grid at lr 0.01, with every seed."""
     st = Study(ctx)
     batches = st.distinct(st.opts.batch_sizes)
     if len(batches) < 2:
         raise ConfigError("batch-size needs at least two batch sizes")
     # kept: switch's and distance's longer runs of these configs continue them
-    groups = st.run({name_of(b): st.spec(b) for b in batches}, label=NAME, keep_state=True)
+    return st.work({name_of(b): st.spec(b) for b in batches}, NAME, keep_state=True,
+                   batches=batches)
+
+
+def analyze(ctx: Context, results: Results) -> Output:
+    st = Study(ctx)
+    batches = results.state["batches"]
+    groups = st.groups(results)
     gl = [groups[name_of(b)] for b in batches]
     n_train, n_test = st.sizes(gl)
 
@@ -166,5 +175,5 @@ def _num(v: float) -> float | str:
     return v if math.isfinite(v) else ""
 
 
-EXPERIMENT = Experiment(NAME, "Batch size vs accuracy (MNIST study, figure 1)", run,
+EXPERIMENT = Experiment(NAME, "Batch size vs accuracy (MNIST study, figure 1)", units, analyze,
                         "Batch sizes 64/256/1024 (+2 in paper) at lr 0.01: accuracy curves.")

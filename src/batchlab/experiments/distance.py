@@ -52,6 +52,7 @@ from batchlab.experiments.study import (
 from batchlab.experiments.study_figures import plot_curves
 from batchlab.experiments.study_geometry import distance_numbers, growth_slope
 from batchlab.experiments.verdicts import above, below, between
+from batchlab.experiments.work import Results, Work
 
 NAME = "distance"
 MIN_TAU = 0.35
@@ -65,12 +66,13 @@ def cell(bs: int, lr: float) -> str:
     return f"bs {bs}, lr {lr:g}"
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """The batch size x lr grid and the large batch's steps-matched long run, every seed."""
     st = Study(ctx)
     bss, lrs = st.distinct(st.opts.batch_sizes), st.distinct(st.opts.lrs)
     if len(bss) < 2 or len(lrs) < 2:
         raise ConfigError("distance needs at least two batch sizes and two learning rates")
-    small, large = bss[0], bss[-1]
+    large = bss[-1]
     lr_ref = next((x for x in lrs if math.isclose(x, BASE_LR)), lrs[0])  # the study's lr
     long_e = st.opts.long_epochs  # default: steps-matched, (large // small) x E
     specs = {cell(b, lr): st.spec(b, lr) for b in bss for lr in lrs}
@@ -79,7 +81,16 @@ def run(ctx: Context) -> Output:
     # fifth for the plateau gate) at a fraction of the evaluation cost; distances (probes) and
     # the final metrics are per epoch and exact as before
     specs[long_name] = st.spec(large, lr_ref, epochs=long_e, eval_every=max(1, long_e // st.epochs))
-    groups = st.run(specs, label=NAME)
+    return st.work(specs, NAME, bss=bss, lrs=lrs, lr_ref=lr_ref, long_e=long_e,
+                   long_name=long_name)
+
+
+def analyze(ctx: Context, results: Results) -> Output:
+    st = Study(ctx)
+    bss, lrs, lr_ref, long_e, long_name = (results.state[k] for k in (
+        "bss", "lrs", "lr_ref", "long_e", "long_name"))
+    small, large = bss[0], bss[-1]
+    groups = st.groups(results)
 
     def grid(metric: str) -> np.ndarray:
         return np.array([[mean(groups[cell(b, lr)].final(metric)) for lr in lrs] for b in bss])
@@ -242,5 +253,5 @@ def _curves(groups: dict[str, Group], bss: list[int], lr_ref: float, ref: Group,
     return fig
 
 
-EXPERIMENT = Experiment(NAME, "Distance from the initial weights (W/B/A table)", run,
+EXPERIMENT = Experiment(NAME, "Distance from the initial weights (W/B/A table)", units, analyze,
                         "Batch size x lr grid: distance from init and accuracy.")

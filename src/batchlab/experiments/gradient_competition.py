@@ -62,6 +62,7 @@ from batchlab.experiments.gradient_competition_claims import (
 from batchlab.experiments.gradient_competition_figures import figures
 from batchlab.experiments.gradient_competition_summary import summary_md
 from batchlab.experiments.options import GradientCompetition as GCOptions
+from batchlab.experiments.work import Results, Trials, Work
 from batchlab.nn.checkpoint import load_state
 
 NAME = "gradient-competition"
@@ -115,25 +116,19 @@ def _train_acc(res: Any, epoch: int) -> float:
     return math.nan
 
 
-def checkpoints(ctx: Context, o: GCOptions):
+def checkpoints(ctx: Context, o: GCOptions, trained: list[Any]):
     """(config, data, [(replicate id, {regime: state}, late train accuracy)]): each seed's
-    checkpoints from its training run through the store (resumable), or the user's files."""
+    checkpoints from its training run (`trained`, the results of `checkpoint_configs`), or
+    the user's files."""
     late = o.late_epochs
     cfg = checkpoint_config(ctx, o, ctx.seed_list[0] if ctx.seed_list else 0)
     data = get_data(cfg, resolve_device(cfg.device))
-    if o.n_samples > data.n_train:
-        raise ConfigError(f"n_samples {o.n_samples} exceeds the training set ({data.n_train})")
     if user_checkpoints(o):
-        states = {}
-        for regime in REGIMES:
-            p = Path(getattr(o, f"checkpoint_{regime}"))
-            if not p.is_file():
-                raise ConfigError(f"checkpoint file {p} does not exist")
-            states[regime] = load_state(p)
+        states = {r: load_state(Path(getattr(o, f"checkpoint_{r}"))) for r in REGIMES}
         return cfg, data, [("user", states, math.nan)]
     cfgs = checkpoint_configs(ctx, o)
     reps = []
-    for c, res in zip(cfgs, ctx.run_many(cfgs, label=NAME)):
+    for c, res in zip(cfgs, trained):
         if res.status != "completed":
             raise ConfigError(f"checkpoint training run {res.run_id} {res.status}")
         reps.append((int(c.seed), {"early": res.checkpoint(o.early_epochs),
@@ -142,6 +137,28 @@ def checkpoints(ctx: Context, o: GCOptions):
 
 
 # -- the experiment ----------------------------------------------------------------------
+def units(ctx: Context) -> Work:
+    """One checkpoint run per training seed, then on each of its two checkpoints (or on the
+    user's pair of files) the main and the decomposition trial designs (`trial_runs`): their
+    number is known up front, their weights only once the checkpoint runs are trained."""
+    o = options(ctx)
+    cfgs = checkpoint_configs(ctx, o)
+    cfg = cfgs[0] if cfgs else checkpoint_config(ctx, o, 0)
+    n_train = get_data(cfg, resolve_device(cfg.device)).n_train
+    if o.n_samples > n_train:  # refused before anything trains (and by the plan alike)
+        raise ConfigError(f"n_samples {o.n_samples} exceeds the training set ({n_train})")
+    for regime in REGIMES if user_checkpoints(o) else ():
+        p = Path(getattr(o, f"checkpoint_{regime}"))
+        if not p.is_file():
+            raise ConfigError(f"checkpoint file {p} does not exist")
+    reps: list[tuple[int | str, TrainConfig | None]] = (
+        [("user", None)] if user_checkpoints(o) else [(int(c.seed), c) for c in cfgs])
+    epoch = {"early": o.early_epochs, "late": o.late_epochs}
+    trials = [Trials(rid, regime, run, cfg, c, epoch[regime], o.keep_tensors)
+              for rid, c in reps for regime in REGIMES for run in trial_runs(o, regime, rid)]
+    return Work(NAME, runs=cfgs, trials=trials)
+
+
 def trial_runs(o: GCOptions, regime: str, replicate: int | str = 0
                ) -> tuple[TrialRun, TrialRun]:
     """The main and the decomposition trial designs of one regime of one replicate (trial
@@ -249,11 +266,11 @@ def _fits(rows: list[dict[str, Any]], claims: list[Any], design: Design) -> list
     return out
 
 
-def run(ctx: Context) -> Output:
+def analyze(ctx: Context, results: Results) -> Output:
     o = options(ctx)
     if ctx.store is None:
         raise ConfigError("gradient-competition needs a results store")
-    cfg, data, ckpts = checkpoints(ctx, o)
+    cfg, data, ckpts = checkpoints(ctx, o, results.runs)
     model = build_model(cfg, data)
     T = o.trials
     design = Design(list(o.modes), o.decomp_sets, o.decomp_orders)
@@ -263,7 +280,8 @@ def run(ctx: Context) -> Output:
         rep = Replicate(rid, {}, {}, acc)
         for regime in REGIMES:
             gc.fit_state(model, states[regime], f"{regime} checkpoint of replicate {rid}")
-            main, dec = trial_runs(o, regime, rid)
+            main, dec = (u.run for u in results.work.trials  # as declared by `units`
+                         if (u.replicate, u.regime) == (rid, regime))
             rep.recs[regime] = _trials(ctx, main, model, data, o)
             rep.decomp[regime] = _trials(ctx, dec, model, data, o)
             for b, rec in rep.recs[regime].items():
@@ -291,5 +309,6 @@ def run(ctx: Context) -> Output:
                   study_numbers=study_numbers(reps, claims, list(o.modes), note))
 
 
-EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", run,
+EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", units,
+                        analyze,
                         description=__doc__ or "", mlp_only="its trials run on the fused/deferred MLP engines")

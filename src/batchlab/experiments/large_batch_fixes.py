@@ -27,6 +27,7 @@ from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
 from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
+from batchlab.experiments.work import Results, Work
 
 BASE_BATCH = 64
 
@@ -61,21 +62,26 @@ def methods(ctx: Context) -> dict[str, dict[str, Any]]:
     }
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """Every method with every seed (at least two: a verdict over seeds needs them)."""
     seeds = list(range(max(ctx.seeds, 2)))
-    meths = methods(ctx)
     configs, keys = [], []
-    for name, fields in meths.items():
+    for name, fields in methods(ctx).items():
         for seed in seeds:
             configs.append(ctx.config(seed=seed, **fields))
             keys.append((name, seed))
-    results = ctx.run_many(configs, label="large-batch-fixes")
+    return Work("large-batch-fixes", runs=configs, state={"keys": keys, "seeds": seeds})
+
+
+def analyze(ctx: Context, results: Results) -> Output:
+    seeds, keys = results.state["seeds"], results.state["keys"]
+    meths = methods(ctx)
 
     rows = []
     curves: dict[str, list[list[float]]] = {}
     dists: dict[str, list[list[float | None]]] = {}
     correct: dict[tuple[str, int], Any] = {}
-    for (name, seed), res in zip(keys, results):
+    for (name, seed), res in zip(keys, results.runs):
         fin = res.final
         correct[(name, seed)] = bits_to_array(fin.get("test_correct_bits"), ctx.test_size())
         rows.append({"method": name, "seed": seed, "status": res.status,
@@ -186,7 +192,8 @@ def _figure(table: list[dict[str, Any]], curves: dict[str, list[list[float]]]) -
 EXPERIMENT = Experiment(
     name="large-batch-fixes",
     title="Large-batch fixes: scaling, LARS, CBLR, MCLR, discarding, batch-size schedules",
-    run=run,
+    units=units,
+    analyze=analyze,
     description="Seven ways to train at one large batch size, compared over seeds.",
     quick_options={"hidden": QUICK_HIDDEN},
 )

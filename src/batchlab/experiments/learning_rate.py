@@ -30,6 +30,7 @@ from batchlab.experiments.study import (
 )
 from batchlab.experiments.study_figures import accuracy_figure, zoom_floor
 from batchlab.experiments.verdicts import above, within
+from batchlab.experiments.work import Results, Work
 
 NAME = "learning-rate"
 METRICS = ("train_acc", "test_acc", "train_loss", "test_loss", "dist_init")
@@ -39,7 +40,8 @@ def label(bs: int, lr: float) -> str:
     return f"bs {bs}, lr {lr:g}"
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """The small and the large batch at lr 0.01 and the large batch at `large_lr`."""
     st = Study(ctx)
     batches = st.distinct(st.opts.batch_sizes)
     if len(batches) != 2:
@@ -49,7 +51,14 @@ def run(ctx: Context) -> Output:
     if big_lr <= BASE_LR:
         raise ConfigError(f"large_lr must exceed the reference lr {BASE_LR}")
     cells = [(small, BASE_LR), (large, BASE_LR), (large, big_lr)]
-    groups = st.run({label(b, lr): st.spec(b, lr) for b, lr in cells}, label=NAME)
+    return st.work({label(b, lr): st.spec(b, lr) for b, lr in cells}, NAME, cells=cells)
+
+
+def analyze(ctx: Context, results: Results) -> Output:
+    st = Study(ctx)
+    cells = results.state["cells"]
+    (small, _), _, (large, big_lr) = cells
+    groups = st.groups(results)
     ref, slow, fast = (groups[label(b, lr)] for b, lr in cells)
     gl = [ref, slow, fast]
     _, n_test = st.sizes(gl)
@@ -97,5 +106,6 @@ def run(ctx: Context) -> Output:
                   extra_files={"curves.csv": curves_csv(groups, (*ACC_METRICS, "dist_init"))})
 
 
-EXPERIMENT = Experiment(NAME, "A larger learning rate recovers large-batch accuracy", run,
+EXPERIMENT = Experiment(NAME, "A larger learning rate recovers large-batch accuracy", units,
+                        analyze,
                         "Batch 1024 at lr 0.1 beside 64 and 1024 at lr 0.01.")

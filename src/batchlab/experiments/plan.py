@@ -1,11 +1,12 @@
 """`--plan`: what an experiment (or `reproduce`) will do and how long it will take, without
 training anything.
 
-How: each experiment runs with a `PlanContext`, whose `run_many` records the configs it is
-given and stops the experiment there (`Planned`), so the experiments' own config-building code
-decides what is planned; configs already finished in the store are left out. Gradient
-competition adds its trials (`gradient_competition.trial_runs`, minus the chunks in the store
-when its checkpoints are stored), sharpness its curvature measurements. Costs:
+How: each experiment declares its work (`Experiment.units` -> `work.Work`) and the plan costs
+every unit by its kind, whichever experiment declared it: training runs (`runs`, and
+`later_runs`, the worst case of runs chosen from earlier results), gradient-competition trials
+(`plan_trials`, minus the chunks in the store when their checkpoints are stored), curvature
+measurements; work an experiment times on the device itself is left out with its reason.
+Configs already finished in the store are left out. Costs:
 
 - A run that continues a prefix (`runs.continuation`: stored with its state, trained first in
   the same call, or kept by an earlier experiment of the plan) is charged only the epochs
@@ -28,49 +29,27 @@ when its checkpoints are stored), sharpness its curvature measurements. Costs:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
 from batchlab.config import TrainConfig
-from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import get_data, resolve_device
 from batchlab.engine.vectorized import plan_groups
 from batchlab.experiments import get, prepared
 from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import Probe, mlp_params
-from batchlab.experiments.plan_trials import add_trials, checkpoint_configs
-from batchlab.runs.continuation import KeepState, continued_epochs
+from batchlab.experiments.plan_trials import add_trials
+from batchlab.experiments.work import Curvature
+from batchlab.runs.continuation import continued_epochs
 
-MEASURES_ITSELF = {"throughput"}  # experiments that time things instead of training
 CURVATURE_HVPS = {"eps-sharpness": 12, "lambda-max": 40}  # per measurement, typical
 K7_TYPICAL_LRS = 14  # sharpness's K7 sweep: 0.25 x 2 / lambda_max up to the first divergence
-
-
-class Planned(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised by `PlanContext.run_many`: the experiment's configs are recorded."""
-
-
-@dataclass
-class PlanContext(Context):
-    """A Context whose `run_many` records configs instead of training them."""
-
-    recorded: list[TrainConfig] = field(default_factory=list)
-    kept: list[TrainConfig] = field(default_factory=list)  # recorded runs that keep their state
-    planning: ClassVar[bool] = True
-
-    def run_many(self, configs: Sequence[TrainConfig], label: str,
-                 keep_state: KeepState = False) -> list[TrainResult]:
-        self.recorded.extend(configs)
-        self.kept.extend(c for c in configs
-                         if (keep_state(c) if callable(keep_state) else keep_state))
-        raise Planned(label)
 
 
 @dataclass
@@ -158,9 +137,7 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     kept: list[TrainConfig] = []  # runs an earlier experiment trains keeping their state
     plans = []
     for name, ctx in items:
-        ctx = prepared(name, ctx)
-        pctx = PlanContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(Context)})
-        plans.append(_plan_one(name, pctx, probe, workers, planned, kept))
+        plans.append(_plan_one(name, prepared(name, ctx), probe, workers, planned, kept))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
 
@@ -191,34 +168,29 @@ def _workers(ctx: Context, device: torch.device) -> int:
     return default_workers(device)
 
 
-def _plan_one(name: str, pctx: PlanContext, probe: Probe, workers: int,
+def _plan_one(name: str, ctx: Context, probe: Probe, workers: int,
               planned: set[str], kept: list[TrainConfig] | None = None) -> ExperimentPlan:
-    pctx.recorded, pctx.kept = [], []
     plan = ExperimentPlan(name)
-    if name == "gradient-competition":  # its runs and trials, without running it
-        pctx.recorded = checkpoint_configs(pctx)
-    elif name in MEASURES_ITSELF:
-        plan.notes.append("measures on this device itself: not projected")
+    work = get(name).units(ctx)
+    plan.notes.extend(work.notes)
+    if work.timed:
+        plan.notes.append(work.timed)
         return plan
-    else:
-        try:
-            get(name).run(pctx)
-            plan.notes.append("no training runs")
-        except Planned:
-            pass
-    todo = _not_stored(pctx.recorded, pctx, plan, planned)
+    if not (work.runs or work.later_runs or work.trials or work.curvature):
+        plan.notes.append("no training runs")
+    todo = _not_stored(work.runs + work.later_runs, ctx, plan, planned)
     if any(c.target_metric is not None for c in todo):
         plan.notes.append("runs with a target stop early: time is an upper bound")
-    if pctx.executor == "local":  # Ray tasks train every run from scratch
-        _add_runs(todo, plan, probe, 1, pctx.store, list(kept or []))
+    if ctx.executor == "local":  # Ray tasks train every run from scratch
+        _add_runs(todo, plan, probe, 1, ctx.store, list(kept or []))
     else:
         _add_runs(todo, plan, probe, workers, continues=False)
-    if kept is not None:
-        kept.extend(pctx.kept)
-    if name == "gradient-competition":
-        add_trials(pctx, plan, probe, workers)
-    elif name == "sharpness":
-        _add_curvature(pctx, plan, probe)
+    if kept is not None and work.keep_state:  # later experiments may continue these
+        kept.extend(work.runs)
+    if work.trials:
+        add_trials(ctx, work.trials, plan, probe, workers)
+    for unit in work.curvature:
+        _add_curvature(unit, plan, probe)
     return plan
 
 
@@ -303,24 +275,23 @@ def _run_overheads(cfg: TrainConfig, dims: list[int], evals: int, probe: Probe,
             + probe.run_fixed_seconds(dims, cfg, checkpoints, epochs + 1))
 
 
-def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
-    """Sharpness's curvature measurements per final model (not counting stored ones: each is
-    keyed by the trained weights, unknown until the runs exist)."""
-    from batchlab.experiments.sharpness import ALPHAS, EPSILONS  # interpolation, eps-sharpness
+def _add_curvature(c: Curvature, plan: ExperimentPlan, probe: Probe) -> None:
+    """Curvature measurements per final model (not counting stored ones: each is keyed by the
+    trained weights, unknown until the runs exist)."""
+    from batchlab.experiments.sharpness import EPSILONS  # eps-sharpness's boxes
     from batchlab.experiments.sharpness_units import TRACE_TYPICAL_HVPS, TRACE_TYPICAL_RTOL
 
-    o = ctx.opts  # options.Sharpness, resolved: the defaults the experiment itself reads
     # the trace stops at a stated accuracy (Hutch++, trace_rtol), so its products are not an
     # option: counted as the most it took on the measured models (TRACE_TYPICAL_HVPS at
     # TRACE_TYPICAL_RTOL), scaled by (that rtol / rtol)^2 for a tighter target (the residual
     # probes' count goes as 1 / rtol^2; a looser one costs no less: blocks set a floor);
     # the density's deflated block and probe steps add up to slq_steps, as before
-    n_curv, slq = o.curvature_samples, o.slq_steps
-    n_trace = math.ceil(TRACE_TYPICAL_HVPS * max(1.0, (TRACE_TYPICAL_RTOL / o.trace_rtol) ** 2))
-    models = plan.runs + plan.runs_stored
+    n_curv, slq = c.samples, c.slq_steps
+    n_trace = math.ceil(TRACE_TYPICAL_HVPS * max(1.0, (TRACE_TYPICAL_RTOL / c.trace_rtol) ** 2))
+    models = c.models
     if not models:
         return
-    cfg = ctx.config()
+    cfg = c.config
     td = get_data(cfg, torch.device("cpu"))
     dims = [td.input_dim, *cfg.hidden, td.n_classes]
     per_model = 4 * CURVATURE_HVPS["eps-sharpness"] + CURVATURE_HVPS["lambda-max"] + n_trace
@@ -333,26 +304,26 @@ def _add_curvature(ctx: Context, plan: ExperimentPlan, probe: Probe) -> None:
     # interpolation per seed pair
     n = min(n_curv, td.n_train)
     t1 = probe.task_threads
-    sharp = sum(probe.eps_sharpness_seconds(dims, n, dim) for dim in (None, o.subspace_dim))
+    sharp = sum(probe.eps_sharpness_seconds(dims, n, dim) for dim in (None, c.subspace_dim))
     eps_hvps = models * 4 * CURVATURE_HVPS["eps-sharpness"]  # counted above, timed apart
     seconds = (models * len(EPSILONS) * sharp + (hvps - eps_hvps) * probe.hvp_seconds(dims, n, t1)
-               + max(ctx.seeds, 2) * len(ALPHAS) * n_eval
+               + c.k7_seeds * c.points * n_eval
                * probe.eval_seconds_per_sample(dims, t1))
     # K7's lr sweep per seed: lambda_max at the initial weights, then full-batch GD steps
-    n_k7 = min(o.k7_samples, td.n_train)
-    gd = max(ctx.seeds, 2) * K7_TYPICAL_LRS * o.k7_steps
-    k7_hvps = max(ctx.seeds, 2) * CURVATURE_HVPS["lambda-max"]
+    n_k7 = min(c.k7_samples, td.n_train)
+    gd = c.k7_seeds * K7_TYPICAL_LRS * c.k7_steps
+    k7_hvps = c.k7_seeds * CURVATURE_HVPS["lambda-max"]
     plan.curvature_hvps += k7_hvps
     plan.flops += gd * 6 * mlp_params(dims) * n_k7
     seconds += gd * probe.gd_step_seconds(dims, n_k7) + k7_hvps * probe.hvp_seconds(dims, n_k7, t1)
-    plan.seconds += seconds / _curvature_workers(ctx)
+    plan.seconds += seconds / _curvature_workers(c.config.device)
 
 
-def _curvature_workers(ctx: Context) -> int:
+def _curvature_workers(device: str) -> int:
     """Curvature tasks in parallel: `sharpness_units.Batch.run`'s local worker threads."""
     from batchlab.analysis.gradcomp import default_workers
 
-    return max(1, default_workers(resolve_device(ctx.device)))
+    return max(1, default_workers(resolve_device(device)))
 
 
 def _h(x: float) -> str:

@@ -1,9 +1,10 @@
-"""The gradient-competition part of a plan: its checkpoint run and its trials, minus the
+"""The cost of declared gradient-competition trials (`work.Trials`) in a plan, minus the
 chunks of trials already in the store (looked up without changing anything)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,9 +16,9 @@ from batchlab.config import TrainConfig
 from batchlab.data import load_dataset
 from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import BatchlabError
-from batchlab.experiments import gradient_competition as G
 from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import mlp_params
+from batchlab.experiments.work import Trials
 from batchlab.runs.measurements import (
     Measurements,
     spec_key,
@@ -26,63 +27,61 @@ from batchlab.runs.measurements import (
 )
 
 
-def checkpoint_configs(ctx: Context) -> list[TrainConfig]:
-    """The runs that train the checkpoints, one per training seed (none with user files)."""
-    return G.checkpoint_configs(ctx, G.options(ctx))
-
-
-def add_trials(ctx: Context, plan: Any, probe: Any, workers: int) -> None:
-    """Add every checkpoint's trials to `plan` (an ExperimentPlan), minus the chunks in the
-    store."""
-    o = G.options(ctx)
-    e, late = o.early_epochs, o.late_epochs
-    user = G.user_checkpoints(o)
-    cfgs = G.checkpoint_configs(ctx, o)
-    cfg = cfgs[0] if cfgs else G.checkpoint_config(ctx, o, 0)
+def add_trials(ctx: Context, units: Sequence[Trials], plan: Any, probe: Any,
+               workers: int) -> None:
+    """Add the declared trials to `plan` (an ExperimentPlan), minus the chunks in the store
+    (looked up on the weights of their checkpoint runs when those are stored)."""
+    if not units:
+        return
+    cfg = units[0].config
     device = resolve_device(cfg.device)
     td = get_data(cfg, torch.device("cpu"))
     dims = [td.input_dim, *cfg.hidden, td.n_classes]
     width = dims[-2] * dims[-1]
     fingerprint = load_dataset(cfg.dataset, cfg.data_dir).fingerprint
-    replicates: list[tuple[Any, dict[str, Any]]] = [("user", {})] if user else []
-    for c in cfgs:
-        stored_run = ctx.store.finished(c.key(fingerprint)) if ctx.store is not None else None
-        replicates.append((int(c.seed), _stored_states(ctx, c, stored_run, e, late)))
+    states: dict[str, dict[int, torch.Tensor | None]] = {}  # checkpoint run key -> epoch -> state
     dev = torch.device("cpu") if ctx.executor == "ray" else device
     seconds = 0.0
-    for rid, states in replicates:
-        for regime in G.REGIMES:
-            state = states.get(regime)
-            for run in G.trial_runs(o, regime, rid):
-                done = _stored_chunks(ctx, run, cfg, state, dev, td)
-                for b in run.batch_sizes:
-                    todo = len(run.seeds) - done.get(b, 0)
-                    plan.trials += todo
-                    plan.trials_stored += done.get(b, 0)
-                    steps = run.steps(b)
-                    plan.sgd_steps += todo * steps
-                    plan.flops += todo * 6 * mlp_params(dims) * run.n_samples * (
-                        2 if "sum-loss" in run.modes and b > 1 else 1)
-                    seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
-                                                          run.engine)
-                    if o.keep_tensors:
-                        plan.tensor_disk_bytes += todo * len(run.modes) * width * 4
+    for u in units:
+        state = None
+        if u.checkpoint is not None:
+            key = u.checkpoint.key(fingerprint)
+            if key not in states:
+                stored_run = ctx.store.finished(key) if ctx.store is not None else None
+                states[key] = _stored_states(ctx, u.checkpoint, stored_run, sorted(
+                    {v.epoch for v in units if v.checkpoint is u.checkpoint}))
+            state = states[key].get(u.epoch)
+        run = u.run
+        done = _stored_chunks(ctx, run, cfg, state, dev, td)
+        for b in run.batch_sizes:
+            todo = len(run.seeds) - done.get(b, 0)
+            plan.trials += todo
+            plan.trials_stored += done.get(b, 0)
+            steps = run.steps(b)
+            plan.sgd_steps += todo * steps
+            plan.flops += todo * 6 * mlp_params(dims) * run.n_samples * (
+                2 if "sum-loss" in run.modes and b > 1 else 1)
+            seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
+                                                  run.engine)
+            if u.keep_tensors:
+                plan.tensor_disk_bytes += todo * len(run.modes) * width * 4
     plan.seconds += seconds / max(1, workers)
     plan.peak_memory_bytes = max(plan.peak_memory_bytes,
                                  td.x_train.numel() * 4 + workers * 4 * mlp_params(dims) * 4)
 
 
-def _stored_states(ctx: Context, cfg: TrainConfig, stored_run: Any, e: int, late: int
-                   ) -> dict[str, dict[str, torch.Tensor]]:
-    """The checkpoints' weights when the checkpoint run is stored (read, never trained)."""
+def _stored_states(ctx: Context, cfg: TrainConfig, stored_run: Any, epochs: Sequence[int]
+                   ) -> dict[int, dict[str, torch.Tensor]]:
+    """Epoch -> the checkpoint's weights when the checkpoint run is stored (read, never
+    trained)."""
     if stored_run is None:
         return {}
     plain = Context(preset=ctx.preset, seeds=ctx.seeds, data_dir=ctx.data_dir,
                     out_dir=ctx.out_dir, store=ctx.store, executor="local",
                     device=ctx.device, log_fn=ctx.log_fn, options=ctx.options)
-    res = plain.run_many([cfg], label=G.NAME)[0]  # stored: fetched, not trained
+    res = plain.run_many([cfg], label="checkpoints")[0]  # stored: fetched, not trained
     try:
-        return {"early": res.checkpoint(e), "late": res.checkpoint(late)}
+        return {e: res.checkpoint(e) for e in epochs}
     except (KeyError, BatchlabError):
         # a checkpoint the stored run lacks, or a file that is missing, damaged or holds
         # NaN: the plan counts every trial of this seed as to do, and the real run says why

@@ -23,6 +23,7 @@ from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim, Gate
 from batchlab.experiments.options import Schedules as SchedulesOptions
 from batchlab.experiments.outputs import md_table
+from batchlab.experiments.work import Results, Work
 
 PLATEAU_TOL = 0.005
 """A run has converged (its train accuracy has plateaued) when its train accuracy moved by at
@@ -81,7 +82,8 @@ def arm_fields(s: SchedulesOptions, n_train: int, model: str = "mlp") -> dict[st
     return arms
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """Every arm (baseline, large batch, each preset's schedule) with every seed."""
     from batchlab.engine.setup import get_data, resolve_device
 
     s = ctx.opts  # options.Schedules, resolved for the preset
@@ -93,7 +95,12 @@ def run(ctx: Context) -> Output:
         for seed in ctx.seed_list:
             names.append(name)
             cfgs.append(ctx.config(**fields, seed=seed, probes=[]))
-    results = ctx.run_many(cfgs, label="schedules")
+    return Work("schedules", runs=cfgs, state={"arms": arms, "names": names})
+
+
+def analyze(ctx: Context, work: Results) -> Output:
+    s = ctx.opts  # options.Schedules, resolved for the preset
+    arms, names, results = work.state["arms"], work.state["names"], work.runs
     n_test = ctx.test_size()
     rows = []
     correct: dict[str, list] = {a: [] for a in arms}
@@ -269,5 +276,6 @@ def figure(curves: dict[str, list]):
     return fig
 
 
-EXPERIMENT = Experiment("schedules", "Large-batch schedule presets (Goyal, Smith, Hoffer)", run,
+EXPERIMENT = Experiment("schedules", "Large-batch schedule presets (Goyal, Smith, Hoffer)", units,
+                        analyze,
                         quick_options={"hidden": QUICK_HIDDEN})

@@ -40,6 +40,7 @@ from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim, Gate
 from batchlab.experiments.outputs import md_table, plt
 from batchlab.experiments.schedules_exp import converged, learned, plateau_gain, train_rise
+from batchlab.experiments.work import Curvature, Results, Work
 from batchlab.measure import curvature as C
 from batchlab.runs.training import load_model
 
@@ -50,7 +51,10 @@ COMPARABLE_TOL = 0.02
 difference (interval over seeds) must lie within +-this, else K1-K3 are untestable here."""
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """Small batch, large batch and the switch from large to small, every seed (at least two);
+    then the curvature measurements on each final model and K7's sweeps (`work.Curvature`,
+    done by `analyze` once the models exist)."""
     o = ctx.opts  # options.Sharpness, resolved for the preset
     epochs, lr, large_epochs = o.epochs, o.lr, o.large_epochs
     n_curv, trace_rtol, slq_steps = o.curvature_samples, o.trace_rtol, o.slq_steps
@@ -79,7 +83,20 @@ def run(ctx: Context) -> Output:
                                       seed=seed, checkpoint_epochs=[ep], probes=[],
                                       eval_every=every))
             keys.append((seed, regime))
-    results = ctx.run_many(configs, label="sharpness")
+    curvature = Curvature(configs[0], len(configs), n_curv, trace_rtol, slq_steps, len(ALPHAS),
+                          n_k7, k7_steps, len(seeds), p_sub)
+    return Work("sharpness", runs=configs, curvature=[curvature],
+                state={"keys": keys, "batches": batches, "seeds": seeds, "n_train": n_train})
+
+
+def analyze(ctx: Context, done: Results) -> Output:
+    o = ctx.opts  # options.Sharpness, resolved for the preset
+    epochs, lr, large_epochs = o.epochs, o.lr, o.large_epochs
+    n_curv, trace_rtol, slq_steps = o.curvature_samples, o.trace_rtol, o.slq_steps
+    p_sub, k7_steps = o.subspace_dim, o.k7_steps
+    keys, batches, seeds, n_train = (done.state[k] for k in ("keys", "batches", "seeds", "n_train"))
+    n_k7 = min(o.k7_samples, n_train)
+    configs, results = done.work.runs, done.runs
 
     # every curvature measurement is a stored unit; the missing ones run as tasks (local
     # worker threads or Ray), each stored as it comes back (`sharpness_units`)
@@ -338,7 +355,8 @@ def _interp_fig(rows: list[dict[str, float]], batches: dict[str, int]) -> Any:
 EXPERIMENT = Experiment(
     name="sharpness",
     title="Sharpness of small- vs large-batch minimizers",
-    run=run,
+    units=units,
+    analyze=analyze,
     description="Keskar's eps-sharpness, Hessian spectrum and interpolation, SB vs LB.",
     quick_options={"hidden": QUICK_HIDDEN},
 )

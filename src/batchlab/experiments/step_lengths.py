@@ -19,17 +19,27 @@ from batchlab.experiments import verdicts as V
 from batchlab.experiments.base import Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.outputs import md_table, plt
+from batchlab.experiments.work import Results, Work
 
 METRICS = ("step_grad_norm", "step_update_norm", "step_loss_update")
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """Plain SGD at every batch size and seed, with the step-length probes. (The measurements
+    at the final weights, `_gradient_quality`, are a few forward and backward passes per run:
+    not declared as work of their own.)"""
+    o = ctx.opts  # options.StepLengths, resolved for the preset
+    configs = [ctx.config(batch_size=b, epochs=o.epochs, lr=o.lr, seed=s,
+                          checkpoint_epochs=[o.epochs], probes=["geometry", "steplengths"])
+               for b in o.batch_sizes for s in ctx.seed_list]
+    return Work("step-lengths", runs=configs)
+
+
+def analyze(ctx: Context, work: Results) -> Output:
     o = ctx.opts  # options.StepLengths, resolved for the preset
     sizes, epochs, lr = list(o.batch_sizes), o.epochs, o.lr
     seeds = ctx.seed_list
-    configs = [ctx.config(batch_size=b, epochs=epochs, lr=lr, seed=s, checkpoint_epochs=[epochs],
-                          probes=["geometry", "steplengths"]) for b in sizes for s in seeds]
-    results = ctx.run_many(configs, label="step-lengths")
+    configs, results = work.work.runs, work.runs
     rows: list[dict[str, Any]] = []
     for cfg, res in zip(configs, results):
         for e in res.epochs[1:]:
@@ -197,6 +207,7 @@ def _figure(rows: list[dict[str, Any]], sizes: list[int]) -> Any:
 EXPERIMENT = Experiment(
     name="step-lengths",
     title="Gradient, update and loss-update step lengths across batch sizes",
-    run=run,
+    units=units,
+    analyze=analyze,
     description="Per-step structural measurements and per-layer curvature vs batch size.",
 )

@@ -52,6 +52,7 @@ from batchlab.experiments.steps_to_target_claims import (
     stt_claims,
     tiny_batch_claims,
 )
+from batchlab.experiments.work import Results, Work
 
 
 def settings(ctx: Context) -> StepsToTargetOptions:
@@ -90,13 +91,15 @@ def _row(res: TrainResult, n_train: int, budget_epochs: int) -> dict[str, Any]:
             "ran_epochs": res.config.epochs, "seconds_per_step": _sec_per_step(res)}
 
 
-def measure(ctx: Context) -> tuple[Rows, Rows, StepsToTargetOptions, Rows]:
-    """Run (or fetch) the sweep. Returns (rows per run of the lr search, best row per batch
-    size, settings, rows of the tiny batch's runs). The tiny batch (P3: batch 1 trains poorly)
-    is kept out of the grid's fit: its budget is short because its epochs are slow.
-    `lr_search`: "grid" trains every lr for the whole budget; "halving" runs a successive-
-    halving search per (batch size, seed) (`HalvingSearch`), which finds the grid's fastest
-    lr whenever an lr reaches the target early and costs at most ~2.3/6 of the grid."""
+NOISE_NOTE = ("then one noise-scale run per seed at the smallest batch size that reached the "
+              "target (chosen from the results): not counted")
+
+
+def units(ctx: Context) -> Work:
+    """The lr grid of every batch size and seed, and the tiny batch's runs (P3). With
+    `lr_search=halving` the rounds after the first depend on which lrs survive, so every round
+    of every search is declared as `later_runs` - the worst case, as if no lr reached the
+    target early (`halving_worst`)."""
     from batchlab.engine.setup import get_data, resolve_device
 
     s = settings(ctx)
@@ -104,30 +107,55 @@ def measure(ctx: Context) -> tuple[Rows, Rows, StepsToTargetOptions, Rows]:
     n_train = get_data(probe_cfg, resolve_device(probe_cfg.device)).n_train
     tiny = configs(ctx, s, n_train, tiny=True)
     if s.lr_search == "halving":
+        return Work("steps-to-target", later_runs=halving_worst(ctx, s, n_train) + tiny,
+                    notes=[NOISE_NOTE], state={"n_train": n_train})
+    cfgs = configs(ctx, s, n_train)
+    return Work("steps-to-target", runs=cfgs + tiny, notes=[NOISE_NOTE],
+                state={"n_train": n_train, "grid": len(cfgs)})
+
+
+def measure(ctx: Context, done: Results | None = None
+            ) -> tuple[Rows, Rows, StepsToTargetOptions, Rows]:
+    """Run (or fetch) the sweep; `done`: its declared runs already trained (else `measure`
+    trains them itself, as throughput does). Returns (rows per run of the lr search, best row
+    per batch size, settings, rows of the tiny batch's runs). The tiny batch (P3: batch 1
+    trains poorly) is kept out of the grid's fit: its budget is short because its epochs are
+    slow. `lr_search`: "grid" trains every lr for the whole budget; "halving" runs a
+    successive-halving search per (batch size, seed) (`HalvingSearch`), which finds the grid's
+    fastest lr whenever an lr reaches the target early and costs at most ~2.3/6 of the grid."""
+    s = settings(ctx)
+    work = done.work if done is not None else units(ctx)
+    n_train = work.state["n_train"]
+    if s.lr_search == "halving":
+        tiny = configs(ctx, s, n_train, tiny=True)
         grid, tiny_rows = halving(ctx, s, n_train, tiny)
         return grid, best_from_seeds(grid, s.target_metric.endswith("loss")), s, tiny_rows
-    cfgs = configs(ctx, s, n_train)
-    results = ctx.run_many(cfgs + tiny, label="steps-to-target")  # one call: one plan, one bar
+    # one call: one progress bar
+    results = done.runs if done is not None else ctx.run_many(work.runs, label=work.label)
     rows = [_row(res, n_train, res.config.epochs) for res in results]
-    grid = rows[:len(cfgs)]
-    return grid, best_per_batch(grid), s, rows[len(cfgs):]
+    grid = rows[:work.state["grid"]]
+    return grid, best_per_batch(grid), s, rows[work.state["grid"]:]
 
 
-def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> tuple[Rows, Rows]:
-    """One successive-halving search per (batch size, seed), their rounds trained together (one
-    `run_many` per round; the tiny batch's runs go with the first). A survivor's run of the
-    next round continues its run of this round instead of retraining its epochs, so the
-    search costs what its longest runs cost plus the first round's others. Under `--plan` the
-    worst case is recorded: every round of every search, as if no lr reached the target early
-    (each survivor charged its added epochs only)."""
+def halving_worst(ctx: Context, s: StepsToTargetOptions, n_train: int) -> list:
+    """Every round of every search of `halving`, as if no lr reached the target early: the
+    most it can train (each round's surviving lrs stand in as the first n of the grid)."""
     batches = [b for b in s.batch_sizes if b <= n_train]
     lower = s.target_metric.endswith("loss")
     searches = {(b, sd): HalvingSearch(list(s.lrs), int(s.max_epochs), lower)
                 for b in batches for sd in ctx.seed_list}
-    if ctx.planning:
-        worst = [one_config(ctx, s, b, lr, sd, ep) for (b, sd), h in searches.items()
-                 for n, ep in h.schedule for lr in sorted(s.lrs)[:n]]
-        ctx.run_many(worst + tiny, label="steps-to-target")  # records them and stops
+    return [one_config(ctx, s, b, lr, sd, ep) for (b, sd), h in searches.items()
+            for n, ep in h.schedule for lr in sorted(s.lrs)[:n]]
+
+
+def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> tuple[Rows, Rows]:
+    """One successive-halving search per (batch size, seed), their rounds trained together (one
+    `run_many` per round; the tiny batch's runs go with the first). `halving_worst` declares
+    the most it trains."""
+    batches = [b for b in s.batch_sizes if b <= n_train]
+    lower = s.target_metric.endswith("loss")
+    searches = {(b, sd): HalvingSearch(list(s.lrs), int(s.max_epochs), lower)
+                for b in batches for sd in ctx.seed_list}
     tiny_rows: Rows = []
     first = True
     while todo := [(key, lr, ep) for key, h in searches.items() for lr, ep in h.next_round()]:
@@ -242,8 +270,8 @@ def noise_check(ctx: Context, best: Rows, s: StepsToTargetOptions) -> dict[int, 
     return out
 
 
-def run(ctx: Context) -> Output:
-    rows, best, s, tiny = measure(ctx)
+def analyze(ctx: Context, results: Results) -> Output:
+    rows, best, s, tiny = measure(ctx, results)
     reached = [r for r in best if r["reached"]]
     fit = None
     if len(reached) >= 2:
@@ -309,5 +337,6 @@ def b_crit_number(ctx: Context, ns: dict[int, dict[str, Any]]) -> list[Any]:
     return [tpl.with_measurement(iv, note)]
 
 
-EXPERIMENT = Experiment("steps-to-target", "Steps to target vs batch size (critical batch size)", run,
+EXPERIMENT = Experiment("steps-to-target", "Steps to target vs batch size (critical batch size)",
+                        units, analyze,
                         quick_options={"hidden": QUICK_HIDDEN})

@@ -3,7 +3,7 @@ learning-rate, switch, distance, adam-vs-sgd).
 
 Why one module: the experiments share their reference runs (64 @ lr 0.01 appears in four of
 them). The store dedupes runs by config key, so as long as every experiment builds its configs
-through `Study.spec` -> `Study.run`, the shared runs are trained once. This module also holds
+through `Study.spec` -> `Study.work`, the shared runs are trained once. This module also holds
 the seed aggregation (mean and spread), the markdown formatting of "mean ± sd" and the curve
 plots, so the five experiment modules only say *what* to run and *what* to conclude.
 
@@ -36,6 +36,7 @@ from batchlab.experiments.intervals import Interval
 from batchlab.experiments.options import StudyOptions
 from batchlab.experiments.outputs import rows_to_csv
 from batchlab.experiments.schedules_exp import PLATEAU_TOL, learned, plateau_gain, train_rise
+from batchlab.experiments.work import Results, Work
 
 # the study's E (the paper preset's default) and the quick preset's stand-in, as
 # `options.StudyOptions` declares them (see each experiment's summary). The quick preset runs 5
@@ -159,20 +160,26 @@ class Study:
         return {"batch_size": batch_size, "lr": lr,
                 "epochs": self.epochs if epochs is None else epochs, **extra}
 
-    def run(self, specs: dict[str, dict[str, Any]], label: str,
-            keep_state: bool = False) -> dict[str, Group]:
-        """Train (or fetch) every spec with every seed; one `run_many` call so progress and
-        resumption cover the whole experiment. `keep_state`: the runs keep their end state, so
-        other experiments' longer runs continue them (`runs.continuation`)."""
+    def work(self, specs: dict[str, dict[str, Any]], label: str, keep_state: bool = False,
+             **state: Any) -> Work:
+        """Every spec with every seed, declared as one experiment's runs (one `run_many` call,
+        so progress and resumption cover the whole experiment); `state` goes with them to
+        `analyze`. `keep_state`: the runs keep their end state, so other experiments'
+        longer runs continue them (`runs.continuation`)."""
         configs, owners = [], []
         for name, fields in specs.items():
             for seed in self.ctx.seed_list:
                 configs.append(self.ctx.config(**{**self.base, **fields, "seed": seed}))
                 owners.append(name)
-        results = self.ctx.run_many(configs, label=label,
-                                    **({"keep_state": True} if keep_state else {}))
+        return Work(label, runs=configs, keep_state=keep_state,
+                    state={**state, "specs": specs, "owners": owners})
+
+    @staticmethod
+    def groups(results: Results) -> dict[str, Group]:
+        """The trained runs of `work`'s specs, one `Group` per spec (seeds in order)."""
+        specs = results.state["specs"]
         groups = {name: Group(name, fields) for name, fields in specs.items()}
-        for name, res in zip(owners, results):
+        for name, res in zip(results.state["owners"], results.runs):
             groups[name].runs.append(res)
         return groups
 

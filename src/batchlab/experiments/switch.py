@@ -35,6 +35,7 @@ from batchlab.experiments.study import (
 )
 from batchlab.experiments.study_figures import accuracy_figure, zoom_floor
 from batchlab.experiments.verdicts import above, within
+from batchlab.experiments.work import Results, Work
 
 NAME = "switch"
 LR_FACTOR = 10.0
@@ -62,14 +63,21 @@ def specs(st: Study, small: int, large: int) -> dict[str, dict]:
     }
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """The five runs of `specs`, with every seed."""
     st = Study(ctx)
     batches = st.distinct(st.opts.batch_sizes)
     if len(batches) != 2:
         raise ConfigError("switch takes exactly two batch sizes (small, large)")
     small, large = batches
     # kept: distance's long run of the large batch continues (b) (`runs.continuation`)
-    groups = st.run(specs(st, small, large), label=NAME, keep_state=True)
+    return st.work(specs(st, small, large), NAME, keep_state=True, batches=batches)
+
+
+def analyze(ctx: Context, results: Results) -> Output:
+    st = Study(ctx)
+    small, large = results.state["batches"]
+    groups = st.groups(results)
     a, b, c, d, e = groups.values()
     gl = [a, b, c, d, e]
     last = st.epochs
@@ -120,5 +128,5 @@ def run(ctx: Context) -> Output:
                   study_numbers=numbers, extra_files={"curves.csv": curves_csv(groups, (*ACC_METRICS, "dist_init"))})
 
 
-EXPERIMENT = Experiment(NAME, "Switching batch size or lr mid-training", run,
+EXPERIMENT = Experiment(NAME, "Switching batch size or lr mid-training", units, analyze,
                         "Large batch first, then a small batch or a larger lr.")

@@ -29,6 +29,7 @@ from batchlab.experiments.base import QUICK_HIDDEN, Context, Experiment, Output
 from batchlab.experiments.claims import Claim
 from batchlab.experiments.intervals import Interval
 from batchlab.experiments.outputs import md_table
+from batchlab.experiments.work import Results, Work
 
 
 def figure(rows: list[dict[str, Any]]):
@@ -170,7 +171,13 @@ def time_optimum_claim(tp: Timings, best: dict[int, dict[int, dict[str, Any]]]) 
                  {"log_ratios": logs, "ends_at_budget_bound": bounds}, primary=True)
 
 
-def run(ctx: Context) -> Output:
+def units(ctx: Context) -> Work:
+    """Timings on this device (their result is the timing: a projection of it means nothing),
+    and steps-to-target's runs, which it reuses through the store."""
+    return Work("throughput", timed="measures on this device itself: not projected")
+
+
+def analyze(ctx: Context, results: Results) -> Output:
     from batchlab.engine.setup import build_model, get_data, resolve_device
     from batchlab.experiments import steps_to_target as stt
 
@@ -212,5 +219,6 @@ def run(ctx: Context) -> Output:
 __all__ = ["best_for_time", "is_oom", "measure", "time_to_target"]
 
 # the same quick-preset MLP as steps-to-target, whose runs (through the store) it reuses
-EXPERIMENT = Experiment("throughput", "Throughput, memory and time to target vs batch size", run,
+EXPERIMENT = Experiment("throughput", "Throughput, memory and time to target vs batch size", units,
+                        analyze,
                         quick_options={"hidden": QUICK_HIDDEN})
