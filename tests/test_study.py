@@ -227,3 +227,14 @@ def test_one_seed_decides_nothing_that_needs_seed_variance(tmp_path):
             for c in doc["claims"]:
                 assert c["n"] <= 1, c["id"]
                 assert c["verdict"] in ("inconclusive", "untestable"), (c["id"], c["verdict"])
+
+
+def test_longer_runs_continue_the_shorter_ones(five):
+    """Switch's (b), (d), (e) continue batch-size's run of the large batch, distance's long run
+    continues its grid's run of the large batch (`runs.continuation`); (c) has no prefix."""
+    with Store(five[3]) as st:
+        kinds = {_kind(r.config): bool(r.env.get("continued_from"))
+                 for r in st.runs(label="switch")}
+        long = [r for r in st.runs(label="distance") if r.config["epochs"] == 32]
+    assert kinds == {"b": True, "c": False, "d": True, "e": True}
+    assert long and all(r.env.get("continued_from") for r in long)

@@ -174,6 +174,25 @@ class FusedMLPSGD:
                 new._buf_W[i], new._buf_b[i] = bw.index_select(0, sel), bb.index_select(0, sel)
         return new
 
+    def model_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Model k's momentum buffers (copies, unstacked): what a continued run starts from."""
+        out = {}
+        for i, (bw, bb) in enumerate(zip(self._buf_W, self._buf_b)):
+            if bw is not None:
+                out[f"{i}.weight"] = bw[k].clone()
+                out[f"{i}.bias"] = bb[k].clone()
+        return out
+
+    def load_state(self, states: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Momentum buffers of the K models (`model_state` of each, in stacked order), as
+        their prefixes left them; a model without buffers (no momentum) leaves them unset."""
+        if not any(states):
+            return
+        dev = self.W[0].device
+        for i in range(len(self.W)):
+            self._buf_W[i] = torch.stack([s[f"{i}.weight"] for s in states]).to(dev)
+            self._buf_b[i] = torch.stack([s[f"{i}.bias"] for s in states]).to(dev)
+
     def state(self) -> dict[str, torch.Tensor]:
         """Momentum buffers (for checkpoints)."""
         out = {}

@@ -21,6 +21,9 @@ much better the metric is on train than on test, and `final` names the metric.
 Probes see the weights at one point in every engine: `on_step(ctx, s, xb, yb)` runs after
 step s's update (see `batchlab.probes`).
 
+A run may continue a shorter run that is its prefix (`engine.continuation`): `resume` starts
+after it from its `State`; `keep_state` keeps a full-length run's end state (`res.state`).
+
 A crash inside the loop is a result, not a lost run: every model still training gets status
 `failed` with the error (and `exception`), and nothing is retried. `ConfigError` and Ctrl-C
 propagate.
@@ -38,6 +41,7 @@ from torch import nn
 
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine import schedules
+from batchlab.engine.continuation import Resume, capture, restore_stepper
 from batchlab.engine.result import Reporter, TrainResult
 from batchlab.engine.setup import (
     build_model,
@@ -48,8 +52,8 @@ from batchlab.engine.setup import (
     run_key,
     shuffle_generator,
 )
-from batchlab.engine.steppers import Stepper, make_stepper
-from batchlab.errors import ConfigError
+from batchlab.engine.steppers import AutogradStepper, Stepper, make_stepper
+from batchlab.errors import BatchlabError, ConfigError
 from batchlab.measure.metrics import correct_bits, eval_metrics
 from batchlab.probes import Probe, ProbeContext, make_probes
 from batchlab.probes.geometry import snapshot
@@ -61,13 +65,15 @@ EpochHook = Callable[[dict[str, Any]], None]
 def train_one(config: TrainConfig | dict[str, Any], *, probes: Sequence[Probe] | None = None,
               reporter: Reporter | None = None, model: nn.Module | None = None,
               data: Any = None, on_epoch: EpochHook | None = None,
-              objective: Objective | None = None) -> TrainResult:
+              objective: Objective | None = None, keep_state: bool = False) -> TrainResult:
     """Train one run (no store: see `batchlab.runs.training.train`). A crash inside training
     comes back as a `failed` result with `exception` set.
 
     `model`/`data` let callers (user factories, `recommend`) supply their own module and
     data (TensorData or StreamData); then the key also covers the module's initial weights.
     `objective`: a loss given as a Python object (`cfg.loss` records its identity).
+    `keep_state`: keep the run's state at its end (`res.state`) when it trains its whole
+    length, for a longer run to continue from (`engine.continuation`).
     """
     cfg = config if isinstance(config, TrainConfig) else make_config(**config)
     device = resolve_device(cfg.device)
@@ -78,7 +84,7 @@ def train_one(config: TrainConfig | dict[str, Any], *, probes: Sequence[Probe] |
     net = (model if model is not None else build_model(cfg, td)).to(device)
     key = run_key(cfg, td, net if model is not None or not cfg.builtin_model else None)
     return Loop([cfg], [net], td, device, [probe_list], [key], reporter=reporter,
-                on_epoch=on_epoch, objective=objective).run()[0]
+                on_epoch=on_epoch, objective=objective, keep_state=[keep_state]).run()[0]
 
 
 class Loop:
@@ -87,8 +93,13 @@ class Loop:
     def __init__(self, cfgs: Sequence[TrainConfig], nets: Sequence[nn.Module], data: Any,
                  device: torch.device, probes: Sequence[Sequence[Probe]], keys: Sequence[str], *,
                  reporter: Reporter | None = None, on_epoch: EpochHook | None = None,
-                 objective: Objective | None = None) -> None:
+                 objective: Objective | None = None, resume: Sequence[Resume | None] | None = None,
+                 keep_state: Sequence[bool] | None = None) -> None:
         self.cfgs, self.nets, self.td, self.device = list(cfgs), list(nets), data, device
+        self.resume = list(resume) if resume is not None else [None] * len(self.cfgs)
+        if len({r.state.epoch if r is not None else 0 for r in self.resume}) > 1:
+            raise BatchlabError("the models of one pass must start at the same epoch")
+        self.keep_state = list(keep_state) if keep_state is not None else [False] * len(self.cfgs)
         self.probes = [list(p) for p in probes]
         self.reporter, self.on_epoch = reporter, on_epoch
         self.K = len(self.cfgs)
@@ -117,6 +128,9 @@ class Loop:
         self.own_seconds = [0.0] * self.K  # each run's share of the wall time
         self.train_seconds = [0.0] * self.K
         self.active = list(range(self.K))  # model indices still training, in stacked order
+        self.gens = [shuffle_generator(c.seed) for c in self.cfgs]
+        if self.resume[0] is not None:  # the weights are in the modules already
+            restore_stepper(self.stepper, [r.state for r in self.resume if r is not None], self.K)
 
     # -- the pass ---------------------------------------------------------------------------
     def run(self) -> list[TrainResult]:
@@ -140,7 +154,8 @@ class Loop:
             self.reporter.start(self.cfgs[0], len(plans[0]))
         for k in range(self.K):
             self._start(k)
-        gens = [shuffle_generator(c.seed) for c in self.cfgs]
+        gens = self.gens
+        first = self.resume[0].state if self.resume[0] is not None else None
         const_lr = [schedules.constant_within_epoch(c) for c in self.cfgs]
         if self.streamed:
             self._train_streamed(plans[0], gens[0], const_lr[0])
@@ -149,9 +164,9 @@ class Loop:
             return
         X, Y, n = self.td.x_train, self.td.y_train, self.td.n_train
         any_step_probes = any(self.step_probes)
-        steps = samples = 0
+        steps, samples = (first.steps, first.samples) if first is not None else (0, 0)
         self._nets_in_train_mode()
-        for e in range(len(plans[0])):
+        for e in range(first.epoch if first is not None else 0, len(plans[0])):
             if not self.active:
                 break
             active = self.active
@@ -237,6 +252,8 @@ class Loop:
     def _start(self, k: int) -> None:
         """Epoch 0: the initial state's metrics, the probes' start values, checkpoint 0."""
         net, res, cfg = self.nets[k], self.results[k], self.cfgs[k]
+        if self.resume[k] is not None:
+            return self._start_continued(k)
         t = time.perf_counter()
         res.init_state = snapshot(net)
         ctx = ProbeContext(model=net, init_state=res.init_state, config=cfg, data=self.td,
@@ -254,6 +271,27 @@ class Loop:
         if 0 in cfg.checkpoint_epochs:
             res.checkpoints[0] = snapshot(net)
         self.own_seconds[k] += row["eval_seconds"]
+
+    def _start_continued(self, k: int) -> None:
+        """A continued run: the prefix's rows, checkpoints, counters and probe states instead
+        of epoch 0 (the init weights were kept by the caller before it loaded the prefix's)."""
+        rs, net, res = self.resume[k], self.nets[k], self.results[k]
+        assert rs is not None
+        res.init_state = rs.init_state
+        ctx = ProbeContext(model=net, init_state=rs.init_state, config=self.cfgs[k], data=self.td,
+                           optimizer=self.stepper.optimizer, objective=self.objective)
+        self.ctxs.append(ctx)
+        for p, saved in zip(self.probes[k], rs.state.probes, strict=True):
+            p.on_start(ctx)  # what it sets up from the data, then its state at the prefix's end
+            p.load_state(saved)
+        self.step_probes.append([p for p in self.probes[k] if p.every_steps])
+        res.epochs.extend(dict(r) for r in rs.rows)
+        res.checkpoints.update(rs.checkpoints)
+        res.env = {**res.env, "continued_from": rs.source}  # provenance; the record is the same
+        self.train_seconds[k] = rs.state.train_seconds
+        self.gens[k].set_state(rs.state.generator.clone())
+        if isinstance(self.stepper, AutogradStepper):
+            self.stepper.steps = rs.state.steps
 
     def _on_step(self, steps: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
         """Step probes that are due, after this step's update, on their model's batch."""
@@ -300,6 +338,9 @@ class Loop:
         if target_hit(cfg, row, self.target[k]):
             res.final.update(target_epoch=epoch, target_steps=steps, target_samples=samples)
             return False
+        if self.keep_state[k] and epoch == cfg.epochs:  # for a longer run to continue
+            res.state = capture(self.stepper, self.active.index(k), self.nets[k], self.gens[k],
+                                self.probes[k], epoch, steps, samples, self.train_seconds[k])
         return True
 
     def _finish(self, k: int) -> None:

@@ -36,6 +36,8 @@ class TrainResult:
     error: str | None = None
     cached: bool = False
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+    # the state at its end when asked to keep it (`engine.continuation`): saved with the run
+    state: Any = field(default=None, repr=False, compare=False)
 
     def checkpoint(self, epoch: int) -> dict[str, torch.Tensor]:
         """Weights saved at `epoch` (0 = init), from memory or the store's safetensors file."""

@@ -28,15 +28,19 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from batchlab.config import TrainConfig
 from batchlab.data import TensorData
 from batchlab.engine import schedules
 from batchlab.engine.choice import refusal_or_choice
+from batchlab.engine.continuation import Resume
 from batchlab.engine.loop import Loop, train_one
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import build_model, check_batch_sizes, resolve_device
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.probes import make_probes
+from batchlab.probes.geometry import snapshot
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +125,8 @@ def plan_groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
 
 
 # -- the K > 1 entry point --------------------------------------------------------------------
-def train_group(configs: Sequence[TrainConfig], data: TensorData) -> list[TrainResult]:
+def train_group(configs: Sequence[TrainConfig], data: TensorData,
+                keep_state: Sequence[bool] | None = None) -> list[TrainResult]:
     """Train configs that share a `group_key` together in one pass over `data` (no store:
     see `batchlab.runs.training.train_many`). A crash inside the pass comes back as `failed`
     results (with `exception`); it is never retried. If the built modules cannot be stacked
@@ -141,6 +146,29 @@ def train_group(configs: Sequence[TrainConfig], data: TensorData) -> list[TrainR
     if blocked:
         log.warning("%d configs cannot share a vectorized pass (%s); training them one by one",
                     len(configs), blocked[0])
-        return [train_one(c, data=data) for c in configs]
+        keep = list(keep_state) if keep_state is not None else [False] * len(configs)
+        return [train_one(c, data=data, keep_state=kp) for c, kp in zip(configs, keep)]
     run_keys = [c.key(data.fingerprint) for c in configs]
-    return Loop(configs, nets, data, device, probes, run_keys).run()
+    return Loop(configs, nets, data, device, probes, run_keys, keep_state=keep_state).run()
+
+
+def continue_runs(cfgs: Sequence[TrainConfig], resumes: Sequence[Resume], keys: Sequence[str],
+                  data: Any, *, keep_state: Sequence[bool] | None = None) -> list[TrainResult]:
+    """Train built-in-model configs from the states of their prefixes (`engine.continuation`;
+    found by `batchlab.runs.continuation`), in one pass (K > 1: vectorized, the caller groups
+    them as `plan_groups` does). Each model is built from its seed as a fresh run's is (its
+    init is the geometry probes' reference), then takes its prefix's weights."""
+    device = resolve_device(cfgs[0].device)
+    nets, probes = [], []
+    for cfg, rs in zip(cfgs, resumes, strict=True):
+        check_batch_sizes(cfg, data)
+        torch.manual_seed(cfg.seed)
+        net = build_model(cfg, data).to(device)
+        rs.init_state = snapshot(net)
+        if 0 in cfg.checkpoint_epochs:
+            rs.checkpoints[0] = rs.init_state
+        net.load_state_dict(rs.state.weights)
+        nets.append(net)
+        probes.append(make_probes(cfg.probes))
+    return Loop(cfgs, nets, data, device, probes, keys, resume=resumes,
+                keep_state=keep_state).run()

@@ -13,6 +13,7 @@ from batchlab.config import TrainConfig, make_config
 from batchlab.engine.result import TrainResult
 from batchlab.errors import ConfigError
 from batchlab.experiments.work import Results, Work
+from batchlab.runs.continuation import KeepState
 from batchlab.runs.store import Store
 
 PRESETS = ("quick", "paper")
@@ -124,15 +125,19 @@ class Context:
         cfg = self.config(**fields)
         return len(get_data(cfg, resolve_device(cfg.device)).eval_sets["test"][1])
 
-    def run_many(self, configs: Sequence[TrainConfig], label: str) -> list[TrainResult]:
-        """Train (or fetch from the store) every config; results in the same order."""
+    def run_many(self, configs: Sequence[TrainConfig], label: str,
+                 keep_state: KeepState = False) -> list[TrainResult]:
+        """Train (or fetch from the store) every config; results in the same order.
+        `keep_state`: the runs keep their end state, for longer configs of a later call to
+        continue (`batchlab.runs.continuation`)."""
         from batchlab.runs.executors import run_configs
 
         if self.store is None:
             raise ConfigError("experiments need a results store")
         self.require_task(configs, label)
         results = run_configs(list(configs), self.store, executor=self.executor,
-                              ray_address=self.ray_address, label=label, progress=self.progress)
+                              ray_address=self.ray_address, label=label, progress=self.progress,
+                              keep_state=keep_state)
         self.statuses.extend(r.status for r in results)
         return results
 
@@ -182,7 +187,8 @@ class Experiment:
         """Train (or fetch) the declared runs, then analyze them (work that depends on their
         results - `later_runs`, trials, curvature - is carried out by `analyze`)."""
         work = self.units(ctx)
-        runs = ctx.run_many(work.runs, label=work.label) if work.runs else []
+        runs = (ctx.run_many(work.runs, label=work.label, keep_state=work.keep_state)
+                if work.runs else [])
         return self.analyze(ctx, Results(work, runs))
 
     def options_for(self, ctx: Context) -> dict[str, Any]:

@@ -56,7 +56,9 @@ def units(ctx: Context) -> Work:
     batches = st.distinct(st.opts.batch_sizes)
     if len(batches) < 2:
         raise ConfigError("batch-size needs at least two batch sizes")
-    return st.work({name_of(b): st.spec(b) for b in batches}, NAME, batches=batches)
+    # kept: switch's and distance's longer runs of these configs continue them
+    return st.work({name_of(b): st.spec(b) for b in batches}, NAME, keep_state=True,
+                   batches=batches)
 
 
 def analyze(ctx: Context, results: Results) -> Output:

@@ -8,6 +8,9 @@ every unit by its kind, whichever experiment declared it: training runs (`runs`,
 measurements; work an experiment times on the device itself is left out with its reason.
 Configs already finished in the store are left out. Costs:
 
+- A run that continues a prefix (`runs.continuation`: stored with its state, trained first in
+  the same call, or kept by an earlier experiment of the plan) is charged only the epochs
+  (steps, evaluations) after it; with Ray every run is charged whole.
 - SGD steps: per run, epochs x ceil(n_train / batch size) per schedule phase; FLOPs 6 x
   parameters per training sample and 2 x parameters per evaluated sample (every epoch
   evaluates the training and test sets), trials 6 x parameters per sample-step.
@@ -43,6 +46,7 @@ from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import Probe, mlp_params
 from batchlab.experiments.plan_trials import add_trials
 from batchlab.experiments.work import Curvature
+from batchlab.runs.continuation import continued_epochs
 
 CURVATURE_HVPS = {"eps-sharpness": 12, "lambda-max": 40}  # per measurement, typical
 K7_TYPICAL_LRS = 14  # sharpness's K7 sweep: 0.25 x 2 / lambda_max up to the first divergence
@@ -132,9 +136,10 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     probe = Probe(device, threads=1 if first.executor == "ray" else torch.get_num_threads(),
                   min_seconds=probe_seconds)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
+    kept: list[TrainConfig] = []  # runs an earlier experiment trains keeping their state
     plans = []
     for name, ctx in items:
-        plans.append(_plan_one(name, prepared(name, ctx), probe, workers, planned))
+        plans.append(_plan_one(name, prepared(name, ctx), probe, workers, planned, kept))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
 
@@ -166,7 +171,7 @@ def _workers(ctx: Context, device: torch.device) -> int:
 
 
 def _plan_one(name: str, ctx: Context, probe: Probe, workers: int,
-              planned: set[str]) -> ExperimentPlan:
+              planned: set[str], kept: list[TrainConfig] | None = None) -> ExperimentPlan:
     plan = ExperimentPlan(name)
     work = get(name).units(ctx)
     plan.notes.extend(work.notes)
@@ -178,7 +183,12 @@ def _plan_one(name: str, ctx: Context, probe: Probe, workers: int,
     todo = _not_stored(work.runs + work.later_runs, ctx, plan, planned)
     if any(c.target_metric is not None for c in todo):
         plan.notes.append("runs with a target stop early: time is an upper bound")
-    _add_runs(todo, plan, probe, workers if ctx.executor == "ray" else 1)
+    if ctx.executor == "local":  # Ray tasks train every run from scratch
+        _add_runs(todo, plan, probe, 1, ctx.store, list(kept or []))
+    else:
+        _add_runs(todo, plan, probe, workers, continues=False)
+    if kept is not None and work.keep_state:  # later experiments may continue these
+        kept.extend(work.runs)
     if work.trials:
         add_trials(ctx, work.trials, plan, probe, workers)
     for unit in work.curvature:
@@ -210,15 +220,25 @@ def _not_stored(configs: list[TrainConfig], ctx: Context, plan: ExperimentPlan,
     return todo
 
 
-def _phases(cfg: TrainConfig) -> list[tuple[int, int]]:
-    """(epochs, batch size) per phase of a run."""
-    if not cfg.schedule:
-        return [(cfg.epochs, cfg.batch_size)]
-    return [(p.epochs, p.batch_size or cfg.batch_size) for p in cfg.schedule]
+def _phases(cfg: TrainConfig, skip: int = 0) -> list[tuple[int, int]]:
+    """(epochs, batch size) per phase of a run, without its first `skip` epochs."""
+    phases = ([(cfg.epochs, cfg.batch_size)] if not cfg.schedule else
+              [(p.epochs, p.batch_size or cfg.batch_size) for p in cfg.schedule])
+    out = []
+    for epochs, b in phases:
+        cut = min(skip, epochs)
+        skip -= cut
+        if epochs - cut:
+            out.append((epochs - cut, b))
+    return out
 
 
-def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus: int) -> None:
+def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus: int,
+              store: Any = None, kept: Sequence[TrainConfig] = (), continues: bool = True) -> None:
     seconds = 0.0
+    # a run continuing a prefix (stored, trained first in the same call, or kept by an earlier
+    # experiment of the plan: `runs.continuation`) trains only the epochs after it
+    done = continued_epochs(todo, store, kept) if continues else {}
     for unit in plan_groups(todo):
         cfgs = [todo[i] for i in unit]
         cfg, k = cfgs[0], len(cfgs)
@@ -226,15 +246,18 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
         dims = [td.input_dim, *cfg.hidden, td.n_classes]
         params = mlp_params(dims)
         n_eval = sum(len(y) for _, y in td.eval_sets.values())
-        for epochs, b in _phases(cfg):
-            steps = epochs * math.ceil(td.n_train / b)
-            plan.sgd_steps += k * steps
-            plan.flops += k * epochs * 6 * params * td.n_train
-            seconds += steps * (probe.step_seconds(dims, b, k, cfg)
-                                + k * probe.step_probe_seconds(dims, b, cfg))
-        evals = cfg.evaluated_epochs()  # epoch 0 and every evaluated epoch (`eval_every`)
-        plan.flops += k * evals * 2 * params * n_eval
-        seconds += k * _run_overheads(cfg, dims, evals, probe)
+        for i in unit:
+            skip = done.get(i, 0)
+            for epochs, b in _phases(todo[i], skip):
+                steps = epochs * math.ceil(td.n_train / b)
+                plan.sgd_steps += steps
+                plan.flops += epochs * 6 * params * td.n_train
+                seconds += steps * (probe.step_seconds(dims, b, k, cfg) / k
+                                    + probe.step_probe_seconds(dims, b, cfg))
+            # epoch 0 and every evaluated epoch (`eval_every`) not copied from a prefix
+            evals = sum(todo[i].evaluates(e) for e in range(done.get(i, -1) + 1, todo[i].epochs + 1))
+            plan.flops += evals * 2 * params * n_eval
+            seconds += _run_overheads(todo[i], dims, evals, probe, skip)
         bmax = max(b for _, b in _phases(cfg))
         act = 4 * bmax * k * sum(dims) * 3
         plan.peak_memory_bytes = max(plan.peak_memory_bytes,
@@ -242,13 +265,14 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
     plan.seconds += seconds / max(1, cpus)
 
 
-def _run_overheads(cfg: TrainConfig, dims: list[int], evals: int, probe: Probe) -> float:
+def _run_overheads(cfg: TrainConfig, dims: list[int], evals: int, probe: Probe,
+                   skip: int = 0) -> float:
     """Seconds one run of `cfg` spends besides its steps, each part timed (`plan_probe`): its
     evaluations, its probes' start and epoch-end hooks (every epoch), and its fixed cost
     (model, correct bits, the store row and its checkpoint files)."""
-    epochs = sum(e for e, _ in _phases(cfg))
+    epochs = sum(e for e, _ in _phases(cfg, skip))  # a continued run's epochs after its prefix
     start, per_epoch = probe.probe_epoch_seconds(dims, cfg)
-    checkpoints = len({e for e in cfg.checkpoint_epochs if 0 <= e <= epochs})
+    checkpoints = len({e for e in cfg.checkpoint_epochs if 0 <= e <= cfg.epochs})
     return (evals * probe.evaluation_seconds(dims, cfg) + start + epochs * per_epoch
             + probe.run_fixed_seconds(dims, cfg, checkpoints, epochs + 1))
 

@@ -75,10 +75,13 @@ def units(ctx: Context) -> Work:
             ep = n_epochs[regime]
             sched = ([Phase(epochs=large_epochs, batch_size=big), Phase(epochs=epochs, batch_size=64)]
                      if regime == "switch" else None)
-            # the long regimes are evaluated as often as the small one (their last fifth alike)
+            # the long regimes are evaluated about as often as the small one (their last fifth
+            # alike); "switch" as "large", whose run it continues (`runs.continuation`: every
+            # epoch it evaluates within the large run's length, the large run evaluated too)
+            every = max(1, n_epochs["large" if regime == "switch" else regime] // epochs)
             configs.append(ctx.config(batch_size=bs, lr=lr, momentum=0.9, epochs=ep, schedule=sched,
                                       seed=seed, checkpoint_epochs=[ep], probes=[],
-                                      eval_every=max(1, ep // epochs)))
+                                      eval_every=every))
             keys.append((seed, regime))
     curvature = Curvature(configs[0], len(configs), n_curv, trace_rtol, slq_steps, len(ALPHAS),
                           n_k7, k7_steps, len(seeds), p_sub)

@@ -161,7 +161,10 @@ def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> 
     while todo := [(key, lr, ep) for key, h in searches.items() for lr, ep in h.next_round()]:
         cfgs = [one_config(ctx, s, b, lr, sd, ep) for (b, sd), lr, ep in todo]
         extra = tiny if first else []
-        results = ctx.run_many(cfgs + extra, label="steps-to-target")
+        # a survivor's next round continues this round's run (`runs.continuation`): the runs
+        # of the search keep their end state unless they already have the whole budget
+        results = ctx.run_many(cfgs + extra, label="steps-to-target",
+                               keep_state=lambda c, mine=cfgs: c.epochs < int(s.max_epochs) and c in mine)
         if first:
             tiny_rows = [_row(r, n_train, r.config.epochs) for r in results[len(cfgs):]]
             first = False

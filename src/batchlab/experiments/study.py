@@ -160,16 +160,19 @@ class Study:
         return {"batch_size": batch_size, "lr": lr,
                 "epochs": self.epochs if epochs is None else epochs, **extra}
 
-    def work(self, specs: dict[str, dict[str, Any]], label: str, **state: Any) -> Work:
+    def work(self, specs: dict[str, dict[str, Any]], label: str, keep_state: bool = False,
+             **state: Any) -> Work:
         """Every spec with every seed, declared as one experiment's runs (one `run_many` call,
         so progress and resumption cover the whole experiment); `state` goes with them to
-        `analyze`."""
+        `analyze`. `keep_state`: the runs keep their end state, so other experiments'
+        longer runs continue them (`runs.continuation`)."""
         configs, owners = [], []
         for name, fields in specs.items():
             for seed in self.ctx.seed_list:
                 configs.append(self.ctx.config(**{**self.base, **fields, "seed": seed}))
                 owners.append(name)
-        return Work(label, runs=configs, state={**state, "specs": specs, "owners": owners})
+        return Work(label, runs=configs, keep_state=keep_state,
+                    state={**state, "specs": specs, "owners": owners})
 
     @staticmethod
     def groups(results: Results) -> dict[str, Group]:

@@ -70,7 +70,8 @@ def units(ctx: Context) -> Work:
     if len(batches) != 2:
         raise ConfigError("switch takes exactly two batch sizes (small, large)")
     small, large = batches
-    return st.work(specs(st, small, large), NAME, batches=batches)
+    # kept: distance's long run of the large batch continues (b) (`runs.continuation`)
+    return st.work(specs(st, small, large), NAME, keep_state=True, batches=batches)
 
 
 def analyze(ctx: Context, results: Results) -> Output:

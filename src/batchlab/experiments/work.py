@@ -77,6 +77,7 @@ class Work:
     label: str
     runs: list[TrainConfig] = field(default_factory=list)
     later_runs: list[TrainConfig] = field(default_factory=list)
+    keep_state: bool = False  # the runs keep their end state for longer runs to continue
     trials: list[Trials] = field(default_factory=list)
     curvature: list[Curvature] = field(default_factory=list)
     timed: str = ""

@@ -47,6 +47,16 @@ class Probe:
     def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
         return {}
 
+    def save_state(self) -> dict[str, Any] | None:
+        """What this probe carries from one epoch to the next, as JSON values, at the end of
+        a run, so that a longer run can continue it (`engine.continuation`); None (the
+        default) when it cannot say, which keeps its runs from being continued. Whatever
+        `on_start` derives from the config and data is not state: it is set up again."""
+        return None
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take back what `save_state` returned (after `on_start`)."""
+
 
 PROBES: dict[str, Callable[[], Probe]] = {}
 

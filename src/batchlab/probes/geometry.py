@@ -11,6 +11,8 @@ its Linear layers in forward order), with its own W and B. Cheap: a few reductio
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -84,6 +86,10 @@ class GeometryProbe(Probe):
 
     def on_epoch_end(self, ctx: ProbeContext, epoch: int) -> dict[str, float]:
         return geometry(ctx.model, ctx.init_state)
+
+    def save_state(self) -> dict[str, Any]:
+        """Nothing: it measures the weights against the init, which a run rebuilds."""
+        return {}
 
 
 register("geometry")(GeometryProbe)

@@ -21,6 +21,7 @@ examples with `batchlab.data.stream.sample_data`, so they work on streamed data 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -150,6 +151,14 @@ class TargetStepProbe(Probe):
             return {}
         return {"target_step": float(self.first) if self.first is not None else math.nan,
                 "target_best": self.best}
+
+    def save_state(self) -> dict[str, Any]:
+        """The first step it saw the target reached and the best value so far."""
+        return {"first": self.first, "best": None if math.isnan(self.best) else self.best}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.first = state["first"]
+        self.best = math.nan if state["best"] is None else float(state["best"])
 
 
 register("noise_scale")(NoiseScaleProbe)

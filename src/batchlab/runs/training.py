@@ -21,14 +21,24 @@ from batchlab.config import TrainConfig, make_config
 from batchlab.data import TensorData, prepare
 from batchlab.data.stream import StreamData, default_identity, is_source
 from batchlab.data.tensors import flatten, raw_from_tensors
+from batchlab.engine.continuation import Resume
 from batchlab.engine.loop import EpochHook, train_one
 from batchlab.engine.result import Reporter, TrainResult
 from batchlab.engine.setup import build_model, check_batch_sizes, get_data, resolve_device, run_key
-from batchlab.engine.vectorized import plan_groups, train_group
+from batchlab.engine.vectorized import continue_runs, plan_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.nn.checkpoint import save_state
 from batchlab.nn.factory import as_log_probs, model_check_data
 from batchlab.probes import Probe
+from batchlab.runs.continuation import (
+    STATE_ARTIFACT,
+    KeepState,
+    find_resume,
+    in_call_prefixes,
+    index_state,
+    save_state_file,
+    waves,
+)
 from batchlab.runs.store import RunRecord, Store
 from batchlab.task import OBJECT_PREFIX, Data, Objective, loss_field, objective_for
 from batchlab.usercode import check_finite_weights, check_model_on_data, user_data, user_error
@@ -177,7 +187,8 @@ def _train_and_store(config: TrainConfig | dict[str, Any], *, store: Store | str
 
 def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | None = None,
                label: str | None = None, *, on_error: Literal["raise", "record"] = "raise",
-               on_done: Callable[[int], None] | None = None) -> list[TrainResult]:
+               on_done: Callable[[int], None] | None = None,
+               keep_state: KeepState = False) -> list[TrainResult]:
     """Train `configs` (results in order), vectorizing the groups `plan_groups` picks and
     training the rest one by one. Runs already finished in `store` come back cached; new ones
     are saved exactly as `train()` saves them; a config listed twice is trained once.
@@ -185,47 +196,119 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
     A crash inside training is saved as failed (a vectorized pass: every run it was training)
     and never retried; `on_error="raise"` then raises it, `"record"` returns the failed results
     and goes on (sweeps). A `BatchlabError` (bad input) always raises. `on_done(n)` is called
-    as n more configs are done (progress)."""
+    as n more configs are done (progress).
+
+    With a store, a run whose training is a prefix of another config's (`engine.continuation`)
+    is continued instead of retrained: from a stored run that kept its state, or from a config
+    of this same list (trained first, keeping its state). `keep_state` (True, or a predicate
+    on the config): the runs trained here keep their state, for configs of a later call to
+    continue (a search that lengthens its survivors)."""
     cfgs = [as_config(c) for c in configs]
     keys = [run_key(c, get_data(c, resolve_device(c.device))) for c in cfgs]
     results, first = stored_or_todo(store, cfgs, keys)
     todo = list(first.values())
     if on_done is not None:
         on_done(len(cfgs) - len(todo))
-    for unit in plan_groups([cfgs[i] for i in todo]):
-        idxs = [todo[j] for j in unit]
-        if len(idxs) >= 2 and isinstance(get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device)),
-                                         StreamData):
-            for i in idxs:  # streamed data trains one run at a time (autograd)
-                results[keys[i]] = _train_alone(cfgs[i], keys[i], store, label, on_error)
-                exc = results[keys[i]].exception
-                if exc is not None and (on_error == "raise" or isinstance(exc, BatchlabError)):
-                    _raise_failed(exc, cfgs[i])
-            if on_done is not None:
-                on_done(len(idxs))
-            continue
-        if len(idxs) >= 2:
-            group = train_group([cfgs[i] for i in idxs],
-                                get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device)))
-            if store is not None:
-                for res in group:
-                    save_result(store, res, label)
-        else:
-            group = [_train_alone(cfgs[idxs[0]], keys[idxs[0]], store, label, on_error)]
-        for i, res in zip(idxs, group):
-            results[keys[i]] = res
-        failed = next((r.exception for r in group if r.exception is not None), None)
-        if failed is not None and (on_error == "raise" or isinstance(failed, BatchlabError)):
-            _raise_failed(failed, cfgs[idxs[0]])
-        if on_done is not None:
-            on_done(len(idxs))
+    after: dict[int, int] = {}
+    if store is not None and todo:
+        n_train = get_data(cfgs[todo[0]], resolve_device(cfgs[todo[0]].device)).n_train
+        after = in_call_prefixes([cfgs[i] for i in todo], n_train or 0) if n_train else {}
+    keep = {todo[j] for j in after.values()} | {
+        i for i in todo if (keep_state(cfgs[i]) if callable(keep_state) else keep_state)}
+    for wave in waves(len(todo), after):
+        _train_wave([todo[j] for j in wave], cfgs, keys, results, store, label, on_error,
+                    on_done, keep)
     return [results[k] for k in keys]
 
 
+def _train_wave(todo: list[int], cfgs: list[TrainConfig], keys: list[str],
+                results: dict[str, TrainResult], store: Store | None, label: str | None,
+                on_error: str, on_done: Callable[[int], None] | None, keep: set[int]) -> None:
+    """Train configs `todo` (indices into `cfgs`), none of which continues another of them:
+    each from the longest stored prefix it has, else from scratch; passes as `plan_groups`
+    cuts them, split further by the epoch their models start at."""
+    resumes = {i: _resume_for(cfgs[i], store) for i in todo}
+    for unit in plan_groups([cfgs[i] for i in todo]):
+        by_start: dict[int, list[int]] = {}
+        for j in unit:
+            rs = resumes[todo[j]]
+            by_start.setdefault(rs.state.epoch if rs is not None else 0, []).append(todo[j])
+        for start, idxs in by_start.items():
+            if start:
+                _continue(idxs, cfgs, keys, results, resumes, store, label, on_error, keep)
+                if on_done is not None:
+                    on_done(len(idxs))
+            else:
+                _train_unit(idxs, cfgs, keys, results, store, label, on_error, on_done, keep)
+
+
+def _resume_for(cfg: TrainConfig, store: Store | None) -> Resume | None:
+    if store is None:
+        return None
+    td = get_data(cfg, resolve_device(cfg.device))
+    if isinstance(td, StreamData):
+        return None
+    return find_resume(store, cfg, td)
+
+
+def _continue(idxs: list[int], cfgs: list[TrainConfig], keys: list[str],
+              results: dict[str, TrainResult], resumes: dict[int, Resume | None],
+              store: Store | None, label: str | None, on_error: str, keep: set[int]) -> None:
+    """Continue configs from their prefixes' states, in one pass (they share a start epoch
+    and a `plan_groups` unit)."""
+    t0 = time.perf_counter()
+    td = get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device))
+    group = continue_runs([cfgs[i] for i in idxs], [resumes[i] for i in idxs],  # type: ignore[misc]
+                          [keys[i] for i in idxs], td, keep_state=[i in keep for i in idxs])
+    for i, res in zip(idxs, group):
+        if len(idxs) == 1:
+            res.wall_seconds = time.perf_counter() - t0
+        if store is not None:
+            save_result(store, res, label)
+        results[keys[i]] = res
+    failed = next((r.exception for r in group if r.exception is not None), None)
+    if failed is not None and (on_error == "raise" or isinstance(failed, BatchlabError)):
+        _raise_failed(failed, cfgs[idxs[0]])
+
+
+def _train_unit(idxs: list[int], cfgs: list[TrainConfig], keys: list[str],
+                results: dict[str, TrainResult], store: Store | None, label: str | None,
+                on_error: str, on_done: Callable[[int], None] | None, keep: set[int]) -> None:
+    """Train configs from scratch: one vectorized pass for >= 2, else `train()`'s path."""
+    if len(idxs) >= 2 and isinstance(get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device)),
+                                     StreamData):
+        for i in idxs:  # streamed data trains one run at a time (autograd)
+            results[keys[i]] = _train_alone(cfgs[i], keys[i], store, label, on_error)
+            exc = results[keys[i]].exception
+            if exc is not None and (on_error == "raise" or isinstance(exc, BatchlabError)):
+                _raise_failed(exc, cfgs[i])
+        if on_done is not None:
+            on_done(len(idxs))
+        return
+    if len(idxs) >= 2:
+        group = train_group([cfgs[i] for i in idxs],
+                            get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device)),
+                            keep_state=[i in keep for i in idxs])
+        if store is not None:
+            for res in group:
+                save_result(store, res, label)
+    else:
+        group = [_train_alone(cfgs[idxs[0]], keys[idxs[0]], store, label, on_error,
+                              idxs[0] in keep)]
+    for i, res in zip(idxs, group):
+        results[keys[i]] = res
+    failed = next((r.exception for r in group if r.exception is not None), None)
+    if failed is not None and (on_error == "raise" or isinstance(failed, BatchlabError)):
+        _raise_failed(failed, cfgs[idxs[0]])
+    if on_done is not None:
+        on_done(len(idxs))
+
+
 def _train_alone(cfg: TrainConfig, key: str, store: Store | None, label: str | None,
-                 on_error: str) -> TrainResult:
+                 on_error: str, keep_state: KeepState = False) -> TrainResult:
     try:
-        return _train_and_store(cfg, store=store, label=label)
+        return _train_and_store(cfg, store=store, label=label,
+                                **({"keep_state": True} if keep_state else {}))
     except BatchlabError:
         raise
     except Exception as e:  # failed before its loop started (nothing to store): a result too
@@ -287,6 +370,9 @@ def save_result(store: Store, result: TrainResult, label: str | None,
         path = store.artifacts_dir / result.run_id / f"epoch{epoch:04d}.safetensors"
         save_state(path, state, {"run_id": result.run_id, "epoch": epoch})
         artifacts[f"epoch{epoch:04d}"] = (str(path), sha256_file(path))
+    kept = save_state_file(store, result)  # the end state a longer run continues from
+    if kept is not None:
+        artifacts[STATE_ARTIFACT] = kept
     result.artifacts = artifacts
     if t0 is not None:
         result.wall_seconds = time.perf_counter() - t0
@@ -297,3 +383,5 @@ def save_result(store: Store, result: TrainResult, label: str | None,
         final=result.final, error=result.error, label=label,
         wall_seconds=result.wall_seconds, env=result.env, artifacts=artifacts,
     ))
+    if kept is not None:
+        index_state(store, result, get_data(result.config, resolve_device(result.config.device)).fingerprint)
