@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture
 def one_second(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """`_timed` runs the timed code once and says it took one second."""
+    """`seconds_per_call` runs the timed code once and says it took one second."""
     ran: list[Any] = []
 
     def fake(fn: Any, device: torch.device, min_seconds: float, max_reps: int = 200,
@@ -33,7 +33,7 @@ def one_second(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         ran.append(fn())
         return 1.0
 
-    monkeypatch.setattr(pp, "_timed", fake)
+    monkeypatch.setattr(pp, "seconds_per_call", fake)
     return ran
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from batchlab.config import TrainConfig, make_config
 from batchlab.engine.choice import EngineChoice, EngineKind, choose_engine
 from batchlab.engine.steppers import make_stepper
+from batchlab.experiments.plan_timing import seconds_per_call
 from batchlab.nn.models import build_mlp
 from batchlab.probes import make_probes
 from batchlab.runs.tasks import threads
@@ -56,36 +56,6 @@ def _step_config(cfg: TrainConfig, dims: Sequence[int], kind: EngineKind) -> Tra
                        momentum=cfg.momentum, nesterov=cfg.nesterov,
                        weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps,
                        amp=cfg.amp)
-
-
-def _timed(fn: Callable[[], object], device: torch.device, min_seconds: float,
-           max_reps: int = 200, warmup: int = 2, blocks: int = 5) -> float:
-    """Seconds per call on an idle machine, estimated in up to `blocks` timed blocks (about
-    min_seconds in all), keeping the fastest. On a CPU a block's time is the smaller of its
-    wall time and the process's CPU time over torch's threads: a thread that another job
-    keeps off a core accrues no CPU time, so the CPU-time estimate does not grow with a
-    sustained competing job (the wall time does: 6.9x under one here), and the fastest block
-    drops a burst (the rule of Python's timeit). On a GPU it is the wall time (synchronized)."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    threads = max(1, torch.get_num_threads())
-    best, done, spent = math.inf, 0, 0.0
-    while done < max_reps and spent < min_seconds:
-        n, t0, c0 = 0, time.perf_counter(), time.process_time()
-        while True:
-            fn()
-            n += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter() - t0
-            if t >= min_seconds / blocks or done + n >= max_reps:
-                break
-        cpu = (time.process_time() - c0) / threads
-        block = t if device.type == "cuda" else min(t, cpu)
-        best, done, spent = min(best, block / n), done + n, spent + t
-    return best
 
 
 class Probe:
@@ -146,7 +116,7 @@ class Probe:
         lrs = [cfg.lr] * k
         if cfg.engine == "fused":
             stepper = make_stepper([cfg] * k, nets, [[]] * k)
-            return _timed(lambda: stepper.step(x, y, lrs), dev, self.min_seconds)
+            return seconds_per_call(lambda: stepper.step(x, y, lrs), dev, self.min_seconds)
         # autograd is K = 1: k runs step one after another
         alone = [make_stepper([cfg], [n], [[]]) for n in nets]
 
@@ -155,7 +125,7 @@ class Probe:
                 for i, st in enumerate(alone):
                     st.step(x[i : i + 1], y[i : i + 1], lrs[:1])
 
-        return _timed(step, dev, self.min_seconds)
+        return seconds_per_call(step, dev, self.min_seconds)
 
     def eval_seconds_per_sample(self, dims: Sequence[int], n_threads: int | None = None
                                 ) -> float:
@@ -164,7 +134,7 @@ class Probe:
         def run() -> float:
             net = build_mlp(dims[0], list(dims[1:-1]), dims[-1]).to(self.device).eval()
             x = torch.rand(4096, dims[0], device=self.device)
-            return _timed(lambda: net(x).argmax(1), self.device, self.min_seconds) / 4096
+            return seconds_per_call(lambda: net(x).argmax(1), self.device, self.min_seconds) / 4096
 
         return self._memo_get(("eval", tuple(dims), n_threads), run, n_threads)
 
@@ -190,7 +160,7 @@ class Probe:
             x = torch.rand(1, m, dims[0], device=self.device)
             y = torch.randint(0, dims[-1], (1, m), device=self.device)
             with threads(1 if self.device.type == "cpu" else self.threads):
-                t = _timed(lambda: gc.run_trial_block(model, x, y, b, 1e-3, ["displacement"],
+                t = seconds_per_call(lambda: gc.run_trial_block(model, x, y, b, 1e-3, ["displacement"],
                                                       engine),
                            self.device, self.min_seconds, max_reps=3, warmup=1)
             return t / math.ceil(m / b)
@@ -210,7 +180,7 @@ class Probe:
             x = torch.rand(m, dims[0], device=self.device)
             y = torch.randint(0, dims[-1], (m,), device=self.device)
             with torch.enable_grad():
-                return _timed(lambda: C.hessian_trace(model, (x, y), n_samples=2, seed=0,
+                return seconds_per_call(lambda: C.hessian_trace(model, (x, y), n_samples=2, seed=0,
                                                       probes_per_pass=1),
                               self.device, self.min_seconds, max_reps=5, warmup=1) / 2 * n / m
 
@@ -270,10 +240,10 @@ class Probe:
         y = torch.randint(0, dims[-1], (1, b), device=dev)
         with torch.enable_grad():
             if not steps:
-                start = _timed(lambda: [p.on_start(ctx) for p in probes], dev,
+                start = seconds_per_call(lambda: [p.on_start(ctx) for p in probes], dev,
                                self.min_seconds, max_reps=5, warmup=0)
                 stepper.step(x, y, [timed.lr])
-                epoch = _timed(lambda: [p.on_epoch_end(ctx, 1) for p in probes], dev,
+                epoch = seconds_per_call(lambda: [p.on_epoch_end(ctx, 1) for p in probes], dev,
                                self.min_seconds, max_reps=5, warmup=1)
                 return 0.0, (start, epoch)
             for p in probes:
@@ -293,7 +263,7 @@ class Probe:
                         stepper.sync()
                         p.on_step(ctx, count[0] * every, x[0], y[0])
 
-                per_step += _timed(calls, dev, self.min_seconds, max_reps=20,
+                per_step += seconds_per_call(calls, dev, self.min_seconds, max_reps=20,
                                    warmup=1) / (cycle * every)
         return per_step, (0.0, 0.0)
 
@@ -313,7 +283,7 @@ class Probe:
                          for k, (x, y) in td.eval_sets.items()})
             timed = sum(len(y) for _, y in sub.eval_sets.values())
             with torch.enable_grad():
-                t = _timed(lambda: eval_metrics(net, sub, None), self.device, self.min_seconds)
+                t = seconds_per_call(lambda: eval_metrics(net, sub, None), self.device, self.min_seconds)
             return t * sum(sizes) / max(1, timed)
 
         return self._memo_get(("evaluation", tuple(dims), sizes), run)
@@ -352,7 +322,7 @@ class Probe:
                         epochs=[dict(row, epoch=e) for e in range(rows)], final=dict(row),
                         checkpoints={e: init for e in range(checkpoints)}), "plan")
 
-                t = _timed(once, self.device, self.min_seconds, max_reps=5, warmup=1)
+                t = seconds_per_call(once, self.device, self.min_seconds, max_reps=5, warmup=1)
             if test is not None and len(test[1]) > EVAL_SAMPLES:  # correct_bits is linear
                 t += (len(test[1]) / EVAL_SAMPLES - 1) * self.evaluation_seconds(dims, cfg) * (
                     EVAL_SAMPLES / sum(len(y) for _, y in td.eval_sets.values()))
@@ -376,7 +346,7 @@ class Probe:
             y = torch.randint(0, dims[-1], (m,), device=self.device)
             obj = C.Objective(model, (x, y))
             with torch.enable_grad():
-                return _timed(lambda: obj.loss_and_grad(obj.theta), self.device,
+                return seconds_per_call(lambda: obj.loss_and_grad(obj.theta), self.device,
                               self.min_seconds, max_reps=20) * n / m
 
         return self._memo_get(("loss-grad", tuple(dims), n), run, self.task_threads)
@@ -398,7 +368,7 @@ class Probe:
             got: list[Any] = []
             kw = {} if subspace_dim is None else {"subspace_dim": subspace_dim}
             with torch.enable_grad():
-                t = _timed(lambda: got.append(C.sharpness(model, (x, y), epsilon=1e-3, **kw)),
+                t = seconds_per_call(lambda: got.append(C.sharpness(model, (x, y), epsilon=1e-3, **kw)),
                            self.device, self.min_seconds, max_reps=2, warmup=0)
             extra = self.loss_grad_seconds(dims, n) - self.loss_grad_seconds(dims, m)
             return t + (got[-1].evaluations + 1) * max(0.0, extra)  # + the loss at x0
