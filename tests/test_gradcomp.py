@@ -450,7 +450,7 @@ def test_probe_keeps_the_fastest_block(monkeypatch):
     """A busy CPU slows some blocks of a timing; the probe keeps the fastest, so a burst of
     load at the start does not inflate the projection; and a job that keeps the probe off the
     cores (wall time passes, CPU time does not) inflates nothing (fake clocks: no real timing)."""
-    import batchlab.experiments.plan_probe as pp
+    import batchlab.experiments.plan_timing as pp
 
     threads = pp.torch.get_num_threads()
     wall, cpu = [0.0], [0.0]
@@ -464,7 +464,7 @@ def test_probe_keeps_the_fastest_block(monkeypatch):
         wall[0] += 0.1 if slow else 0.01
         cpu[0] += threads * (0.01 if descheduled or not slow else 0.1)
 
-    t = pp._timed(lambda: work(False), pp.torch.device("cpu"), min_seconds=0.5, warmup=2, blocks=5)
+    t = pp.seconds_per_call(lambda: work(False), pp.torch.device("cpu"), min_seconds=0.5, warmup=2, blocks=5)
     assert t == pytest.approx(0.01)
     mean_rule = (4 * 0.1 + 0.01 * 10) / 14  # what one long block would have reported
     assert t < mean_rule / 3
@@ -475,7 +475,7 @@ def test_probe_keeps_the_fastest_block(monkeypatch):
         wall[0] += 0.1
         cpu[0] += threads * 0.01
 
-    assert pp._timed(busy, pp.torch.device("cpu"), min_seconds=0.5, blocks=5) == pytest.approx(0.01)
+    assert pp.seconds_per_call(busy, pp.torch.device("cpu"), min_seconds=0.5, blocks=5) == pytest.approx(0.01)
 
 
 
