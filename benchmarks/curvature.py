@@ -349,16 +349,9 @@ def exact_trace(obj: C.Objective, block: int = 256) -> float:
     return total
 
 
-def trace_accuracy(a: argparse.Namespace) -> None:
-    """Time and Hessian-vector products to a relative error <= rtol at 95% over --runs seeds.
-
-    Reference: the exact trace (every diagonal entry of the Hessian, dim products). batchlab's
-    two estimators stop by themselves (variance rule, `hessian_trace(rtol=)`); each run's
-    relative error against the reference is recorded, and a method meets the target when at
-    least 95% of runs are within rtol. PyHessian has no variance rule: it gets the number of
-    probes P = (1.96 sd / (rtol tr))^2 that a Hutchinson estimate needs for the same target (sd
-    of z^T H z from the pooled Hutchinson probes, the same Rademacher distribution as its own),
-    and its time is the measured time per probe of `trace(maxIter=m, tol=0)` times P."""
+def _accuracy_setup(a: argparse.Namespace) -> tuple:
+    """The model both accuracy modes measure: the MLP of `--hidden` after `--epochs` of SGD on
+    mnist-5k, and its NLL objective on the first `--samples` training images."""
     if a.threads:
         torch.set_num_threads(a.threads)
     hidden = [int(h) for h in a.hidden.split(",")]
@@ -370,7 +363,20 @@ def trace_accuracy(a: argparse.Namespace) -> None:
     td = get_data(res.config, torch.device("cpu"))
     X, y = td.x_train[: a.samples], td.y_train[: a.samples]
     crit = nn.NLLLoss()
-    obj = C.Objective(model, (X, y), criterion=crit)
+    return hidden, model, X, y, crit, C.Objective(model, (X, y), criterion=crit)
+
+
+def trace_accuracy(a: argparse.Namespace) -> None:
+    """Time and Hessian-vector products to a relative error <= rtol at 95% over --runs seeds.
+
+    Reference: the exact trace (every diagonal entry of the Hessian, dim products). batchlab's
+    two estimators stop by themselves (variance rule, `hessian_trace(rtol=)`); each run's
+    relative error against the reference is recorded, and a method meets the target when at
+    least 95% of runs are within rtol. PyHessian has no variance rule: it gets the number of
+    probes P = (1.96 sd / (rtol tr))^2 that a Hutchinson estimate needs for the same target (sd
+    of z^T H z from the pooled Hutchinson probes, the same Rademacher distribution as its own),
+    and its time is the measured time per probe of `trace(maxIter=m, tol=0)` times P."""
+    hidden, model, X, y, crit, obj = _accuracy_setup(a)
     t0 = time.perf_counter()
     ref = exact_trace(obj)
     print(f"model: MLP 784-{'-'.join(map(str, hidden))}-10 ({obj.dim:,} params), {a.epochs} "
@@ -437,18 +443,7 @@ def density_accuracy(a: argparse.Namespace) -> None:
     mass at 0, the natural scale of a spectrum piled up at zero). Each estimator runs over a
     grid of settings ordered by Hessian-vector products; its row is the cheapest setting whose
     runs (seeds) are within the target in >= 95% of cases."""
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    hidden = [int(h) for h in a.hidden.split(",")]
-    print(f"load average before: {load()}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    res = train({"dataset": "mnist-5k", "hidden": hidden, "epochs": a.epochs, "batch_size": 64,
-                 "lr": 0.01, "probes": [], "seed": a.seed})
-    model = res.model.eval()
-    td = get_data(res.config, torch.device("cpu"))
-    X, y = td.x_train[: a.samples], td.y_train[: a.samples]
-    crit = nn.NLLLoss()
-    obj = C.Objective(model, (X, y), criterion=crit)
+    hidden, model, X, y, crit, obj = _accuracy_setup(a)
     t0 = time.perf_counter()
     cache = a.spectrum_cache
     if cache and os.path.exists(cache) and len(np.load(cache)) == obj.dim:

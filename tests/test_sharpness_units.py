@@ -62,6 +62,15 @@ def test_trace_unit_stores_its_accuracy_and_products(tiny) -> None:
     got = U.trace(model, data, 0.07, seed=0)
     assert got["trace_converged"] and 0 < got["trace_hvps"] <= U.TRACE_MAX_HVP
     assert 1.96 * got["trace_se"] <= 0.07 * abs(got["trace"])  # t quantile >= 1.96
+    # and the estimate is right: the exact trace, one product per parameter (92 of them)
+    import torch
+
+    from batchlab.measure.curvature.objective import Objective
+
+    obj = Objective(model, data)
+    n = sum(p.numel() for p in model.parameters())
+    exact = float(sum(obj.hvp(torch.eye(n, dtype=torch.float64)[i])[i] for i in range(n)))
+    assert abs(got["trace"] - exact) <= 4 * got["trace_se"] + 1e-9 * abs(exact)
 
 
 def test_density_unit_round_trips_with_its_mixture(tiny) -> None:
