@@ -61,7 +61,6 @@ def test_trace_unit_stores_its_accuracy_and_products(tiny) -> None:
     model, data = tiny
     got = U.trace(model, data, 0.07, seed=0)
     assert got["trace_converged"] and 0 < got["trace_hvps"] <= U.TRACE_MAX_HVP
-    assert 1.96 * got["trace_se"] <= 0.07 * abs(got["trace"])  # t quantile >= 1.96
     # and the estimate is right: the exact trace, one product per parameter (92 of them)
     import torch
 
