@@ -156,9 +156,11 @@ def test_halving_continues_its_survivors_and_decides_the_same(tmp_path: Path, mo
                       for r in csv.DictReader((path / "results.csv").open())]
     assert rows["continued"] == rows["scratch"]
     assert {r["round"] for r in rows["continued"]} == {"0", "1"}  # nobody reached 0.999
-    # rounds (3 lrs, 2 epochs), (1 lr, 6 epochs): 3 x 2 + (6 - 2) epochs per batch size
+    # rounds (3 lrs, 2 epochs), (1 lr, 6 epochs): 3 x 2 + (6 - 2) epochs per batch size; the
+    # tiny batch's 3 lrs x 1 epoch; G3's noise run (6 epochs, counted at the smallest batch)
     td = get_data(make_config(dataset="digits"), resolve_device("cpu"))
-    steps = sum((3 * 2 + 4) * -(-td.n_train // b) for b in (64, 256)) + 3 * td.n_train
+    steps = (sum((3 * 2 + 4) * -(-td.n_train // b) for b in (64, 256)) + 3 * td.n_train
+             + 6 * -(-td.n_train // 64))
     assert plan["sgd_steps"] == steps
 
 

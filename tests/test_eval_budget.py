@@ -79,6 +79,33 @@ def test_train_eval_size_scores_a_stratified_subset_and_trains_on_all() -> None:
     assert a.final["train_acc"] * 1437 == pytest.approx(round(a.final["train_acc"] * 1437), abs=1e-3)
 
 
+def test_train_eval_size_zero_scores_no_train_metric_and_changes_nothing_else() -> None:
+    """0: the train set is not evaluated (steps-to-target's grid on a test target); the
+    trajectory, the test metrics and the target's step are those of the run that scores it."""
+    target = {"target_metric": "test_acc", "target_value": 0.8, "probes": ["target_step"]}
+    scored = train(make_config(**TINY, **target))
+    bare = train(make_config(**TINY, **target, train_eval_size=0))
+    assert "train" not in get_data(make_config(**TINY, train_eval_size=0),
+                                   torch.device("cpu")).eval_sets
+    assert not any(k.startswith(("train_loss", "train_acc")) for e in bare.epochs for k in e)
+    assert all(e["gap"] is None for e in bare.epochs)
+    assert [e.get("running_loss") for e in scored.epochs] == [e.get("running_loss") for e in bare.epochs]
+    assert [e.get("test_acc") for e in scored.epochs] == [e.get("test_acc") for e in bare.epochs]
+    assert (scored.final["target_step"], scored.final["test_correct_bits"]) == \
+        (bare.final["target_step"], bare.final["test_correct_bits"])
+    assert make_config(**TINY, train_eval_size=0).key("x") != make_config(**TINY).key("x")
+
+
+def test_steps_to_target_scores_the_train_set_only_for_a_train_target(tmp_path) -> None:
+    from batchlab.experiments import Context, prepared
+    from batchlab.experiments.steps_to_target import one_config
+
+    for metric, size in (("test_acc", 0), ("train_loss", None)):
+        ctx = prepared("steps-to-target", Context(preset="quick", seeds=1, out_dir=tmp_path,
+                                                  options={"target_metric": metric}))
+        assert one_config(ctx, ctx.opts, 64, 0.1, 0, 2).train_eval_size == size
+
+
 def test_the_convergence_gate_spans_the_same_epochs_whatever_the_evaluation() -> None:
     """plateau_gain counts the last fifth in epochs: a run evaluated every k epochs gives the
     number the every-epoch run gives (the gate's verdicts cannot move with eval_every)."""

@@ -357,15 +357,20 @@ def test_experiment_end_to_end(tmp_path):
     from batchlab.experiments.plan import make_plan
 
     with Store(tmp_path / "runs.db") as st:
-        # the plan counts one checkpoint run per seed (3) and every trial of every checkpoint:
+        # the plan counts two checkpoint runs per seed (6: the early run and the late run that
+        # continues it) and every trial of every checkpoint:
         # (3 trials x 4 b + 2 x 2 decomposition x 2 b) per regime, x 2 regimes x 3 seeds
         before = make_plan([("gradient-competition", _ctx(tmp_path, st))], 0.01).to_json()
-        assert (before["runs"], before["trials"], before["trials_stored"]) == (3, 120, 0)
+        assert (before["runs"], before["trials"], before["trials_stored"]) == (6, 120, 0)
         assert before["projected_seconds"] > 0 and before["sgd_steps"] > 0
         out, path = run_experiment("gradient-competition", _ctx(tmp_path, st))
         after = make_plan([("gradient-competition", _ctx(tmp_path, st))], 0.01).to_json()
         assert (after["runs"], after["runs_stored"], after["trials"], after["trials_stored"]) \
-            == (0, 3, 0, 120)
+            == (0, 6, 0, 120)
+        # one trajectory per seed: each late run continued its seed's early run
+        by = {(r.seed, r.config["epochs"]): r for r in st.runs()}
+        assert [by[s, 2].env.get("continued_from") for s in range(3)] == \
+            [by[s, 1].run_id for s in range(3)]
         assert {"norm_vs_b.png", "normalized_vs_b.png", "norm_hist_early.png",
                 "value_hist.png", "results.csv", "summary.md", "claims.json",
                 "trials.csv"} <= {p.name for p in path.iterdir()}
@@ -441,7 +446,7 @@ def test_plan_cli_prints_one_json_object(tmp_path, run_main, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert {"projected_seconds", "sgd_steps", "flops"} <= set(plan)
     # per checkpoint seed (3 by default): 2 regimes x (2 trials x 2 b + 4 decomposition x 1 b)
-    assert plan["trials"] == 3 * 2 * (2 * 2 + 4 * 1) and plan["runs"] == 3
+    assert plan["trials"] == 3 * 2 * (2 * 2 + 4 * 1) and plan["runs"] == 3 * 2  # early + late
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.png"))
     assert "fastest" in plan["probe_rule"] and "cpu_load" in plan
 

@@ -121,3 +121,28 @@ def test_bad_schedules_are_config_errors():
         make_config(lr_multipliers={0: 10.0})
     with pytest.raises(ConfigError):
         make_config(lr_multipliers={3: -1.0})
+
+
+def test_arms_sharing_the_baselines_first_epochs_continue_one_run_of_them(tmp_path):
+    """Smith's arm follows the baseline's batch size and lr until the first lr decay: the
+    experiment trains those epochs once per seed and both arms continue that run; the other
+    arms (another batch size from the start) are trained from scratch."""
+    from batchlab.experiments import Context, get, prepared, run_experiment
+
+    opts = {"dataset": "digits", "hidden": [16], "epochs": 3, "decay_epochs": [2],
+            "gbn": False, "large_batch": 256}
+    with Store(tmp_path / "s.db") as st:
+        ctx = Context(preset="quick", seeds=2, out_dir=tmp_path / "out", store=st, options=opts)
+        work = get("schedules").units(prepared("schedules", ctx))
+        names = work.state["names"]
+        heads = [c for n, c in zip(names, work.runs) if n is None]
+        assert [(c.epochs, c.seed) for c in heads] == [(2, 0), (2, 1)]
+        run_experiment("schedules", ctx)
+        by = {(r.seed, r.config["batch_size"], r.config["epochs"], r.config["decay"],
+               bool(r.config["schedule"])): r for r in st.runs()}
+    base = 128  # options.Schedules.base_batch
+    for seed in (0, 1):
+        head = by[seed, base, 2, "none", False].run_id
+        assert by[seed, base, 3, "step", False].env.get("continued_from") == head  # small
+        assert by[seed, base, 3, "none", True].env.get("continued_from") == head  # smith
+        assert "continued_from" not in by[seed, 256, 3, "step", False].env  # large (or goyal)

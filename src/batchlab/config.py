@@ -64,8 +64,10 @@ class TrainConfig(BaseModel):
     # examples (None: all of them). Every epoch evaluates the train and test sets: on
     # mnist-24k that is a third of a run's FLOPs, and a 10,000-example subset measures train
     # accuracy to a standard error <= 0.005 (binomial at 50 %; 0.0014 at 98 %), the same
-    # examples every epoch and in every arm, so differences between arms and epochs are paired
-    train_eval_size: int | None = Field(default=None, gt=0)
+    # examples every epoch and in every arm, so differences between arms and epochs are paired.
+    # 0: the train set is not scored at all (a run whose analysis reads no train metric, e.g.
+    # steps-to-target's grid on a test target)
+    train_eval_size: int | None = Field(default=None, ge=0)
     # evaluate every k-th epoch (and always the last, every checkpoint epoch and epoch 0);
     # the probes still run every epoch. For long runs compared with a short reference: a run
     # 16x as long as its reference evaluated every 16 epochs has the reference's resolution in

@@ -29,7 +29,7 @@ FIELD_HELP: dict[str, str] = {
     "val_fraction": "Part of the training set held out (seeded) as a validation split, in [0, 1).",
     "max_train": "Use a fixed stratified subset of this many training examples.",
     "max_test": "Use a fixed stratified subset of this many test examples.",
-    "train_eval_size": "Score the per-epoch train metrics on a fixed stratified subset of this many training examples (training uses all).",
+    "train_eval_size": "Score the per-epoch train metrics on a fixed stratified subset of this many training examples (training uses all; 0: no train metrics).",
     "eval_every": "Evaluate every k-th epoch (always epoch 0, the last and checkpoint epochs); not with a target.",
     "batchnorm": "Batch normalization after each hidden layer of the built-in models.",
     "ghost_batch_size": "Batch-norm statistics per chunk of this many examples (ghost batch norm).",

@@ -138,7 +138,8 @@ def prepare(
     `max_train` / `max_test` keep a stratified subset (`stratified_subset`), never the first
     rows: the files of some sets are sorted by class.
     `train_eval_size` scores the train metrics on a stratified subset of that many training
-    rows (`TrainConfig.train_eval_size`); the model still trains on all of them.
+    rows (`TrainConfig.train_eval_size`); the model still trains on all of them. 0: the train
+    set is not evaluated.
     """
     if normalize not in ("unit", "standardize"):
         raise DataError(f"unknown normalize {normalize!r}; use 'unit' or 'standardize'")
@@ -178,7 +179,9 @@ def prepare(
 
     evals = {k: to_t(*v) for k, v in eval_np.items()}
     x_train_t, y_train_t = evals["train"]
-    if train_eval_size is not None and train_eval_size < len(y_tr):
+    if train_eval_size == 0:  # nothing reads the train metrics: not evaluated
+        del evals["train"]
+    elif train_eval_size is not None and train_eval_size < len(y_tr):
         keep = torch.from_numpy(subset(y_tr, train_eval_size)).to(dev)
         evals["train"] = (x_train_t[keep], y_train_t[keep])
     return TensorData(

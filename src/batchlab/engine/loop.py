@@ -363,9 +363,12 @@ class Loop:
             # per-example correctness on the shared test set: paired accuracy intervals
             res.final["test_correct_bits"] = correct_bits(self.nets[k], *self.td.eval_sets["test"])
 
-    def _gap(self, row: dict[str, Any]) -> float:
-        """How much better the metric is on the training set than on the test set."""
+    def _gap(self, row: dict[str, Any]) -> float | None:
+        """How much better the metric is on the training set than on the test set (None when
+        the train set is not evaluated: `train_eval_size=0`)."""
         m = self.objective.metric_name
+        if f"train_{m}" not in row or f"test_{m}" not in row:
+            return None
         d = row[f"train_{m}"] - row[f"test_{m}"]
         return d if self.objective.higher_is_better else -d
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from batchlab.atomic import jsonable
 from batchlab.config import TrainConfig
-from batchlab.nn.checkpoint import load_state
+from batchlab.nn.checkpoint import load_state, read_meta
 
 
 @dataclass
@@ -40,12 +40,24 @@ class TrainResult:
     state: Any = field(default=None, repr=False, compare=False)
 
     def checkpoint(self, epoch: int) -> dict[str, torch.Tensor]:
-        """Weights saved at `epoch` (0 = init), from memory or the store's safetensors file."""
+        """Weights saved at `epoch` (0 = init), from memory or the store's safetensors file; the
+        last epoch's also from the run's kept end state."""
         if epoch in self.checkpoints:
             return self.checkpoints[epoch]
         name = f"epoch{epoch:04d}"
         if name in self.artifacts:
             return load_state(Path(self.artifacts[name][0]), sha256=self.artifacts[name][1])
+        # a run that kept its end state (`engine.continuation`) holds its last epoch's weights
+        # there, so a run shared with another experiment serves them without a checkpoint
+        if self.state is not None and self.state.epoch == epoch:
+            return dict(self.state.weights)
+        if "state" in self.artifacts:
+            from batchlab.engine.continuation import State
+
+            path, sha = self.artifacts["state"]
+            meta = read_meta(Path(path))
+            if int(meta.get("epoch", -1)) == epoch:
+                return State.from_parts(load_state(Path(path), sha256=sha), meta).weights
         raise KeyError(f"run {self.run_id} has no checkpoint at epoch {epoch}; "
                        f"add it to checkpoint_epochs")
 

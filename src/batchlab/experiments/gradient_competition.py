@@ -1,8 +1,9 @@
 """Gradient competition (MNIST study, part 2): do samples in one batch "compete"?
 
 **Replicates.** One replicate is the checkpoint of one training seed: the experiment trains one
-checkpoint run per seed (`--seeds`, default 3; each run gives an early and a late checkpoint)
-and measures every trial design on each. A checkpoint's trials are summarised inside it (one
+trajectory per seed (`--seeds`, default 3; its early and late checkpoints are the end states
+of an early run and of the late run that continues it, `checkpoint_config`) and measures every
+trial design on each. A checkpoint's trials are summarised inside it (one
 estimate per seed: an exponent, a slope, a tau, a ratio) and the claims' intervals are taken
 across seeds (`gradient_competition_claims`); with one seed they are unbounded and decide
 nothing. Checkpoint files given by the user (both `checkpoint_early` and `checkpoint_late`) are
@@ -81,15 +82,26 @@ def options(ctx: Context) -> GCOptions:
 
 
 # -- checkpoints -------------------------------------------------------------------------
-def checkpoint_config(ctx: Context, o: GCOptions, seed: int) -> TrainConfig:
-    """The run of training seed `seed` that saves both checkpoints."""
+def checkpoint_config(ctx: Context, o: GCOptions, seed: int, regime: str = "late") -> TrainConfig:
+    """The run of training seed `seed` whose last epoch is checkpoint `regime`.
+
+    Why two runs per seed and not one run keeping both checkpoints: the early run
+    (`early_epochs` at batch 1024) is the late run's prefix, so the late run continues it
+    (`runs.continuation`) - one trajectory, trained once - and the late run, keeping no
+    checkpoint, is the very config another experiment trains (batch-size's 1024 run at the
+    paper preset), stored once for both; its weights are its kept end state. Ray does not keep
+    end states: there one run keeps both checkpoints."""
     e, late = o.early_epochs, o.late_epochs
     fields: dict[str, Any] = dict(lr=o.lr, init="glorot", batch_size=1024, epochs=late,
-                                  hidden=list(o.hidden), seed=int(seed),
-                                  checkpoint_epochs=[e, late])
+                                  hidden=list(o.hidden), seed=int(seed))
     if o.late_batch_size != 1024:
         fields["schedule"] = [Phase(epochs=e, batch_size=1024),
                               Phase(epochs=late - e, batch_size=o.late_batch_size)]
+    if ctx.executor == "ray":
+        return ctx.config(**fields, checkpoint_epochs=[e, late])
+    if regime == "early":
+        fields.pop("schedule", None)
+        fields["epochs"] = e
     return ctx.config(**fields)
 
 
@@ -102,11 +114,12 @@ def user_checkpoints(o: GCOptions) -> bool:
     return all(given)
 
 
-def checkpoint_configs(ctx: Context, o: GCOptions) -> list[TrainConfig]:
-    """One checkpoint run per training seed (none with user checkpoint files)."""
+def checkpoint_configs(ctx: Context, o: GCOptions) -> list[dict[str, TrainConfig]]:
+    """Per training seed, the run of each regime's checkpoint (none with user checkpoint
+    files)."""
     if user_checkpoints(o):
         return []
-    return [checkpoint_config(ctx, o, s) for s in ctx.seed_list]
+    return [{r: checkpoint_config(ctx, o, s, r) for r in REGIMES} for s in ctx.seed_list]
 
 
 def _train_acc(res: Any, epoch: int) -> float:
@@ -116,23 +129,40 @@ def _train_acc(res: Any, epoch: int) -> float:
     return math.nan
 
 
+def _weights(ctx: Context, res: Any, epoch: int) -> dict[str, Any]:
+    """The run's weights at `epoch`: a checkpoint, or its kept end state. A run stored before
+    runs kept their end state has neither at its last epoch: it is trained again keeping that
+    epoch as a checkpoint (continuing the early run, so the early epochs are not repeated)."""
+    if res.status != "completed":
+        raise ConfigError(f"checkpoint training run {res.run_id} {res.status}")
+    try:
+        return res.checkpoint(epoch)
+    except KeyError:
+        cfg = res.config.model_copy(update={"checkpoint_epochs": [epoch]})
+        again = ctx.run_many([cfg], label=f"{NAME}:checkpoint")[0]
+        if again.status != "completed":
+            raise ConfigError(f"checkpoint training run {again.run_id} {again.status}") from None
+        return again.checkpoint(epoch)
+
+
 def checkpoints(ctx: Context, o: GCOptions, trained: list[Any]):
     """(config, data, [(replicate id, {regime: state}, late train accuracy)]): each seed's
-    checkpoints from its training run (`trained`, the results of `checkpoint_configs`), or
-    the user's files."""
+    checkpoints from its training runs (`trained`, the results of `checkpoint_configs` in
+    order, regimes within seeds), or the user's files."""
     late = o.late_epochs
     cfg = checkpoint_config(ctx, o, ctx.seed_list[0] if ctx.seed_list else 0)
     data = get_data(cfg, resolve_device(cfg.device))
     if user_checkpoints(o):
         states = {r: load_state(Path(getattr(o, f"checkpoint_{r}"))) for r in REGIMES}
         return cfg, data, [("user", states, math.nan)]
-    cfgs = checkpoint_configs(ctx, o)
+    epoch = {"early": o.early_epochs, "late": late}
+    runs = iter(trained)
     reps = []
-    for c, res in zip(cfgs, trained):
-        if res.status != "completed":
-            raise ConfigError(f"checkpoint training run {res.run_id} {res.status}")
-        reps.append((int(c.seed), {"early": res.checkpoint(o.early_epochs),
-                                   "late": res.checkpoint(late)}, _train_acc(res, late)))
+    for per_seed in checkpoint_configs(ctx, o):
+        res = {r: next(runs) for r in per_seed}
+        reps.append((int(res["late"].config.seed),
+                     {r: _weights(ctx, res[r], epoch[r]) for r in REGIMES},
+                     _train_acc(res["late"], late)))
     return cfg, data, reps
 
 
@@ -142,8 +172,8 @@ def units(ctx: Context) -> Work:
     user's pair of files) the main and the decomposition trial designs (`trial_runs`): their
     number is known up front, their weights only once the checkpoint runs are trained."""
     o = options(ctx)
-    cfgs = checkpoint_configs(ctx, o)
-    cfg = cfgs[0] if cfgs else checkpoint_config(ctx, o, 0)
+    per_seed = checkpoint_configs(ctx, o)
+    cfg = checkpoint_config(ctx, o, 0)
     n_train = get_data(cfg, resolve_device(cfg.device)).n_train
     if o.n_samples > n_train:  # refused before anything trains (and by the plan alike)
         raise ConfigError(f"n_samples {o.n_samples} exceeds the training set ({n_train})")
@@ -151,12 +181,16 @@ def units(ctx: Context) -> Work:
         p = Path(getattr(o, f"checkpoint_{regime}"))
         if not p.is_file():
             raise ConfigError(f"checkpoint file {p} does not exist")
-    reps: list[tuple[int | str, TrainConfig | None]] = (
-        [("user", None)] if user_checkpoints(o) else [(int(c.seed), c) for c in cfgs])
+    reps: list[tuple[int | str, dict[str, TrainConfig] | None]] = (
+        [("user", None)] if user_checkpoints(o) else [(int(c["late"].seed), c) for c in per_seed])
     epoch = {"early": o.early_epochs, "late": o.late_epochs}
-    trials = [Trials(rid, regime, run, cfg, c, epoch[regime], o.keep_tensors)
+    trials = [Trials(rid, regime, run, cfg, c[regime] if c else None, epoch[regime],
+                     o.keep_tensors)
               for rid, c in reps for regime in REGIMES for run in trial_runs(o, regime, rid)]
-    return Work(NAME, runs=cfgs, trials=trials)
+    runs = [c[r] for c in per_seed for r in REGIMES]
+    # kept: the late run continues the early one (and Ray, which keeps no end state, trains
+    # one run with both checkpoints, listed once per regime: the store trains it once)
+    return Work(NAME, runs=runs, trials=trials, keep_state=True)
 
 
 def trial_runs(o: GCOptions, regime: str, replicate: int | str = 0

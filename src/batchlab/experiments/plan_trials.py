@@ -49,7 +49,8 @@ def add_trials(ctx: Context, units: Sequence[Trials], plan: Any, probe: Any,
             if key not in states:
                 stored_run = ctx.store.finished(key) if ctx.store is not None else None
                 states[key] = _stored_states(ctx, u.checkpoint, stored_run, sorted(
-                    {v.epoch for v in units if v.checkpoint is u.checkpoint}))
+                    {v.epoch for v in units if v.checkpoint is not None
+                     and v.checkpoint.key(fingerprint) == key}))
             state = states[key].get(u.epoch)
         run = u.run
         done = _stored_chunks(ctx, run, cfg, state, dev, td)

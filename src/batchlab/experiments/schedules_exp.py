@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from batchlab.config import plateau_start
+from batchlab.engine.continuation import prefix_reason
 from batchlab.engine.presets import apply_preset
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
@@ -90,11 +91,23 @@ def units(ctx: Context) -> Work:
     probe = ctx.config()
     n_train = get_data(probe, resolve_device(probe.device)).n_train
     arms = arm_fields(s, n_train, ctx.model or "mlp")
-    names, cfgs = [], []
+    names: list[str | None] = []
+    cfgs = []
     for name, fields in arms.items():
         for seed in ctx.seed_list:
             names.append(name)
             cfgs.append(ctx.config(**fields, seed=seed, probes=[]))
+    # the arms that follow the baseline's batch size and lr up to its first lr decay (Smith's
+    # batch increases start there) share those epochs: one run of them per seed (name None),
+    # which each such arm continues (`runs.continuation`) instead of training them again
+    d0 = min(s.decay_epochs, default=0)
+    if 0 < d0 < s.epochs:
+        head = {**arms["small"], "epochs": d0, "decay": "none", "decay_epochs": []}
+        for seed in ctx.seed_list:
+            pre = ctx.config(**head, seed=seed, probes=[])
+            if sum(prefix_reason(pre, c, n_train) is None for c in cfgs) >= 2:
+                names.append(None)
+                cfgs.append(pre)
     return Work("schedules", runs=cfgs, state={"arms": arms, "names": names})
 
 
@@ -109,6 +122,8 @@ def analyze(ctx: Context, work: Results) -> Output:
     train_acc: dict[str, list] = {a: [] for a in arms}
     curves: dict[str, list] = {}
     for name, res in zip(names, results):
+        if name is None:  # a shared prefix of arms, not an arm
+            continue
         f = res.final
         rows.append({"arm": name, "seed": res.config.seed, "status": res.status,
                      "basis": ARMS[name][1], "batch_sizes": sorted(set(res.config.batch_sizes())),

@@ -71,10 +71,15 @@ def configs(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: bool = Fa
 
 def one_config(ctx: Context, s: StepsToTargetOptions, bs: int, lr: float, seed: int,
                epochs: int) -> Any:
+    """One run of the grid (or the tiny batch). Its analysis reads the target's metric and
+    the step it is crossed, nothing else: with a target off the train set the train set is not
+    evaluated (`train_eval_size=0`), which leaves every number the same at half the
+    evaluation cost (a sixth of the experiment's FLOPs at the paper preset)."""
+    extra = {} if str(s.target_metric).startswith("train") else {"train_eval_size": 0}
     return ctx.config(batch_size=bs, lr=lr, momentum=s.momentum,
                       epochs=epochs, seed=seed, target_metric=s.target_metric,
                       target_value=float(s.target_value),
-                      probes=["target_step"] if s.fine_steps else [])
+                      probes=["target_step"] if s.fine_steps else [], **extra)
 
 
 Rows = list[dict[str, Any]]
@@ -92,7 +97,15 @@ def _row(res: TrainResult, n_train: int, budget_epochs: int) -> dict[str, Any]:
 
 
 NOISE_NOTE = ("then one noise-scale run per seed at the smallest batch size that reached the "
-              "target (chosen from the results): not counted")
+              "target (chosen from the results): counted at the grid's smallest")
+
+
+def noise_configs(ctx: Context, s: StepsToTargetOptions, batch_size: int, lr: float) -> list:
+    """The noise-scale runs of G3 (`noise_check`): one per seed, the whole epoch budget with
+    the noise-scale probe and no target."""
+    return [ctx.config(batch_size=batch_size, lr=lr, epochs=int(s.max_epochs),
+                       momentum=s.momentum, probes=["noise_scale"], seed=seed)
+            for seed in ctx.seed_list]
 
 
 def units(ctx: Context) -> Work:
@@ -106,11 +119,15 @@ def units(ctx: Context) -> Work:
     probe_cfg = ctx.config()
     n_train = get_data(probe_cfg, resolve_device(probe_cfg.device)).n_train
     tiny = configs(ctx, s, n_train, tiny=True)
+    # G3's noise runs depend on which batch reached the target: declared (for the plan) at
+    # the grid's smallest batch and first lr, which costs the same FLOPs as any other choice
+    fitting = [b for b in s.batch_sizes if b <= n_train]
+    noise = noise_configs(ctx, s, min(fitting), s.lrs[0]) if fitting else []
     if s.lr_search == "halving":
-        return Work("steps-to-target", later_runs=halving_worst(ctx, s, n_train) + tiny,
+        return Work("steps-to-target", later_runs=halving_worst(ctx, s, n_train) + tiny + noise,
                     notes=[NOISE_NOTE], state={"n_train": n_train})
     cfgs = configs(ctx, s, n_train)
-    return Work("steps-to-target", runs=cfgs + tiny, notes=[NOISE_NOTE],
+    return Work("steps-to-target", runs=cfgs + tiny, later_runs=noise, notes=[NOISE_NOTE],
                 state={"n_train": n_train, "grid": len(cfgs)})
 
 
@@ -253,9 +270,7 @@ def noise_check(ctx: Context, best: Rows, s: StepsToTargetOptions) -> dict[int, 
     if not reached:
         return {}
     r0 = reached[0]
-    cfgs = [ctx.config(batch_size=r0["batch_size"], lr=r0["lr"], epochs=int(s.max_epochs),
-                       momentum=s.momentum, probes=["noise_scale"],
-                       seed=seed) for seed in ctx.seed_list]
+    cfgs = noise_configs(ctx, s, r0["batch_size"], r0["lr"])
     out: dict[int, dict[str, Any]] = {}
     for res in ctx.run_many(cfgs, label="steps-to-target:noise"):
         vals = [(e["epoch"], e.get("train_loss"), e.get("b_simple_avg", e.get("b_simple")))
