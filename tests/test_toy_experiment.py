@@ -117,3 +117,39 @@ def test_registering_twice_or_a_taken_finding_is_refused(toy) -> None:
     with pytest.raises(ConfigError, match="finding S1 is already"):
         register_experiment(Experiment("toy2", "x", toy_units, toy_analyze,
                                        findings={"S1": "something else"}))
+
+
+def test_an_installed_package_adds_an_experiment_to_the_cli(tmp_path: Path) -> None:
+    """Another package declares the experiment under the `batchlab.experiments` entry-point
+    group: the CLI lists it, runs it and `reproduce --only` takes it, with no change to
+    batchlab; a broken entry point is one warning line, and every other command still works."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "toyplug.py").write_text("from test_toy_experiment import TOY as EXPERIMENT\n")
+    info = tmp_path / "toyplug-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[batchlab.experiments]\ntoy = toyplug:EXPERIMENT\nbroken = toyplug:NO_SUCH_NAME\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "batchlab", *args], capture_output=True,
+                              text=True, env=env, timeout=600)
+
+    listed = cli("experiment", "list", "--json")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "toy" in json.loads(listed.stdout)["experiments"]
+    warning = [ln for ln in listed.stderr.splitlines() if "broken" in ln]
+    assert len(warning) == 1 and "not loaded" in warning[0] and "Traceback" not in listed.stderr
+    common = ["--seeds", "2", "--set", "hidden=[16]", "--set", "dataset=digits", "--json",
+              "--quiet", "--store", str(tmp_path / "s.db")]
+    run = cli("experiment", "toy", *common, "--out", str(tmp_path / "one"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [c["finding"] for c in json.loads(run.stdout)["claims"]] == ["R90"]
+    both = cli("reproduce", "--only", "toy", *common, "--out", str(tmp_path / "all"))
+    assert both.returncode == 0, both.stderr[-2000:]
+    assert json.loads((tmp_path / "all" / "claims.json").read_text())["claims"][0]["finding"] == "R90"

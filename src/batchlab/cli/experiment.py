@@ -42,16 +42,20 @@ from batchlab.cli.options import (
 from batchlab.cli.runs import check_store_folder, warn_distrusted
 from batchlab.engine.setup import resolve_device
 from batchlab.errors import AllRunsFailed
-from batchlab.experiments import REGISTRY
+from batchlab.experiments import REGISTRY, available, load_plugins
 from batchlab.experiments.options import describe
 
 err = Console(stderr=True)
 
-# experiments `reproduce` runs by default, in report order: all of them
-REPRODUCE_ORDER = tuple(REGISTRY)
+# experiments of other installed packages (entry points) join before the commands are built
+for _line in load_plugins():
+    err.print(f"[yellow]warning:[/] {escape(_line)}")
+
+# experiments `reproduce` runs by default, in report order: all of them, plugins last
+REPRODUCE_ORDER = (*REGISTRY, *(n for n in available() if n not in REGISTRY))
 
 
-Names = Enum("Names", {n.replace("-", "_"): n for n in REGISTRY}, type=str)  # type: ignore[misc]
+Names = Enum("Names", {n.replace("-", "_"): n for n in REPRODUCE_ORDER}, type=str)  # type: ignore[misc]
 
 
 @dataclass
@@ -193,7 +197,6 @@ def register(app: typer.Typer) -> None:
     @exp_app.command("list")
     def list_cmd(as_json: JsonOpt = False) -> None:
         """List the experiments."""
-        from batchlab.experiments import available
 
         names = available()
         if as_json:
@@ -217,7 +220,7 @@ def register(app: typer.Typer) -> None:
             t.add_row(*[escape(str(r[c])) for c in ("option", "type", "default", "meaning")])
         Console().print(t)
 
-    for name in REGISTRY:
+    for name in REPRODUCE_ORDER:
         exp_app.command(name)(_make_command(name))
 
     @app.command()

@@ -1,6 +1,7 @@
 """Experiments: each one a declaration (`Experiment`: its options, `units`, `analyze`) in a
 module here with an `EXPERIMENT` object, run by `batchlab experiment NAME` and collected by
-`batchlab reproduce`; one defined elsewhere joins with `register_experiment`.
+`batchlab reproduce`; one defined elsewhere joins with `register_experiment`, or from another
+installed package through an entry point (`load_plugins`).
 
 Data flows one way: the experiment declares its work (`units` -> `work.Work`: the configs to
 train, the trials, curvature and timings after them) -> `ctx.run_many` trains the configs
@@ -41,8 +42,8 @@ REGISTRY: dict[str, str] = {
 }
 _REGISTERED: dict[str, Experiment] = {}  # name -> declaration, by `register_experiment`
 __all__ = ["PRESETS", "REGISTRY", "Context", "Curvature", "Experiment", "MLPOnly", "Output",
-           "Results", "Trials", "Work", "available", "get", "register_experiment",
-           "run_experiment", "unregister_experiment"]
+           "Results", "Trials", "Work", "available", "get", "load_plugins",
+           "register_experiment", "run_experiment", "unregister_experiment"]
 
 
 def register_experiment(exp: Experiment) -> Experiment:
@@ -85,6 +86,36 @@ def unregister_experiment(name: str) -> None:
     OPTIONS.pop(name, None)
     for fid in exp.findings:
         findings.FINDINGS.pop(fid, None)
+
+
+PLUGIN_GROUP = "batchlab.experiments"
+"""Entry-point group of experiments defined in other installed packages: an entry point
+`NAME = "module:EXPERIMENT"` (an `Experiment`) in a package's metadata, e.g. in its
+pyproject.toml `[project.entry-points."batchlab.experiments"]`, makes `batchlab experiment
+NAME` and `reproduce` run it without any change to batchlab."""
+
+
+def load_plugins() -> list[str]:
+    """Register every installed `PLUGIN_GROUP` experiment not registered yet; returns one line
+    per entry point that could not be loaded (the CLI prints them and goes on without it:
+    one broken package must not take every other experiment down)."""
+    from importlib.metadata import entry_points
+
+    problems = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in REGISTRY or ep.name in _REGISTERED:
+            continue
+        try:
+            exp = ep.load()
+            if not isinstance(exp, Experiment):
+                raise ConfigError(f"{ep.value} is a {type(exp).__name__}, not an Experiment")
+            if exp.name != ep.name:
+                raise ConfigError(f"{ep.value} is named {exp.name!r}, its entry point {ep.name!r}")
+            register_experiment(exp)
+        except Exception as e:  # noqa: BLE001 - a plugin's failure, reported in one line
+            problems.append(f"experiment plugin {ep.name!r} ({ep.value}) not loaded: "
+                            f"{type(e).__name__}: {e}")
+    return problems
 
 
 def get(name: str) -> Experiment:
