@@ -17,20 +17,20 @@ TINY = dict(dataset="digits", hidden=[16], lr=0.01, probes=[])
 N_TRAIN = 1437  # digits: 1797 images, 360 held out for test
 
 
-def test_epoch_plan_switches_exactly_at_the_phase_boundary():
+def test_epoch_settings_switch_exactly_at_the_phase_boundary():
     cfg = make_config(schedule=[{"epochs": 3, "batch_size": 1024},
                                 {"epochs": 2, "batch_size": 64, "lr": 0.1}], lr=0.01)
-    plan = schedules.epoch_plan(cfg)
+    settings = schedules.epoch_settings(cfg)
     assert cfg.epochs == 5
-    assert [p.epoch for p in plan] == [1, 2, 3, 4, 5]
-    assert [p.batch_size for p in plan] == [1024, 1024, 1024, 64, 64]
-    assert [p.base_lr for p in plan] == [0.01, 0.01, 0.01, 0.1, 0.1]
+    assert [p.epoch for p in settings] == [1, 2, 3, 4, 5]
+    assert [p.batch_size for p in settings] == [1024, 1024, 1024, 64, 64]
+    assert [p.base_lr for p in settings] == [0.01, 0.01, 0.01, 0.1, 0.1]
 
 
-def test_plan_without_schedule_and_with_zero_epochs():
-    assert [p.batch_size for p in schedules.epoch_plan(make_config(batch_size=32, epochs=2))] \
+def test_settings_without_schedule_and_with_zero_epochs():
+    assert [p.batch_size for p in schedules.epoch_settings(make_config(batch_size=32, epochs=2))] \
         == [32, 32]
-    assert schedules.epoch_plan(make_config(epochs=0)) == []
+    assert schedules.epoch_settings(make_config(epochs=0)) == []
 
 
 def test_switch_in_a_run_changes_steps_per_epoch_at_epoch_k():
@@ -71,8 +71,8 @@ def test_warmup_is_linear_then_flat():
     assert schedules.warmup_decay(cfg, 2.0) == 1.0
     assert schedules.warmup_decay(cfg, 7.0) == 1.0
     # per step inside an epoch: step 5 of 10 in epoch 1 is t = 0.5
-    plan = schedules.epoch_plan(cfg)[0]
-    assert schedules.lr_at(cfg, plan, 5, 10) == pytest.approx(0.01 * 0.25)
+    first = schedules.epoch_settings(cfg)[0]
+    assert schedules.lr_at(cfg, first, 5, 10) == pytest.approx(0.01 * 0.25)
     assert not schedules.constant_within_epoch(cfg)
 
 

@@ -12,7 +12,7 @@ import torch
 from batchlab.config import make_config
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import get_data, resolve_device
-from batchlab.engine.vectorized import MAX_K, MAX_VECTORIZED_BATCH, plan_groups, train_group
+from batchlab.engine.vectorized import MAX_K, MAX_VECTORIZED_BATCH, stack_groups, train_group
 from batchlab.runs.executors import run_configs
 from batchlab.runs.store import Store
 from batchlab.runs.training import train, train_many
@@ -146,11 +146,11 @@ def test_run_local_vectorizes_eligible_groups(store_path) -> None:
     assert all(r.status == "completed" for r in res)
 
 
-def test_plan_groups_follows_the_measured_rule() -> None:
+def test_stack_groups_follows_the_measured_rule() -> None:
     seeds = [_cfg(seed=s) for s in range(MAX_K + 1)]
-    assert plan_groups(seeds) == [list(range(MAX_K)), [MAX_K]]
+    assert stack_groups(seeds) == [list(range(MAX_K)), [MAX_K]]
     big = [_cfg(seed=s, batch_size=MAX_VECTORIZED_BATCH * 2) for s in range(2)]
-    assert plan_groups(big) == [[0], [1]]
+    assert stack_groups(big) == [[0], [1]]
     mixed = [
         _cfg(seed=0),
         _cfg(optimizer="adam"),
@@ -159,7 +159,7 @@ def test_plan_groups_follows_the_measured_rule() -> None:
         _cfg(seed=2),
         _cfg(seed=3, engine="autograd"),
     ]
-    assert plan_groups(mixed) == [[0, 4], [1], [2], [3], [5]]
+    assert stack_groups(mixed) == [[0, 4], [1], [2], [3], [5]]
 
 
 def test_train_group_rejects_incompatible_configs() -> None:
@@ -187,7 +187,7 @@ def test_why_a_config_runs_alone_is_logged(caplog) -> None:
     cfgs = [_cfg(seed=0, batch_size=big), _cfg(seed=1, batch_size=big),
             _cfg(optimizer="adam", lr=0.01), _cfg(seed=2, probes=["noise_scale"])]
     with caplog.at_level(logging.INFO, logger="batchlab.engine.vectorized"):
-        assert plan_groups(cfgs) == [[0], [1], [2], [3]]
+        assert stack_groups(cfgs) == [[0], [1], [2], [3]]
     text = caplog.text
     assert f"2 config(s) trained one by one, not vectorized: batch size {big} > MAX_VECTORIZED_BATCH" in text
     assert "optimizer adam runs on autograd" in text

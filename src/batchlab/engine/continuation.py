@@ -87,7 +87,7 @@ def prefix_reason(short: TrainConfig, long: TrainConfig, n_train: int) -> str | 
         return "not shorter"
     if prefix_key(short, "") != prefix_key(long, ""):
         return "configs differ beyond their length"
-    p_short, p_long = schedules.epoch_plan(short), schedules.epoch_plan(long)
+    p_short, p_long = schedules.epoch_settings(short), schedules.epoch_settings(long)
     steady = (schedules.constant_within_epoch(short) and schedules.constant_within_epoch(long))
     for a, b in zip(p_short, p_long):
         if a.batch_size != b.batch_size:

@@ -149,16 +149,16 @@ class Loop:
         return self.results
 
     def _train(self) -> None:
-        plans = [schedules.epoch_plan(c) for c in self.cfgs]
+        settings = [schedules.epoch_settings(c) for c in self.cfgs]
         if self.reporter:
-            self.reporter.start(self.cfgs[0], len(plans[0]))
+            self.reporter.start(self.cfgs[0], len(settings[0]))
         for k in range(self.K):
             self._start(k)
         gens = self.gens
         first = self.resume[0].state if self.resume[0] is not None else None
         const_lr = [schedules.constant_within_epoch(c) for c in self.cfgs]
         if self.streamed:
-            self._train_streamed(plans[0], gens[0], const_lr[0])
+            self._train_streamed(settings[0], gens[0], const_lr[0])
             if self.reporter:
                 self.reporter.finish()
             return
@@ -166,17 +166,17 @@ class Loop:
         any_step_probes = any(self.step_probes)
         steps, samples = (first.steps, first.samples) if first is not None else (0, 0)
         self._nets_in_train_mode()
-        for e in range(first.epoch if first is not None else 0, len(plans[0])):
+        for e in range(first.epoch if first is not None else 0, len(settings[0])):
             if not self.active:
                 break
             active = self.active
-            bs = plans[active[0]][e].batch_size
+            bs = settings[active[0]][e].batch_size
             n_steps = math.ceil(n / bs)
             perms = torch.stack([torch.randperm(n, generator=gens[k]) for k in active])
             perms = perms.to(self.device)
             running = torch.zeros(len(active), device=self.device)
             report_every = max(1, n_steps // 50)
-            lrs = [schedules.lr_at(self.cfgs[k], plans[k][e], 0, n_steps) for k in active]
+            lrs = [schedules.lr_at(self.cfgs[k], settings[k][e], 0, n_steps) for k in active]
             per_step_lr = not all(const_lr[k] for k in active)
             self._sync_device()
             t_ep = time.perf_counter()
@@ -187,7 +187,7 @@ class Loop:
                 xb = X.index_select(0, flat).view(len(active), b, *X.shape[1:])
                 yb = Y.index_select(0, flat).view(len(active), b, *Y.shape[1:])
                 if per_step_lr:
-                    lrs = [schedules.lr_at(self.cfgs[k], plans[k][e], s, n_steps) for k in active]
+                    lrs = [schedules.lr_at(self.cfgs[k], settings[k][e], s, n_steps) for k in active]
                 running += self.stepper.step(xb, yb, lrs) * b
                 steps += 1
                 samples += b
@@ -199,7 +199,7 @@ class Loop:
             share = (time.perf_counter() - t_ep) / len(active)
             self.stepper.sync()
             keep = [j for j, k in enumerate(active)
-                    if self._end_epoch(k, plans[k][e].epoch, bs, lrs[j], steps, samples, share,
+                    if self._end_epoch(k, settings[k][e].epoch, bs, lrs[j], steps, samples, share,
                                        running[j] / n, len(active))]
             if len(keep) < len(active):
                 self.active = [active[j] for j in keep]
@@ -208,12 +208,12 @@ class Loop:
         if self.reporter:
             self.reporter.finish()
 
-    def _train_streamed(self, plan: list[Any], gen: torch.Generator, const_lr: bool) -> None:
+    def _train_streamed(self, settings: list[schedules.EpochSetting], gen: torch.Generator, const_lr: bool) -> None:
         """The epochs of one model on streamed data: batches as the source yields them (see
         `batchlab.data.stream`), moved to the device one at a time."""
         cfg, steps, samples = self.cfgs[0], 0, 0
         self._nets_in_train_mode()
-        for ep in plan:
+        for ep in settings:
             if not self.active:
                 break
             bs = ep.batch_size

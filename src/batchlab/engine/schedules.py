@@ -14,23 +14,27 @@ from batchlab.config import Phase, TrainConfig
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochSetting:
+    """One epoch's batch size and phase lr (before multipliers, warmup and decay)."""
+
     epoch: int  # 1-based
     batch_size: int
     base_lr: float
 
 
-def epoch_plan(cfg: TrainConfig) -> list[EpochPlan]:
-    """Batch size and phase lr for every epoch, expanding `schedule` phases in order."""
+def epoch_settings(cfg: TrainConfig) -> list[EpochSetting]:
+    """Batch size and phase lr for every epoch, expanding `schedule` phases in order. Named
+    "settings", not "plan" (the `--plan` cost projection owns that word) nor "phases" (a
+    `Phase` spans several epochs; this is one entry per epoch)."""
     # an unscheduled run is one phase (none at all for epochs=0: a Phase needs epochs > 0)
     phases = cfg.schedule or ([Phase(epochs=cfg.epochs)] if cfg.epochs > 0 else [])
-    plan: list[EpochPlan] = []
+    settings: list[EpochSetting] = []
     for ph in phases:
         bs = ph.batch_size or cfg.batch_size
         lr = ph.lr or cfg.lr
         for _ in range(ph.epochs):
-            plan.append(EpochPlan(len(plan) + 1, bs, lr))
-    return plan
+            settings.append(EpochSetting(len(settings) + 1, bs, lr))
+    return settings
 
 
 def multiplier(cfg: TrainConfig, epoch: int) -> float:
@@ -57,10 +61,10 @@ def warmup_decay(cfg: TrainConfig, t: float) -> float:
     return f
 
 
-def lr_at(cfg: TrainConfig, plan: EpochPlan, step_in_epoch: int, steps_in_epoch: int) -> float:
+def lr_at(cfg: TrainConfig, ep: EpochSetting, step_in_epoch: int, steps_in_epoch: int) -> float:
     """The learning rate for one optimizer step."""
-    t = plan.epoch - 1 + step_in_epoch / max(steps_in_epoch, 1)
-    return plan.base_lr * multiplier(cfg, plan.epoch) * warmup_decay(cfg, t)
+    t = ep.epoch - 1 + step_in_epoch / max(steps_in_epoch, 1)
+    return ep.base_lr * multiplier(cfg, ep.epoch) * warmup_decay(cfg, t)
 
 
 def constant_within_epoch(cfg: TrainConfig) -> bool:

@@ -9,7 +9,7 @@ vectorized run equals the sequential `train()` of the same config up to float ro
 same loop, `engine/loop.py`, with K > 1), and it is stored under the same key with the same
 record layout (a later `train()` finds it cached).
 
-When to vectorize (`plan_groups`) — the rule, from measurements on the 2-core CPU (see
+When to vectorize (`stack_groups`) — the rule, from measurements on the 2-core CPU (see
 `benchmarks/vectorized.py`): configs are grouped when they can share a pass (`group_key`), and
 a group of K >= 2 is vectorized only when every batch size in its schedule is at most
 `MAX_VECTORIZED_BATCH`; larger batches already saturate the matmul units one model at a time, so
@@ -80,7 +80,7 @@ def group_key(cfg: TrainConfig) -> tuple[Any, ...] | None:
     return (
         cfg.dataset, cfg.data, cfg.data_dir, cfg.normalize, cfg.val_fraction, cfg.max_train, cfg.max_test,
         tuple(cfg.hidden), cfg.momentum, cfg.nesterov, cfg.weight_decay,
-        tuple(e.batch_size for e in schedules.epoch_plan(cfg)), cfg.device,
+        tuple(e.batch_size for e in schedules.epoch_settings(cfg)), cfg.device,
     )
 
 
@@ -89,9 +89,11 @@ def worth_vectorizing(cfg: TrainConfig, k: int) -> bool:
     return k >= 2 and cfg.epochs > 0 and max(cfg.batch_sizes()) <= MAX_VECTORIZED_BATCH
 
 
-def plan_groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
+def stack_groups(configs: Sequence[TrainConfig]) -> list[list[int]]:
     """Indices of `configs` cut into work units, in first-appearance order: a unit of >= 2 is
-    trained in one vectorized pass, a unit of 1 by `train()`."""
+    trained in one vectorized pass, a unit of 1 by `train()`. Named for what it decides -
+    which runs stack into one pass - and not "plan", which is the `--plan` cost projection's
+    word (that projection calls this to count the same passes the training will make)."""
     by_key: dict[tuple[Any, ...], list[int]] = {}
     units: list[list[int]] = []
     for i, cfg in enumerate(configs):
@@ -156,7 +158,7 @@ def continue_runs(cfgs: Sequence[TrainConfig], resumes: Sequence[Resume], keys: 
                   data: Any, *, keep_state: Sequence[bool] | None = None) -> list[TrainResult]:
     """Train built-in-model configs from the states of their prefixes (`engine.continuation`;
     found by `batchlab.runs.continuation`), in one pass (K > 1: vectorized, the caller groups
-    them as `plan_groups` does). Each model is built from its seed as a fresh run's is (its
+    them as `stack_groups` does). Each model is built from its seed as a fresh run's is (its
     init is the geometry probes' reference), then takes its prefix's weights."""
     device = resolve_device(cfgs[0].device)
     nets, probes = [], []

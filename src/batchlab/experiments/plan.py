@@ -40,7 +40,7 @@ import torch
 
 from batchlab.config import TrainConfig
 from batchlab.engine.setup import get_data, resolve_device
-from batchlab.engine.vectorized import plan_groups
+from batchlab.engine.vectorized import stack_groups
 from batchlab.experiments import get, prepared
 from batchlab.experiments.base import Context
 from batchlab.experiments.plan_probe import Probe, mlp_params
@@ -239,7 +239,7 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
     # a run continuing a prefix (stored, trained first in the same call, or kept by an earlier
     # experiment of the plan: `runs.continuation`) trains only the epochs after it
     done = continued_epochs(todo, store, kept) if continues else {}
-    for unit in plan_groups(todo):
+    for unit in stack_groups(todo):
         cfgs = [todo[i] for i in unit]
         cfg, k = cfgs[0], len(cfgs)
         td = get_data(cfg, torch.device("cpu"))

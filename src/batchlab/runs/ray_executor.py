@@ -3,7 +3,7 @@
 Design, and why:
 - Each run is one Ray task with declared resources (`num_cpus`, plus `num_gpus` when it trains
   on CUDA), so Ray packs runs onto the cluster without oversubscribing cores. Runs that the
-  local executor trains together in one vectorized pass (`batchlab.engine.vectorized.plan_groups`)
+  local executor trains together in one vectorized pass (`batchlab.engine.vectorized.stack_groups`)
   form one task here too, so both executors compute exactly the same thing.
 - The driver is `batchlab.runs.tasks.RayPool`, the one Ray driver of the package (measurement
   and gradient-trial tasks use it too): it submits, hands back each task as it finishes,
@@ -43,7 +43,7 @@ from batchlab.config import TrainConfig
 from batchlab.data import RawData, TensorData, load_dataset, prepare_for
 from batchlab.engine.result import TrainResult
 from batchlab.engine.setup import build_model, resolve_device, run_key
-from batchlab.engine.vectorized import plan_groups, train_group
+from batchlab.engine.vectorized import stack_groups, train_group
 from batchlab.errors import ConfigError
 from batchlab.runs.store import Store
 from batchlab.runs.tasks import RayPool, TaskFailed
@@ -206,7 +206,7 @@ def _submit_and_collect(pool: RayPool, todo: dict[str, TrainConfig],
     gpus = float(ray.cluster_resources().get("GPU", 0.0))
     todo_keys = list(todo)
     units = []  # (keys, configs, GPUs per task), all checked before anything is submitted
-    for unit in plan_groups([todo[k] for k in todo_keys]):
+    for unit in stack_groups([todo[k] for k in todo_keys]):
         cfgs = [todo[todo_keys[i]] for i in unit]
         n_gpus = num_gpus_per_task if _wants_gpu(cfgs[0], gpus) else 0.0
         units.append(([todo_keys[i] for i in unit], cfgs, n_gpus))

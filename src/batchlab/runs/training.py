@@ -3,7 +3,7 @@ and a new run (completed, diverged or failed) is saved with its safetensors chec
 
 The engine (`batchlab.engine`) only computes results; this module decides what is stored.
 `train` is `batchlab.train`; `train_many` trains a list of configs, vectorizing the groups
-that `engine.vectorized.plan_groups` picks (it logs why any other config runs alone).
+that `engine.vectorized.stack_groups` picks (it logs why any other config runs alone).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from batchlab.engine.continuation import Resume
 from batchlab.engine.loop import EpochHook, train_one
 from batchlab.engine.result import Reporter, TrainResult
 from batchlab.engine.setup import build_model, check_batch_sizes, get_data, resolve_device, run_key
-from batchlab.engine.vectorized import continue_runs, plan_groups, train_group
+from batchlab.engine.vectorized import continue_runs, stack_groups, train_group
 from batchlab.errors import BatchlabError, ConfigError
 from batchlab.nn.checkpoint import save_state
 from batchlab.nn.factory import as_log_probs, model_check_data
@@ -189,7 +189,7 @@ def train_many(configs: Sequence[TrainConfig | dict[str, Any]], store: Store | N
                label: str | None = None, *, on_error: Literal["raise", "record"] = "raise",
                on_done: Callable[[int], None] | None = None,
                keep_state: KeepState = False) -> list[TrainResult]:
-    """Train `configs` (results in order), vectorizing the groups `plan_groups` picks and
+    """Train `configs` (results in order), vectorizing the groups `stack_groups` picks and
     training the rest one by one. Runs already finished in `store` come back cached; new ones
     are saved exactly as `train()` saves them; a config listed twice is trained once.
 
@@ -225,10 +225,10 @@ def _train_wave(todo: list[int], cfgs: list[TrainConfig], keys: list[str],
                 results: dict[str, TrainResult], store: Store | None, label: str | None,
                 on_error: str, on_done: Callable[[int], None] | None, keep: set[int]) -> None:
     """Train configs `todo` (indices into `cfgs`), none of which continues another of them:
-    each from the longest stored prefix it has, else from scratch; passes as `plan_groups`
+    each from the longest stored prefix it has, else from scratch; passes as `stack_groups`
     cuts them, split further by the epoch their models start at."""
     resumes = {i: _resume_for(cfgs[i], store) for i in todo}
-    for unit in plan_groups([cfgs[i] for i in todo]):
+    for unit in stack_groups([cfgs[i] for i in todo]):
         by_start: dict[int, list[int]] = {}
         for j in unit:
             rs = resumes[todo[j]]
@@ -255,7 +255,7 @@ def _continue(idxs: list[int], cfgs: list[TrainConfig], keys: list[str],
               results: dict[str, TrainResult], resumes: dict[int, Resume | None],
               store: Store | None, label: str | None, on_error: str, keep: set[int]) -> None:
     """Continue configs from their prefixes' states, in one pass (they share a start epoch
-    and a `plan_groups` unit)."""
+    and a `stack_groups` unit)."""
     t0 = time.perf_counter()
     td = get_data(cfgs[idxs[0]], resolve_device(cfgs[idxs[0]].device))
     group = continue_runs([cfgs[i] for i in idxs], [resumes[i] for i in idxs],  # type: ignore[misc]
