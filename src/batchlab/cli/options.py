@@ -51,7 +51,7 @@ BatchSizeOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examp
 MaxBatchOpt = Annotated[Optional[int], typer.Option("--max-batch", help="Largest batch size (recommend: to time; schedule-preset smith: to grow to).")]
 LrOpt = Annotated[float, typer.Option("--lr", help="Base learning rate, > 0 (recommend: of the measurement run, where the lr search starts).")]
 EpochsOpt = Annotated[Optional[int], typer.Option("--epochs", help="Passes over the training set (train: 0 evaluates the initial weights only; recommend: of the measurement run, default ~50k examples).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file of TrainConfig fields (train: flags given explicitly override it; schedule-preset: the small-batch recipe).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file of TrainConfig fields (train: flags given explicitly override it; schedule-preset: the small-batch config).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Output folder (an experiment writes OUT/NAME/, recommend its figure and JSON).")]
 ExecutorOpt = Annotated[Executor, typer.Option("--executor", help="Where runs execute: here, or on a Ray cluster (needs batchlab's ray extra).")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray-address", help="auto or HOST:PORT; none starts a local Ray.")]

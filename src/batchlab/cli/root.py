@@ -234,7 +234,7 @@ def _register_plugins() -> None:
     """Commands defined next to their features (experiments, recommend, ...)."""
     import importlib
 
-    for mod in ("batchlab.cli.experiment", "batchlab.cli.recommend", "batchlab.cli.presets"):
+    for mod in ("batchlab.cli.experiment", "batchlab.cli.recommend", "batchlab.cli.recipes"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -38,7 +38,7 @@ FIELD_HELP: dict[str, str] = {
     "trust_coefficient": "LARS trust coefficient eta (> 0).",
     "curvature_every": "Steps between curvature measurements of cblr/mclr.",
     "discard_fraction": "Drop this lowest-loss fraction of each batch before the update, in [0, 1).",
-    "warmup_epochs": "Linear lr warmup length in epochs (0: none; the goyal preset's warmup on schedule-preset).",
+    "warmup_epochs": "Linear lr warmup length in epochs (0: none; the goyal recipe's warmup on schedule-preset).",
     "decay": "lr decay after warmup: none, step (at decay_epochs, set in --config) or cosine.",
     "decay_factor": "Factor of each step decay (> 0).",
     "target_metric": "Stop when this metric reaches --target-value.",

@@ -1,7 +1,7 @@
-"""Large-batch schedule presets from the literature vs the small-batch baseline.
+"""Large-batch schedule recipes from the literature vs the small-batch baseline.
 
-One small-batch recipe (batch B0, lr with step decays) is the baseline; a large batch B run
-with the same recipe shows the generalization gap. The presets of `batchlab.engine.presets` try to
+One small-batch config (batch B0, lr with step decays) is the baseline; a large batch B run
+with the same settings shows the generalization gap. The recipes of `batchlab.engine.recipes` try to
 close it: Goyal et al. (linear lr scaling + warmup) and Smith et al. (batch increases instead of
 lr decays) at equal epochs, Hoffer et al. (epochs x B/B0, i.e. equal steps, sqrt lr scaling) on
 the plain MLP and, with Ghost Batch Norm, on the MLP with BatchNorm against a BatchNorm
@@ -16,7 +16,7 @@ import numpy as np
 
 from batchlab.config import plateau_start
 from batchlab.engine.continuation import prefix_reason
-from batchlab.engine.presets import apply_preset
+from batchlab.engine.recipes import apply_recipe
 from batchlab.experiments import intervals as I
 from batchlab.experiments import verdicts as V
 from batchlab.experiments.accuracies import accuracy_difference, bits_to_array
@@ -72,19 +72,19 @@ def arm_fields(s: SchedulesOptions, n_train: int, model: str = "mlp") -> dict[st
     arms = {
         "small": base,
         "large": {**base, "batch_size": big},
-        "goyal": apply_preset("goyal", base, batch_size=big, warmup_epochs=s.warmup_epochs),
-        "smith": apply_preset("smith", base, max_batch=n_train),
-        "hoffer": {**apply_preset("hoffer", base, batch_size=big), "eval_every": ratio},
+        "goyal": apply_recipe("goyal", base, batch_size=big, warmup_epochs=s.warmup_epochs),
+        "smith": apply_recipe("smith", base, max_batch=n_train),
+        "hoffer": {**apply_recipe("hoffer", base, batch_size=big), "eval_every": ratio},
     }
     if s.gbn and model == "mlp":  # BatchNorm arms: the built-in MLP's
         bn = {**base, "batchnorm": True}
         arms["small-bn"] = bn
-        arms["hoffer-gbn"] = {**apply_preset("hoffer", bn, batch_size=big), "eval_every": ratio}
+        arms["hoffer-gbn"] = {**apply_recipe("hoffer", bn, batch_size=big), "eval_every": ratio}
     return arms
 
 
 def units(ctx: Context) -> Work:
-    """Every arm (baseline, large batch, each preset's schedule) with every seed."""
+    """Every arm (baseline, large batch, each recipe's schedule) with every seed."""
     from batchlab.engine.setup import get_data, resolve_device
 
     s = ctx.opts  # options.Schedules, resolved for the preset
@@ -291,6 +291,6 @@ def figure(curves: dict[str, list]):
     return fig
 
 
-EXPERIMENT = Experiment("schedules", "Large-batch schedule presets (Goyal, Smith, Hoffer)", units,
+EXPERIMENT = Experiment("schedules", "Large-batch schedule recipes (Goyal, Smith, Hoffer)", units,
                         analyze,
                         quick_options={"hidden": QUICK_HIDDEN})

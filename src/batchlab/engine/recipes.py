@@ -1,14 +1,17 @@
-"""Large-batch schedule presets from the literature, as plain TrainConfig fields.
+"""Large-batch schedule recipes from the literature, as plain TrainConfig fields.
 
-`apply_preset(name, base, batch_size=..., base_batch=...)` turns a small-batch recipe (`base`,
-a dict of TrainConfig fields) into the large-batch recipe a paper prescribes. The result is a
+Called "recipes", not "presets": a preset is the quick/paper budget of `--preset`; the user
+command that prints a recipe keeps its name, `batchlab schedule-preset NAME` (`cli.recipes`).
+
+`apply_recipe(name, base, batch_size=..., base_batch=...)` turns a small-batch config (`base`,
+a dict of TrainConfig fields) into the large-batch config a paper prescribes. The result is a
 dict of fields, so it runs anywhere a config does: `train(make_config(**fields))`, the
-`[base]` table of a sweep TOML (`preset_toml` writes the fields), or `batchlab train --config`.
+`[base]` table of a sweep TOML (`recipe_toml` writes the fields), or `batchlab train --config`.
 
 * "goyal" - Goyal et al. 2017, "Accurate, Large Minibatch SGD": lr scaled linearly with the
   batch size (lr x B/B0) and a gradual linear warmup from ~0 over the first epochs.
 * "smith" - Smith et al. 2018, "Don't Decay the Learning Rate, Increase the Batch Size": the
-  base recipe's step decays of the lr by a factor f are replaced, one for one, by multiplying
+  base config's step decays of the lr by a factor f are replaced, one for one, by multiplying
   the batch size by 1/f (a `schedule` of phases at constant lr); once the batch would exceed
   `max_batch` (the training set), the remaining factor is applied to the lr instead, as the
   paper does when it runs out of batch size.
@@ -35,7 +38,7 @@ def _base_lr(base: Fields) -> float:
 
 def _check(batch_size: int, base_batch: int) -> None:
     if batch_size <= 0 or base_batch <= 0:
-        raise ConfigError("preset batch sizes must be positive")
+        raise ConfigError("recipe batch sizes must be positive")
 
 
 def goyal(base: Fields, *, batch_size: int, base_batch: int | None = None,
@@ -52,7 +55,7 @@ def smith(base: Fields, *, max_batch: int | None = None, **_: Any) -> Fields:
     """Each step decay of the lr becomes a batch-size increase by the same factor (Smith et
     al.). `base` must use decay="step" with decay_epochs (the schedule being converted)."""
     if base.get("decay") != "step" or not base.get("decay_epochs"):
-        raise ConfigError("the smith preset converts a step decay: the base config needs "
+        raise ConfigError("the smith recipe converts a step decay: the base config needs "
                           "decay='step' and decay_epochs")
     b0 = int(base.get("batch_size", 64))
     lr = _base_lr(base)
@@ -90,21 +93,21 @@ def hoffer(base: Fields, *, batch_size: int, base_batch: int | None = None, **_:
     return out
 
 
-PRESETS: dict[str, Callable[..., Fields]] = {"goyal": goyal, "smith": smith, "hoffer": hoffer}
+RECIPES: dict[str, Callable[..., Fields]] = {"goyal": goyal, "smith": smith, "hoffer": hoffer}
 ALIASES = {"linear-warmup": "goyal", "increase-batch": "smith", "regime-adaptation": "hoffer"}
 
 
-def apply_preset(name: str, base: Fields, **kw: Any) -> Fields:
-    """TrainConfig fields for preset `name` applied to the small-batch recipe `base`
-    (keyword arguments: batch_size, base_batch, warmup_epochs, max_batch - as the preset needs).
+def apply_recipe(name: str, base: Fields, **kw: Any) -> Fields:
+    """TrainConfig fields for recipe `name` applied to the small-batch config `base`
+    (keyword arguments: batch_size, base_batch, warmup_epochs, max_batch - as the recipe needs).
     The result is validated as a TrainConfig before it is returned."""
     from batchlab.config import make_config
 
     key = ALIASES.get(name, name)
-    if key not in PRESETS:
-        names = ", ".join(sorted([*PRESETS, *ALIASES]))
-        raise ConfigError(f"unknown schedule preset {name!r}; choose one of {names}")
-    fields = PRESETS[key](dict(base), **kw)
+    if key not in RECIPES:
+        names = ", ".join(sorted([*RECIPES, *ALIASES]))
+        raise ConfigError(f"unknown schedule recipe {name!r}; choose one of {names}")
+    fields = RECIPES[key](dict(base), **kw)
     make_config(**fields)  # fail early, one line, on an impossible result
     return fields
 
@@ -123,7 +126,7 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def preset_toml(fields: Fields, table: str | None = None) -> str:
+def recipe_toml(fields: Fields, table: str | None = None) -> str:
     """The fields as TOML (top level for `train --config`, or under `[table]`, e.g. `base` for
     a sweep file). None values are left out (TOML has no null)."""
     lines = [f"[{table}]"] if table else []
