@@ -1,4 +1,4 @@
-"""The gradient-competition engine: summed gradients against a hand-rolled autograd loop,
+"""Gradient-competition trials: summed gradients against a hand-rolled autograd loop,
 replay from recorded seeds, vectorized == sequential, the modes' relations, blow-ups, on-disk
 tensors and bad input; plus one tiny end-to-end run of the experiment."""
 

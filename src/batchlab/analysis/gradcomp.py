@@ -1,4 +1,4 @@
-"""The gradient-competition trial engine: checkpoints, trials, modes and on-disk tensors.
+"""Gradient-competition trials: checkpoints, trials, modes and on-disk tensors.
 
 One **trial** resets the MLP to a checkpoint, draws `n_samples` (1024) training samples from
 the trial's own seed and, for every batch size b, starting again from the checkpoint, steps
@@ -62,6 +62,10 @@ HIST_RANGE = 12.0  # histogram edges: +-12 x the key's scale
 HIST_BINS = 96
 TAIL_K = 4.0  # "beyond threshold" = |value| > 4 x the key's scale
 ENGINES = ("deferred", "fused")
+"""The step implementations of `batchlab.engine` a trial can run on. "Engine" here means what
+TrainConfig.engine means (which of the package's step paths runs; `fused` is the same
+`FusedMLPSGD` in both), and the `--set engine=` option, the chunk's stored key and its record
+name it so; this module itself is never "the engine"."""
 DEFERRED_RANK = 32  # rows per deferred chunk: best of 16-256 at b = 1..64 (benchmark)
 
 
@@ -151,7 +155,7 @@ def fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str = "che
 def _linears(model: nn.Module) -> list[nn.Linear]:
     lins = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not lins:
-        raise BatchlabError("the gradient-competition engine needs an MLP of Linear layers")
+        raise BatchlabError("gradient-competition trials need an MLP of Linear layers")
     return lins
 
 
@@ -184,10 +188,10 @@ def run_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: fl
     if engine == "deferred":
         max_loss = sgd_pass(W, bias, x, y, steps, rank=DEFERRED_RANK, final_update=False)
     else:
-        eng = FusedMLPSGD(W, bias)
+        fused = FusedMLPSGD(W, bias)
         max_loss = torch.full((K,), -math.inf, dtype=W[0].dtype, device=W[0].device)
         for st in steps:
-            loss = eng.step(x[:, st.start:st.stop], y[:, st.start:st.stop], st.lr,
+            loss = fused.step(x[:, st.start:st.stop], y[:, st.start:st.stop], st.lr,
                             grad_sink={last: st.sink}, grad_scale=st.scale)
             max_loss = torch.maximum(max_loss, loss)
     out = {"max_loss": max_loss}
