@@ -5,10 +5,11 @@ MCLR, discarding the smallest-loss samples of each batch, and batch-size schedul
 All methods use momentum 0.9, the same epoch budget and seeds. "Scaled" lr = base lr x B / 64
 with a linear warmup; LARS uses lr x trust coefficient as its relative step (see layerwise.py).
 
-The batch-size schedule preset (`paper_schedule`): our reading of the study's guidance that
-small-batch steps early improve what large batches reach: the first quarter of the epochs at
-B / 8, the rest at B, with the lr linearly scaled to each phase's batch size (a "small first,
-then large" schedule; the study's exact switch points are not reproduced).
+The batch-size schedule recipe (`study_schedule`; not "paper_", which would read as the paper
+`--preset`): our reading of the study's guidance that small-batch steps early improve what
+large batches reach: the first quarter of the epochs at B / 8, the rest at B, with the lr
+linearly scaled to each phase's batch size (a "small first, then large" schedule; the study's
+exact switch points are not reproduced).
 
 Options (--set): `options.LargeBatchFixes` declares them with their defaults
 (`batchlab experiment options large-batch-fixes`).
@@ -32,7 +33,7 @@ from batchlab.experiments.work import Results, Work
 BASE_BATCH = 64
 
 
-def paper_schedule(batch_size: int, epochs: int, base_lr: float) -> list[Phase]:
+def study_schedule(batch_size: int, epochs: int, base_lr: float) -> list[Phase]:
     """Small batch (B/8) for the first quarter of the epochs, then B; lr scaled per phase."""
     small = max(1, batch_size // 8)
     first = max(1, epochs // 4)
@@ -58,7 +59,7 @@ def methods(ctx: Context) -> dict[str, dict[str, Any]]:
         "mclr": {**common, **sw, "optimizer": "mclr"},
         "discard-small-loss": {**common, **sw, "discard_fraction": o.discard},
         "batch-size-schedule": {**common, "lr": scaled,
-                                "schedule": paper_schedule(B, epochs, base_lr)},
+                                "schedule": study_schedule(B, epochs, base_lr)},
     }
 
 
