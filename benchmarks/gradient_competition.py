@@ -4,11 +4,11 @@ Prints, in one run:
   1. seconds per trial per batch size: the naive loop (autograd + torch.optim.SGD, a fresh
      deepcopy of the model per batch size, a Python loop over steps - what the study would
      write, on torch's default threads) vs batchlab as the experiment runs it
-     (`gradcomp_runner.run_trials`: the CPU's `deferred` engine, trials on parallel single-threaded
+     (`gradcomp_runner.run_trials`: the CPU's `deferred` backend, trials on parallel single-threaded
      workers), both computing the `displacement` mode (batchlab's one trajectory also yields
      `sample-sum`);
-  2. the engines one trial at a time on one thread (`deferred` vs `fused`), per batch size:
-     how `default_engine` was chosen, and what the parallel workers add;
+  2. the trial backends one trial at a time on one thread (`deferred` vs `fused`), per batch size:
+     how `default_backend` was chosen, and what the parallel workers add;
   3. batchlab's per-step time at b=1 against the memory-bandwidth bound: bytes the step moves
      / measured DRAM copy bandwidth (best of 5 copies of 256 MB, far larger than the caches);
      the target pairs the experiment's pass (all cores) with the all-core bandwidth; also one
@@ -61,13 +61,13 @@ def naive_trial(model, x, y, batch_sizes, lr=0.01) -> dict[int, float]:
     return out
 
 
-def engine_trial(model, x, y, batch_sizes, engine, lr=0.01) -> dict[int, float]:
-    """Seconds per batch size for one trial on one thread with one engine."""
+def backend_trial(model, x, y, batch_sizes, backend, lr=0.01) -> dict[int, float]:
+    """Seconds per batch size for one trial on one thread with one trial backend."""
     out = {}
     with threads(1):
         for b in batch_sizes:
             t0 = time.perf_counter()
-            res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"], engine)
+            res = gc.run_trial_block(model, x[None], y[None], b, lr, ["displacement"], backend)
             float(res["displacement"].norm())
             out[b] = time.perf_counter() - t0
     return out
@@ -75,7 +75,7 @@ def engine_trial(model, x, y, batch_sizes, engine, lr=0.01) -> dict[int, float]:
 
 def experiment_trials(model, data, seeds, batch_sizes, n) -> dict[int, float]:
     """Seconds per trial per batch size through `run_trials`, exactly as the experiment
-    runs trials (default engine, workers and K; no tensors kept)."""
+    runs trials (default backend, workers and K; no tensors kept)."""
     out = {}
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "bench.db") as st:
         for b in batch_sizes:  # wall time of each batch size's trials on all workers
@@ -99,7 +99,7 @@ def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
     return 2 * a.numel() * 4 / best
 
 
-def bytes_per_step(model, engine: str, rank: int = gc.DEFERRED_RANK) -> float:
+def bytes_per_step(model, backend: str, rank: int = gc.DEFERRED_RANK) -> float:
     """Bytes one plain-SGD step at b=1 moves (activations, ~2k floats, neglected).
 
     fused (the textbook step): the forward reads every W and b; the backward reads W of every
@@ -113,7 +113,7 @@ def bytes_per_step(model, engine: str, rank: int = gc.DEFERRED_RANK) -> float:
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     p = [m.weight.numel() + m.bias.numel() for m in lins]
     w = [m.weight.numel() for m in lins]
-    if engine == "fused":
+    if backend == "fused":
         return 4 * (3 * sum(p) + sum(w[1:]))
     dims = [(m.out_features, m.in_features) for m in lins]
     per_step = sum(w[1:-1]) + sum(w[1:]) + 3 * p[-1]
@@ -151,12 +151,12 @@ def main() -> None:
                 naive[b] += t / args.naive_trials
     fast = experiment_trials(model, data, seeds[:args.trials], bs, n)
     idx = gc.sample_indices(data.n_train, n, seeds[0])
-    single = {e: engine_trial(model, data.x_train[idx], data.y_train[idx], bs, e)
-              for e in gc.ENGINES}
+    single = {e: backend_trial(model, data.x_train[idx], data.y_train[idx], bs, e)
+              for e in gc.BACKENDS}
 
     print(f"\nseconds per trial (displacement mode; naive: {naive_threads} thread(s), "
           f"{args.naive_trials} trial(s); batchlab: run_trials, {args.trials} trials, "
-          f"engine {gc.default_engine(cpu)}, {gc.default_workers(cpu)} single-threaded "
+          f"backend {gc.default_backend(cpu)}, {gc.default_workers(cpu)} single-threaded "
           f"workers; single stream: one trial, one thread)")
     print(f"{'b':>6} {'steps':>6} {'naive s':>9} {'batchlab s':>11} {'speedup':>8} | "
           f"{'deferred 1thr':>13} {'fused 1thr':>11} {'workers gain':>12}")
@@ -179,15 +179,15 @@ def main() -> None:
     print(f"\nb=1 step vs the bandwidth bound (bytes the step moves / DRAM copy bandwidth, "
           f"best of 5 copies of 256 MB: {bw / 1e9:.1f} GB/s on {default_threads} threads, "
           f"{bw1 / 1e9:.1f} GB/s on 1)")
-    nbytes = {e: bytes_per_step(model, e) for e in gc.ENGINES}
-    engine = gc.default_engine(cpu)
+    nbytes = {e: bytes_per_step(model, e) for e in gc.BACKENDS}
+    backend = gc.default_backend(cpu)
     step = fast[1] / n
-    ratio = step / (nbytes[engine] / bw)
-    print(f"  experiment ({engine}, {gc.default_workers(cpu)} workers): {step * 1e3:.3f} ms per "
-          f"step; {nbytes[engine] / 1e6:.1f} MB/step -> bound {nbytes[engine] / bw * 1e3:.3f} "
+    ratio = step / (nbytes[backend] / bw)
+    print(f"  experiment ({backend}, {gc.default_workers(cpu)} workers): {step * 1e3:.3f} ms per "
+          f"step; {nbytes[backend] / 1e6:.1f} MB/step -> bound {nbytes[backend] / bw * 1e3:.3f} "
           f"ms; step / bound = {ratio:.2f}")
-    for e in gc.ENGINES:  # best of 3 passes at b=1
-        t = min([single[e][1]] + [engine_trial(model, data.x_train[idx], data.y_train[idx],
+    for e in gc.BACKENDS:  # best of 3 passes at b=1
+        t = min([single[e][1]] + [backend_trial(model, data.x_train[idx], data.y_train[idx],
                                                [1], e)[1] for _ in range(2)]) / n
         print(f"  one stream ({e}, 1 thread): {t * 1e3:.3f} ms per step; "
               f"{nbytes[e] / 1e6:.1f} MB/step -> bound {nbytes[e] / bw1 * 1e3:.3f} ms; "
@@ -208,7 +208,7 @@ def main() -> None:
 
     ok1, ok2 = speedup >= 3.0, ratio <= 1.5
     print(f"\n{'PASS' if ok1 else 'FAIL'}: whole trial {speedup:.2f}x the naive loop (target >= 3x)")
-    print(f"{'PASS' if ok2 else 'FAIL'}: b=1 step ({engine}, as the experiment runs) {ratio:.2f}x "
+    print(f"{'PASS' if ok2 else 'FAIL'}: b=1 step ({backend}, as the experiment runs) {ratio:.2f}x "
           f"the bandwidth bound (target <= 1.5x)")
 
 if __name__ == "__main__":

@@ -58,11 +58,11 @@ def reference(model, x, y, b, lr, mode):
     return total.flatten()
 
 
-@pytest.mark.parametrize("engine", gc.ENGINES)
+@pytest.mark.parametrize("backend", gc.BACKENDS)
 @pytest.mark.parametrize("b", [1, 5, 8, 24])  # 5 leaves a remainder of 4
 @pytest.mark.parametrize("mode", gc.MODES)
-def test_matches_reference_loop(tiny, b, mode, engine):
-    # float64 on both sides: the engines compute the same sums with different kernels
+def test_matches_reference_loop(tiny, b, mode, backend):
+    # float64 on both sides: the backends compute the same sums with different kernels
     # (baddbmm vs addmm; deferred rank-R updates), so agreement is to rounding, not bitwise;
     # in float64 that is ~1e-15 relative, far below any modelling difference (a wrong
     # remainder rule or reduction changes the result by > 1e-2).
@@ -70,7 +70,7 @@ def test_matches_reference_loop(tiny, b, mode, engine):
     m64 = copy.deepcopy(model).double()
     idx = gc.sample_indices(len(Y), N, seed=11)
     x, y = X[idx].double(), Y[idx]
-    got = gc.run_trial_block(m64, x[None], y[None], b, 0.05, [mode], engine)[mode][0]
+    got = gc.run_trial_block(m64, x[None], y[None], b, 0.05, [mode], backend)[mode][0]
     want = reference(m64, x, y, b, 0.05, mode)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
 
@@ -147,9 +147,9 @@ def test_deferred_chunking_rule():
 def test_nan_loss_is_reported(tiny):
     model, X, Y = tiny
     idx = gc.sample_indices(len(Y), N, seed=3)
-    for engine in gc.ENGINES:
-        res = gc.run_block(model, X[idx][None], Y[idx][None], 2, 1e30, engine=engine)
-        assert not torch.isfinite(res["max_loss"]).all(), engine
+    for backend in gc.BACKENDS:
+        res = gc.run_block(model, X[idx][None], Y[idx][None], 2, 1e30, backend=backend)
+        assert not torch.isfinite(res["max_loss"]).all(), backend
 
 
 def test_modes_relate_as_documented(tiny):
@@ -175,16 +175,16 @@ def test_modes_relate_as_documented(tiny):
                                rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("engine", gc.ENGINES)
-def test_vectorized_equals_sequential(tiny, engine):
+@pytest.mark.parametrize("backend", gc.BACKENDS)
+def test_vectorized_equals_sequential(tiny, backend):
     model, X, Y = tiny
     seeds = gc.trial_seeds(0, "vec", 4)
     idx = torch.stack([gc.sample_indices(len(Y), N, s) for s in seeds])
     for b in (1, 5, 24):
-        stacked = gc.run_trial_block(model, X[idx], Y[idx], b, 0.05, gc.MODES, engine)
+        stacked = gc.run_trial_block(model, X[idx], Y[idx], b, 0.05, gc.MODES, backend)
         for k in range(4):
             one = gc.run_trial_block(model, X[idx[k:k + 1]], Y[idx[k:k + 1]], b, 0.05,
-                                     gc.MODES, engine)
+                                     gc.MODES, backend)
             for m in gc.MODES:
                 # batched vs single gemm may round differently in the last bit
                 torch.testing.assert_close(stacked[m][k], one[m][0], rtol=1e-6, atol=1e-7)
@@ -683,3 +683,21 @@ def test_relative_spread_is_not_one_by_construction():
     g = np.array([[10.0, 10.0], [10.1, 10.1], [9.9, 9.9]])
     assert decompose(g, 3, 2)["share_samples"] == pytest.approx(1.0)
     assert relative_spread(g, 3, 2) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("backend, key", [
+    ("deferred", "b93830cda037dcbf4a421ba2e14d26aa2c7aca32eb021d149592f53d64b7fb46"),
+    ("fused", "d6437165ebf06ac984760c09c7aa6d27f695ca8cdd3a995b0beefee2220affad"),
+])
+def test_chunk_keys_keep_their_stored_engine_name(backend: str, key: str) -> None:
+    """The trial backend is stored as "engine" (its name before the package called it a
+    backend): a chunk's key is what it was then, so stored chunks are still found."""
+    from batchlab.analysis.gradcomp_runner import KIND
+    from batchlab.runs.measurements import spec_key
+
+    task = gct.ChunkTask(b=4, start=0, stop=2, seeds=(11, 12), sample_seeds=(None, 7),
+                         modes=("displacement", "sum-loss"), n_samples=64, lr=0.01,
+                         blowup_loss=100.0, k=1, backend=backend, scales=None)
+    spec = task.spec("w" * 64, "d" * 64, "cpu")
+    assert spec["engine"] == backend and "backend" not in spec
+    assert spec_key(KIND, spec) == key

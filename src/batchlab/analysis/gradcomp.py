@@ -16,7 +16,7 @@ of 1), so every b sees each of the n samples exactly once.
   per-sample gradients seen. Both come out of ONE trajectory: the full steps accumulate into
   one buffer F, the remainder step into R, and displacement = F + R, sample-sum = b F + r R.
 - `sum-loss`: loss sum-reduced for stepping and recording. The sum-reduced gradient is B_s g_s,
-  so a step is a mean-loss step at learning rate lr x B_s, recorded x B_s (the fused engine's
+  so a step is a mean-loss step at learning rate lr x B_s, recorded x B_s (the fused stepper's
   mean reduction is reused; `fused.py` is not changed). At b=1 this is bit-for-bit the
   mean-loss trajectory, so b=1 is computed once and shared. Large b means a learning rate of
   lr x b (10.24 at b=1024) and the steps can blow up: a trial is flagged `blowup` when its
@@ -25,11 +25,11 @@ of 1), so every b sees each of the n samples exactly once.
   are recorded (tensor rows included, NaN or not) and excluded from the statistics.
 
 **Speed** (choose per device, measured by benchmarks/gradient_competition.py): on the CPU
-the `deferred` engine (`batchlab.engine.deferred`) runs a pass with the weight updates deferred and
+the `deferred` backend (`batchlab.engine.deferred`) runs a pass with the weight updates deferred and
 applied as one rank-32 product per chunk of rows, which turns the small-batch steps from
 update-bound into two matrix-vector-like products each; trials run on parallel workers, one per
 CPU thread, each single-threaded (a trial's numbers therefore do not depend on how many
-workers there are). On a GPU the `fused` engine (`FusedMLPSGD`) steps K stacked trials at once
+workers there are). On a GPU the `fused` backend (`FusedMLPSGD`) steps K stacked trials at once
 with batched matmuls. Both add delta^T h of the last layer into an accumulator.
 
 **Seeds**: trial t of a run has seed `trial_seeds(seed, stream)[t]` (recorded); its samples are
@@ -61,11 +61,12 @@ MODES = ("displacement", "sample-sum", "sum-loss")
 HIST_RANGE = 12.0  # histogram edges: +-12 x the key's scale
 HIST_BINS = 96
 TAIL_K = 4.0  # "beyond threshold" = |value| > 4 x the key's scale
-ENGINES = ("deferred", "fused")
-"""The step implementations of `batchlab.engine` a trial can run on. "Engine" here means what
-TrainConfig.engine means (which of the package's step paths runs; `fused` is the same
-`FusedMLPSGD` in both), and the `--set engine=` option, the chunk's stored key and its record
-name it so; this module itself is never "the engine"."""
+BACKENDS = ("deferred", "fused")
+"""The trial backends: the step kernel a trial runs on (`engine.deferred.sgd_pass` or
+`engine.fused.FusedMLPSGD`). Called backends, not engines, inside the package: "engine" is the
+training engine (`batchlab.engine`, TrainConfig.engine: autograd or fused), and the deferred pass
+is not one. The user option keeps its name, `--set engine=`, and so do the chunk's stored key
+and its record (`gradcomp_trials.ChunkTask.spec`), so stored rows keep their keys."""
 DEFERRED_RANK = 32  # rows per deferred chunk: best of 16-256 at b = 1..64 (benchmark)
 
 
@@ -83,11 +84,11 @@ def validate_batch_sizes(batch_sizes: Sequence[int], n_samples: int) -> list[int
     return bs
 
 
-def default_engine(device: torch.device) -> str:
+def default_backend(device: torch.device) -> str:
     """`deferred` on the CPU (benchmarks/gradient_competition.py, one thread, per trial:
     1.2-2.6x faster than `fused` at b <= 8, equal at b = 16-128, up to 2x at b >= 256 where
     the final step records its gradient without the backward); `fused` on a GPU, where a step
-    is bound by kernel launches and K stacked trials fill the device (the deferred engine
+    is bound by kernel launches and K stacked trials fill the device (the deferred backend
     launches more kernels per step; not yet measured there)."""
     return "fused" if device.type == "cuda" else "deferred"
 
@@ -161,16 +162,16 @@ def _linears(model: nn.Module) -> list[nn.Linear]:
 
 # -- one block of K trials at one batch size ------------------------------------------------
 def run_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: float, *,
-              sum_loss: bool = False, engine: str | None = None) -> dict[str, torch.Tensor]:
+              sum_loss: bool = False, backend: str | None = None) -> dict[str, torch.Tensor]:
     """Step K stacked copies of `model` through x [K, n, D], y [K, n] at batch size b.
 
     Returns last-layer summed gradients flattened to [K, out*in]: `displacement` and
     `sample-sum` (mean-loss trajectory) or `sum-loss` (sum-loss trajectory), plus `max_loss`
     [K], the largest per-step mean loss (NaN if any was NaN). `model` is not modified.
     """
-    engine = engine or default_engine(x.device)
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    backend = backend or default_backend(x.device)
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown trial backend {backend!r}; choose from {', '.join(BACKENDS)}")
     K, n = y.shape
     lins = _linears(model)
     last = len(lins) - 1
@@ -185,7 +186,7 @@ def run_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: fl
     if r:
         steps.append(Step(n_full * b, n, lr * r if sum_loss else lr, rem,
                           float(r) if sum_loss else 1.0))
-    if engine == "deferred":
+    if backend == "deferred":
         max_loss = sgd_pass(W, bias, x, y, steps, rank=DEFERRED_RANK, final_update=False)
     else:
         fused = FusedMLPSGD(W, bias)
@@ -204,20 +205,20 @@ def run_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: fl
 
 
 def run_trial_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, lr: float,
-                    modes: Sequence[str], engine: str | None = None) -> dict[str, torch.Tensor]:
+                    modes: Sequence[str], backend: str | None = None) -> dict[str, torch.Tensor]:
     """All requested modes for K trials at batch size b; sum-loss at b=1 reuses the mean-loss
     trajectory (identical by construction: lr x 1, record x 1)."""
     out: dict[str, torch.Tensor] = {}
     need_mean = b == 1 or any(m in modes for m in ("displacement", "sample-sum"))
     if need_mean:
-        res = run_block(model, x, y, b, lr, engine=engine)
+        res = run_block(model, x, y, b, lr, backend=backend)
         out.update({m: res[m] for m in ("displacement", "sample-sum") if m in modes})
         out["max_loss/mean"] = res["max_loss"]
         if b == 1 and "sum-loss" in modes:
             out["sum-loss"] = res["displacement"]
             out["max_loss/sum"] = res["max_loss"]
     if "sum-loss" in modes and b > 1:
-        res = run_block(model, x, y, b, lr, sum_loss=True, engine=engine)
+        res = run_block(model, x, y, b, lr, sum_loss=True, backend=backend)
         out["sum-loss"] = res["sum-loss"]
         out["max_loss/sum"] = res["max_loss"]
     return out
@@ -225,12 +226,12 @@ def run_trial_block(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b: int, 
 
 def replay_trial(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, seed: int, b: int,
                  lr: float, mode: str, n_samples: int = 1024,
-                 sample_seed: int | None = None, engine: str | None = None) -> torch.Tensor:
+                 sample_seed: int | None = None, backend: str | None = None) -> torch.Tensor:
     """Recompute one trial's summed gradient [out*in] from its recorded seed(s). On the CPU
     every trial runs single-threaded, so this is bit-identical to the stored row (on a GPU:
     when run with the K that wrote it)."""
     idx = sample_indices(len(Y), n_samples, seed, sample_seed).to(X.device)
     with threads(1 if X.device.type == "cpu" else torch.get_num_threads()):
         res = run_trial_block(model, X[idx].unsqueeze(0), Y[idx].unsqueeze(0), b, lr, [mode],
-                              engine)
+                              backend)
     return res[mode][0]

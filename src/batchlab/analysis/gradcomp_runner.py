@@ -1,6 +1,6 @@
 """Run a `TrialRun` through the results store: every chunk of trials is a task (local worker
 threads or Ray), every finished chunk a checksummed row of the store's `measurements` table,
-keyed by the sha256 of its task (seeds, b, K, engine, ...), the weights, the data and the
+keyed by the sha256 of its task (seeds, b, K, trial backend, ...), the weights, the data and the
 device. So:
 
 - a rerun reuses every chunk already measured and computes only the missing ones (an

@@ -3,7 +3,7 @@ into chunks of trials per batch size, the key that identifies a chunk's result, 
 body (`run_chunk`) that computes one chunk anywhere (a local worker thread or a Ray worker).
 
 A chunk is a pure function of its `ChunkTask` (recorded trial seeds, batch size, modes, K,
-engine, learning rate, blow-up limit, the histogram scales from chunk 0) and of the weights
+trial backend, learning rate, blow-up limit, the histogram scales from chunk 0) and of the weights
 and data, which the key names by sha256. On the CPU it runs with one intra-op thread, so its
 numbers are bit-identical wherever it runs.
 """
@@ -43,7 +43,7 @@ class TrialRun:
     blowup_loss: float = 100.0
     k: int | None = None
     threads: int | None = None  # CPU: parallel single-threaded workers (default: torch's)
-    engine: str | None = None  # None: `default_engine(device)`
+    backend: str | None = None  # None: `default_backend(device)`; the option `engine`
     chunk: int | None = None  # trials per chunk (default CHUNK_TRIALS)
 
     def validate(self) -> None:
@@ -51,9 +51,9 @@ class TrialRun:
         unknown = [m for m in self.modes if m not in gc.MODES]
         if unknown:
             raise ConfigError(f"unknown modes {unknown}; choose from {', '.join(gc.MODES)}")
-        if self.engine is not None and self.engine not in gc.ENGINES:
-            raise ConfigError(f"unknown engine {self.engine!r}; choose from "
-                              f"{', '.join(gc.ENGINES)}")
+        if self.backend is not None and self.backend not in gc.BACKENDS:
+            raise ConfigError(f"unknown trial backend {self.backend!r}; choose from "
+                              f"{', '.join(gc.BACKENDS)}")
         if len(self.sample_seeds) != len(self.seeds):
             raise ConfigError("one sample seed (or None) per trial seed is needed")
         for key in ("k", "threads", "chunk"):
@@ -90,14 +90,15 @@ class ChunkTask:
     lr: float
     blowup_loss: float
     k: int
-    engine: str
+    backend: str
     scales: tuple[tuple[str, float], ...] | None  # None: chunk 0 measures them
 
     def spec(self, weights: str, data: str, device: str) -> dict[str, Any]:
         """The store key's spec: this task, the weights' and data's sha256, the device."""
         d = asdict(self)
+        d["engine"] = d.pop("backend")  # its stored name: every chunk key has it
         d.update(format=FORMAT, weights=weights, data=data, device=device,
-                 **({"rank": gc.DEFERRED_RANK} if self.engine == "deferred" else {}))
+                 **({"rank": gc.DEFERRED_RANK} if self.backend == "deferred" else {}))
         return d
 
 
@@ -109,7 +110,7 @@ def make_task(run: TrialRun, b: int, start: int, stop: int, device: torch.device
                            for s in run.sample_seeds[start:stop]),
         modes=tuple(run.modes), n_samples=run.n_samples, lr=float(run.lr),
         blowup_loss=float(run.blowup_loss), k=run.k_at(b, device),
-        engine=run.engine or gc.default_engine(device),
+        backend=run.backend or gc.default_backend(device),
         scales=None if scales is None else tuple(sorted(scales.items())))
 
 
@@ -128,14 +129,14 @@ def run_chunk(task: ChunkTask, model: nn.Module, X: torch.Tensor, Y: torch.Tenso
     for s in range(0, len(idx), task.k):
         ids = idx[s:s + task.k]
         res = gc.run_trial_block(model, X[ids], Y[ids], task.b, task.lr, list(task.modes),
-                                 task.engine)
+                                 task.backend)
         for m in task.modes:
             rows[m].append(res[m].to(torch.float32).cpu().numpy())
             key = "max_loss/sum" if m == "sum-loss" else "max_loss/mean"
             losses[m].append(res[key].to(torch.float64).cpu().numpy())
     scales = dict(task.scales) if task.scales is not None else {}
     payload: dict[str, Any] = {"b": task.b, "start": task.start, "stop": task.stop,
-                               "k": task.k, "engine": task.engine, "modes": {}}
+                               "k": task.k, "engine": task.backend, "modes": {}}
     tensors: dict[str, np.ndarray] = {}
     for m in task.modes:
         g = np.concatenate(rows[m])

@@ -201,7 +201,7 @@ def trial_runs(o: GCOptions, regime: str, replicate: int | str = 0
     stream = f"ckpt{replicate}/{regime}"
     common = dict(n_samples=o.n_samples, lr=o.lr,
                   blowup_loss=o.blowup_loss, k=o.k, threads=o.threads,
-                  engine=o.engine, chunk=o.chunk)
+                  backend=o.engine, chunk=o.chunk)
     fixed = gc.trial_seeds(seed, f"{stream}/samples", 1)[0] if o.same_samples else None
     main = TrialRun(f"{regime}-{replicate}", gc.trial_seeds(seed, stream, T), [fixed] * T,
                     o.batch_sizes, o.modes, **common)
@@ -345,4 +345,4 @@ def analyze(ctx: Context, results: Results) -> Output:
 
 EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", units,
                         analyze,
-                        description=__doc__ or "", mlp_only="its trials run on the fused/deferred MLP engines")
+                        description=__doc__ or "", mlp_only="its trials run on the fused/deferred MLP kernels (trial backends)")

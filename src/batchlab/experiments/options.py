@@ -166,7 +166,7 @@ class GradientCompetition(Options):
     k: PositiveInt | None = opt("trials stacked per batched matmul", unset("the device's"))
     threads: PositiveInt | None = opt("parallel single-threaded workers", unset("torch threads"))
     chunk: PositiveInt | None = opt("trials per task and stored chunk", unset("16, rounded up to a multiple of k"))
-    engine: Literal["fused", "deferred"] | None = opt("trial engine", unset("deferred on CPU"))
+    engine: Literal["fused", "deferred"] | None = opt("trial backend (step kernel)", unset("deferred on CPU"))
     blowup_loss: PositiveFloat | None = opt("a trial whose loss exceeds this is flagged", 100.0)
     seed: int | None = opt("seed of the trials", 0, ge=0, lt=2**63)
     checkpoint_early: str | None = opt("safetensors file to use as the early checkpoint")

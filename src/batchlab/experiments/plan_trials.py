@@ -63,7 +63,7 @@ def add_trials(ctx: Context, units: Sequence[Trials], plan: Any, probe: Any,
             plan.flops += todo * 6 * mlp_params(dims) * run.n_samples * (
                 2 if "sum-loss" in run.modes and b > 1 else 1)
             seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
-                                                  run.engine)
+                                                  run.backend)
             if u.keep_tensors:
                 plan.tensor_disk_bytes += todo * len(run.modes) * width * 4
     plan.seconds += seconds / max(1, workers)
