@@ -345,4 +345,4 @@ def analyze(ctx: Context, results: Results) -> Output:
 
 EXPERIMENT = Experiment(NAME, "Gradient competition: summed gradients vs batch size", units,
                         analyze,
-                        description=__doc__ or "", mlp_only="its trials run on the fused/deferred MLP kernels (trial backends)")
+                        description=__doc__ or "", mlp_only="its trials run on the fused/deferred MLP kernels")
