@@ -152,7 +152,7 @@ def _make_command(name: str) -> Any:
         with Store(common.store) as st:
             ctx = _context(common, st, opts, quiet)
             if plan:
-                _print_plan([(name, ctx)], as_json)
+                _print_plan([(name, ctx)], as_json, quiet)
                 return
             t0 = time.perf_counter()
             try:
@@ -174,14 +174,22 @@ def _make_command(name: str) -> Any:
     return command
 
 
-def _print_plan(items: list[tuple[str, Any]], as_json: bool) -> None:
-    """The plan as text, or (--json) as the command's one JSON object."""
+def _print_plan(items: list[tuple[str, Any]], as_json: bool, quiet: bool) -> None:
+    """The plan as text, or (--json) as the command's one JSON object; while it times the
+    runs' shapes (minutes for the paper preset on a CPU) a status line on stderr says which
+    experiment it is at."""
     from batchlab.experiments.plan import make_plan, print_plan
 
-    if as_json:
-        emit_json(make_plan(items).to_json())
-    else:
-        print_plan(items)
+    status = Console(stderr=True, quiet=quiet).status("planning")
+    with status:
+        def at(i: int, name: str) -> None:
+            status.update(f"planning {name} ({i + 1}/{len(items)}): timing its steps, "
+                          "evaluations and measurements on this machine")
+
+        if as_json:
+            emit_json(make_plan(items, on_experiment=at).to_json())
+        else:
+            print_plan(items, on_experiment=at)
 
 
 def _strict_json(doc: Any) -> str:
@@ -255,7 +263,8 @@ def register(app: typer.Typer) -> None:
         failed: list[str] = []  # experiments whose every run failed
         with Store(store) as st:
             if plan:
-                _print_plan([(n, _context(common, st, per_exp[n], quiet)) for n in names], as_json)
+                _print_plan([(n, _context(common, st, per_exp[n], quiet)) for n in names], as_json,
+                            quiet)
                 return
             for n in names:
                 ctx = _context(common, st, per_exp[n], quiet)

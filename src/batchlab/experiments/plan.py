@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,9 +126,12 @@ def cpu_load() -> float | None:
         return None
 
 
-def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15) -> Plan:
+def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15,
+              on_experiment: Callable[[int, str], None] | None = None) -> Plan:
     """The plan of running each (experiment name, its context) in order; nothing is trained.
-    `probe_seconds`: the least time each throughput timing runs."""
+    `probe_seconds`: the least time each throughput timing runs. `on_experiment(i, name)` is
+    called as the i-th experiment's planning starts (the CLI's progress line: timing a
+    paper plan's shapes takes minutes on a CPU)."""
     first = items[0][1]
     device = resolve_device(first.device)
     workers = _workers(first, device)
@@ -138,18 +141,21 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
     kept: list[TrainConfig] = []  # runs an earlier experiment trains keeping their state
     plans = []
-    for name, ctx in items:
+    for i, (name, ctx) in enumerate(items):
+        if on_experiment is not None:
+            on_experiment(i, name)
         plans.append(_plan_one(name, prepared(name, ctx), probe, workers, planned, kept))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
 
-def print_plan(items: Sequence[tuple[str, Context]], as_json: bool = False) -> Plan:
+def print_plan(items: Sequence[tuple[str, Context]], as_json: bool = False,
+               on_experiment: Callable[[int, str], None] | None = None) -> Plan:
     """Make the plan and print it on stdout: text, or one JSON object with `as_json`."""
     import sys
 
     from batchlab.atomic import to_json
 
-    plan = make_plan(items)
+    plan = make_plan(items, on_experiment=on_experiment)
     if as_json:
         sys.stdout.write(to_json(plan.to_json()) + "\n")
     else:
