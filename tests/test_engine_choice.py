@@ -75,7 +75,7 @@ def test_every_asker_gets_the_same_answer(fields: dict[str, Any], kind: str, why
     """The stepper factory builds the class of the kind; the vectorization planner stacks
     exactly the fused configs (none of these has a probe that runs every few steps); the plan
     probe reads the same kind."""
-    from batchlab.experiments.plan_probe import Probe as PlanProbe
+    from batchlab.experiments.plan_timer import Timer as PlanTimer
 
     cfg = make_config(**{"hidden": [8], **fields})
     probes = make_probes(cfg.probes)
@@ -83,7 +83,7 @@ def test_every_asker_gets_the_same_answer(fields: dict[str, Any], kind: str, why
     assert type(stepper) is {"fused": FusedStepper, "autograd": AutogradStepper}[kind]
     assert stepper.engine == kind
     assert (ineligible(cfg) is None) == (kind == "fused")
-    assert PlanProbe(torch.device("cpu")).engine(cfg).kind == kind
+    assert PlanTimer(torch.device("cpu")).engine(cfg).kind == kind
 
 
 def _spy_fn(*, real: Any, into: list[str]) -> Any:
@@ -131,15 +131,15 @@ def test_throughput_times_the_stepper_the_engine_builds(monkeypatch: pytest.Monk
 @pytest.mark.parametrize(("fields", "kinds"), [({}, ["fused"]),
                                                ({"optimizer": "adam"}, ["autograd"]),
                                                ({"probes": ["steplengths"]}, ["autograd"])])
-def test_plan_probe_times_the_stepper_the_engine_builds(monkeypatch: pytest.MonkeyPatch,
+def test_plan_timer_times_the_stepper_the_engine_builds(monkeypatch: pytest.MonkeyPatch,
                                                         fields: dict[str, Any],
                                                         kinds: list[str]) -> None:
-    import batchlab.experiments.plan_probe as pp
+    import batchlab.experiments.plan_timer as pp
 
     built: list[str] = []
     monkeypatch.setattr(pp, "make_stepper", _spy_fn(real=pp.make_stepper, into=built))
     cfg = make_config(hidden=[8], **fields)
-    probe = pp.Probe(torch.device("cpu"), min_seconds=0.0)
+    probe = pp.Timer(torch.device("cpu"), min_seconds=0.0)
     assert probe.step_seconds([6, 8, 3], 4, 1, cfg) > 0
     assert built == kinds == [choose_engine(cfg, make_probes(cfg.probes)).kind]
     built.clear()

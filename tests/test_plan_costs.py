@@ -1,5 +1,5 @@
 """What `--plan` charges a run and sharpness's curvature for (`experiments.plan`,
-`experiments.plan_probe`): each part of the work is timed by running its own code, and the plan
+`experiments.plan_timer`): each part of the work is timed by running its own code, and the plan
 multiplies each timing by how often the run does it. The timer is replaced by a fixed count
 here (no timed unit tests); the projection's accuracy is measured in
 results/quick-preset/plan-accuracy.md."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import batchlab.experiments.plan as P
-import batchlab.experiments.plan_probe as pp
+import batchlab.experiments.plan_timer as pp
 from batchlab.config import make_config
 from batchlab.engine.setup import get_data
 from batchlab.experiments import Context, prepared
@@ -69,7 +69,7 @@ def cycling(monkeypatch: pytest.MonkeyPatch) -> type[Cycling]:
 
 
 def test_step_probes_are_timed_on_their_cadence_after_a_real_step(one_second, cycling) -> None:
-    probe = pp.Probe(torch.device("cpu"))
+    probe = pp.Timer(torch.device("cpu"))
     cfg = make_config(hidden=[8], probes=[cycling.name])
     dims = [784, 8, 10]
     # one timed cycle (1 s) of record_every calls, one call every every_steps steps
@@ -171,7 +171,7 @@ def test_evaluation_is_timed_with_autograd_on_and_scaled_to_the_sets(one_second,
     cfg = make_config(hidden=[8])
     sets = get_data(cfg, torch.device("cpu")).eval_sets
     full = sum(len(y) for _, y in sets.values())
-    got = pp.Probe(torch.device("cpu")).evaluation_seconds([784, 8, 10], cfg)
+    got = pp.Timer(torch.device("cpu")).evaluation_seconds([784, 8, 10], cfg)
     assert got == pytest.approx(full / (100 * len(sets)))  # 1 s for 100 samples of each set
     assert grad_on == [True]  # the loop evaluates without no_grad
 
@@ -190,14 +190,14 @@ def test_a_runs_fixed_cost_saves_it_to_a_store_with_its_checkpoints(one_second, 
 
     monkeypatch.setattr(T, "save_result", spy)
     cfg = make_config(hidden=[8])
-    assert pp.Probe(torch.device("cpu")).run_fixed_seconds([784, 8, 10], cfg, 2, 5) == 1.0
+    assert pp.Timer(torch.device("cpu")).run_fixed_seconds([784, 8, 10], cfg, 2, 5) == 1.0
     assert saved == [(2, 5, "completed")]
 
 
 def test_a_multithreaded_timing_is_checked_on_one_thread() -> None:
     # a busy core inflates a parallel op's time (its threads wait for the descheduled one) but
     # not one thread's CPU time: the probe keeps the smaller of the two
-    from batchlab.experiments.plan_probe import Probe
+    from batchlab.experiments.plan_timer import Timer
 
     seen: list[int] = []
 
@@ -205,8 +205,8 @@ def test_a_multithreaded_timing_is_checked_on_one_thread() -> None:
         seen.append(torch.get_num_threads())
         return 5.0 if torch.get_num_threads() > 1 else 1.0
 
-    assert Probe(torch.device("cpu"), threads=2)._memo_get(("x",), fake) == 1.0
+    assert Timer(torch.device("cpu"), threads=2)._memo_get(("x",), fake) == 1.0
     assert seen == [2, 1]
     seen.clear()
-    assert Probe(torch.device("cpu"), threads=1)._memo_get(("x",), fake) == 1.0
+    assert Timer(torch.device("cpu"), threads=1)._memo_get(("x",), fake) == 1.0
     assert seen == [1]  # one thread: timed once

@@ -2,7 +2,7 @@
 
 The loop's stepper factory (`steppers.make_stepper`), the vectorization planner
 (`vectorized.ineligible`), the throughput measurements (`analysis.throughput`) and the
-`--plan` probe (`experiments.plan_probe`) all ask `choose_engine`, so a plan or a throughput
+`--plan` probe (`experiments.plan_timer`) all ask `choose_engine`, so a plan or a throughput
 figure times the step a run really takes (they used to decide it four times, and disagreed on
 amp, non-classification losses and batchnorm modules).
 

@@ -14,7 +14,7 @@ Configs already finished in the store are left out. Costs:
 - SGD steps: per run, epochs x ceil(n_train / batch size) per schedule phase; FLOPs 6 x
   parameters per training sample and 2 x parameters per evaluated sample (every epoch
   evaluates the training and test sets), trials 6 x parameters per sample-step.
-- Time, from a short throughput probe on this device (`plan_probe`): seconds per SGD step of
+- Time, from a short throughput timer on this device (`plan_timer`): seconds per SGD step of
   each distinct (model, batch size, K stacked runs) the plan trains, measured with the engine
   the run will use, plus what its step probes add per step; per run, its evaluations (the
   loop's own), its probes' start and epoch-end hooks, and its fixed cost (model, correct bits,
@@ -43,7 +43,7 @@ from batchlab.engine.setup import get_data, resolve_device
 from batchlab.engine.vectorized import stack_groups
 from batchlab.experiments import get, prepared
 from batchlab.experiments.base import Context
-from batchlab.experiments.plan_probe import Probe, mlp_params
+from batchlab.experiments.plan_timer import Timer, mlp_params
 from batchlab.experiments.plan_trials import add_trials
 from batchlab.experiments.work import Curvature
 from batchlab.runs.continuation import continued_epochs
@@ -75,7 +75,7 @@ class Plan:
     workers: int
     experiments: list[ExperimentPlan]
     probe_seconds: float
-    cpu_load: float | None = None  # 1-minute load average when the probe started (None: unknown)
+    cpu_load: float | None = None  # 1-minute load average when the timer started (None: unknown)
 
     def to_json(self) -> dict[str, Any]:
         tot = {k: sum(getattr(e, k) for e in self.experiments)
@@ -95,7 +95,7 @@ class Plan:
         """The plan as plain text, one experiment a line, then the totals."""
         j = self.to_json()
         out = [f"plan on {self.device}, executor {self.executor} ({self.workers} worker(s)); "
-               f"throughput probe {self.probe_seconds:.1f}s"]
+               f"throughput timer {self.probe_seconds:.1f}s"]
         if self.cpu_load is not None and self.cpu_load > 0.5 * (os.cpu_count() or 1):
             out.append(f"  note: the CPU was busy (load {self.cpu_load:.1f} on {os.cpu_count()} "
                        f"cores); {PROBE_RULE}, so the projection leans to an idle machine")
@@ -136,7 +136,7 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15,
     device = resolve_device(first.device)
     workers = _workers(first, device)
     t0, load = time.perf_counter(), cpu_load()
-    probe = Probe(device, threads=1 if first.executor == "ray" else torch.get_num_threads(),
+    timer = Timer(device, threads=1 if first.executor == "ray" else torch.get_num_threads(),
                   min_seconds=probe_seconds)
     planned: set[str] = set()  # run keys an earlier experiment of this plan trains
     kept: list[TrainConfig] = []  # runs an earlier experiment trains keeping their state
@@ -144,7 +144,7 @@ def make_plan(items: Sequence[tuple[str, Context]], probe_seconds: float = 0.15,
     for i, (name, ctx) in enumerate(items):
         if on_experiment is not None:
             on_experiment(i, name)
-        plans.append(_plan_one(name, prepared(name, ctx), probe, workers, planned, kept))
+        plans.append(_plan_one(name, prepared(name, ctx), timer, workers, planned, kept))
     return Plan(str(device), first.executor, workers, plans, time.perf_counter() - t0, load)
 
 
@@ -176,7 +176,7 @@ def _workers(ctx: Context, device: torch.device) -> int:
     return default_workers(device)
 
 
-def _plan_one(name: str, ctx: Context, probe: Probe, workers: int,
+def _plan_one(name: str, ctx: Context, timer: Timer, workers: int,
               planned: set[str], kept: list[TrainConfig] | None = None) -> ExperimentPlan:
     plan = ExperimentPlan(name)
     work = get(name).units(ctx)
@@ -190,15 +190,15 @@ def _plan_one(name: str, ctx: Context, probe: Probe, workers: int,
     if any(c.target_metric is not None for c in todo):
         plan.notes.append("runs with a target stop early: time is an upper bound")
     if ctx.executor == "local":  # Ray tasks train every run from scratch
-        _add_runs(todo, plan, probe, 1, ctx.store, list(kept or []))
+        _add_runs(todo, plan, timer, 1, ctx.store, list(kept or []))
     else:
-        _add_runs(todo, plan, probe, workers, continues=False)
+        _add_runs(todo, plan, timer, workers, continues=False)
     if kept is not None and work.keep_state:  # later experiments may continue these
         kept.extend(work.runs)
     if work.trials:
-        add_trials(ctx, work.trials, plan, probe, workers)
+        add_trials(ctx, work.trials, plan, timer, workers)
     for unit in work.curvature:
-        _add_curvature(unit, plan, probe)
+        _add_curvature(unit, plan, timer)
     return plan
 
 
@@ -239,7 +239,7 @@ def _phases(cfg: TrainConfig, skip: int = 0) -> list[tuple[int, int]]:
     return out
 
 
-def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus: int,
+def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, timer: Timer, cpus: int,
               store: Any = None, kept: Sequence[TrainConfig] = (), continues: bool = True) -> None:
     seconds = 0.0
     # a run continuing a prefix (stored, trained first in the same call, or kept by an earlier
@@ -258,12 +258,12 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
                 steps = epochs * math.ceil(td.n_train / b)
                 plan.sgd_steps += steps
                 plan.flops += epochs * 6 * params * td.n_train
-                seconds += steps * (probe.step_seconds(dims, b, k, cfg) / k
-                                    + probe.step_probe_seconds(dims, b, cfg))
+                seconds += steps * (timer.step_seconds(dims, b, k, cfg) / k
+                                    + timer.step_probe_seconds(dims, b, cfg))
             # epoch 0 and every evaluated epoch (`eval_every`) not copied from a prefix
             evals = sum(todo[i].evaluates(e) for e in range(done.get(i, -1) + 1, todo[i].epochs + 1))
             plan.flops += evals * 2 * params * n_eval
-            seconds += _run_overheads(todo[i], dims, evals, probe, skip)
+            seconds += _run_overheads(todo[i], dims, evals, timer, skip)
         bmax = max(b for _, b in _phases(cfg))
         act = 4 * bmax * k * sum(dims) * 3
         plan.peak_memory_bytes = max(plan.peak_memory_bytes,
@@ -271,19 +271,19 @@ def _add_runs(todo: list[TrainConfig], plan: ExperimentPlan, probe: Probe, cpus:
     plan.seconds += seconds / max(1, cpus)
 
 
-def _run_overheads(cfg: TrainConfig, dims: list[int], evals: int, probe: Probe,
+def _run_overheads(cfg: TrainConfig, dims: list[int], evals: int, timer: Timer,
                    skip: int = 0) -> float:
-    """Seconds one run of `cfg` spends besides its steps, each part timed (`plan_probe`): its
+    """Seconds one run of `cfg` spends besides its steps, each part timed (`plan_timer`): its
     evaluations, its probes' start and epoch-end hooks (every epoch), and its fixed cost
     (model, correct bits, the store row and its checkpoint files)."""
     epochs = sum(e for e, _ in _phases(cfg, skip))  # a continued run's epochs after its prefix
-    start, per_epoch = probe.probe_epoch_seconds(dims, cfg)
+    start, per_epoch = timer.probe_epoch_seconds(dims, cfg)
     checkpoints = len({e for e in cfg.checkpoint_epochs if 0 <= e <= cfg.epochs})
-    return (evals * probe.evaluation_seconds(dims, cfg) + start + epochs * per_epoch
-            + probe.run_fixed_seconds(dims, cfg, checkpoints, epochs + 1))
+    return (evals * timer.evaluation_seconds(dims, cfg) + start + epochs * per_epoch
+            + timer.run_fixed_seconds(dims, cfg, checkpoints, epochs + 1))
 
 
-def _add_curvature(c: Curvature, plan: ExperimentPlan, probe: Probe) -> None:
+def _add_curvature(c: Curvature, plan: ExperimentPlan, timer: Timer) -> None:
     """Curvature measurements per final model (not counting stored ones: each is keyed by the
     trained weights, unknown until the runs exist)."""
     from batchlab.experiments.sharpness import EPSILONS  # eps-sharpness's boxes
@@ -293,7 +293,7 @@ def _add_curvature(c: Curvature, plan: ExperimentPlan, probe: Probe) -> None:
     # option: counted as the most it took on the measured models (TRACE_TYPICAL_HVPS at
     # TRACE_TYPICAL_RTOL), scaled by (that rtol / rtol)^2 for a tighter target (the residual
     # probes' count goes as 1 / rtol^2; a looser one costs no less: blocks set a floor);
-    # the density's deflated block and probe steps add up to slq_steps, as before
+    # the density's deflated block and timer steps add up to slq_steps, as before
     n_curv, slq = c.samples, c.slq_steps
     n_trace = math.ceil(TRACE_TYPICAL_HVPS * max(1.0, (TRACE_TYPICAL_RTOL / c.trace_rtol) ** 2))
     models = c.models
@@ -311,19 +311,19 @@ def _add_curvature(c: Curvature, plan: ExperimentPlan, probe: Probe) -> None:
     # timed, each eps-sharpness maximisation timed as a real call (not as HVPs), and the
     # interpolation per seed pair
     n = min(n_curv, td.n_train)
-    t1 = probe.task_threads
-    sharp = sum(probe.eps_sharpness_seconds(dims, n, dim) for dim in (None, c.subspace_dim))
+    t1 = timer.task_threads
+    sharp = sum(timer.eps_sharpness_seconds(dims, n, dim) for dim in (None, c.subspace_dim))
     eps_hvps = models * 4 * CURVATURE_HVPS["eps-sharpness"]  # counted above, timed apart
-    seconds = (models * len(EPSILONS) * sharp + (hvps - eps_hvps) * probe.hvp_seconds(dims, n, t1)
+    seconds = (models * len(EPSILONS) * sharp + (hvps - eps_hvps) * timer.hvp_seconds(dims, n, t1)
                + c.k7_seeds * c.points * n_eval
-               * probe.eval_seconds_per_sample(dims, t1))
+               * timer.eval_seconds_per_sample(dims, t1))
     # K7's lr sweep per seed: lambda_max at the initial weights, then full-batch GD steps
     n_k7 = min(c.k7_samples, td.n_train)
     gd = c.k7_seeds * K7_TYPICAL_LRS * c.k7_steps
     k7_hvps = c.k7_seeds * CURVATURE_HVPS["lambda-max"]
     plan.curvature_hvps += k7_hvps
     plan.flops += gd * 6 * mlp_params(dims) * n_k7
-    seconds += gd * probe.gd_step_seconds(dims, n_k7) + k7_hvps * probe.hvp_seconds(dims, n_k7, t1)
+    seconds += gd * timer.gd_step_seconds(dims, n_k7) + k7_hvps * timer.hvp_seconds(dims, n_k7, t1)
     plan.seconds += seconds / _curvature_workers(c.config.device)
 
 

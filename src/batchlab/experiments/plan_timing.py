@@ -1,5 +1,5 @@
 """The plan probe's one timing rule (`seconds_per_call`): how long a call takes on an idle machine,
-measured on a machine that may not be idle. Kept apart from `plan_probe`, which decides what to
+measured on a machine that may not be idle. Kept apart from `plan_timer`, which decides what to
 time, so the rule can be read (and changed) in one place."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from batchlab.data import load_dataset
 from batchlab.engine.setup import build_model, get_data, resolve_device
 from batchlab.errors import BatchlabError
 from batchlab.experiments.base import Context
-from batchlab.experiments.plan_probe import mlp_params
+from batchlab.experiments.plan_timer import mlp_params
 from batchlab.experiments.work import Trials
 from batchlab.runs.measurements import (
     Measurements,
@@ -27,7 +27,7 @@ from batchlab.runs.measurements import (
 )
 
 
-def add_trials(ctx: Context, units: Sequence[Trials], plan: Any, probe: Any,
+def add_trials(ctx: Context, units: Sequence[Trials], plan: Any, timer: Any,
                workers: int) -> None:
     """Add the declared trials to `plan` (an ExperimentPlan), minus the chunks in the store
     (looked up on the weights of their checkpoint runs when those are stored)."""
@@ -62,7 +62,7 @@ def add_trials(ctx: Context, units: Sequence[Trials], plan: Any, probe: Any,
             plan.sgd_steps += todo * steps
             plan.flops += todo * 6 * mlp_params(dims) * run.n_samples * (
                 2 if "sum-loss" in run.modes and b > 1 else 1)
-            seconds += todo * probe.trial_seconds(dims, b, run.n_samples, run.modes,
+            seconds += todo * timer.trial_seconds(dims, b, run.n_samples, run.modes,
                                                   run.backend)
             if u.keep_tensors:
                 plan.tensor_disk_bytes += todo * len(run.modes) * width * 4

@@ -1,4 +1,5 @@
-"""The throughput probe behind `--plan`: short timings on this device, memoized per shape.
+"""The timer behind `--plan` (`Timer`; not a training probe, `batchlab.probes`): short timings
+on this device, memoized per shape.
 
 Each timing runs the code the real work runs (the stepper `engine.steppers.make_stepper` builds
 for the engine `engine.choice.choose_engine` picks: fused SGD for K stacked MLPs, or autograd
@@ -58,7 +59,7 @@ def _step_config(cfg: TrainConfig, dims: Sequence[int], kind: EngineKind) -> Tra
                        amp=cfg.amp)
 
 
-class Probe:
+class Timer:
     """Memoized timings. `threads`: intra-op threads of the timed work (a run's)."""
 
     def __init__(self, device: torch.device, threads: int = 1, min_seconds: float = 0.15
@@ -139,18 +140,19 @@ class Probe:
         return self._memo_get(("eval", tuple(dims), n_threads), run, n_threads)
 
     def trial_seconds(self, dims: Sequence[int], b: int, n: int, modes: Sequence[str],
-                      engine: str | None) -> float:
-        """Seconds of one gradient trial at batch size b on one thread (as trials run): the
+                      backend: str | None) -> float:
+        """Seconds of one gradient trial at batch size b on one thread (as trials run, on the
+        trial backend `backend`, `analysis.gradcomp.BACKENDS`): the
         seconds per step of one trajectory, timed over at most PROBE_STEPS steps, times the
         trial's steps and trajectories (sum-loss is a second trajectory at b > 1)."""
         steps = math.ceil(n / b)
         mean_modes = [m for m in modes if m != "sum-loss"]
         trajectories = (1 if mean_modes else 0) + (1 if "sum-loss" in modes and (
             b > 1 or not mean_modes) else 0)
-        return trajectories * steps * self.trial_step_seconds(dims, b, n, engine)
+        return trajectories * steps * self.trial_step_seconds(dims, b, n, backend)
 
     def trial_step_seconds(self, dims: Sequence[int], b: int, n: int,
-                           engine: str | None) -> float:
+                           backend: str | None) -> float:
         from batchlab.analysis import gradcomp as gc
 
         m = min(n, b * min(PROBE_STEPS, math.ceil(n / b)))  # samples of the timed pass
@@ -161,11 +163,11 @@ class Probe:
             y = torch.randint(0, dims[-1], (1, m), device=self.device)
             with threads(1 if self.device.type == "cpu" else self.threads):
                 t = seconds_per_call(lambda: gc.run_trial_block(model, x, y, b, 1e-3, ["displacement"],
-                                                      engine),
+                                                      backend),
                            self.device, self.min_seconds, max_reps=3, warmup=1)
             return t / math.ceil(m / b)
 
-        return self._memo_get(("trial", tuple(dims), b, m, engine), run)
+        return self._memo_get(("trial", tuple(dims), b, m, backend), run)
 
     def hvp_seconds(self, dims: Sequence[int], n: int, n_threads: int | None = None) -> float:
         """Seconds per Hessian-vector product of the mean loss over n samples, on `n_threads`
