@@ -150,6 +150,8 @@ def test_halving_continues_its_survivors_and_decides_the_same(tmp_path: Path, mo
                 plan = make_plan([("steps-to-target", ctx)], 0.01).to_json()
             _, path = run_experiment("steps-to-target", ctx)
             if mode == "continued":
+                # the searches are over: no state they kept is left (pruned, 7.5 MB a paper run)
+                assert st.runs() and not any("state" in r.artifacts for r in st.runs())
                 assert any(r.env.get("continued_from") for r in training.train_many(
                     [c for c in _last_round(st)], st))
         rows[mode] = [{k: v for k, v in r.items() if k != "seconds_per_step"}
@@ -169,3 +171,26 @@ def _last_round(st: Store) -> list[TrainConfig]:
     recs = [r for r in st.runs() if r.config["batch_size"] != 1]
     top = max(r.config["epochs"] for r in recs)
     return [make_config(**r.config) for r in recs if r.config["epochs"] == top]
+
+
+def test_dropping_states_keeps_every_result_and_longer_runs_train_from_scratch(tmp_path: Path,
+                                                                                run_main) -> None:
+    """A kept state is a cache: `runs prune-states` removes its file and index row, the run
+    stays whole (its checksum verified, its metrics unchanged), and a longer config then
+    trains from scratch to the same record."""
+    from batchlab.runs import training
+
+    short, long = (make_config(**{**TINY, "epochs": e}) for e in (2, 3))
+    with Store(tmp_path / "s.db") as st:
+        kept = training.train_many([short], st, keep_state=True)[0]
+        path = Path(st.get(kept.run_id).artifacts["state"][0])
+        assert path.is_file()
+    code = run_main("runs", "prune-states", "--store", tmp_path / "s.db", "--json")
+    assert code == 0 and not path.exists()
+    with Store(tmp_path / "s.db") as st:
+        assert st.check() == [] and "state" not in st.get(kept.run_id).artifacts
+        again = training.train_many([short], st)[0]
+        assert again.cached and again.final == kept.final
+        cont = training.train_many([long], st)[0]
+    assert "continued_from" not in cont.env
+    assert cont.final["test_correct_bits"] == training.train_many([long])[0].final["test_correct_bits"]

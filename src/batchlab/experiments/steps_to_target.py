@@ -53,6 +53,7 @@ from batchlab.experiments.steps_to_target_claims import (
     tiny_batch_claims,
 )
 from batchlab.experiments.work import Results, Work
+from batchlab.runs.continuation import drop_states
 
 
 def settings(ctx: Context) -> StepsToTargetOptions:
@@ -174,6 +175,7 @@ def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> 
     searches = {(b, sd): HalvingSearch(list(s.lrs), int(s.max_epochs), lower)
                 for b in batches for sd in ctx.seed_list}
     tiny_rows: Rows = []
+    kept_ids: list[str] = []
     first = True
     while todo := [(key, lr, ep) for key, h in searches.items() for lr, ep in h.next_round()]:
         cfgs = [one_config(ctx, s, b, lr, sd, ep) for (b, sd), lr, ep in todo]
@@ -182,6 +184,7 @@ def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> 
         # of the search keep their end state unless they already have the whole budget
         results = ctx.run_many(cfgs + extra, label="steps-to-target",
                                keep_state=lambda c, mine=cfgs: c.epochs < int(s.max_epochs) and c in mine)
+        kept_ids += [r.run_id for r in results[:len(cfgs)] if r.config.epochs < int(s.max_epochs)]
         if first:
             tiny_rows = [_row(r, n_train, r.config.epochs) for r in results[len(cfgs):]]
             first = False
@@ -190,6 +193,10 @@ def halving(ctx: Context, s: StepsToTargetOptions, n_train: int, tiny: list) -> 
             by.setdefault(key, []).append(_row(res, n_train, int(s.max_epochs)))
         for key, rs in by.items():
             searches[key].report(rs)
+    # the searches are over: the states their rounds kept were for the survivors (now
+    # continued) and the lrs that lost (never continued): 7.5 MB a run at the paper preset
+    if ctx.store is not None:
+        drop_states(ctx.store, kept_ids)
     rows = [{k: v for k, v in r.items()} for h in searches.values() for r in h.rows]
     return rows, tiny_rows
 

@@ -71,6 +71,29 @@ def index_state(store: Store, result: TrainResult, fingerprint: str) -> None:
                   (result.key, prefix_key(result.config, fingerprint), result.config.epochs))
 
 
+def drop_states(store: Store, run_ids: Sequence[str]) -> tuple[int, int]:
+    """Remove the kept end state of these runs: its file, its artifact row (the run is saved
+    again, so its checksum covers what is left) and its index row. The runs, their metrics
+    and their checkpoints stay; a state only lets a longer config skip the epochs it holds.
+    Returns (states removed, bytes freed)."""
+    n, freed = 0, 0
+    for rid in run_ids:
+        rec = store.get(rid)
+        if rec is None or STATE_ARTIFACT not in rec.artifacts:
+            continue
+        path = Path(rec.artifacts[STATE_ARTIFACT][0])
+        rec.artifacts = {k: v for k, v in rec.artifacts.items() if k != STATE_ARTIFACT}
+        store.save_run(rec)
+        store.ensure_schema(SCHEMA)
+        with store.transaction() as c:
+            c.execute("DELETE FROM prefix_states WHERE config_hash = ?", (rec.config_hash,))
+        if path.is_file():  # once no row names it: a crash in between leaves a stray file,
+            freed += path.stat().st_size  # never a row naming a missing one
+            path.unlink()
+        n += 1
+    return n, freed
+
+
 def _candidates(store: Store, cfg: TrainConfig, fingerprint: str, n_train: int
                 ) -> list[tuple[TrainConfig, RunRecord]]:
     """Stored runs with a state that `cfg` can continue, longest first."""
