@@ -13,7 +13,9 @@ What it measures (needs CUDA; exits with a message when there is none):
    loop. Each step costs ~6P FLOPs per sample (forward 2P, backward 4P), so achieved FLOP/s =
    samples/s * 6P, reported as % of the fp32 and of the TF32 roofline. Every point is measured
    with TF32 matmuls off (the engine's default: results match the CPU) and on.
-3. With `--reproduce` (needs `--data-dir` holding MNIST; the device machine has no network):
+3. On CUDA, the fused step captured as one CUDA graph against the same step launched op by
+   op (fp32), per batch size: whether capturing would pay.
+4. With `--reproduce` (needs `--data-dir` holding MNIST; the device machine has no network):
    the wall time of `batchlab reproduce --preset paper --device cuda`, i.e. every experiment
    that has landed, into a temporary store and output directory.
 
@@ -111,6 +113,45 @@ def mlp_samples_per_s(engine: str, x: torch.Tensor, y: torch.Tensor, batch_size:
     return batch_size / timed(step, device, min_seconds, 10)
 
 
+def graph_samples_per_s(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                        device: torch.device, min_seconds: float) -> float | str:
+    """Samples/s of the fused step replayed as one CUDA graph (the batch gathered inside it
+    from a static index buffer, refilled each step): what capturing the step would save in
+    launch overhead, to decide whether the engine should capture. The reason as a string when
+    the step cannot be captured."""
+    net = build_mlp(x.shape[1], [1024, 1024], 10, seed=0).to(device)
+    stepper = FusedMLPSGD.from_mlps([net])
+    n = len(y)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    idx = perm[:batch_size].clone()
+
+    def body() -> None:
+        stepper.step(x.index_select(0, idx).unsqueeze(0), y.index_select(0, idx).unsqueeze(0),
+                     0.01)
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            body()
+    except Exception as e:  # noqa: BLE001 - why it cannot be captured is the finding
+        return f"capture failed: {type(e).__name__}: {e}"[:300]
+    n_steps, state = n // batch_size, {"s": 0}
+
+    def step() -> None:
+        s = state["s"]
+        idx.copy_(perm[s * batch_size : (s + 1) * batch_size])
+        graph.replay()
+        state["s"] = (s + 1) % n_steps
+
+    return batch_size / timed(step, device, min_seconds, 10)
+
+
 def reproduce_wall(data_dir: str, executor: str) -> tuple[float, int, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "batchlab", "reproduce", "--preset", "paper",
@@ -174,8 +215,23 @@ def main() -> None:
                       f"{row['pct_fp32_roofline']:>6.1f} {row['pct_tf32_roofline']:>6.1f}")
     set_tf32(False)
 
+    graphs = []  # CUDA graphs: the fused step captured vs launched op by op (fp32)
+    if device.type == "cuda" and "fused" in args.engines.split(","):
+        eager = {r["batch_size"]: r["samples_per_s"] for r in rows
+                 if r["engine"] == "fused" and r["matmul"] == "fp32"}
+        print(f"{'batch':>6} {'eager/s':>12} {'graph/s':>12} {'speedup':>8}  (fused, fp32)")
+        for bs in sorted(eager):
+            got = graph_samples_per_s(x, y, bs, device, args.seconds)
+            if isinstance(got, str):
+                graphs.append({"batch_size": bs, "error": got})
+                print(f"{bs:>6} {got}")
+                break
+            graphs.append({"batch_size": bs, "eager_samples_per_s": eager[bs],
+                           "graph_samples_per_s": got, "speedup": got / eager[bs]})
+            print(f"{bs:>6} {eager[bs]:>12,.0f} {got:>12,.0f} {got / eager[bs]:>8.2f}")
+
     result = {"device": name, "torch": torch.__version__, "params": params,
-              "roofline_flops": roof, "mlp": rows}
+              "roofline_flops": roof, "mlp": rows, "cuda_graphs": graphs}
     if args.reproduce:
         wall, rc, tail = reproduce_wall(args.data_dir, args.executor)
         result["reproduce_paper"] = {"seconds": wall, "returncode": rc}
