@@ -53,7 +53,13 @@ def sync(device: torch.device) -> None:
 def timed(fn: Callable[[], None], device: torch.device, min_seconds: float, min_calls: int
           ) -> float:
     """Seconds per call: warm-up, then repeat until both minimums are met (one sync at the end,
-    so launches overlap as they do in the real loop)."""
+    so launches overlap as they do in the real loop). On a CPU: the plan's timing rule
+    (`plan_timing.seconds_per_call`: fastest block, by CPU time per thread where another job
+    takes the cores), so the CPU column can be measured on a shared machine."""
+    if device.type == "cpu":
+        from batchlab.experiments.plan_timing import seconds_per_call
+
+        return seconds_per_call(fn, device, min_seconds)
     for _ in range(3):
         fn()
     sync(device)
