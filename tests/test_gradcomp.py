@@ -435,6 +435,39 @@ def test_experiment_end_to_end(tmp_path):
                                 checkpoint_late=str(bad)))
 
 
+def test_checkpoints_without_kept_states_are_trained_again_to_the_same_claims(tmp_path):
+    """The late checkpoint is read from its run's kept end state. With the states pruned (or
+    a store from before runs kept them) the run is trained again keeping that epoch as a
+    checkpoint, and the experiment's claims do not move."""
+    from batchlab.runs.continuation import drop_states
+
+    with Store(tmp_path / "runs.db") as st:
+        _, path = run_experiment("gradient-competition", _ctx(tmp_path, st))
+        before = (path / "claims.json").read_text()
+        n, _ = drop_states(st, st.run_ids())
+        assert n == 6
+        _, path = run_experiment("gradient-competition", _ctx(tmp_path, st))
+        assert (path / "claims.json").read_text() == before
+        again = [r for r in st.runs() if r.label == "gradient-competition:checkpoint"]
+        assert len(again) == 6 and all(r.config["checkpoint_epochs"] == [r.config["epochs"]]
+                                       for r in again)
+
+
+def test_ray_trains_one_run_per_seed_keeping_both_checkpoints(tmp_path):
+    """Ray keeps no end state: there each seed's early and late checkpoints come from one run
+    that keeps both, declared for both regimes and trained once."""
+    from dataclasses import replace
+
+    from batchlab.experiments import gradient_competition as G
+
+    with Store(tmp_path / "runs.db") as st:
+        ctx = prepared(G.NAME, replace(_ctx(tmp_path, st), executor="ray"))
+        per_seed = G.checkpoint_configs(ctx, G.options(ctx))
+    assert len(per_seed) == 3
+    for c in per_seed:
+        assert c["early"] == c["late"] and c["late"].checkpoint_epochs == [1, 2]
+
+
 def test_plan_cli_prints_one_json_object(tmp_path, run_main, capsys):
     opts = ["--set", "trials=2", "--set", "n_samples=32", "--set", "batch_sizes=[1,32]",
             "--set", "hidden=[8]", "--set", "early_epochs=1", "--set", "late_epochs=2",
