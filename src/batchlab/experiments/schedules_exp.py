@@ -6,6 +6,9 @@ close it: Goyal et al. (linear lr scaling + warmup) and Smith et al. (batch incr
 lr decays) at equal epochs, Hoffer et al. (epochs x B/B0, i.e. equal steps, sqrt lr scaling) on
 the plain MLP and, with Ghost Batch Norm, on the MLP with BatchNorm against a BatchNorm
 baseline. Each claim's verdict compares final test accuracy with the right baseline.
+
+Smith's arm trains exactly as the baseline until the first lr decay, where its batch grows
+instead: those epochs are one shared run per seed that both continue (`runs.continuation`).
 """
 
 from __future__ import annotations
