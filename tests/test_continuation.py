@@ -194,3 +194,24 @@ def test_dropping_states_keeps_every_result_and_longer_runs_train_from_scratch(t
         cont = training.train_many([long], st)[0]
     assert "continued_from" not in cont.env
     assert cont.final["test_correct_bits"] == training.train_many([long])[0].final["test_correct_bits"]
+
+
+def test_pruning_states_leaves_a_damaged_run_unsigned(tmp_path: Path) -> None:
+    """A run whose row was edited by hand is never saved again by the pruning (that would sign
+    the edit): it keeps its state and stays damaged for `runs check` to report."""
+    import sqlite3
+
+    from batchlab.runs.continuation import drop_states
+
+    a, b = (make_config(**{**TINY, "epochs": 2, "seed": s}) for s in (0, 1))
+    with Store(tmp_path / "s.db") as st:
+        ra, rb = train_many([a, b], st, keep_state=True)
+    con = sqlite3.connect(tmp_path / "s.db")
+    with con:
+        con.execute("UPDATE runs SET final_json = replace(final_json, '\"status\"', "
+                    "'\"statuz\"') WHERE run_id = ?", (ra.run_id,))
+    con.close()
+    with Store(tmp_path / "s.db") as st:
+        assert drop_states(st, [ra.run_id, rb.run_id])[0] == 1
+        assert "state" not in st.get(rb.run_id).artifacts
+        assert [rid for rid, _ in st.check_runs()] == [ra.run_id]

@@ -28,7 +28,7 @@ from batchlab.engine.result import TrainResult
 from batchlab.errors import BatchlabError
 from batchlab.nn.checkpoint import load_state, read_meta, save_state
 from batchlab.probes import make_probes
-from batchlab.runs.store import RunRecord, Store
+from batchlab.runs.store import DamagedRow, RunRecord, Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS prefix_states (
@@ -75,10 +75,14 @@ def drop_states(store: Store, run_ids: Sequence[str]) -> tuple[int, int]:
     """Remove the kept end state of these runs: its file, its artifact row (the run is saved
     again, so its checksum covers what is left) and its index row. The runs, their metrics
     and their checkpoints stay; a state only lets a longer config skip the epochs it holds.
-    Returns (states removed, bytes freed)."""
+    Returns (states removed, bytes freed). A damaged run is left as it is: saving it again
+    would sign what was tampered with."""
     n, freed = 0, 0
     for rid in run_ids:
-        rec = store.get(rid)
+        try:
+            rec = store.get(rid)
+        except DamagedRow:  # never re-signed here: `runs check` / `runs delete --damaged`
+            continue
         if rec is None or STATE_ARTIFACT not in rec.artifacts:
             continue
         path = Path(rec.artifacts[STATE_ARTIFACT][0])
