@@ -77,6 +77,7 @@ def drop_states(store: Store, run_ids: Sequence[str]) -> tuple[int, int]:
     and their checkpoints stay; a state only lets a longer config skip the epochs it holds.
     Returns (states removed, bytes freed). A damaged run is left as it is: saving it again
     would sign what was tampered with."""
+    store.ensure_schema(SCHEMA)
     n, freed = 0, 0
     for rid in run_ids:
         try:
@@ -88,7 +89,6 @@ def drop_states(store: Store, run_ids: Sequence[str]) -> tuple[int, int]:
         path = Path(rec.artifacts[STATE_ARTIFACT][0])
         rec.artifacts = {k: v for k, v in rec.artifacts.items() if k != STATE_ARTIFACT}
         store.save_run(rec)
-        store.ensure_schema(SCHEMA)
         with store.transaction() as c:
             c.execute("DELETE FROM prefix_states WHERE config_hash = ?", (rec.config_hash,))
         if path.is_file():  # once no row names it: a crash in between leaves a stray file,
